@@ -1,0 +1,125 @@
+"""Writes the model presets in this folder (run from the repository root: `python configuration/models/make_presets.py`).
+
+- `disa-vit-b-16`: openai/clip-vit-base-patch16 geometry, CLIP input 384 (CAT-Seg ViT-B recipe).
+- `disa-vit-l-14-336`: openai/clip-vit-large-patch14-336 geometry, CLIP input 336 (CAT-Seg ViT-L recipe).
+- `disa-tiny`: a tiny CLIP for tests and the offline demo, with a character-level CLIP tokenizer built locally and
+  a processor saved beside the config, so `DiSaProcessor.from_pretrained` works offline.
+
+The presets hold configurations only; weights come from `DiSaForOpenVocabSegmentation.from_clip_pretrained` (or
+random initialisation). The files are committed, this script documents and reproduces them.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaImageProcessor, DiSaProcessor  # noqa: E402
+
+OPENAI_TEXT_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
+
+VIT_B_16 = dict(
+    text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
+                     projection_dim=512, **OPENAI_TEXT_IDS),
+    vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                       image_size=224, patch_size=16, projection_dim=512),
+    projection_dim=512,
+    clip_resolution=384,
+    guidance_layers=[3, 7],
+)
+
+VIT_L_14_336 = dict(
+    text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     projection_dim=768, **OPENAI_TEXT_IDS),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                       image_size=336, patch_size=14, projection_dim=768),
+    projection_dim=768,
+    clip_resolution=336,
+    guidance_layers=[7, 15],
+)
+
+TINY_VOCABULARY = ["cat", "dog", "grass", "sky", "road", "building, edifice"]
+
+
+def char_level_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's byte-level BPE with an empty merge list: every character is a token (514 tokens)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    base = [chr(c) for c in codes]
+    tokens = base + [b + "</w>" for b in base] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def tiny_config(tokenizer: CLIPTokenizer) -> DiSaConfig:
+    return DiSaConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=128, patch_size=16, projection_dim=32),
+        projection_dim=32,
+        clip_resolution=128,
+        guidance_layers=[1, 2],
+        window_size=4,
+        hidden_dim=32,
+        appearance_guidance_dim=32,
+        text_guidance_dim=32,
+        class_cap=16,
+        decoder_dims=[32, 16],
+        decoder_guidance_dims=[32, 16],
+        decoder_guidance_proj_dims=[8, 4],
+        decoder_group_norm_channels=8,
+        sdm_num_heads=4,
+    )
+
+
+def strip_remote_code(folder: Path) -> None:
+    """Presets are read through the installed package, so they carry no copies of its code (which would go
+    stale) and no `auto_map` pointing at such copies."""
+    for path in folder.glob("*.py"):
+        path.unlink()
+    for path in folder.glob("*config.json"):
+        data = json.loads(path.read_text())
+        data.pop("auto_map", None)
+        if isinstance(data.get("image_processor"), dict):
+            data["image_processor"].pop("auto_map", None)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def main() -> None:
+    for name, values in (("disa-vit-b-16", VIT_B_16), ("disa-vit-l-14-336", VIT_L_14_336)):
+        DiSaConfig(**values).save_pretrained(HERE / name)
+
+    tokenizer = char_level_clip_tokenizer()
+    config = tiny_config(tokenizer)
+    # The default vocabulary's prompt tokens live in the config; the model is built on the meta device only
+    # to reuse `set_default_vocabulary` and is not saved.
+    import torch
+
+    with torch.device("meta"):
+        model = DiSaForOpenVocabSegmentation(config)
+    model.set_default_vocabulary(TINY_VOCABULARY, tokenizer)
+    model.config.save_pretrained(HERE / "disa-tiny")
+    processor = DiSaProcessor(
+        image_processor=DiSaImageProcessor(size={"height": 128, "width": 128}, patch_size=16),
+        tokenizer=tokenizer,
+        prompt_templates=list(config.prompt_templates),
+    )
+    processor.save_pretrained(HERE / "disa-tiny")
+    for folder in ("disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny"):
+        strip_remote_code(HERE / folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Dense CLIP image features: CAT-Seg's modified last ViT block and the mid-layer guidance taps.
+
+CLIP's last block is replaced (at run time, with the *same* weights) by a "dense" block that skips token mixing:
+each token becomes ``out_proj(v_proj(LN1(x)))`` plus a residual, then the usual MLP; ``post_layernorm`` and the
+visual projection are applied to every token. This gives per-patch embeddings in CLIP's joint image-text space.
+The query and key projections of the last block are never used.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class DenseCLIPFeatures(ModelOutput):
+    """
+    Args:
+        image_embeds (`torch.FloatTensor` of shape `(batch, projection_dim, grid, grid)`):
+            Projected dense patch embeddings (not normalised); CAT-Seg's ``res3``.
+        guidance_features (`tuple(torch.FloatTensor)`, each `(batch, vision_hidden_size, grid, grid)`):
+            Raw residual-stream outputs of the blocks in `config.guidance_layers` (CLS dropped).
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    guidance_features: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _tokens_to_map(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """`(batch, 1 + grid*grid, dim)` -> `(batch, dim, grid, grid)`, dropping the CLS token."""
+    batch, _, dim = tokens.shape
+    return tokens[:, 1:].transpose(1, 2).reshape(batch, dim, grid, grid)
+
+
+def dense_clip_features(
+    clip: CLIPModel,
+    pixel_values: torch.Tensor,
+    clip_resolution: int,
+    guidance_layers: list[int],
+    dense_residual: str = "cls",
+) -> DenseCLIPFeatures:
+    """
+    Run CLIP's vision tower in CAT-Seg's dense mode.
+
+    Args:
+        clip: the `CLIPModel` holding the vision tower and `visual_projection`.
+        pixel_values (`(batch, 3, H, W)`): CLIP-normalised images; bilinearly resized to `clip_resolution`.
+        clip_resolution: CLIP input side (position embeddings are interpolated bicubically when it differs from
+            the checkpoint's `image_size`, as CAT-Seg does for ViT-B/16 at 384).
+        guidance_layers: 0-based blocks whose outputs are returned as guidance.
+        dense_residual: `"cls"` adds the CLS input state to every token (CAT-Seg CVPR'24); `"token"` keeps each
+            token's own residual (CAT-Seg v1).
+    """
+    if pixel_values.shape[-2:] != (clip_resolution, clip_resolution):
+        pixel_values = F.interpolate(
+            pixel_values, size=(clip_resolution, clip_resolution), mode="bilinear", align_corners=False
+        )
+    vision = clip.vision_model
+    grid = clip_resolution // vision.config.patch_size
+
+    hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+    hidden = vision.pre_layrnorm(hidden)
+    taps = {}
+    *blocks, last = vision.encoder.layers
+    for index, block in enumerate(blocks):
+        hidden = block(hidden, None)
+        if index in guidance_layers:
+            taps[index] = hidden
+
+    residual = hidden[:, :1] if dense_residual == "cls" else hidden
+    attn = last.self_attn
+    hidden = attn.out_proj(attn.v_proj(last.layer_norm1(hidden))) + residual
+    hidden = hidden + last.mlp(last.layer_norm2(hidden))
+    hidden = clip.visual_projection(vision.post_layernorm(hidden))
+
+    return DenseCLIPFeatures(
+        image_embeds=_tokens_to_map(hidden, grid),
+        guidance_features=tuple(_tokens_to_map(taps[i], grid) for i in guidance_layers),
+    )

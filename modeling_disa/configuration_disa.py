@@ -1,0 +1,310 @@
+"""Configuration of DiSa (CAT-Seg cost aggregation over CLIP, plus DiSa's SDM and HRM modules).
+
+Every hyper-parameter of the head lives here, so the model code has no magic numbers. Values marked *CAT-Seg*
+reproduce the official CAT-Seg (CVPR'24) configs `vitb_384.yaml` / `vitl_336.yaml`; values marked *reconstruction*
+are the project's choices where the DiSa paper is not available (see `model_card.md`).
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+
+DEFAULT_PROMPT_TEMPLATE = "A photo of a {} in the scene"
+
+FUSION_MODES = ("weighted", "sum", "concat")
+SALIENCY_TARGETS = ("predicted_logit", "predicted_probability")
+BRANCH_MODES = ("routed", "masked")
+TOPK_MODES = ("fixed", "adaptive")
+HRM_STAGES = ("pixel", "category", "channel")
+LOSS_IGNORE_MODES = ("catseg", "mask")
+DENSE_RESIDUAL_MODES = ("cls", "token")
+CLASS_RESIDUAL_MODES = ("catseg", "standard")
+CLIP_FINETUNE_MODES = ("qv", "none", "full")
+
+
+@strict
+class DiSaConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`DiSaForOpenVocabSegmentation`].
+
+    CLIP:
+        text_config / vision_config (`CLIPTextConfig` / `CLIPVisionConfig` or dict): the two CLIP towers.
+        projection_dim (`int`): CLIP joint embedding width C (512 for ViT-B/16, 768 for ViT-L/14).
+        logit_scale_init_value (`float`): CLIP's contrastive temperature init (kept so the CLIP part is a complete
+            `CLIPModel`).
+        clip_resolution (`int`): side the image is bilinearly resized to before CLIP (384 ViT-B/16, 336 ViT-L/14@336).
+            The feature grid is `clip_resolution // vision_config.patch_size` (24 in both CAT-Seg settings).
+        guidance_layers (`list[int]`): 0-based CLIP vision blocks whose outputs guide the two decoder stages
+            (CAT-Seg: [3, 7] for ViT-B, [7, 15] for ViT-L). The first guides the 2x stage, the second the 4x stage.
+        dense_residual (`str`): residual of CAT-Seg's dense last layer. `"cls"` (CAT-Seg CVPR'24: every token adds
+            the CLS input state) or `"token"` (CAT-Seg v1: each token keeps its own residual).
+        clip_finetune (`str`): which CLIP parameters train. `"qv"` (CAT-Seg: the query and value projection
+            weights of every layer of both towers, biases frozen), `"none"` (frozen CLIP) or `"full"`.
+        prompt_templates (`list[str]`): prompt templates; P = len(prompt_templates) prompts per class, averaged in
+            the text guidance and used as P cost channels. CAT-Seg: `["A photo of a {} in the scene"]`.
+        label_token_ids (`list[list[int]]`): token ids of the default vocabulary's prompts (class-major, P per
+            class, unpadded); set by `DiSaForOpenVocabSegmentation.set_default_vocabulary`.
+
+    Cost aggregation (CAT-Seg):
+        hidden_dim (`int`, 128): cost-embedding width D.
+        cost_embed_kernel_size (`int`, 7): kernel of the conv embedding the P-channel raw cost into D channels.
+        appearance_guidance_dim / text_guidance_dim (`int`, 128): projected guidance widths.
+        num_aggregation_layers (`int`, 2): number of (spatial pair + class) aggregation layers.
+        num_attention_heads (`int`, 4), mlp_ratio (`int`, 4): of both aggregation blocks.
+        window_size (`int`, 12): Swin window; the shifted block shifts by `window_size // 2`.
+        class_cap (`int`, 256): the class axis is padded with learnable tokens up to this length; above it the
+            top-`class_cap` classes by max cost are processed and the others get `pruned_class_logit`.
+        class_pooling_train / class_pooling_eval (`list[int]`): spatial average pooling inside class
+            aggregation ([2, 2] in training, [1, 1] in CAT-Seg's final evaluation).
+        class_residual (`str`): `"catseg"` keeps CAT-Seg's `x + up(pool(x) + delta)` residual (needed to reuse
+            official weights); `"standard"` uses `x + up(delta)`.
+        decoder_dims, decoder_guidance_dims, decoder_guidance_proj_dims: CAT-Seg's upsampling decoder widths.
+
+    Loss:
+        ignore_index (`int`): label value that carries no class (255 for 8-bit sets, 65535 for 16-bit ones).
+        loss_ignore_mode (`str`): `"catseg"` turns ignored pixels into all-negative targets (CAT-Seg's BCE);
+            `"mask"` drops them from the mean.
+
+    DiSa (all off = exactly the CAT-Seg core):
+        use_sdm (`bool`): saliency-aware disentanglement (cross-attention + ITM head, Grad-CAM saliency,
+            foreground/background split, dual-branch aggregation, fusion).
+        sdm_num_heads (`int`): heads of the SDM cross-attention (*reconstruction*).
+        sdm_mlp_ratio (`int`): MLP ratio of the SDM block at CLIP width (*reconstruction*).
+        itm_loss_weight (`float`): weight of the auxiliary image-text-matching BCE added to `loss`.
+        saliency_target (`str`): what Grad-CAM differentiates; `"predicted_logit"` (the class's own ITM logit) or
+            `"predicted_probability"` (its sigmoid). Same rule in training and inference (no labels needed).
+        foreground_topk_mode (`str`): `"fixed"` (k = round(foreground_ratio * tokens), k = 96 of 576) or
+            `"adaptive"` (smallest k holding `adaptive_saliency_mass` of the saliency, clamped to
+            [adaptive_min_ratio, adaptive_max_ratio] * tokens).
+        foreground_ratio (`float`): 96 / 576 by default.
+        foreground_topk (`int` or None): an explicit k that overrides `foreground_ratio` (must fit the grid).
+        branch_mode (`str`): `"routed"` (each token is aggregated by its own branch's weights with attention
+            restricted to its branch) or `"masked"` (two full masked cost volumes through two branches).
+        fusion (`str`): `"weighted"` (learned sigmoid gate), `"sum"` or `"concat"` (+ linear projection).
+        use_hrm (`bool`) and hrm_stages (`list[str]` from pixel/category/channel), hrm_after_aggregation,
+            hrm_at_decoder (`bool`), hrm_reduction (`int`): hierarchical refinement.
+    """
+
+    model_type = "disa"
+    sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
+
+    text_config: dict | CLIPTextConfig | None = None
+    vision_config: dict | CLIPVisionConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    clip_resolution: int = 384
+    guidance_layers: list[int] | tuple[int, ...] = (3, 7)
+    dense_residual: str = "cls"
+    clip_finetune: str = "qv"
+    prompt_templates: list[str] | tuple[str, ...] = (DEFAULT_PROMPT_TEMPLATE,)
+    label_token_ids: list[list[int]] | None = None
+
+    hidden_dim: int = 128
+    cost_embed_kernel_size: int = 7
+    appearance_guidance_dim: int = 128
+    text_guidance_dim: int = 128
+    num_aggregation_layers: int = 2
+    num_attention_heads: int = 4
+    mlp_ratio: int = 4
+    window_size: int = 12
+    class_cap: int = 256
+    pruned_class_logit: float = -100.0
+    class_pooling_train: list[int] | tuple[int, ...] = (2, 2)
+    class_pooling_eval: list[int] | tuple[int, ...] = (1, 1)
+    class_residual: str = "catseg"
+    linear_attention_eps: float = 1e-6
+    decoder_dims: list[int] | tuple[int, ...] = (64, 32)
+    decoder_guidance_dims: list[int] | tuple[int, ...] = (256, 128)
+    decoder_guidance_proj_dims: list[int] | tuple[int, ...] = (32, 16)
+    decoder_group_norm_channels: int = 16
+
+    ignore_index: int = 255
+    loss_ignore_mode: str = "catseg"
+
+    use_sdm: bool = False
+    sdm_num_heads: int = 8
+    sdm_mlp_ratio: int = 4
+    itm_loss_weight: float = 1.0
+    saliency_target: str = "predicted_logit"
+    foreground_topk_mode: str = "fixed"
+    foreground_ratio: float = 96 / 576
+    foreground_topk: int | None = None
+    adaptive_saliency_mass: float = 0.5
+    adaptive_min_ratio: float = 1 / 24
+    adaptive_max_ratio: float = 1 / 2
+    branch_mode: str = "routed"
+    fusion: str = "weighted"
+    use_hrm: bool = False
+    hrm_stages: list[str] | tuple[str, ...] = HRM_STAGES
+    hrm_after_aggregation: bool = True
+    hrm_at_decoder: bool = True
+    hrm_reduction: int = 4
+
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def grid_size(self) -> int:
+        """Side of the CLIP patch grid (24 for both CAT-Seg presets)."""
+        return self.clip_resolution // self.vision_config.patch_size
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_templates)
+
+    def foreground_k(self, num_tokens: int) -> int:
+        """Fixed foreground size k for a grid of `num_tokens` tokens (96 at 576 by default)."""
+        if self.foreground_topk is not None:
+            return self.foreground_topk
+        return max(1, round(self.foreground_ratio * num_tokens))
+
+    # ------------------------------------------------------------------ validators (run at construction and save)
+    def validate_geometry(self):
+        patch = self.vision_config.patch_size
+        if self.clip_resolution % patch != 0:
+            raise ValueError(
+                f"`clip_resolution` ({self.clip_resolution}) must be a multiple of vision_config.patch_size ({patch})."
+            )
+        grid = self.grid_size
+        if grid % self.window_size != 0:
+            raise ValueError(
+                f"`window_size` ({self.window_size}) must divide the feature grid ({grid} = clip_resolution "
+                f"{self.clip_resolution} // patch_size {patch})."
+            )
+        for name in ("class_pooling_train", "class_pooling_eval"):
+            pool = list(getattr(self, name))
+            if len(pool) != 2 or any(p < 1 or grid % p != 0 for p in pool):
+                raise ValueError(f"`{name}` must be two positive integers dividing the grid {grid}, got {pool}.")
+        if self.hidden_dim % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_dim` ({self.hidden_dim}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.cost_embed_kernel_size % 2 != 1:
+            raise ValueError(f"`cost_embed_kernel_size` must be odd, got {self.cost_embed_kernel_size}.")
+
+    def validate_clip(self):
+        layers = list(self.guidance_layers)
+        n = self.vision_config.num_hidden_layers
+        if len(layers) != 2 or any(not 0 <= i < n - 1 for i in layers):
+            raise ValueError(
+                f"`guidance_layers` must be two block indices in [0, {n - 2}] (the last block is the dense layer), "
+                f"got {layers}."
+            )
+        if self.text_config.projection_dim != self.projection_dim or self.vision_config.projection_dim != self.projection_dim:
+            raise ValueError(
+                f"`projection_dim` ({self.projection_dim}) must equal text_config.projection_dim "
+                f"({self.text_config.projection_dim}) and vision_config.projection_dim "
+                f"({self.vision_config.projection_dim})."
+            )
+        if self.dense_residual not in DENSE_RESIDUAL_MODES:
+            raise ValueError(f"`dense_residual` must be one of {DENSE_RESIDUAL_MODES}, got {self.dense_residual!r}.")
+        if self.clip_finetune not in CLIP_FINETUNE_MODES:
+            raise ValueError(f"`clip_finetune` must be one of {CLIP_FINETUNE_MODES}, got {self.clip_finetune!r}.")
+        templates = list(self.prompt_templates)
+        if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+            raise ValueError(f"`prompt_templates` must be a non-empty list of strings with one '{{}}', got {templates}.")
+
+    def validate_heads(self):
+        if len(self.decoder_dims) != 2 or len(self.decoder_guidance_dims) != 2 or len(self.decoder_guidance_proj_dims) != 2:
+            raise ValueError("`decoder_dims`, `decoder_guidance_dims` and `decoder_guidance_proj_dims` need 2 values each.")
+        for dim, proj in zip([self.hidden_dim, self.decoder_dims[0]], self.decoder_guidance_proj_dims):
+            if proj >= dim:
+                raise ValueError(
+                    f"decoder guidance width {proj} must be smaller than the decoder input width {dim} "
+                    "(`decoder_guidance_proj_dims`)."
+                )
+        for dim in self.decoder_dims:
+            if dim % self.decoder_group_norm_channels != 0:
+                raise ValueError(
+                    f"`decoder_dims` entries must be multiples of `decoder_group_norm_channels` "
+                    f"({self.decoder_group_norm_channels}), got {list(self.decoder_dims)}."
+                )
+        if self.class_cap < 0:
+            raise ValueError(f"`class_cap` must be >= 0 (0 disables padding and pruning), got {self.class_cap}.")
+        if self.class_residual not in CLASS_RESIDUAL_MODES:
+            raise ValueError(f"`class_residual` must be one of {CLASS_RESIDUAL_MODES}, got {self.class_residual!r}.")
+        if self.loss_ignore_mode not in LOSS_IGNORE_MODES:
+            raise ValueError(f"`loss_ignore_mode` must be one of {LOSS_IGNORE_MODES}, got {self.loss_ignore_mode!r}.")
+
+    def validate_vocabulary(self):
+        if self.label_token_ids is not None:
+            expected = len(self.id2label) * self.num_prompts
+            if len(self.label_token_ids) != expected:
+                raise ValueError(
+                    f"`label_token_ids` has {len(self.label_token_ids)} prompts but id2label has {len(self.id2label)} "
+                    f"classes x {self.num_prompts} templates = {expected}; rebuild it with "
+                    "`model.set_default_vocabulary(class_names, tokenizer)`."
+                )
+
+    def validate_disa(self):
+        if self.itm_loss_weight < 0:
+            raise ValueError(f"`itm_loss_weight` must be >= 0, got {self.itm_loss_weight}.")
+        if self.saliency_target not in SALIENCY_TARGETS:
+            raise ValueError(f"`saliency_target` must be one of {SALIENCY_TARGETS}, got {self.saliency_target!r}.")
+        if self.foreground_topk_mode not in TOPK_MODES:
+            raise ValueError(f"`foreground_topk_mode` must be one of {TOPK_MODES}, got {self.foreground_topk_mode!r}.")
+        if self.branch_mode not in BRANCH_MODES:
+            raise ValueError(f"`branch_mode` must be one of {BRANCH_MODES}, got {self.branch_mode!r}.")
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")
+        tokens = self.grid_size**2
+        if self.foreground_topk is not None and not 0 < self.foreground_topk < tokens:
+            raise ValueError(
+                f"`foreground_topk` must be in [1, {tokens - 1}] for a {self.grid_size}x{self.grid_size} grid "
+                f"(both foreground and background need tokens), got {self.foreground_topk}."
+            )
+        if not 0 < self.foreground_ratio < 1:
+            raise ValueError(f"`foreground_ratio` must be in (0, 1), got {self.foreground_ratio}.")
+        if not 0 < self.adaptive_saliency_mass < 1:
+            raise ValueError(f"`adaptive_saliency_mass` must be in (0, 1), got {self.adaptive_saliency_mass}.")
+        if not 0 < self.adaptive_min_ratio <= self.adaptive_max_ratio < 1:
+            raise ValueError(
+                "`adaptive_min_ratio` and `adaptive_max_ratio` must satisfy 0 < min <= max < 1, got "
+                f"{self.adaptive_min_ratio} and {self.adaptive_max_ratio}."
+            )
+        unknown = [s for s in self.hrm_stages if s not in HRM_STAGES]
+        if unknown:
+            raise ValueError(f"`hrm_stages` entries must be in {HRM_STAGES}, got unknown {unknown}.")
+        if self.hrm_reduction < 1:
+            raise ValueError(f"`hrm_reduction` must be >= 1, got {self.hrm_reduction}.")
+        if self.use_sdm and self.projection_dim % self.sdm_num_heads != 0:
+            raise ValueError(
+                f"`sdm_num_heads` ({self.sdm_num_heads}) must divide `projection_dim` ({self.projection_dim})."
+            )
+
+
+
+
+def validate_class_names(class_names) -> list[str]:
+    """Check a class vocabulary: a non-empty list of distinct, non-empty strings."""
+    if isinstance(class_names, str) or not hasattr(class_names, "__iter__"):
+        raise TypeError(f"class names must be a list of strings, got {type(class_names).__name__}.")
+    names = list(class_names)
+    if not names:
+        raise ValueError("the class list is empty: pass at least one class name.")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise TypeError(f"class names must be non-empty strings, got {bad[:5]}.")
+    seen, duplicates = set(), []
+    for name in names:
+        if name in seen:
+            duplicates.append(name)
+        seen.add(name)
+    if duplicates:
+        raise ValueError(f"duplicate class names {duplicates[:5]}: every class must appear once.")
+    return names
+
+
+def format_prompts(class_names, templates) -> list[str]:
+    """Prompts for a vocabulary, class-major (P templates per class).
+
+    Names holding synonyms (`"building, edifice"`) use the first synonym, as CAT-Seg does.
+    """
+    names = validate_class_names(class_names)
+    return [template.format(name.split(",")[0].strip()) for name in names for template in templates]
+
+
+DiSaConfig.register_for_auto_class()
+
+__all__ = ["DiSaConfig", "DEFAULT_PROMPT_TEMPLATE", "format_prompts", "validate_class_names"]

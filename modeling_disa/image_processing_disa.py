@@ -1,0 +1,204 @@
+"""Image processor for DiSa: CLIP normalisation at the model's crop size, label maps resized by nearest neighbour,
+and semantic post-processing. PIL/NumPy backend (no torchvision needed).
+
+Input conventions (documented behaviour, tested):
+- grayscale (PIL "L"/"1"/"P", 2-D or 1-channel arrays) is replicated to RGB; RGBA/LA drop the alpha channel
+  (no compositing); CMYK/YCbCr are converted to RGB by PIL;
+- 16-bit images (PIL "I;16", uint16 arrays) are scaled to 8 bits by /257 (65535 -> 255);
+- float arrays with values in [0, 1] are taken as already rescaled (x255), other float arrays as 0-255;
+- channel counts other than 1, 3 or 4, NaN/inf values, and images smaller than one CLIP patch are errors.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.processing_utils import ImagesKwargs
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class DiSaImageProcessorKwargs(ImagesKwargs, total=False):
+    do_reduce_labels: bool
+    ignore_index: int
+    patch_size: int
+
+
+def to_rgb_uint8(image, patch_size: int) -> np.ndarray:
+    """Any supported image -> `(H, W, 3)` uint8 array (see the module docstring for the rules)."""
+    if isinstance(image, Image.Image):
+        if image.mode in SIXTEEN_BIT_MODES:
+            array = np.asarray(image).astype(np.float64) / 257.0
+        else:
+            array = np.asarray(image.convert("RGB"))
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)
+        if array.dtype == np.uint16:
+            array = array.astype(np.float64) / 257.0
+        elif np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all():
+                raise ValueError("the image contains NaN or inf values.")
+            array = array * 255.0 if array.size and array.max() <= 1.0 else array
+    else:
+        raise TypeError(f"unsupported image type {type(image).__name__}: pass PIL images, NumPy arrays or tensors.")
+
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"images must have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got an array of shape {array.shape}."
+        )
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    array = array[..., :3]
+    if min(array.shape[:2]) < patch_size:
+        raise ValueError(f"image of size {array.shape[:2]} is smaller than one CLIP patch ({patch_size} pixels).")
+    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def label_map_to_array(label_map) -> np.ndarray:
+    """A label map (PIL "L"/"P"/"I;16"/"I", array or tensor) -> `(H, W)` int64 array, values untouched."""
+    if isinstance(label_map, Image.Image):
+        array = np.asarray(label_map)
+    elif isinstance(label_map, torch.Tensor):
+        array = label_map.detach().cpu().numpy()
+    else:
+        array = np.asarray(label_map)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    elif array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"segmentation maps must be 2-D class-id maps, got shape {array.shape}.")
+    if np.issubdtype(array.dtype, np.floating):
+        raise TypeError("segmentation maps must hold integer class ids, got floating-point values.")
+    return array.astype(np.int64)
+
+
+class DiSaImageProcessor(PilBackend):
+    r"""
+    Prepares images (and optional segmentation maps) for [`DiSaForOpenVocabSegmentation`].
+
+    Images are converted to RGB (see module docstring), resized to `size` (bilinear, aspect ratio not kept, as
+    CAT-Seg's whole-image inference), rescaled to [0, 1] and normalised with OpenAI CLIP's mean/std. Maps are
+    resized with nearest neighbour and returned as `labels` (int64); `do_reduce_labels` maps 0 to `ignore_index`
+    and shifts the others down by one (the ADE20K-150 convention).
+    """
+
+    valid_kwargs = DiSaImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BILINEAR
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"height": 384, "width": 384}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = False
+    do_reduce_labels = False
+    ignore_index = 255
+    patch_size = 16
+
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, patch_size=None, **kwargs):
+        rgb = to_rgb_uint8(image, patch_size or self.patch_size)
+        return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        # Own flattening: transformers' helper rejects 2-D (grayscale) arrays, which are supported here.
+        def is_single(item):
+            return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3))
+
+        if is_single(images):
+            return [images]
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            return list(images)
+        if isinstance(images, (list, tuple)):
+            flat = [img for item in images for img in (item if isinstance(item, (list, tuple)) else [item])]
+            if not flat:
+                raise ValueError("no images given.")
+            for item in flat:
+                if not is_single(item):
+                    raise TypeError(
+                        f"unsupported image {type(item).__name__}: pass PIL images, or 2-D/3-D NumPy arrays or tensors "
+                        "(paths and URLs are not opened here; load the image first)."
+                    )
+            return flat
+        raise TypeError(
+            f"unsupported image input {type(images).__name__}: pass PIL images, NumPy arrays or tensors "
+            "(paths and URLs are not opened here; load the image first)."
+        )
+
+    def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+        prepared = self._prepare_image_like_inputs(images, **kwargs)
+        batch = self._preprocess(prepared, **kwargs)
+        if segmentation_maps is not None:
+            maps = segmentation_maps if isinstance(segmentation_maps, (list, tuple)) else [segmentation_maps]
+            if len(maps) != len(prepared):
+                raise ValueError(f"got {len(maps)} segmentation maps for {len(prepared)} images.")
+            size = kwargs.get("size") or self.size
+            reduce = kwargs.get("do_reduce_labels")
+            ignore = kwargs.get("ignore_index")
+            reduce = self.do_reduce_labels if reduce is None else reduce
+            ignore = self.ignore_index if ignore is None else ignore
+            labels = []
+            for index, (label_map, image) in enumerate(zip(maps, prepared)):
+                array = label_map_to_array(label_map)
+                if array.shape != image.shape[-2:]:
+                    raise ValueError(
+                        f"segmentation map {index} has size {array.shape} but its image has size {image.shape[-2:]}."
+                    )
+                if reduce:
+                    array = np.where(array == 0, ignore, np.where(array == ignore, ignore, array - 1))
+                if kwargs.get("do_resize", self.do_resize):
+                    resized = Image.fromarray(array.astype(np.int32)).resize(
+                        (size["width"], size["height"]), Image.NEAREST
+                    )
+                    array = np.asarray(resized).astype(np.int64)
+                labels.append(array)
+            batch["labels"] = labels
+            if kwargs.get("return_tensors") is not None:
+                batch = BatchFeature(data=dict(batch), tensor_type=kwargs["return_tensors"])
+        return batch
+
+    def preprocess(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: one image or a list (PIL, NumPy or torch; see module docstring).
+            segmentation_maps: optional class-id maps of the same sizes as the images.
+
+        Returns:
+            `BatchFeature` with `pixel_values` `(batch, 3, height, width)` and, with maps, `labels`
+            `(batch, height, width)` int64.
+        """
+        return super().preprocess(images, image_like_kwargs={"segmentation_maps": segmentation_maps}, **kwargs)
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+        """
+        Args:
+            outputs: model output with `logits` `(batch, T, h, w)`.
+            target_sizes: optional list of `(height, width)`, one per image; logits are bilinearly resized to it.
+
+        Returns:
+            list of `(height, width)` long tensors of class ids.
+        """
+        logits = outputs.logits
+        if target_sizes is not None and len(target_sizes) != logits.shape[0]:
+            raise ValueError(f"got {len(target_sizes)} target sizes for {logits.shape[0]} images.")
+        results = []
+        for index in range(logits.shape[0]):
+            image_logits = logits[index : index + 1].float()
+            if target_sizes is not None:
+                size = tuple(int(s) for s in target_sizes[index])
+                image_logits = F.interpolate(image_logits, size=size, mode="bilinear", align_corners=False)
+            results.append(image_logits[0].argmax(dim=0))
+        return results
+
+
+DiSaImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["DiSaImageProcessor"]

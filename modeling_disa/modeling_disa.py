@@ -1,0 +1,442 @@
+"""DiSa for open-vocabulary semantic segmentation: CAT-Seg's cost aggregation over transformers' CLIP, with DiSa's
+saliency-aware disentanglement (SDM) and hierarchical refinement (HRM) as config switches.
+
+Data flow: image -> CLIP (dense features + guidance taps) -> cost volume -> [SDM] -> spatial/class aggregation
+[-> HRM] -> guided decoder [-> HRM] -> per-class logits.
+"""
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .class_aggregation import DiSaClassAggregation
+from .clip_dense_features import dense_clip_features
+from .configuration_disa import DiSaConfig, format_prompts
+from .cost_volume import DiSaCostEmbedding, cosine_cost_volume, select_top_classes
+from .decoder import DiSaDecoder, DiSaGuidanceUpsampler
+from .losses import segmentation_loss
+from .spatial_aggregation import DiSaSpatialAggregation, DiSaSwinBlock
+
+TEXT_CACHE_SIZE = 8
+
+
+@dataclass
+class DiSaSegmentationOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): segmentation BCE (+ weighted ITM loss with SDM),
+            returned when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch, num_labels, 4*grid, 4*grid)`): per-class logits (independent
+            sigmoids; argmax over classes gives the label). 96x96 for a 384 input. Classes dropped by the class cap
+            hold `config.pruned_class_logit`.
+        segmentation_loss / itm_loss (`torch.FloatTensor` of shape `()`, *optional*): the two loss terms.
+        itm_logits (`(batch, num_labels)`, *optional*): SDM class-presence logits.
+        saliency (`(batch, num_labels, grid, grid)`, *optional*): SDM Grad-CAM saliency (with `output_saliency`).
+        foreground_mask (`(batch, num_labels, grid, grid)` bool, *optional*): SDM foreground tokens per class.
+        class_indices (`(batch, class_cap)`, *optional*): the classes processed per image when the vocabulary is
+            larger than `config.class_cap`.
+        text_embeds (`(num_labels, P, projection_dim)`): L2-normalised prompt embeddings used.
+        image_embeds (`(batch, projection_dim, grid, grid)`): dense CLIP image embeddings.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    segmentation_loss: torch.FloatTensor | None = None
+    itm_loss: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    saliency: torch.FloatTensor | None = None
+    foreground_mask: torch.BoolTensor | None = None
+    class_indices: torch.LongTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class DiSaAggregationLayer(GradientCheckpointingLayer):
+    """Spatial (Swin pair) then class (linear attention) aggregation: `(batch, D, T, grid, grid)` -> same."""
+
+    def __init__(self, config: DiSaConfig):
+        super().__init__()
+        self.spatial = DiSaSpatialAggregation(config)
+        self.class_aggregation = DiSaClassAggregation(config)
+
+    def forward(self, x, appearance_guidance, text_guidance, pooling, group_ids=None):
+        x = self.spatial(x, appearance_guidance, group_ids)
+        return self.class_aggregation(x, text_guidance, pooling)
+
+
+class DiSaCostAggregator(nn.Module):
+    """`num_aggregation_layers` aggregation layers; `layer_hook(index, x)` lets refinement act after each."""
+
+    def __init__(self, config: DiSaConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DiSaAggregationLayer(config) for _ in range(config.num_aggregation_layers))
+
+    def forward(self, x, appearance_guidance, text_guidance, pooling, group_ids=None, layer_hook=None):
+        for index, layer in enumerate(self.layers):
+            x = layer(x, appearance_guidance, text_guidance, pooling, group_ids)
+            if layer_hook is not None:
+                x = layer_hook(index, x)
+        return x
+
+
+class DiSaPreTrainedModel(PreTrainedModel):
+    config: DiSaConfig
+    base_model_prefix = "disa"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["DiSaAggregationLayer", "DiSaDecoder"]
+
+    def _init_weights(self, module):
+        """Head modules get PyTorch's default initialisation, as CAT-Seg's head (which calls no custom init);
+        CLIP sub-modules are initialised by `CLIPPreTrainedModel._init_weights`."""
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DiSaSwinBlock) and module.attn_mask is not None:
+            # Non-persistent buffer: rebuilt here because `from_pretrained` materialises modules from the meta device.
+            init.copy_(module.attn_mask, module.build_attention_mask())
+        elif isinstance(module, DiSaClassAggregation) and hasattr(module, "padding_tokens"):
+            init.zeros_(module.padding_tokens)
+            init.zeros_(module.padding_guidance)
+
+
+class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
+    r"""
+    DiSa / CAT-Seg open-vocabulary segmentation model over a CLIP `CLIPModel` (`self.clip`).
+
+    Inputs are images and a class vocabulary (prompt token ids shared by the whole batch, or precomputed text
+    embeddings, or nothing: then the default vocabulary `config.id2label` is used); the output holds one logit map
+    per class.
+    """
+
+    def __init__(self, config: DiSaConfig):
+        super().__init__(config)
+        clip_config = CLIPConfig(
+            text_config=config.text_config,
+            vision_config=config.vision_config,
+            projection_dim=config.projection_dim,
+            logit_scale_init_value=config.logit_scale_init_value,
+        )
+        self.clip = CLIPModel(clip_config)
+        self.cost_embedding = DiSaCostEmbedding(config.num_prompts, config.hidden_dim, config.cost_embed_kernel_size)
+        self.appearance_guidance = nn.Sequential(
+            nn.Conv2d(config.projection_dim, config.appearance_guidance_dim, kernel_size=3, padding=1), nn.ReLU()
+        )
+        self.text_guidance = nn.Sequential(nn.Linear(config.projection_dim, config.text_guidance_dim), nn.ReLU())
+        self.guidance_upsampler = DiSaGuidanceUpsampler(config)
+        self.aggregator = DiSaCostAggregator(config)
+        self.decoder = DiSaDecoder(config)
+        self._text_cache: OrderedDict = OrderedDict()
+        self.post_init()
+        self.configure_clip_finetuning(config.clip_finetune)
+
+    # ------------------------------------------------------------------ CLIP fine-tuning and optimiser groups
+    def configure_clip_finetuning(self, mode: str = "qv") -> None:
+        """Set `requires_grad` on CLIP: `"qv"` = only `{vision,text}_model.encoder.layers.*.self_attn.{q,v}_proj.weight`
+        (CAT-Seg's `CLIP_FINETUNE: attention`; biases frozen), `"none"` = frozen, `"full"` = everything."""
+        for name, param in self.clip.named_parameters():
+            if mode == "full":
+                param.requires_grad_(True)
+            elif mode == "none":
+                param.requires_grad_(False)
+            else:
+                param.requires_grad_(
+                    ".encoder.layers." in name and name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight"))
+                )
+        self.config.clip_finetune = mode
+
+    def optimizer_param_groups(
+        self,
+        learning_rate: float,
+        clip_lr_multiplier: float = 0.01,
+        weight_decay: float = 1e-4,
+        weight_decay_norm: float = 0.0,
+    ) -> list[dict]:
+        """AdamW parameter groups of the CAT-Seg recipe: CLIP at `learning_rate * clip_lr_multiplier`, the head at
+        `learning_rate`; LayerNorm/GroupNorm parameters (and CLIP embeddings) at `weight_decay_norm`."""
+        no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+        no_decay = {
+            id(p) for m in self.modules() if isinstance(m, no_decay_types) for p in m.parameters(recurse=False)
+        }
+        groups = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = "clip" if name.startswith("clip.") else "head"
+            decay = id(param) not in no_decay
+            key = part if decay else f"{part}_no_decay"
+            group = groups.setdefault(
+                key,
+                {
+                    "name": key,
+                    "params": [],
+                    "lr": learning_rate * (clip_lr_multiplier if part == "clip" else 1.0),
+                    "weight_decay": weight_decay if decay else weight_decay_norm,
+                },
+            )
+            group["params"].append(param)
+        return list(groups.values())
+
+    @classmethod
+    def from_clip_pretrained(
+        cls, clip_name_or_path: str | os.PathLike, config: DiSaConfig | str | os.PathLike | None = None, **kwargs
+    ) -> "DiSaForOpenVocabSegmentation":
+        """
+        Build a DiSa model around a pretrained HF CLIP checkpoint (e.g. `"openai/clip-vit-base-patch16"`), with a
+        randomly initialised head. The CLIP tower configs come from the checkpoint; every other setting from
+        `config` (a `DiSaConfig`, or a preset folder such as `configuration/models/disa-vit-b-16`).
+        `kwargs` go to `CLIPModel.from_pretrained` (`revision`, `cache_dir`, `local_files_only`, ...).
+        """
+        kwargs.setdefault("dtype", torch.float32)
+        clip = CLIPModel.from_pretrained(clip_name_or_path, **kwargs)
+        if config is None:
+            config = DiSaConfig()
+        elif not isinstance(config, DiSaConfig):
+            config = DiSaConfig.from_pretrained(config)
+        values = config.to_dict()
+        values.update(
+            text_config=clip.config.text_config.to_dict(),
+            vision_config=clip.config.vision_config.to_dict(),
+            projection_dim=clip.config.projection_dim,
+            logit_scale_init_value=clip.config.logit_scale_init_value,
+        )
+        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+            values.pop(key, None)
+        model = cls(DiSaConfig(**values))
+        model.clip.load_state_dict(clip.state_dict(), strict=True)
+        model.configure_clip_finetuning(model.config.clip_finetune)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, except that a checkpoint whose tensor shapes disagree with the config
+        raises (naming the keys) instead of silently re-initialising them; pass `ignore_mismatched_sizes=True` to
+        accept the re-initialisation (e.g. a head of another width)."""
+        # transformers' own refusal only points at a logged table; load permissively, then refuse with the keys.
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        mismatched = info.get("mismatched_keys") or []
+        if mismatched and not ignore_mismatched_sizes:
+            details = "; ".join(f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in sorted(mismatched)[:20])
+            raise ValueError(
+                f"{len(mismatched)} checkpoint tensors do not match the model's shapes ({details}). Check that the "
+                "config matches the checkpoint, or pass ignore_mismatched_sizes=True to re-initialise them."
+            )
+        # Loading replaces the parameter tensors (all `requires_grad=True`), so re-apply the fine-tuning rule.
+        model.configure_clip_finetuning(model.config.clip_finetune)
+        return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors), also mapping `AutoModelForSemanticSegmentation` in the
+        config's `auto_map` so the saved folder serves the `image-segmentation` pipeline with remote code."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModelForSemanticSegmentation", f"{__name__.split('.')[-1]}.{type(self).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ------------------------------------------------------------------ text side
+    def _text_parameters(self) -> list[nn.Parameter]:
+        return list(self.clip.text_model.parameters()) + list(self.clip.text_projection.parameters())
+
+    def _text_cache_key(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        # `_version` counts in-place updates (optimizer steps, `load_state_dict` copies) and `data_ptr` changes when
+        # a tensor is replaced (`.to()`, `assign=True` loads): together they tell whether the text weights moved.
+        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in self._text_parameters())
+        mask = None if attention_mask is None else tuple(attention_mask.flatten().tolist())
+        return (
+            tuple(input_ids.shape),
+            tuple(input_ids.flatten().tolist()),
+            mask,
+            str(input_ids.device),
+            torch.is_inference_mode_enabled(),
+            weights,
+        )
+
+    def get_text_embeddings(
+        self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None
+    ) -> torch.FloatTensor:
+        """
+        L2-normalised prompt embeddings.
+
+        Args:
+            input_ids (`(T * P, L)`): prompt tokens, class-major (P = `config.num_prompts` templates per class),
+                padded to the longest prompt (the causal mask makes that identical to padding to 77).
+            attention_mask (`(T * P, L)`, *optional*).
+
+        Returns:
+            `(T, P, projection_dim)`. Cached (keyed by the tokens and a fingerprint of the text weights) whenever no
+            gradient can flow into the text encoder; recomputed after any change of those weights.
+        """
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be (num_classes * num_prompts, length) with >= 1 row, got {tuple(input_ids.shape)}.")
+        prompts = self.config.num_prompts
+        if input_ids.shape[0] % prompts:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[0]} rows, not a multiple of the {prompts} prompt templates."
+            )
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._text_parameters())
+        key = None if needs_grad else self._text_cache_key(input_ids, attention_mask)
+        if key is not None and key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        embeds = F.normalize(self.clip.text_projection(pooled), dim=-1)
+        embeds = embeds.view(-1, prompts, embeds.shape[-1])
+        if key is not None:
+            self._text_cache[key] = embeds
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return embeds
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+    def train(self, mode: bool = True):
+        # Training steps change the text weights; the fingerprint catches that too, this just frees memory early.
+        self.clear_text_cache()
+        return super().train(mode)
+
+    def set_default_vocabulary(self, class_names, tokenizer) -> None:
+        """Make `class_names` the vocabulary used when `forward` gets no text (the `image-segmentation` pipeline
+        path): sets `config.id2label`, `config.label2id` and the prompt tokens `config.label_token_ids`."""
+        prompts = format_prompts(class_names, self.config.prompt_templates)
+        token_ids = tokenizer(prompts)["input_ids"]
+        names = list(class_names)
+        self.config.id2label = dict(enumerate(names))
+        self.config.label2id = {name: i for i, name in enumerate(names)}
+        self.config.label_token_ids = [list(map(int, ids)) for ids in token_ids]
+        self.clear_text_cache()
+
+    def _default_vocabulary_tokens(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        token_ids = self.config.label_token_ids
+        if not token_ids:
+            raise ValueError(
+                "No class vocabulary: pass `input_ids` (e.g. from `DiSaProcessor(images=..., text=[...])`) or "
+                "`text_embeds`, or store a default one with `model.set_default_vocabulary(class_names, tokenizer)`."
+            )
+        length = max(len(ids) for ids in token_ids)
+        pad = self.config.text_config.pad_token_id or 0
+        input_ids = torch.full((len(token_ids), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids.to(device), attention_mask.to(device)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be (batch, 3, height, width) RGB, got shape {tuple(pixel_values.shape)}; "
+                "convert grayscale/RGBA images with DiSaImageProcessor."
+            )
+        patch = self.config.vision_config.patch_size
+        if min(pixel_values.shape[-2:]) < patch:
+            raise ValueError(
+                f"images of {tuple(pixel_values.shape[-2:])} pixels are smaller than one CLIP patch ({patch})."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or inf values.")
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        text_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_saliency: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DiSaSegmentationOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`(batch, 3, H, W)`): CLIP-normalised images (see `DiSaImageProcessor`); resized to
+                `config.clip_resolution` inside.
+            input_ids / attention_mask (`(T * P, L)`): class prompts shared by the batch (see `DiSaProcessor`).
+            text_embeds (`(T, P, C)` or `(T, C)`): precomputed prompt embeddings instead of `input_ids`.
+            labels (`(batch, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
+            output_saliency (`bool`): with SDM, also return the saliency maps and foreground masks.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_pixel_values(pixel_values)
+        batch = pixel_values.shape[0]
+        config = self.config
+
+        if text_embeds is None:
+            if input_ids is None:
+                input_ids, attention_mask = self._default_vocabulary_tokens(pixel_values.device)
+            text_embeds = self.get_text_embeddings(input_ids, attention_mask)
+        elif text_embeds.ndim == 2:
+            text_embeds = text_embeds.unsqueeze(1)
+        if text_embeds.ndim != 3 or text_embeds.shape[1] != config.num_prompts:
+            raise ValueError(
+                f"text_embeds must be (num_classes, {config.num_prompts}, dim) or (num_classes, dim) for one "
+                f"template, got {tuple(text_embeds.shape)}."
+            )
+        num_classes = text_embeds.shape[0]
+        if num_classes == 0:
+            raise ValueError("the class vocabulary is empty.")
+
+        features = dense_clip_features(
+            self.clip, pixel_values, config.clip_resolution, list(config.guidance_layers), config.dense_residual
+        )
+        image_embeds = features.image_embeds
+        text = text_embeds.to(image_embeds.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+
+        cost = cosine_cost_volume(image_embeds, text)
+        class_indices = None
+        if 0 < config.class_cap < num_classes:
+            class_indices = select_top_classes(cost, config.class_cap)
+            text = torch.gather(text, 1, class_indices[:, :, None, None].expand(-1, -1, *text.shape[-2:]))
+            cost = cosine_cost_volume(image_embeds, text)
+
+        volume = self.cost_embedding(cost)
+        appearance_guidance = self.appearance_guidance(image_embeds)
+        text_guidance = self.text_guidance(F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1))
+        decoder_guidance = self.guidance_upsampler(features.guidance_features)
+        pooling = tuple(config.class_pooling_train if self.training else config.class_pooling_eval)
+
+        volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling)
+        logits = self.decoder(volume, decoder_guidance)
+
+        if class_indices is not None:
+            full = logits.new_full((batch, num_classes, *logits.shape[-2:]), config.pruned_class_logit)
+            logits = full.scatter(1, class_indices[:, :, None, None].expand(-1, -1, *logits.shape[-2:]), logits)
+
+        loss = seg_loss = None
+        if labels is not None:
+            seg_loss = segmentation_loss(logits, labels, config.ignore_index, config.loss_ignore_mode)
+            loss = seg_loss
+
+        output = DiSaSegmentationOutput(
+            loss=loss,
+            logits=logits,
+            segmentation_loss=seg_loss,
+            class_indices=class_indices,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+DiSaForOpenVocabSegmentation.register_for_auto_class("AutoModel")
+
+__all__ = ["DiSaForOpenVocabSegmentation", "DiSaPreTrainedModel", "DiSaSegmentationOutput"]

@@ -1,0 +1,32 @@
+from setuptools import setup
+
+# torch is a lower bound only: install the wheel you need first (CPU: `pip install torch==2.13.0`), otherwise pip
+# resolves a multi-GB CUDA build.
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "transformers>=5.20,<6",
+    "huggingface_hub>=1.31",
+    "safetensors>=0.8",
+    "tokenizers>=0.23",
+    "numpy>=1.24",
+    "pillow>=10",
+]
+TRAIN = ["accelerate>=1.10", "datasets>=4.0", "pyyaml>=6", "tqdm>=4.66"]
+EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66"]
+
+setup(
+    name="modeling-disa",
+    version="0.1.0",
+    description="DiSa / CAT-Seg open-vocabulary semantic segmentation for Hugging Face transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=["modeling_disa"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "train": TRAIN,
+        "eval": EVAL,
+        "test": sorted(set(TRAIN + EVAL + ["pytest>=8"])),
+    },
+)

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+from huggingface_hub.errors import StrictDataclassError
+
+from modeling_disa import DiSaConfig
+from conftest import PRESETS
+
+
+@pytest.mark.parametrize(
+    "name, resolution, patch, guidance, proj",
+    [("disa-vit-b-16", 384, 16, [3, 7], 512), ("disa-vit-l-14-336", 336, 14, [7, 15], 768), ("disa-tiny", 128, 16, [1, 2], 32)],
+)
+def test_presets_load_with_catseg_geometry(name, resolution, patch, guidance, proj):
+    config = DiSaConfig.from_pretrained(PRESETS / name)
+    assert config.model_type == "disa"
+    assert config.clip_resolution == resolution
+    assert config.vision_config.patch_size == patch
+    assert list(config.guidance_layers) == guidance
+    assert config.projection_dim == proj
+    if name != "disa-tiny":
+        assert config.grid_size == 24
+        assert (config.hidden_dim, config.window_size, config.num_aggregation_layers, config.class_cap) == (128, 12, 2, 256)
+        assert list(config.prompt_templates) == ["A photo of a {} in the scene"]
+        assert not config.use_sdm and not config.use_hrm
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-tiny")
+    config.save_pretrained(tmp_path)
+    again = DiSaConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == config.to_dict()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["text_config"]["model_type"] == "clip_text_model"
+    assert saved["vision_config"]["model_type"] == "clip_vision_model"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"window_size": 5}, "window_size"),
+        ({"guidance_layers": [1, 3]}, "guidance_layers"),
+        ({"fusion": "average"}, "fusion"),
+        ({"itm_loss_weight": -0.5}, "itm_loss_weight"),
+        ({"foreground_topk": 0}, "foreground_topk"),
+        ({"foreground_topk": 64}, "foreground_topk"),
+        ({"hrm_stages": ["pixel", "spectral"]}, "hrm_stages"),
+        ({"loss_ignore_mode": "drop"}, "loss_ignore_mode"),
+        ({"clip_finetune": "qk"}, "clip_finetune"),
+        ({"prompt_templates": ["no placeholder"]}, "prompt_templates"),
+        ({"class_pooling_train": [3, 3]}, "class_pooling_train"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(overrides, field):
+    values = DiSaConfig.from_pretrained(PRESETS / "disa-tiny").to_dict()
+    for key in ("model_type", "transformers_version"):
+        values.pop(key, None)
+    values.update(overrides)
+    with pytest.raises(StrictDataclassError, match=field):
+        DiSaConfig(**values)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(StrictDataclassError, match="hidden_dim"):
+        DiSaConfig(hidden_dim="128")
+
+
+def test_foreground_k_scales_with_grid():
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-b-16")
+    assert config.foreground_k(576) == 96
+    assert config.foreground_k(64) == round(64 / 6)

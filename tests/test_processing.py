@@ -1,0 +1,142 @@
+"""DiSaImageProcessor / DiSaProcessor: conversions, label handling, post-processing and input errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from modeling_disa import DiSaImageProcessor, DiSaProcessor
+from modeling_disa.modeling_disa import DiSaSegmentationOutput
+
+
+@pytest.fixture
+def image_processor():
+    return DiSaImageProcessor(size={"height": 64, "width": 64})
+
+
+def expected_pixels(rgb_uint8, size=64):
+    resized = np.asarray(Image.fromarray(rgb_uint8).resize((size, size), Image.BILINEAR)).astype(np.float64) / 255.0
+    normalised = (resized - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD)
+    return torch.from_numpy(normalised.transpose(2, 0, 1)).float()
+
+
+def test_rgb_image_is_resized_and_clip_normalised(image_processor):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    out = image_processor(Image.fromarray(rgb), return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 3, 64, 64)
+    torch.testing.assert_close(out["pixel_values"][0], expected_pixels(rgb), rtol=1e-4, atol=1e-4)
+
+
+def test_grayscale_rgba_16bit_and_float_inputs_convert_to_the_same_rgb(image_processor):
+    gray = np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    reference = image_processor(rgb, return_tensors="pt")["pixel_values"]
+    rgba = np.concatenate([rgb, np.full((32, 32, 1), 7, np.uint8)], axis=-1)
+    variants = [
+        Image.fromarray(gray),
+        gray,
+        Image.fromarray(rgba),
+        rgb.astype(np.uint16) * 257,  # 16-bit: /257 maps back exactly
+        Image.fromarray(gray.astype(np.uint16) * 257),
+        rgb.astype(np.float32) / 255.0,  # float in [0, 1] is taken as already rescaled
+        torch.from_numpy(rgb).permute(2, 0, 1),  # channels-first tensor
+    ]
+    for variant in variants:
+        got = image_processor(variant, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "image, error, message",
+    [
+        (np.zeros((32, 32, 2), np.uint8), ValueError, "channels"),
+        (np.zeros((32, 32, 5), np.uint8), ValueError, "channels"),
+        (np.full((32, 32, 3), np.nan, np.float32), ValueError, "NaN"),
+        (np.zeros((8, 40, 3), np.uint8), ValueError, "smaller than one CLIP patch"),
+        ("not an image", (TypeError, ValueError), "image"),
+    ],
+)
+def test_bad_images_are_rejected(image_processor, image, error, message):
+    with pytest.raises(error, match=message):
+        image_processor(image, return_tensors="pt")
+
+
+def test_segmentation_maps_resize_by_nearest_and_keep_ignore(image_processor):
+    label = np.zeros((32, 32), np.int64)
+    label[:, 16:] = 3
+    label[:8] = 255
+    out = image_processor(np.zeros((32, 32, 3), np.uint8), segmentation_maps=label, return_tensors="pt")
+    labels = out["labels"]
+    assert labels.dtype == torch.int64 and labels.shape == (1, 64, 64)
+    assert set(labels.unique().tolist()) == {0, 3, 255}  # nearest: no blended values
+    expected = np.asarray(Image.fromarray(label.astype(np.int32)).resize((64, 64), Image.NEAREST))
+    np.testing.assert_array_equal(labels[0].numpy(), expected)
+
+
+def test_sixteen_bit_labels_keep_values_above_255():
+    processor = DiSaImageProcessor(size={"height": 32, "width": 32}, ignore_index=65535)
+    label = np.full((32, 32), 846, np.uint16)
+    label[0] = 65535
+    out = processor(np.zeros((32, 32, 3), np.uint8), segmentation_maps=Image.fromarray(label), return_tensors="pt")
+    assert set(out["labels"].unique().tolist()) == {846, 65535}
+
+
+def test_reduce_labels_follows_ade_convention():
+    processor = DiSaImageProcessor(size={"height": 16, "width": 16}, do_reduce_labels=True)
+    label = np.array([[0, 1, 150, 255]] * 16, np.uint8).repeat(4, axis=1)
+    out = processor(np.zeros((16, 16, 3), np.uint8), segmentation_maps=label, return_tensors="pt")
+    assert out["labels"][0, 0, ::4].tolist() == [255, 0, 149, 255]
+
+
+def test_map_size_mismatch_is_an_error(image_processor):
+    with pytest.raises(ValueError, match="segmentation map 0 has size"):
+        image_processor(np.zeros((32, 32, 3), np.uint8), segmentation_maps=np.zeros((16, 16), np.int64))
+
+
+def test_post_process_sizes_and_argmax(image_processor):
+    logits = torch.randn(2, 4, 8, 8)
+    results = image_processor.post_process_semantic_segmentation(
+        DiSaSegmentationOutput(logits=logits), target_sizes=[(30, 40), (17, 9)]
+    )
+    assert [r.shape for r in results] == [(30, 40), (17, 9)]
+    native = image_processor.post_process_semantic_segmentation(DiSaSegmentationOutput(logits=logits))
+    assert torch.equal(native[1], logits[1].argmax(0))
+    up = torch.nn.functional.interpolate(logits[:1], size=(30, 40), mode="bilinear", align_corners=False)
+    assert torch.equal(results[0], up[0].argmax(0))
+
+
+def test_processor_builds_prompts_with_first_synonym(tiny_processor):
+    out = tiny_processor(text=["building, edifice", "cat"], return_tensors="pt")
+    expected = tiny_processor.tokenizer(
+        ["A photo of a building in the scene", "A photo of a cat in the scene"], padding="longest", return_tensors="pt"
+    )
+    assert torch.equal(out["input_ids"], expected["input_ids"])
+    assert torch.equal(out["attention_mask"], expected["attention_mask"])
+
+
+@pytest.mark.parametrize(
+    "text, error, message",
+    [([], ValueError, "empty"), (["cat", "cat"], ValueError, "duplicate"), (["cat", 3], TypeError, "strings"), ("cat", TypeError, "list")],
+)
+def test_processor_rejects_bad_vocabularies(tiny_processor, text, error, message):
+    with pytest.raises(error, match=message):
+        tiny_processor(text=text)
+
+
+def test_processor_output_feeds_the_model(tiny_model, tiny_processor):
+    images = [Image.new("RGB", (90, 60), (10, 200, 30)), Image.new("L", (50, 50), 128)]
+    maps = [np.zeros((60, 90), np.uint8), np.ones((50, 50), np.uint8)]
+    inputs = tiny_processor(images=images, text=["cat", "grass"], segmentation_maps=maps, return_tensors="pt")
+    out = tiny_model(**inputs)
+    assert out.logits.shape == (2, 2, 32, 32) and torch.isfinite(out.loss)
+    masks = tiny_processor.post_process_semantic_segmentation(out, target_sizes=[(60, 90), (50, 50)])
+    assert [m.shape for m in masks] == [(60, 90), (50, 50)]
+
+
+def test_processor_round_trip(tmp_path, tiny_processor):
+    tiny_processor.save_pretrained(tmp_path)
+    again = DiSaProcessor.from_pretrained(tmp_path)
+    assert again.prompt_templates == tiny_processor.prompt_templates
+    assert again.image_processor.size == tiny_processor.image_processor.size
+    assert again(text=["cat"])["input_ids"].tolist() == tiny_processor(text=["cat"])["input_ids"].tolist()
