@@ -8,12 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .routing import as_route, per_branch
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """"Transformers are RNNs" attention with the elu+1 feature map.
 
     Args:
         q, k, v (`(N, L, heads, head_dim)`).
+        groups (`(N, L)` bool, optional): two token groups that attend only within themselves (SDM branches).
 
     Returns:
         `(N, L, heads, head_dim)`.
@@ -22,9 +27,17 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     k = F.elu(k) + 1
     length = v.shape[1]
     # Dividing V by the length before the products and multiplying back after keeps fp16 sums in range.
-    kv = torch.einsum("nshd,nshv->nhdv", k, v / length)
-    normaliser = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
-    return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, normaliser) * length
+    v = v / length
+
+    def attend(keys):
+        kv = torch.einsum("nshd,nshv->nhdv", keys, v)
+        normaliser = 1 / (torch.einsum("nlhd,nhd->nlh", q, keys.sum(dim=1)) + eps)
+        return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, normaliser) * length
+
+    if groups is None:
+        return attend(k)
+    member = groups[..., None, None].to(k.dtype)
+    return torch.where(groups[..., None, None], attend(k * member), attend(k * (1 - member)))
 
 
 class DiSaClassAttention(nn.Module):
@@ -39,14 +52,24 @@ class DiSaClassAttention(nn.Module):
         self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.v = nn.Linear(hidden_dim, hidden_dim)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """x `(N, T, hidden_dim)`, guidance `(N, T, guidance_dim)` -> `(N, T, hidden_dim)`."""
-        xg = torch.cat([x, guidance], dim=-1)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor | None = None):
+        """q, k, v `(N, T, hidden_dim)` -> `(N, T, hidden_dim)`; `groups` `(N, T)` bool restricts attention."""
         heads = (self.num_heads, -1)
-        q = self.q(xg).unflatten(-1, heads)
-        k = self.k(xg).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        return linear_attention(q, k, v, self.eps).flatten(-2)
+        out = linear_attention(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), self.eps, groups)
+        return out.flatten(-2)
+
+
+def _project(layer: "DiSaClassAggregation", tokens: torch.Tensor, guidance: torch.Tensor):
+    """Per-token part before class attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
+    normed = layer.norm1(tokens)
+    both = torch.cat([normed, guidance], dim=-1)
+    return layer.attention.q(both), layer.attention.k(both), layer.attention.v(normed)
+
+
+def _update(layer: "DiSaClassAggregation", tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Per-token part after attention: residual, then MLP + residual."""
+    tokens = tokens + attended
+    return tokens + layer.mlp(layer.norm2(tokens))
 
 
 class DiSaClassAggregation(nn.Module):
@@ -65,12 +88,22 @@ class DiSaClassAggregation(nn.Module):
             self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim))
             self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim))
 
-    def forward(self, x: torch.Tensor, text_guidance: torch.Tensor, pooling: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text_guidance: torch.Tensor,
+        pooling: tuple[int, int],
+        route: torch.Tensor | None = None,
+        twin: "DiSaClassAggregation | None" = None,
+    ) -> torch.Tensor:
         """
         Args:
             x (`(batch, D, T, grid, grid)`): cost volume, T <= class_cap.
             text_guidance (`(batch, T, G)`): projected text embeddings.
             pooling (`(ph, pw)`): spatial average pooling applied before attention ((2, 2) train, (1, 1) eval).
+            route (`(batch, T, grid, grid)` bool, optional): SDM foreground tokens; a pooled cell is foreground
+                when at least half of its tokens are. Padding classes count as background.
+            twin (optional): the background branch's class aggregation (routed weights).
         """
         batch, dim, classes, height, width = x.shape
         pooled = F.avg_pool2d(x.transpose(1, 2).reshape(batch * classes, dim, height, width), pooling)
@@ -78,15 +111,26 @@ class DiSaClassAggregation(nn.Module):
         tokens = pooled.view(batch, classes, dim, ph * pw).permute(0, 3, 1, 2)  # (B, pixels, T, D)
         guidance = text_guidance.unsqueeze(1).expand(-1, ph * pw, -1, -1)
         pad = self.class_cap - classes if self.class_cap > 0 else 0
+        if route is not None:
+            pooled_route = F.avg_pool2d(route.flatten(0, 1).unsqueeze(1).to(x.dtype), pooling) >= 0.5
+            route = pooled_route.view(batch, classes, ph * pw).transpose(1, 2)  # (B, pixels, T)
+            if pad > 0:
+                route = torch.cat([route, route.new_zeros(batch, ph * pw, pad)], dim=2)
+            route = as_route(route.flatten(0, 1))
         if pad > 0:
-            tokens = torch.cat([tokens, self.padding_tokens.expand(batch, ph * pw, pad, dim)], dim=2)
+            # Routed padding classes belong to the background branch, so they take its padding tokens.
+            source = twin if twin is not None and route is not None else self
+            tokens = torch.cat([tokens, source.padding_tokens.expand(batch, ph * pw, pad, dim)], dim=2)
             guidance = torch.cat(
-                [guidance, self.padding_guidance.expand(batch, ph * pw, pad, guidance.shape[-1])], dim=2
+                [guidance, source.padding_guidance.expand(batch, ph * pw, pad, guidance.shape[-1])], dim=2
             )
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
-        attended = tokens + self.attention(self.norm1(tokens), guidance)
-        updated = attended + self.mlp(self.norm2(attended))
+        if route is None:
+            twin = None
+        q, k, v = per_branch(_project, self, twin, route, tokens, guidance)
+        attended = self.attention.attend(q, k, v, None if route is None else route.mask)
+        updated = per_branch(_update, self, twin, route, tokens, attended)
         if self.residual == "catseg":
             # CAT-Seg returns x + up(pool(x) + update): the identity path is counted twice (kept for its weights).
             delta = updated

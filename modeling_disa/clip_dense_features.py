@@ -22,10 +22,13 @@ class DenseCLIPFeatures(ModelOutput):
             Projected dense patch embeddings (not normalised); CAT-Seg's ``res3``.
         guidance_features (`tuple(torch.FloatTensor)`, each `(batch, vision_hidden_size, grid, grid)`):
             Raw residual-stream outputs of the blocks in `config.guidance_layers` (CLS dropped).
+        dense_tokens (`torch.FloatTensor` of shape `(batch, grid*grid, vision_hidden_size)`):
+            The dense tokens after `post_layernorm`, before the visual projection (the keys/values of SDM).
     """
 
     image_embeds: torch.FloatTensor | None = None
     guidance_features: tuple[torch.FloatTensor, ...] | None = None
+    dense_tokens: torch.FloatTensor | None = None
 
 
 def _tokens_to_map(tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -73,9 +76,11 @@ def dense_clip_features(
     attn = last.self_attn
     hidden = attn.out_proj(attn.v_proj(last.layer_norm1(hidden))) + residual
     hidden = hidden + last.mlp(last.layer_norm2(hidden))
-    hidden = clip.visual_projection(vision.post_layernorm(hidden))
+    tokens = vision.post_layernorm(hidden)
+    hidden = clip.visual_projection(tokens)
 
     return DenseCLIPFeatures(
         image_embeds=_tokens_to_map(hidden, grid),
+        dense_tokens=tokens[:, 1:],
         guidance_features=tuple(_tokens_to_map(taps[i], grid) for i in guidance_layers),
     )

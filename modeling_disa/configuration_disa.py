@@ -12,6 +12,7 @@ DEFAULT_PROMPT_TEMPLATE = "A photo of a {} in the scene"
 
 FUSION_MODES = ("weighted", "sum", "concat")
 SALIENCY_TARGETS = ("predicted_logit", "predicted_probability")
+SALIENCY_SOURCES = ("gradcam", "attention")
 BRANCH_MODES = ("routed", "masked")
 TOPK_MODES = ("fixed", "adaptive")
 HRM_STAGES = ("pixel", "category", "channel")
@@ -67,11 +68,14 @@ class DiSaConfig(PreTrainedConfig):
     DiSa (all off = exactly the CAT-Seg core):
         use_sdm (`bool`): saliency-aware disentanglement (cross-attention + ITM head, Grad-CAM saliency,
             foreground/background split, dual-branch aggregation, fusion).
-        sdm_num_heads (`int`): heads of the SDM cross-attention (*reconstruction*).
+        sdm_num_heads (`int`): heads of the SDM cross-attention, which runs at CLIP vision width
+            (*reconstruction*).
         sdm_mlp_ratio (`int`): MLP ratio of the SDM block at CLIP width (*reconstruction*).
         itm_loss_weight (`float`): weight of the auxiliary image-text-matching BCE added to `loss`.
         saliency_target (`str`): what Grad-CAM differentiates; `"predicted_logit"` (the class's own ITM logit) or
             `"predicted_probability"` (its sigmoid). Same rule in training and inference (no labels needed).
+        saliency_source (`str`): `"gradcam"` (attention x ReLU(ITM gradient)) or `"attention"` (the raw
+            cross-attention averaged over heads, the ablation reviewers asked for).
         foreground_topk_mode (`str`): `"fixed"` (k = round(foreground_ratio * tokens), k = 96 of 576) or
             `"adaptive"` (smallest k holding `adaptive_saliency_mass` of the saliency, clamped to
             [adaptive_min_ratio, adaptive_max_ratio] * tokens).
@@ -125,6 +129,7 @@ class DiSaConfig(PreTrainedConfig):
     sdm_mlp_ratio: int = 4
     itm_loss_weight: float = 1.0
     saliency_target: str = "predicted_logit"
+    saliency_source: str = "gradcam"
     foreground_topk_mode: str = "fixed"
     foreground_ratio: float = 96 / 576
     foreground_topk: int | None = None
@@ -240,6 +245,8 @@ class DiSaConfig(PreTrainedConfig):
     def validate_disa(self):
         if self.itm_loss_weight < 0:
             raise ValueError(f"`itm_loss_weight` must be >= 0, got {self.itm_loss_weight}.")
+        if self.saliency_source not in SALIENCY_SOURCES:
+            raise ValueError(f"`saliency_source` must be one of {SALIENCY_SOURCES}, got {self.saliency_source!r}.")
         if self.saliency_target not in SALIENCY_TARGETS:
             raise ValueError(f"`saliency_target` must be one of {SALIENCY_TARGETS}, got {self.saliency_target!r}.")
         if self.foreground_topk_mode not in TOPK_MODES:
@@ -268,9 +275,10 @@ class DiSaConfig(PreTrainedConfig):
             raise ValueError(f"`hrm_stages` entries must be in {HRM_STAGES}, got unknown {unknown}.")
         if self.hrm_reduction < 1:
             raise ValueError(f"`hrm_reduction` must be >= 1, got {self.hrm_reduction}.")
-        if self.use_sdm and self.projection_dim % self.sdm_num_heads != 0:
+        if self.use_sdm and self.vision_config.hidden_size % self.sdm_num_heads != 0:
             raise ValueError(
-                f"`sdm_num_heads` ({self.sdm_num_heads}) must divide `projection_dim` ({self.projection_dim})."
+                f"`sdm_num_heads` ({self.sdm_num_heads}) must divide the CLIP vision width "
+                f"({self.vision_config.hidden_size})."
             )
 
 

@@ -57,7 +57,10 @@ def main(argv=None) -> dict:
     reprocessor = AutoProcessor.from_pretrained(output_dir)
     with torch.no_grad():
         again = reloaded(**reprocessor(images=image, text=args.labels, return_tensors="pt"))
-    same = torch.equal(again.logits, outputs.logits)
+    saved_state, loaded_state = model.state_dict(), reloaded.state_dict()
+    same = all(torch.equal(saved_state[k], loaded_state[k]) for k in saved_state) and torch.allclose(
+        again.logits, outputs.logits, rtol=0, atol=1e-5
+    )
 
     palette = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48)], np.uint8)
     colours = palette[segmentation.numpy() % len(palette)]

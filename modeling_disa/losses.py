@@ -48,7 +48,17 @@ def class_presence(labels: torch.Tensor, num_classes: int, ignore_index: int) ->
     return presence.clamp_max(1.0)
 
 
-def itm_loss(itm_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """BCE between the ITM class-presence logits `(batch, T)` and the presence derived from `labels`."""
-    targets = class_presence(labels, itm_logits.shape[1], ignore_index).to(itm_logits.dtype)
-    return F.binary_cross_entropy_with_logits(itm_logits, targets)
+def itm_loss(
+    itm_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    num_classes: int | None = None,
+    class_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BCE between ITM class-presence logits `(batch, K)` and the presence derived from `labels`.
+
+    With `class_indices` `(batch, K)`, the logits belong to those classes of a `num_classes` vocabulary."""
+    presence = class_presence(labels, num_classes or itm_logits.shape[1], ignore_index)
+    if class_indices is not None:
+        presence = torch.gather(presence, 1, class_indices)
+    return F.binary_cross_entropy_with_logits(itm_logits, presence.to(itm_logits.dtype))

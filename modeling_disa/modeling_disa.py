@@ -23,7 +23,9 @@ from .clip_dense_features import dense_clip_features
 from .configuration_disa import DiSaConfig, format_prompts
 from .cost_volume import DiSaCostEmbedding, cosine_cost_volume, select_top_classes
 from .decoder import DiSaDecoder, DiSaGuidanceUpsampler
-from .losses import segmentation_loss
+from .hierarchical_refinement import DiSaHierarchicalRefinement
+from .losses import itm_loss, segmentation_loss
+from .saliency_disentanglement import DiSaSaliencyDisentanglement
 from .spatial_aggregation import DiSaSpatialAggregation, DiSaSwinBlock
 
 TEXT_CACHE_SIZE = 8
@@ -60,6 +62,13 @@ class DiSaSegmentationOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
 
 
+def _scatter_classes(values: torch.Tensor, class_indices: torch.Tensor, num_classes: int, fill) -> torch.Tensor:
+    """`(batch, kept, ...)` values of the processed classes -> `(batch, num_classes, ...)`, `fill` elsewhere."""
+    out = values.new_full((values.shape[0], num_classes, *values.shape[2:]), fill)
+    index = class_indices.view(*class_indices.shape, *([1] * (values.ndim - 2))).expand_as(values)
+    return out.scatter(1, index, values)
+
+
 class DiSaAggregationLayer(GradientCheckpointingLayer):
     """Spatial (Swin pair) then class (linear attention) aggregation: `(batch, D, T, grid, grid)` -> same."""
 
@@ -68,9 +77,12 @@ class DiSaAggregationLayer(GradientCheckpointingLayer):
         self.spatial = DiSaSpatialAggregation(config)
         self.class_aggregation = DiSaClassAggregation(config)
 
-    def forward(self, x, appearance_guidance, text_guidance, pooling, group_ids=None):
-        x = self.spatial(x, appearance_guidance, group_ids)
-        return self.class_aggregation(x, text_guidance, pooling)
+    def forward(self, x, appearance_guidance, text_guidance, pooling, route=None, twin=None):
+        """`route` / `twin`: SDM's foreground tokens `(batch, T, grid, grid)` and the background branch's layer."""
+        x = self.spatial(x, appearance_guidance, route, twin.spatial if twin is not None else None)
+        return self.class_aggregation(
+            x, text_guidance, pooling, route, twin.class_aggregation if twin is not None else None
+        )
 
 
 class DiSaCostAggregator(nn.Module):
@@ -80,9 +92,12 @@ class DiSaCostAggregator(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DiSaAggregationLayer(config) for _ in range(config.num_aggregation_layers))
 
-    def forward(self, x, appearance_guidance, text_guidance, pooling, group_ids=None, layer_hook=None):
+    def forward(self, x, appearance_guidance, text_guidance, pooling, route=None, twin=None, layer_hook=None):
+        """`twin` (another `DiSaCostAggregator`) and `route`: SDM's routed foreground/background branches."""
         for index, layer in enumerate(self.layers):
-            x = layer(x, appearance_guidance, text_guidance, pooling, group_ids)
+            x = layer(
+                x, appearance_guidance, text_guidance, pooling, route, twin.layers[index] if twin is not None else None
+            )
             if layer_hook is not None:
                 x = layer_hook(index, x)
         return x
@@ -143,6 +158,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.guidance_upsampler = DiSaGuidanceUpsampler(config)
         self.aggregator = DiSaCostAggregator(config)
         self.decoder = DiSaDecoder(config)
+        self.sdm = DiSaSaliencyDisentanglement(config, DiSaCostAggregator) if config.use_sdm else None
+        self.hrm = DiSaHierarchicalRefinement(config) if config.use_hrm else None
         self._text_cache: OrderedDict = OrderedDict()
         self.post_init()
         self.configure_clip_finetuning(config.clip_finetune)
@@ -414,22 +431,51 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         decoder_guidance = self.guidance_upsampler(features.guidance_features)
         pooling = tuple(config.class_pooling_train if self.training else config.class_pooling_eval)
 
-        volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling)
-        logits = self.decoder(volume, decoder_guidance)
+        layer_hook = self.hrm.after_aggregation if self.hrm is not None else None
+        stage_hook = self.hrm.after_decoder_stage if self.hrm is not None else None
+
+        saliency = None
+        if self.sdm is not None:
+            queries = F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1)
+            saliency = self.sdm.saliency(queries, features.dense_tokens)
+            volume = self.sdm.aggregate(
+                self.aggregator, volume, appearance_guidance, text_guidance, pooling, saliency.foreground_mask,
+                layer_hook,
+            )
+        else:
+            volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling, layer_hook=layer_hook)
+        logits = self.decoder(volume, decoder_guidance, stage_hook)
 
         if class_indices is not None:
-            full = logits.new_full((batch, num_classes, *logits.shape[-2:]), config.pruned_class_logit)
-            logits = full.scatter(1, class_indices[:, :, None, None].expand(-1, -1, *logits.shape[-2:]), logits)
+            logits = _scatter_classes(logits, class_indices, num_classes, config.pruned_class_logit)
 
-        loss = seg_loss = None
+        loss = seg_loss = aux_loss = None
         if labels is not None:
             seg_loss = segmentation_loss(logits, labels, config.ignore_index, config.loss_ignore_mode)
             loss = seg_loss
+            if saliency is not None:
+                # Presence targets of the processed classes only: pruned classes carry no ITM logit.
+                aux_loss = itm_loss(saliency.itm_logits, labels, config.ignore_index, num_classes, class_indices)
+                loss = loss + config.itm_loss_weight * aux_loss
+
+        itm_logits = sal_maps = fg_masks = None
+        if saliency is not None:
+            itm_logits, sal_maps, fg_masks = saliency.itm_logits, saliency.saliency, saliency.foreground_mask
+            if class_indices is not None:
+                itm_logits = _scatter_classes(itm_logits, class_indices, num_classes, config.pruned_class_logit)
+                sal_maps = _scatter_classes(sal_maps, class_indices, num_classes, 0.0)
+                fg_masks = _scatter_classes(fg_masks, class_indices, num_classes, False)
+            if not output_saliency:
+                sal_maps = fg_masks = None
 
         output = DiSaSegmentationOutput(
             loss=loss,
             logits=logits,
             segmentation_loss=seg_loss,
+            itm_loss=aux_loss,
+            itm_logits=itm_logits,
+            saliency=sal_maps,
+            foreground_mask=fg_masks,
             class_indices=class_indices,
             text_embeds=text_embeds,
             image_embeds=image_embeds,

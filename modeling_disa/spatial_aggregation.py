@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .routing import as_route, per_branch
+
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """`(N, H, W, C)` -> `(N, H/window * W/window, window*window, C)`."""
@@ -40,7 +42,7 @@ def shifted_window_mask(grid: int, window: int, shift: int, masked_value: float)
 class DiSaWindowAttention(nn.Module):
     """Multi-head window self-attention whose queries and keys also see the guidance features.
 
-    Input `(N, windows, tokens, hidden_dim + guidance_dim)`; values use the first `hidden_dim` channels only.
+    The projections are per token (`project`, `output`); `attend` mixes tokens inside windows.
     """
 
     def __init__(self, hidden_dim: int, guidance_dim: int, num_heads: int, use_sdpa: bool = True):
@@ -54,27 +56,37 @@ class DiSaWindowAttention(nn.Module):
         self.v = nn.Linear(hidden_dim, hidden_dim)
         self.proj = nn.Linear(hidden_dim, hidden_dim)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """
         Args:
-            x (`(N, windows, tokens, hidden_dim + guidance_dim)`).
-            bias (broadcastable to `(N, windows, heads, tokens, tokens)`, optional): additive attention bias.
+            q, k, v (`(N, windows, tokens, hidden_dim)`): window-partitioned projections.
+            bias (`(windows, 1, tokens, tokens)` or `(N, windows, 1, tokens, tokens)`, optional): additive bias.
+
+        Returns:
+            `(N, windows, tokens, hidden_dim)`.
         """
-        q = self._split(self.q(x))
-        k = self._split(self.k(x))
-        v = self._split(self.v(x[..., : self.hidden_dim]))
+        n, windows, length, _ = q.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = (t.view(n, windows, length, heads, head_dim).transpose(2, 3) for t in (q, k, v))
+        if bias is not None and bias.ndim == 5:
+            # a bias per row and window (SDM groups): batch (row, window) pairs, broadcast over heads
+            q, k, v = (t.reshape(n * windows, heads, length, head_dim) for t in (q, k, v))
+            bias = bias.reshape(n * windows, 1, length, length)
+        else:
+            # a bias per window only: fold windows into the head axis so it broadcasts over rows. 4-D inputs also
+            # keep SDPA on its fused CPU kernel (5-D ones fall back to the slow math path).
+            q, k, v = (t.reshape(n, windows * heads, length, head_dim) for t in (q, k, v))
+            if bias is not None:
+                bias = bias.expand(windows, heads, length, length).reshape(1, windows * heads, length, length)
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             # Explicit matmuls, so that torch.utils.flop_counter counts the attention on every device.
-            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)
             if bias is not None:
                 scores = scores + bias
             out = scores.softmax(dim=-1) @ v
-        return self.proj(out.transpose(-3, -2).flatten(-2))
+        return out.reshape(n, windows, heads, length, head_dim).transpose(2, 3).reshape(n, windows, length, -1)
 
 
 class DiSaSwinMLP(nn.Module):
@@ -86,6 +98,19 @@ class DiSaSwinMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def _project(block: "DiSaSwinBlock", x: torch.Tensor, guidance: torch.Tensor):
+    """Per-token part before attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
+    normed = block.norm1(x)
+    both = torch.cat([normed, guidance], dim=-1)
+    return block.attn.q(both), block.attn.k(both), block.attn.v(normed)
+
+
+def _update(block: "DiSaSwinBlock", x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Per-token part after attention: output projection + residual, then MLP + residual."""
+    x = x + block.attn.proj(attended)
+    return x + block.mlp(block.norm2(x))
 
 
 class DiSaSwinBlock(nn.Module):
@@ -109,44 +134,45 @@ class DiSaSwinBlock(nn.Module):
     def build_attention_mask(self) -> torch.Tensor | None:
         return shifted_window_mask(self.grid, self.window, self.shift, -100.0) if self.shift else None
 
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """`(N, grid*grid, C)` -> shifted, window-partitioned `(N, windows, window*window, C)`."""
+        x = x.view(x.shape[0], self.grid, self.grid, -1)
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        return window_partition(x, self.window)
+
+    def _unwindow(self, windows: torch.Tensor) -> torch.Tensor:
+        x = window_reverse(windows, self.window, self.grid, self.grid)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        return x.reshape(x.shape[0], self.grid * self.grid, -1)
+
     def forward(
-        self, x: torch.Tensor, guidance: torch.Tensor, group_ids: torch.Tensor | None = None
+        self, x: torch.Tensor, guidance: torch.Tensor, route: torch.Tensor | None = None, twin=None
     ) -> torch.Tensor:
         """
         Args:
             x (`(N, grid*grid, hidden_dim)`): one cost slice per row (N = batch * classes).
-            guidance (`(N, grid*grid, guidance_dim)`): normalised appearance guidance.
-            group_ids (`(N, grid*grid)` long, optional): tokens attend only to tokens of the same group
-                (used by SDM's routed foreground/background branches).
+            guidance (`(N, grid*grid, guidance_dim)`): normalised appearance guidance (of each token's branch).
+            route (`(N, grid*grid)` bool, optional): SDM foreground tokens. Tokens then attend only to tokens of
+                their own group, and (with `twin`, the background branch's block) use their branch's weights.
 
         Returns:
             `(N, grid*grid, hidden_dim)`.
         """
-        n, length, dim = x.shape
-        grid, window, shift = self.grid, self.window, self.shift
-        shortcut = x
-        h = torch.cat([self.norm1(x), guidance], dim=-1).view(n, grid, grid, -1)
-        if group_ids is not None:
-            group_ids = group_ids.view(n, grid, grid, 1).to(h.dtype)
-        if shift:
-            h = torch.roll(h, shifts=(-shift, -shift), dims=(1, 2))
-            if group_ids is not None:
-                group_ids = torch.roll(group_ids, shifts=(-shift, -shift), dims=(1, 2))
-        windows = window_partition(h, window)
+        route = as_route(route)
+        q, k, v = per_branch(_project, self, twin, route, x, guidance)
         bias = None
         if self.attn_mask is not None:
-            bias = self.attn_mask.to(h.dtype).unsqueeze(1)
-        if group_ids is not None:
-            ids = window_partition(group_ids, window)[..., 0]
-            blocked = (ids.unsqueeze(-1) != ids.unsqueeze(-2)).unsqueeze(2)
-            group_bias = torch.zeros(blocked.shape, dtype=h.dtype, device=h.device)
-            group_bias = group_bias.masked_fill(blocked, torch.finfo(h.dtype).min / 4)
+            bias = self.attn_mask.to(q.dtype).unsqueeze(1)
+        if route is not None:
+            groups = self._windows(route.mask.unsqueeze(-1))[..., 0]
+            blocked = (groups.unsqueeze(-1) != groups.unsqueeze(-2)).unsqueeze(2)
+            group_bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
+            group_bias = group_bias.masked_fill(blocked, torch.finfo(q.dtype).min / 4)
             bias = group_bias if bias is None else bias + group_bias
-        out = window_reverse(self.attn(windows, bias), window, grid, grid)
-        if shift:
-            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
-        x = shortcut + out.reshape(n, length, dim)
-        return x + self.mlp(self.norm2(x))
+        attended = self._unwindow(self.attn.attend(self._windows(q), self._windows(k), self._windows(v), bias))
+        return per_branch(_update, self, twin, route, x, attended)
 
 
 class DiSaSpatialAggregation(nn.Module):
@@ -159,20 +185,30 @@ class DiSaSpatialAggregation(nn.Module):
         self.guidance_norm = nn.LayerNorm(config.appearance_guidance_dim)
 
     def forward(
-        self, x: torch.Tensor, appearance_guidance: torch.Tensor, group_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        appearance_guidance: torch.Tensor,
+        route: torch.Tensor | None = None,
+        twin: "DiSaSpatialAggregation | None" = None,
     ) -> torch.Tensor:
         """
         Args:
             x (`(batch, D, T, grid, grid)`): embedded cost volume.
             appearance_guidance (`(batch, G, grid, grid)`): projected image features.
-            group_ids (`(batch, T, grid, grid)` long, optional): attention groups per class slice.
+            route (`(batch, T, grid, grid)` bool, optional): SDM foreground tokens per class slice.
+            twin (optional): the background branch's spatial aggregation (routed weights).
         """
         batch, dim, classes, height, width = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(batch * classes, height * width, dim)
         guidance = appearance_guidance.flatten(2).transpose(1, 2)
-        guidance = self.guidance_norm(guidance).repeat_interleave(classes, dim=0)
-        if group_ids is not None:
-            group_ids = group_ids.reshape(batch * classes, height * width)
-        tokens = self.block_1(tokens, guidance, group_ids)
-        tokens = self.block_2(tokens, guidance, group_ids)
+        # LayerNorm is per token, so normalising before repeating the guidance for every class is the same, cheaper
+        normalised = self.guidance_norm(guidance).repeat_interleave(classes, dim=0)
+        if route is not None:
+            route = as_route(route.reshape(batch * classes, height * width))
+            if twin is not None:
+                background = twin.guidance_norm(guidance).repeat_interleave(classes, dim=0)
+                normalised = torch.where(route.mask.unsqueeze(-1), normalised, background)
+        guidance = normalised
+        tokens = self.block_1(tokens, guidance, route, twin.block_1 if twin is not None else None)
+        tokens = self.block_2(tokens, guidance, route, twin.block_2 if twin is not None else None)
         return tokens.view(batch, classes, height, width, dim).permute(0, 4, 1, 2, 3)

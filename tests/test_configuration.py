@@ -9,7 +9,13 @@ from conftest import PRESETS
 
 @pytest.mark.parametrize(
     "name, resolution, patch, guidance, proj",
-    [("disa-vit-b-16", 384, 16, [3, 7], 512), ("disa-vit-l-14-336", 336, 14, [7, 15], 768), ("disa-tiny", 128, 16, [1, 2], 32)],
+    [
+        ("catseg-vit-b-16", 384, 16, [3, 7], 512),
+        ("catseg-vit-l-14-336", 336, 14, [7, 15], 768),
+        ("disa-vit-b-16", 384, 16, [3, 7], 512),
+        ("disa-vit-l-14-336", 336, 14, [7, 15], 768),
+        ("disa-tiny", 128, 16, [1, 2], 32),
+    ],
 )
 def test_presets_load_with_catseg_geometry(name, resolution, patch, guidance, proj):
     config = DiSaConfig.from_pretrained(PRESETS / name)
@@ -22,7 +28,8 @@ def test_presets_load_with_catseg_geometry(name, resolution, patch, guidance, pr
         assert config.grid_size == 24
         assert (config.hidden_dim, config.window_size, config.num_aggregation_layers, config.class_cap) == (128, 12, 2, 256)
         assert list(config.prompt_templates) == ["A photo of a {} in the scene"]
-        assert not config.use_sdm and not config.use_hrm
+        disa = name.startswith("disa-")
+        assert config.use_sdm == disa and config.use_hrm == disa
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -49,6 +56,11 @@ def test_round_trip_keeps_every_field(tmp_path):
         ({"clip_finetune": "qk"}, "clip_finetune"),
         ({"prompt_templates": ["no placeholder"]}, "prompt_templates"),
         ({"class_pooling_train": [3, 3]}, "class_pooling_train"),
+        ({"branch_mode": "parallel"}, "branch_mode"),
+        ({"saliency_source": "cam"}, "saliency_source"),
+        ({"foreground_topk_mode": "auto"}, "foreground_topk_mode"),
+        ({"adaptive_min_ratio": 0.6, "adaptive_max_ratio": 0.5}, "adaptive_min_ratio"),
+        ({"use_sdm": True, "sdm_num_heads": 5}, "sdm_num_heads"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(overrides, field):

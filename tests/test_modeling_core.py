@@ -277,7 +277,7 @@ def test_qv_trainable_parameter_count_is_exact(tiny_model):
 
 @pytest.mark.parametrize(
     "preset, total, trainable",
-    [("disa-vit-b-16", 154_289_378, 25_115_873), ("disa-vit-l-14-336", 433_726_946, 70_270_177)],
+    [("catseg-vit-b-16", 154_289_378, 25_115_873), ("catseg-vit-l-14-336", 433_726_946, 70_270_177)],
 )
 def test_full_size_parameter_counts(preset, total, trainable):
     config = DiSaConfig.from_pretrained(PRESETS / preset)
@@ -287,5 +287,14 @@ def test_full_size_parameter_counts(preset, total, trainable):
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert (count, train) == (total, trainable)
     # CAT-Seg's figures, computed by hand in catseg-protocol.md section 1.10
-    approx = {"disa-vit-b-16": (154e6, 25.1e6), "disa-vit-l-14-336": (434e6, 70.3e6)}[preset]
+    approx = {"catseg-vit-b-16": (154e6, 25.1e6), "catseg-vit-l-14-336": (434e6, 70.3e6)}[preset]
     assert math.isclose(count, approx[0], rel_tol=0.01) and math.isclose(train, approx[1], rel_tol=0.01)
+
+
+def test_disa_vit_l_preset_is_within_3_percent_of_the_paper():
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-l-14-336")
+    with torch.device("meta"):
+        model = DiSaForOpenVocabSegmentation(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == 449_594_011
+    assert abs(count - 456.2e6) / 456.2e6 < 0.03  # the paper reports 456.2 M

@@ -1,7 +1,8 @@
 """Writes the model presets in this folder (run from the repository root: `python configuration/models/make_presets.py`).
 
-- `disa-vit-b-16`: openai/clip-vit-base-patch16 geometry, CLIP input 384 (CAT-Seg ViT-B recipe).
-- `disa-vit-l-14-336`: openai/clip-vit-large-patch14-336 geometry, CLIP input 336 (CAT-Seg ViT-L recipe).
+- `disa-vit-b-16`: openai/clip-vit-base-patch16 geometry, CLIP input 384, DiSa (SDM + HRM on).
+- `disa-vit-l-14-336`: openai/clip-vit-large-patch14-336 geometry, CLIP input 336, DiSa (SDM + HRM on).
+- `catseg-vit-b-16`, `catseg-vit-l-14-336`: the same with every DiSa switch off, i.e. exactly CAT-Seg.
 - `disa-tiny`: a tiny CLIP for tests and the offline demo, with a character-level CLIP tokenizer built locally and
   a processor saved beside the config, so `DiSaProcessor.from_pretrained` works offline.
 
@@ -98,8 +99,9 @@ def strip_remote_code(folder: Path) -> None:
 
 
 def main() -> None:
-    for name, values in (("disa-vit-b-16", VIT_B_16), ("disa-vit-l-14-336", VIT_L_14_336)):
-        DiSaConfig(**values).save_pretrained(HERE / name)
+    for name, values in (("vit-b-16", VIT_B_16), ("vit-l-14-336", VIT_L_14_336)):
+        DiSaConfig(**values).save_pretrained(HERE / f"catseg-{name}")
+        DiSaConfig(**values, use_sdm=True, use_hrm=True).save_pretrained(HERE / f"disa-{name}")
 
     tokenizer = char_level_clip_tokenizer()
     config = tiny_config(tokenizer)
@@ -117,7 +119,7 @@ def main() -> None:
         prompt_templates=list(config.prompt_templates),
     )
     processor.save_pretrained(HERE / "disa-tiny")
-    for folder in ("disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny"):
+    for folder in ("catseg-vit-b-16", "catseg-vit-l-14-336", "disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny"):
         strip_remote_code(HERE / folder)
 
 

@@ -1,0 +1,254 @@
+"""DiSa's SDM and HRM: closed-form saliency, foreground/background split, ablation switches, gradients, outputs."""
+
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
+from modeling_disa.class_aggregation import linear_attention
+from modeling_disa.losses import itm_loss
+from modeling_disa.routing import per_branch
+from modeling_disa.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
+from conftest import PRESETS, REPO
+
+NAMES = ["cat", "dog", "grass", "sky", "road", "tree"]
+
+
+def tiny(**overrides):
+    values = DiSaConfig.from_pretrained(PRESETS / "disa-tiny").to_dict()
+    for key in ("model_type", "transformers_version"):
+        values.pop(key, None)
+    values.update(overrides)
+    return DiSaConfig(**values)
+
+
+def build(**overrides):
+    torch.manual_seed(0)
+    return DiSaForOpenVocabSegmentation(tiny(**overrides))
+
+
+@pytest.mark.parametrize("target", ["predicted_logit", "predicted_probability"])
+def test_closed_form_gradient_equals_autograd_gradcam(target):
+    torch.manual_seed(0)
+    config = tiny(use_sdm=True, saliency_target=target)
+    block = DiSaITMCrossAttention(config).double()
+    queries = torch.randn(2, 5, config.projection_dim, dtype=torch.double)
+    tokens = torch.randn(2, 64, config.vision_config.hidden_size, dtype=torch.double)
+    query, attention, values = block.attention(queries, tokens)
+    leaf = attention.detach().requires_grad_(True)
+    logits, intermediates = block.itm_from_attention(leaf, values.detach(), query.detach())
+    score = logits if target == "predicted_logit" else torch.sigmoid(logits)
+    # s_t depends on A_t only, so the gradient of the sum gives every d s_t / d A_t at once
+    (autograd,) = torch.autograd.grad(score.sum(), leaf)
+    closed = block.itm_gradient_wrt_attention(values.detach(), intermediates)
+    if target == "predicted_probability":
+        p = torch.sigmoid(logits)
+        closed = closed * (p * (1 - p))[:, None, :, None]
+    torch.testing.assert_close(closed, autograd, rtol=1e-9, atol=1e-12)
+    gradcam_reference = (leaf * autograd.clamp_min(0)).mean(dim=1)
+    gradcam_closed = (attention * closed.clamp_min(0)).mean(dim=1)
+    torch.testing.assert_close(gradcam_closed, gradcam_reference)
+
+
+def test_model_saliency_equals_autograd_gradcam_and_runs_in_inference_mode(tiny_processor):
+    model = build(use_sdm=True, use_hrm=True).eval()
+    inputs = dict(tiny_processor(images=torch.zeros(3, 128, 128, dtype=torch.uint8), text=NAMES))
+    with torch.inference_mode():
+        out = model(**inputs, output_saliency=True)
+    assert out.saliency.shape == (1, len(NAMES), 8, 8)
+    # reference Grad-CAM with autograd on the same model
+    with torch.no_grad():
+        text = model.get_text_embeddings(inputs["input_ids"], inputs["attention_mask"])
+        from modeling_disa.clip_dense_features import dense_clip_features
+
+        feats = dense_clip_features(model.clip, inputs["pixel_values"], 128, [1, 2])
+        queries = F.normalize(F.normalize(text, dim=-1).mean(dim=1), dim=-1).unsqueeze(0)
+        query, attention, values = model.sdm.itm.attention(queries, feats.dense_tokens)
+    leaf = attention.clone().requires_grad_(True)
+    logits, _ = model.sdm.itm.itm_from_attention(leaf, values, query)
+    (grad,) = torch.autograd.grad(logits.sum(), leaf)
+    expected = (leaf * grad.clamp_min(0)).mean(dim=1).view(1, len(NAMES), 8, 8)
+    torch.testing.assert_close(out.saliency.clone(), expected.detach(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.itm_logits.clone(), logits.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_split_has_k_tokens_and_partitions_the_grid():
+    config = tiny(use_sdm=True)
+    saliency = torch.rand(3, 4, 64)
+    mask, k = foreground_split(saliency, config)
+    expected_k = round(64 * 96 / 576)
+    assert torch.all(k == expected_k) and torch.all(mask.sum(-1) == expected_k)
+    # foreground = the k most salient tokens: every foreground value >= every background value
+    fg_min = torch.where(mask, saliency, torch.inf).amin(-1)
+    bg_max = torch.where(~mask, saliency, -torch.inf).amax(-1)
+    assert torch.all(fg_min >= bg_max)
+    assert torch.all(mask.sum(-1) + (~mask).sum(-1) == 64)
+
+
+def test_explicit_k_of_96_on_the_full_grid():
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-b-16")
+    mask, k = foreground_split(torch.rand(1, 2, 576), config)
+    assert torch.all(mask.sum(-1) == 96)
+
+
+def test_adaptive_k_matches_the_mass_rule_and_stays_in_bounds():
+    config = tiny(use_sdm=True, foreground_topk_mode="adaptive", adaptive_saliency_mass=0.5,
+                  adaptive_min_ratio=4 / 64, adaptive_max_ratio=40 / 64)
+    torch.manual_seed(0)
+    peaked = torch.rand(2, 3, 64) ** 8  # a few dominant tokens
+    flat = torch.ones(1, 1, 64)
+    concentrated = torch.zeros(1, 1, 64)
+    concentrated[..., 0] = 1.0
+    for saliency in (peaked, flat, concentrated):
+        mask, k = foreground_split(saliency, config)
+        assert torch.all((k >= 4) & (k <= 40)) and torch.equal(mask.sum(-1), k)
+        for index in itertools.product(*(range(n) for n in k.shape)):
+            values = saliency[index].sort(descending=True).values
+            share = values.cumsum(0) / values.sum()
+            unclamped = int((share < 0.5).sum()) + 1  # smallest k holding half of the mass
+            assert int(k[index]) == min(max(unclamped, 4), 40)
+    assert int(foreground_split(flat, config)[1]) == 32
+    assert int(foreground_split(concentrated, config)[1]) == 4
+
+
+def test_per_branch_applies_each_branch_to_its_tokens():
+    torch.manual_seed(0)
+    fg, bg = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    x, y = torch.randn(2, 5, 4), torch.randn(2, 5, 2)
+    route = torch.rand(2, 5) > 0.5
+
+    def function(linear, a, b):
+        both = torch.cat([a, b], dim=-1)
+        return linear(both), both.sum(-1, keepdim=True)
+
+    out, total = per_branch(function, fg, bg, route, x, y)
+    both = torch.cat([x, y], dim=-1)
+    torch.testing.assert_close(out, torch.where(route[..., None], fg(both), bg(both)))
+    torch.testing.assert_close(total, both.sum(-1, keepdim=True))
+    torch.testing.assert_close(per_branch(function, fg, bg, None, x, y)[0], fg(both))
+
+
+def test_grouped_linear_attention_equals_attention_within_each_group():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
+    groups = torch.tensor([[True, False, True, True, False, False]])
+    out = linear_attention(q, k, v, 1e-6, groups)
+    for member in (groups[0], ~groups[0]):
+        idx = member.nonzero().squeeze(1)
+        alone = linear_attention(q[:, idx], k[:, idx], v[:, idx], 1e-6)
+        torch.testing.assert_close(out[:, idx], alone, rtol=1e-5, atol=1e-6)
+
+
+def parameter_names(model):
+    return {n: p.shape for n, p in model.named_parameters()}
+
+
+def test_all_switches_off_is_exactly_the_catseg_core():
+    base = parameter_names(build())
+    off = parameter_names(build(use_sdm=False, use_hrm=False, fusion="concat", hrm_stages=["pixel"]))
+    assert base == off
+
+
+@pytest.mark.parametrize(
+    "overrides, prefix",
+    [
+        (dict(use_sdm=True, fusion="sum"), ("sdm.itm.", "sdm.background_aggregator.")),
+        (dict(use_sdm=True, fusion="weighted"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.gate.")),
+        (dict(use_sdm=True, fusion="concat"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.projection.")),
+        (dict(use_hrm=True, hrm_stages=["pixel"]), ("hrm.aggregation.0.pixel.", "hrm.aggregation.1.pixel.", "hrm.decoder.0.pixel.", "hrm.decoder.1.pixel.")),
+        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False), ("hrm.aggregation.0.category.", "hrm.aggregation.1.category.")),
+        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False), ("hrm.decoder.0.channel.", "hrm.decoder.1.channel.")),
+    ],
+)
+def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
+    base = parameter_names(build())
+    switched = parameter_names(build(**overrides))
+    assert {n: s for n, s in switched.items() if n in base} == base  # the host is untouched
+    added = set(switched) - set(base)
+    assert added and all(n.startswith(prefix) for n in added)
+    assert {p for p in prefix if any(n.startswith(p) for n in added)} == set(prefix)
+    if "sdm.background_aggregator." in prefix:  # the background branch mirrors the host aggregator
+        mirrored = {n.removeprefix("sdm.background_") for n in added if n.startswith("sdm.background_")}
+        assert mirrored == {n for n in base if n.startswith("aggregator.")}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(use_sdm=True, use_hrm=True),
+        dict(use_sdm=True, use_hrm=True, branch_mode="masked", fusion="concat"),
+        dict(use_sdm=True, foreground_topk_mode="adaptive", saliency_source="attention", fusion="sum"),
+    ],
+)
+def test_every_new_parameter_gets_a_gradient(tiny_processor, overrides):
+    model = build(**overrides).train()
+    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
+    labels = torch.randint(0, len(NAMES), (2, 128, 128))
+    out = model(**inputs, labels=labels)
+    torch.testing.assert_close(out.loss, out.segmentation_loss + model.config.itm_loss_weight * out.itm_loss)
+    out.loss.backward()
+    new = [n for n, p in model.named_parameters() if n.startswith(("sdm.", "hrm."))]
+    missing = [n for n in new if model.get_parameter(n).grad is None or model.get_parameter(n).grad.abs().sum() == 0]
+    assert new and not missing, missing
+
+
+def test_itm_loss_matches_presence_computed_by_hand():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4)
+    labels = torch.tensor([[[0, 0], [2, 255]], [[3, 3], [3, 3]]])
+    presence = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])
+    manual = -(presence * torch.log(torch.sigmoid(logits)) + (1 - presence) * torch.log(1 - torch.sigmoid(logits))).mean()
+    torch.testing.assert_close(itm_loss(logits, labels, 255), manual)
+
+
+def test_saliency_outputs_have_documented_shapes(tiny_processor):
+    model = build(use_sdm=True).eval()
+    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
+    with torch.no_grad():
+        plain = model(**inputs)
+        out = model(**inputs, output_saliency=True)
+    assert plain.saliency is None and plain.foreground_mask is None and plain.itm_logits.shape == (2, len(NAMES))
+    assert out.saliency.shape == (2, len(NAMES), 8, 8) and out.saliency.dtype == torch.float32
+    assert out.foreground_mask.shape == (2, len(NAMES), 8, 8) and out.foreground_mask.dtype == torch.bool
+    assert torch.all(out.foreground_mask.sum((-2, -1)) == round(64 / 6))
+    torch.testing.assert_close(out.logits, plain.logits)
+
+
+def test_saliency_with_class_cap_scatters_back(tiny_processor):
+    model = build(use_sdm=True).eval()
+    names = [f"class {i}" for i in range(model.config.class_cap + 4)]
+    inputs = dict(tiny_processor(images=torch.rand(3, 128, 128), text=names))
+    with torch.no_grad():
+        out = model(**inputs, output_saliency=True)
+    dropped = sorted(set(range(len(names))) - set(out.class_indices[0].tolist()))
+    assert len(dropped) == 4
+    assert torch.all(out.itm_logits[0, dropped] == model.config.pruned_class_logit)
+    assert not out.foreground_mask[0, dropped].any() and torch.all(out.saliency[0, dropped] == 0)
+
+
+def test_save_load_round_trip_with_every_module(tmp_path, tiny_processor):
+    model = build(use_sdm=True, use_hrm=True, foreground_topk_mode="adaptive").eval()
+    model.save_pretrained(tmp_path)
+    again = DiSaForOpenVocabSegmentation.from_pretrained(tmp_path, dtype=torch.float32)
+    inputs = dict(tiny_processor(images=torch.rand(3, 128, 128), text=NAMES))
+    with torch.no_grad():
+        a, b = model(**inputs, output_saliency=True), again(**inputs, output_saliency=True)
+    state, reloaded = model.state_dict(), again.state_dict()
+    assert state.keys() == reloaded.keys() and all(torch.equal(state[k], reloaded[k]) for k in state)
+    # weights are bit-identical; outputs may differ in the last bits because BLAS kernels depend on the
+    # alignment of the (memory-mapped) loaded tensors
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.saliency, b.saliency, rtol=0, atol=1e-6)
+    assert torch.equal(a.foreground_mask, b.foreground_mask)
+
+
+def test_ablation_table_configs_build(tmp_path):
+    table = json.loads((REPO / "configuration" / "ablations.json").read_text())
+    assert table["rows"][0]["overrides"] == {}
+    counts = []
+    for row in table["rows"]:
+        counts.append(sum(p.numel() for p in build(**row["overrides"]).parameters()))
+    assert counts[0] < counts[-1]
