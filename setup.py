@@ -12,7 +12,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
 ]
 TRAIN = ["accelerate>=1.10", "datasets>=4.0", "pyyaml>=6", "tqdm>=4.66"]
-EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66"]
+EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10"]  # scipy: Pascal Context .mat files
 
 setup(
     name="modeling-disa",
@@ -23,6 +23,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=["modeling_disa"],
+    package_data={"modeling_disa": ["hub_metric/*/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "train": TRAIN,

@@ -1,0 +1,234 @@
+"""Benchmark definitions for open-vocabulary semantic segmentation (data, not code).
+
+The definitions live in ``configuration/benchmarks/<name>.json`` (class names exactly as CAT-Seg's
+``datasets/*.json``, label dtype, ignore value, evaluation rules, Hub config name, raw-release mapping).
+This module only loads them and applies the two rules that are not plain data:
+
+* prompt handling: a class entry may hold comma-separated synonyms (``"building, edifice"``); only the
+  first synonym is prompted, stripped of surrounding white space (``"bed "`` -> ``"bed"``);
+* prediction folding (PAS-20b): every predicted index ``>= fold.from`` becomes ``fold.to`` before scoring.
+
+Standalone on purpose: imports only the standard library, NumPy and (lazily) torch, never the model files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+# The six open-vocabulary benchmarks in the column order of the published tables.
+EVAL_BENCHMARKS: Tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
+TRAIN_BENCHMARKS: Tuple[str, ...] = ("coco_stuff171",)
+ALL_BENCHMARKS: Tuple[str, ...] = EVAL_BENCHMARKS + TRAIN_BENCHMARKS
+
+_ALIASES = {
+    "a847": "ade847", "ade20k847": "ade847", "ade847": "ade847",
+    "pc459": "pc459", "pascalcontext459": "pc459", "context459": "pc459",
+    "a150": "ade150", "ade20k150": "ade150", "ade150": "ade150", "ade20k": "ade150",
+    "pc59": "pc59", "pascalcontext59": "pc59", "context59": "pc59",
+    "voc20": "voc20", "pas20": "voc20", "pascalvoc20": "voc20", "voc": "voc20",
+    "voc20b": "voc20b", "pas20b": "voc20b", "pascalvoc20b": "voc20b",
+    "cocostuff171": "coco_stuff171", "cocostuff": "coco_stuff171", "coco171": "coco_stuff171",
+    "coco": "coco_stuff171",
+}
+
+
+class UnknownBenchmarkError(KeyError):
+    """Raised for a benchmark name that is not defined."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ClassListMismatchError(ValueError):
+    """Raised when a class list does not match the benchmark (or dataset) it is used with."""
+
+
+def benchmarks_dir() -> Path:
+    """Folder holding the ``<name>.json`` definitions (``$DISA_BENCHMARKS_DIR`` overrides)."""
+    env = os.environ.get("DISA_BENCHMARKS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configuration" / "benchmarks"
+
+
+def first_synonym(name: str, separator: str = ",") -> str:
+    """``"building, edifice"`` -> ``"building"``; ``"bed "`` -> ``"bed"``."""
+    return name.split(separator)[0].strip()
+
+
+def canonical_name(name: str) -> str:
+    """Map a user-facing benchmark name (``"A-847"``, ``"PAS-20b"``, ``"pc_59"``...) to its definition name."""
+    key = "".join(ch for ch in str(name).lower() if ch.isalnum())
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise UnknownBenchmarkError(
+        f"Unknown benchmark {name!r}. Known benchmarks: {', '.join(ALL_BENCHMARKS)} "
+        f"(aliases such as 'A-847', 'PC-459', 'A-150', 'PC-59', 'PAS-20', 'PAS-20b', 'coco-stuff' also work)."
+    )
+
+
+@dataclass(frozen=True)
+class BenchmarkDefinition:
+    name: str
+    display_name: str
+    short_name: str
+    hub_config: str
+    class_names: Tuple[str, ...]
+    label_dtype: str
+    ignore_index: int
+    split: str
+    num_images: int
+    miou_rule: str = "present_in_gt"
+    prediction_fold: Optional[Tuple[int, int]] = None
+    scored_class_names: Optional[Tuple[str, ...]] = None
+    synonym_separator: str = ","
+    class_names_source: str = ""
+    raw: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_classes(self) -> int:
+        """Number of prompted classes (model output channels), e.g. 59 for PAS-20b."""
+        return len(self.class_names)
+
+    @property
+    def num_scored_classes(self) -> int:
+        """Number of classes in the confusion matrix, e.g. 21 for PAS-20b."""
+        return len(self.scored_names)
+
+    @property
+    def scored_names(self) -> Tuple[str, ...]:
+        if self.scored_class_names is not None:
+            return self.scored_class_names
+        return tuple(first_synonym(n, self.synonym_separator) for n in self.class_names)
+
+    @property
+    def prompt_names(self) -> List[str]:
+        """Names that go into the prompt template (first synonym of each class)."""
+        return [first_synonym(n, self.synonym_separator) for n in self.class_names]
+
+    @property
+    def numpy_label_dtype(self) -> np.dtype:
+        return np.dtype(self.label_dtype)
+
+    def prompts(self, template: str = "A photo of a {} in the scene") -> List[str]:
+        return [template.format(n) for n in self.prompt_names]
+
+    # ------------------------------------------------------------------ rules
+    def fold_predictions(self, pred):
+        """Apply the prediction fold (PAS-20b: index >= 20 -> 20). Works on NumPy arrays and torch tensors."""
+        if self.prediction_fold is None:
+            return pred
+        start, to = self.prediction_fold
+        if isinstance(pred, np.ndarray):
+            return np.where(pred >= start, np.asarray(to, dtype=pred.dtype), pred)
+        import torch
+
+        return torch.where(pred >= start, torch.as_tensor(to, dtype=pred.dtype, device=pred.device), pred)
+
+    def check_class_names(self, names: Sequence[str], what: str = "class list") -> None:
+        """Raise :class:`ClassListMismatchError` unless ``names`` equals this benchmark's class list.
+
+        Entries may be given either verbatim (with synonyms) or as prompt names (first synonym).
+        """
+        names = list(names)
+        if names == list(self.class_names) or [first_synonym(n) for n in names] == self.prompt_names:
+            return
+        if len(names) != self.num_classes:
+            raise ClassListMismatchError(
+                f"{what} has {len(names)} classes but benchmark {self.name!r} has {self.num_classes}."
+            )
+        mine = self.prompt_names
+        bad = [(i, n, m) for i, (n, m) in enumerate(zip(names, mine)) if first_synonym(n) != m]
+        shown = ", ".join(f"#{i}: {n!r} != {m!r}" for i, n, m in bad[:5])
+        raise ClassListMismatchError(
+            f"{what} does not match benchmark {self.name!r}: {len(bad)} of {len(names)} names differ ({shown}"
+            f"{', ...' if len(bad) > 5 else ''})."
+        )
+
+    def to_metadata(self) -> Dict[str, Any]:
+        """Label conventions as a JSON-able dict (written into the prepared dataset's metadata)."""
+        return {
+            "benchmark": self.name,
+            "display_name": self.display_name,
+            "num_classes": self.num_classes,
+            "num_scored_classes": self.num_scored_classes,
+            "class_names": list(self.class_names),
+            "label_dtype": self.label_dtype,
+            "ignore_index": self.ignore_index,
+            "miou_rule": self.miou_rule,
+            "prediction_fold": list(self.prediction_fold) if self.prediction_fold else None,
+            "scored_class_names": list(self.scored_names),
+            "class_names_source": self.class_names_source,
+        }
+
+
+def _from_json(data: Dict[str, Any]) -> BenchmarkDefinition:
+    ev = data.get("eval") or {}
+    fold = ev.get("prediction_fold")
+    prompt = data.get("prompt") or {}
+    sep = (prompt.get("synonym_separator") or ",").strip() or ","
+    definition = BenchmarkDefinition(
+        name=data["name"],
+        display_name=data.get("display_name", data["name"]),
+        short_name=data.get("short_name", data["name"]),
+        hub_config=data.get("hub_config", data["name"]),
+        class_names=tuple(data["class_names"]),
+        label_dtype=data["label_dtype"],
+        ignore_index=int(data["ignore_index"]),
+        split=data.get("split", "validation"),
+        num_images=int(data.get("num_images", 0)),
+        miou_rule=ev.get("miou_rule", "present_in_gt"),
+        prediction_fold=(int(fold["from"]), int(fold["to"])) if fold else None,
+        scored_class_names=tuple(ev["scored_class_names"]) if ev.get("scored_class_names") else None,
+        synonym_separator=sep,
+        class_names_source=data.get("class_names_source", ""),
+        raw=data.get("raw") or {},
+    )
+    if "num_classes" in data and int(data["num_classes"]) != definition.num_classes:
+        raise ValueError(
+            f"Benchmark file for {definition.name!r} says num_classes={data['num_classes']} "
+            f"but lists {definition.num_classes} class names."
+        )
+    info = np.iinfo(definition.numpy_label_dtype)
+    if not (definition.num_scored_classes <= definition.ignore_index <= info.max):
+        raise ValueError(f"Benchmark {definition.name!r}: ignore_index {definition.ignore_index} is not a free "
+                         f"{definition.label_dtype} value above the class ids.")
+    return definition
+
+
+_CACHE: Dict[str, BenchmarkDefinition] = {}
+
+
+def load_benchmark(name_or_path: Union[str, os.PathLike]) -> BenchmarkDefinition:
+    """Load a definition by name/alias (``"ade847"``, ``"A-847"``) or from a ``.json`` path."""
+    path = Path(name_or_path)
+    if str(name_or_path).endswith(".json") and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            return _from_json(json.load(f))
+    name = canonical_name(str(name_or_path))
+    key = f"{benchmarks_dir()}::{name}"
+    if key not in _CACHE:
+        file = benchmarks_dir() / f"{name}.json"
+        if not file.is_file():
+            raise UnknownBenchmarkError(f"Benchmark {name!r} has no definition file at {file}.")
+        with open(file, encoding="utf-8") as f:
+            _CACHE[key] = _from_json(json.load(f))
+    return _CACHE[key]
+
+
+def list_benchmarks() -> List[str]:
+    return list(ALL_BENCHMARKS)
+
+
+__all__ = [
+    "ALL_BENCHMARKS", "EVAL_BENCHMARKS", "TRAIN_BENCHMARKS", "BenchmarkDefinition", "ClassListMismatchError",
+    "UnknownBenchmarkError", "benchmarks_dir", "canonical_name", "first_synonym", "list_benchmarks",
+    "load_benchmark",
+]

@@ -1,0 +1,101 @@
+"""End-to-end CLI on a random disa-tiny model and a prepared synthetic benchmark folder; bad inputs."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "training"))
+import evaluate_benchmarks as cli  # noqa: E402
+import prepare_datasets as prep  # noqa: E402
+
+TINY = ROOT / "configuration" / "models" / "disa-tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
+
+    out = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained(TINY)).eval()
+    model.save_pretrained(out)
+    DiSaProcessor.from_pretrained(TINY).save_pretrained(out)
+    return out, model
+
+
+@pytest.fixture(scope="module")
+def voc_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw") / "VOC2012"
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").mkdir(); (root / "SegmentationClass").mkdir()
+    rng = np.random.default_rng(0)
+    ids = ["a1", "a2"]
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids))
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / f"JPEGImages/{i}.jpg")
+        lab = rng.integers(0, 21, (24, 32)).astype(np.uint8); lab[0] = 255
+        im = Image.new("P", (32, 24)); im.putdata(lab.flatten().tolist()); im.putpalette(list(range(256)) * 3)
+        im.save(root / f"SegmentationClass/{i}.png")
+    out = tmp_path_factory.mktemp("prepared")
+    prep.convert("voc20", root, out)
+    prep.convert("voc20b", root, out)
+    return out
+
+
+def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_path):
+    model_dir, model = tiny_model
+    args = ["--model", str(model_dir), "--benchmarks", "voc20", "PAS-20b", "--data-dir", str(voc_data),
+            "--warp-size", "64", "--window-size", "48", "--stride", "16", "--short-side", "0",
+            "--output", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
+            "--model-index", str(tmp_path / "mi.yaml")]
+    out = cli.main(args)
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert set(res) == {"voc20", "voc20b"} and 0 <= res["voc20"]["mIoU"] <= 100
+    assert len(res["voc20b"]["per_class_iou"]) == 21 and "background" in res["voc20b"]["per_class_iou"]
+    assert "PAS-20b" in (tmp_path / "r.md").read_text()
+    assert "model-index" in (tmp_path / "mi.yaml").read_text()
+    # independent recomputation for voc20: NumPy confusion counts over the predictions of the same pipeline
+    from modeling_disa import DiSaProcessor
+    from modeling_disa.benchmarks import load_benchmark
+    from modeling_disa.inference import predict_segmentation
+
+    proc = DiSaProcessor.from_pretrained(model_dir)
+    m = type(model).from_pretrained(model_dir).eval()
+    tok = proc.tokenize_class_names(load_benchmark("voc20").prompt_names)
+    te = m.get_text_embeddings(tok["input_ids"], tok["attention_mask"])
+    ds = prep.load_prepared(voc_data, "voc20")["validation"]
+    inter = np.zeros(20); union = np.zeros(20); gt_any = np.zeros(20, bool)
+    for ex in ds:
+        lab = np.array(ex["label"]).astype(np.int64)
+        pix = cli.to_pixel_values(ex["image"], proc.image_processor.image_mean, proc.image_processor.image_std, "cpu")
+        pred = predict_segmentation(m, pix, te, short_side=None, warp_size=64, window_size=48, stride=16)[0].numpy()
+        v = lab != 255
+        for c in range(20):
+            pc, gc = (pred == c) & v, (lab == c) & v
+            inter[c] += (pc & gc).sum(); union[c] += (pc | gc).sum(); gt_any[c] |= gc.any()
+    expected = 100 * np.mean(inter[gt_any] / union[gt_any])
+    assert res["voc20"]["mIoU"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
+    model_dir, _ = tiny_model
+    with pytest.raises(KeyError, match="Unknown benchmark"):
+        cli.main(["--model", str(model_dir), "--benchmarks", "ade-9000", "--data-dir", str(voc_data)])
+    # a dataset whose recorded class list does not match the benchmark
+    meta_file = voc_data / "data/voc20/metadata.json"
+    meta = json.loads(meta_file.read_text()); saved = dict(meta)
+    meta["class_names"] = meta["class_names"][::-1]
+    meta_file.write_text(json.dumps(meta))
+    try:
+        with pytest.raises(ValueError, match="does not match benchmark"):
+            cli.main(["--model", str(model_dir), "--benchmarks", "voc20", "--data-dir", str(voc_data),
+                      "--warp-size", "64", "--window-size", "48", "--stride", "16", "--short-side", "0"])
+    finally:
+        meta_file.write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match="prepare_datasets"):
+        cli.main(["--model", str(model_dir), "--benchmarks", "ade150", "--data-dir", str(voc_data)])

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Evaluate a DiSa model on the open-vocabulary benchmarks (CAT-Seg protocol) -> JSON + Markdown (+ model-index).
+
+    python training/evaluate_benchmarks.py --model org/disa-vit-b-16 \
+        --benchmarks ade847 pc459 ade150 pc59 voc20 voc20b --data-dir /data/disa-benchmarks \
+        --output results/disa-b.json --markdown results/disa-b.md --model-index results/model-index.yaml
+
+Data source: ``--data-dir`` (a folder written by training/prepare_datasets.py) or ``--hub-dataset REPO`` (the same
+layout on the Hub, one config per benchmark). Inference: ``--mode sliding`` (published protocol: warp 640,
+384 windows, stride 256, global view) or ``whole``; ``--dtype bf16`` runs the model under autocast. mIoU uses one
+confusion matrix over the whole split, averaged over classes present in the ground truth
+(``--miou-rule present_in_gt_or_pred`` for the other rule). Under ``accelerate launch`` each process takes every
+n-th image and the matrices are summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeling_disa.benchmarks import EVAL_BENCHMARKS, ClassListMismatchError, load_benchmark  # noqa: E402
+from modeling_disa.inference import predict_segmentation  # noqa: E402
+from modeling_disa.metrics import RULES, SegmentationConfusionMatrix, results_table_row  # noqa: E402
+
+
+def load_split(bench, data_dir: Optional[Path], hub_dataset: Optional[str], split: Optional[str]):
+    import datasets
+
+    split = split or ("validation" if bench.split != "train+validation" else "validation")
+    if data_dir is not None:
+        folder = Path(data_dir) / "data" / bench.hub_config
+        meta_file = folder / "metadata.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found: prepare it with training/prepare_datasets.py {bench.name}.")
+        meta = json.loads(meta_file.read_text())
+        files = sorted(str(p) for p in folder.glob(f"{split}-*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"No {split} parquet files in {folder}.")
+        ds = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+    else:
+        ds = datasets.load_dataset(hub_dataset, bench.hub_config, split=split)
+        meta = None
+    if meta is not None:
+        bench.check_class_names(meta["class_names"], what=f"dataset {bench.hub_config} class list")
+        if int(meta["ignore_index"]) != bench.ignore_index:
+            raise ClassListMismatchError(f"dataset ignore value {meta['ignore_index']} != benchmark {bench.ignore_index}")
+    return ds
+
+
+def to_pixel_values(image, mean, std, device) -> torch.Tensor:
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return x[None].to(device)
+
+
+def evaluate_benchmark(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> Dict:
+    names = bench.prompt_names
+    tok = processor.tokenize_class_names(names) if hasattr(processor, "tokenize_class_names") else processor(text=names)
+    with torch.no_grad():
+        text_embeds = model.get_text_embeddings(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+    mean = getattr(processor.image_processor, "image_mean", [0.48145466, 0.4578275, 0.40821073])
+    std = getattr(processor.image_processor, "image_std", [0.26862954, 0.26130258, 0.27577711])
+    cm = SegmentationConfusionMatrix.from_benchmark(bench, device=device)
+    n = len(ds) if args.max_images is None else min(len(ds), args.max_images)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    start = time.perf_counter()
+    for i in range(rank, n, world):
+        ex = ds[i]
+        label = torch.from_numpy(np.array(ex["label"]).astype(np.int64)).to(device)
+        pix = to_pixel_values(ex["image"], mean, std, device)
+        seg = predict_segmentation(model, pix, text_embeds, mode=args.mode, short_side=args.short_side or None,
+                                   output_size=tuple(label.shape), warp_size=args.warp_size,
+                                   window_size=args.window_size, stride=args.stride, batch_size=args.views_per_batch,
+                                   autocast_dtype=dtype)
+        cm.update(seg[0], label)
+    cm.reduce(reduce_fn)
+    res = cm.compute(rule=args.miou_rule)
+    row = results_table_row(res, bench.scored_names)
+    row.update({"benchmark": bench.name, "display_name": bench.display_name, "short_name": bench.short_name,
+                "num_images": n, "num_classes": bench.num_classes, "miou_rule": args.miou_rule,
+                "seconds": round(time.perf_counter() - start, 2)})
+    return row
+
+
+def markdown_table(model_name: str, rows: List[Dict]) -> str:
+    head = "| model | " + " | ".join(r["short_name"] for r in rows) + " |"
+    sep = "|---|" + "---|" * len(rows)
+    vals = f"| {model_name} | " + " | ".join(f"{r['mIoU']:.1f}" for r in rows) + " |"
+    return "\n".join([head, sep, vals]) + "\n"
+
+
+def model_index(model_name: str, rows: List[Dict], dataset_repo: Optional[str]) -> List[Dict]:
+    results = []
+    for r in rows:
+        results.append({
+            "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
+            "dataset": {"type": dataset_repo or r["benchmark"], "name": r["display_name"], "config": r["benchmark"],
+                        "split": "validation"},
+            "metrics": [{"type": "mean_iou", "value": round(r["mIoU"], 2), "name": "mIoU"}],
+        })
+    return [{"name": model_name, "results": results}]
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or Hub id")
+    p.add_argument("--benchmarks", nargs="+", default=list(EVAL_BENCHMARKS))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", type=Path, help="folder written by training/prepare_datasets.py")
+    src.add_argument("--hub-dataset", help="Hub dataset repo with one config per benchmark")
+    p.add_argument("--split", default=None)
+    p.add_argument("--mode", choices=["sliding", "whole"], default="sliding")
+    p.add_argument("--short-side", type=int, default=640, help="0 disables the test-mapper resize")
+    p.add_argument("--warp-size", type=int, default=640)
+    p.add_argument("--window-size", type=int, default=384)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--views-per-batch", type=int, default=None, help="model batch size in views (default: all 5)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--miou-rule", choices=list(RULES), default="present_in_gt")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--output", type=Path, default=None, help="JSON results")
+    p.add_argument("--markdown", type=Path, default=None, help="Markdown table")
+    p.add_argument("--model-index", type=Path, default=None, help="write model-index results (JSON or .yaml)")
+    args = p.parse_args(argv)
+
+    benches = [load_benchmark(b) for b in args.benchmarks]  # unknown names fail here, before loading anything
+
+    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
+
+    accelerator = None
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank, world = state.process_index, state.num_processes
+        device = torch.device(args.device) if args.device else state.device
+    except Exception:  # pragma: no cover
+        rank, world = 0, 1
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    reduce_fn = None
+    if world > 1:
+        from accelerate.utils import reduce as acc_reduce
+
+        reduce_fn = lambda t: acc_reduce(t, reduction="sum")  # noqa: E731
+
+    model = DiSaForOpenVocabSegmentation.from_pretrained(args.model).to(device).eval()
+    processor = DiSaProcessor.from_pretrained(args.model)
+    rows = []
+    for bench in benches:
+        ds = load_split(bench, args.data_dir, args.hub_dataset, args.split)
+        row = evaluate_benchmark(model, processor, bench, ds, args, device, rank, world, reduce_fn)
+        rows.append(row)
+        if rank == 0:
+            print(f"{bench.display_name}: mIoU {row['mIoU']:.2f} ({row['num_images']} images, {row['seconds']} s)")
+    out = {"model": args.model, "protocol": {"mode": args.mode, "short_side": args.short_side, "warp_size": args.warp_size,
+                                             "window_size": args.window_size, "stride": args.stride, "dtype": args.dtype,
+                                             "miou_rule": args.miou_rule},
+           "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                       "device": str(device), "world_size": world},
+           "results": {r["benchmark"]: r for r in rows}}
+    if rank == 0:
+        table = markdown_table(Path(args.model).name if os.path.isdir(args.model) else args.model, rows)
+        print(table)
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(out, indent=1) + "\n")
+        if args.markdown:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(table)
+        if args.model_index:
+            mi = model_index(Path(args.model).name, rows, args.hub_dataset)
+            args.model_index.parent.mkdir(parents=True, exist_ok=True)
+            if args.model_index.suffix in (".yaml", ".yml"):
+                import yaml
+
+                args.model_index.write_text(yaml.safe_dump({"model-index": mi}, sort_keys=False))
+            else:
+                args.model_index.write_text(json.dumps({"model-index": mi}, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

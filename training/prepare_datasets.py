@@ -1,0 +1,390 @@
+#!/usr/bin/env python
+"""Convert the official raw releases of the OVSS benchmarks into `datasets` parquet, one config per benchmark.
+
+    python training/prepare_datasets.py ade150 --raw-root /data/ADEChallengeData2016 --output /data/disa-benchmarks
+    python training/prepare_datasets.py ade847 --raw-root /data/ADE20K_2021_17_01 --output ...
+    python training/prepare_datasets.py pc59   --raw-root /data/VOCdevkit/VOC2010  --output ...   (trainval_merged.json)
+    python training/prepare_datasets.py pc459  --raw-root /data/VOCdevkit/VOC2010  --output ...   (trainval/*.mat, scipy)
+    python training/prepare_datasets.py voc20  --raw-root /data/VOCdevkit/VOC2012  --output ...   (also voc20b)
+    python training/prepare_datasets.py coco_stuff171 --raw-root /data/coco-stuff --output ...
+
+Output layout (a Hub dataset repo, one config per benchmark)::
+
+    <output>/README.md                                    YAML `configs:` + label conventions
+    <output>/data/<config>/<split>-00000-of-0000N.parquet columns: image (Image), label (Image), image_id (string)
+    <output>/data/<config>/metadata.json                  label conventions (dtype, ignore value, class names, rules)
+
+Every config is written into a temporary folder next to its destination and renamed into place (atomic per
+config). ``--push-to-hub REPO`` uploads the config with ``DatasetDict.push_to_hub(REPO, config_name=...)``.
+Label conventions follow CAT-Seg's detectron2 preparation scripts (see configuration/benchmarks/*.json, "raw").
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeling_disa.benchmarks import BenchmarkDefinition, load_benchmark  # noqa: E402
+
+Example = Dict[str, object]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _file_image(path: Path) -> Dict[str, object]:
+    """Original encoded bytes (no re-encoding of JPEGs)."""
+    return {"bytes": Path(path).read_bytes(), "path": None}
+
+
+def _lut(mapping: Dict[int, int], size: int, default: int, dtype) -> np.ndarray:
+    lut = np.full(size, default, dtype=dtype)
+    for src, dst in mapping.items():
+        if 0 <= src < size:
+            lut[src] = dst
+    return lut
+
+
+def _read_palette_indices(path: Path) -> np.ndarray:
+    img = Image.open(path)
+    if img.mode not in ("P", "L", "I;16", "I"):
+        raise ValueError(f"{path}: expected an indexed/greyscale label PNG, got mode {img.mode}.")
+    return np.array(img)
+
+
+def _label_image(label: np.ndarray, bench: BenchmarkDefinition) -> Image.Image:
+    arr = label.astype(bench.numpy_label_dtype, copy=False)
+    return Image.fromarray(arr)  # uint8 -> "L", uint16 -> "I;16" (PNG keeps 16 bits)
+
+
+# ----------------------------------------------------------------------------------------------- COCO RLE
+def rle_counts_from_string(s: str) -> List[int]:
+    """Decode COCO's compressed RLE string (5-bit groups with continuation bit, deltas after the 2nd count)."""
+    counts: List[int] = []
+    pos = 0
+    data = s.encode("ascii") if isinstance(s, str) else s
+    while pos < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            c = data[pos] - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and (c & 0x10):
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
+
+def rle_decode(segmentation: Dict[str, object]) -> np.ndarray:
+    """COCO RLE (compressed string or list counts) -> (H, W) uint8 mask. Runs are column-major, starting with 0s."""
+    h, w = segmentation["size"]
+    counts = segmentation["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = rle_counts_from_string(counts)
+    flat = np.zeros(h * w, dtype=np.uint8)
+    pos, val = 0, 0
+    for n in counts:
+        if val:
+            flat[pos:pos + n] = 1
+        pos += n
+        val ^= 1
+    if pos != h * w:
+        raise ValueError(f"RLE covers {pos} pixels, expected {h * w}.")
+    return flat.reshape(w, h).T
+
+
+# ----------------------------------------------------------------------------------------------- converters
+def iter_ade150(root: Path, bench: BenchmarkDefinition) -> Iterator[Tuple[str, Example]]:
+    img_dir, ann_dir = root / "images" / "validation", root / "annotations" / "validation"
+    if not ann_dir.is_dir():
+        raise FileNotFoundError(f"{ann_dir} not found: --raw-root must be the ADEChallengeData2016 folder.")
+    for ann in sorted(ann_dir.glob("*.png")):
+        raw = np.array(Image.open(ann))
+        if raw.dtype != np.uint8:
+            raise ValueError(f"{ann}: expected 8-bit annotations, got {raw.dtype}.")
+        label = (raw.astype(np.int16) - 1)
+        label[label < 0] = bench.ignore_index  # 0 (other) -> 255, k -> k-1
+        yield "validation", {"image": _file_image(img_dir / (ann.stem + ".jpg")), "label": _label_image(label, bench),
+                             "image_id": ann.stem}
+
+
+def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) -> Tuple[np.ndarray, np.ndarray]:
+    """detectron2/Mask2Former ADE-full rule: short side > max_size -> max_size; image bilinear (cv2 INTER_LINEAR
+    equivalent: half-pixel centres, no antialias), label nearest (floor(dst * scale), as cv2 INTER_NEAREST)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = img.shape[:2]
+    if w >= h > max_size:
+        nh, nw = max_size, round(w / float(h) * max_size)
+    elif h >= w > max_size:
+        nh, nw = round(h / float(w) * max_size), max_size
+    else:
+        return img, lab
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+    img = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    y = torch.from_numpy(lab.astype(np.int64))[None, None].float()
+    lab = F.interpolate(y, size=(nh, nw), mode="nearest")[0, 0].long().numpy()
+    return img, lab
+
+
+def iter_ade847(root: Path, bench: BenchmarkDefinition) -> Iterator[Tuple[str, Example]]:
+    # The release's index_ade20k.pkl is a pickle; the validation images are found by walking the folder instead,
+    # so no pickle is ever loaded.
+    val_root = root / "images" / "ADE" / "validation"
+    if not val_root.is_dir():
+        raise FileNotFoundError(f"{val_root} not found: --raw-root must be the ADE20K_2021_17_01 folder.")
+    source_ids = bench.raw["source_ids"]
+    lut = _lut({sid: i for i, sid in enumerate(source_ids)}, 1 << 16, bench.ignore_index, np.uint16)
+    images = sorted(val_root.rglob("ADE_val_*.jpg"))
+    if not images:
+        raise FileNotFoundError(f"no ADE_val_*.jpg images under {val_root}.")
+    for img_path in images:
+        seg = np.array(Image.open(img_path.with_name(img_path.stem + "_seg.png")).convert("RGB"))
+        class_mask = (seg[..., 0].astype(np.int32) // 10) * 256 + seg[..., 1].astype(np.int32)
+        img = np.array(Image.open(img_path).convert("RGB"))
+        img, class_mask = _resize_short_side(img, class_mask, 512)
+        label = lut[class_mask]
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG")  # PIL default quality, as the detectron2 script
+        yield "validation", {"image": {"bytes": buf.getvalue(), "path": None}, "label": _label_image(label, bench),
+                             "image_id": img_path.stem}
+
+
+def _voc2010(root: Path) -> Path:
+    for c in (root, root / "VOC2010", root / "VOCdevkit" / "VOC2010"):
+        if (c / "JPEGImages").is_dir():
+            return c
+    raise FileNotFoundError(f"No VOC2010 folder with JPEGImages/ under {root}.")
+
+
+def iter_pc59(root: Path, bench: BenchmarkDefinition, annotations: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
+    voc = _voc2010(root)
+    ann_file = annotations or voc / "trainval_merged.json"
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"{ann_file} not found (the Pascal Context 59 'trainval_merged.json').")
+    data = json.loads(ann_file.read_text())
+    images = {d["image_id"]: d for d in data["images"] if d.get("phase") == "val"}
+    annos: Dict[int, list] = {}
+    for a in data["annos_segmentation"]:
+        if a["image_id"] in images:
+            annos.setdefault(a["image_id"], []).append(a)
+    lut = _lut({sid: i for i, sid in enumerate(bench.raw["source_ids"])}, 1 << 16, bench.ignore_index, np.uint8)
+    for image_id in sorted(images, key=lambda i: images[i]["file_name"]):
+        info = images[image_id]
+        full = np.zeros((info["height"], info["width"]), dtype=np.int64)  # 0 = background
+        for a in annos.get(image_id, []):  # painted in file order, later annotations win
+            full[rle_decode(a["segmentation"]) > 0] = a["category_id"]
+        yield "validation", {"image": _file_image(voc / "JPEGImages" / info["file_name"]),
+                             "label": _label_image(lut[full], bench), "image_id": Path(info["file_name"]).stem}
+
+
+def iter_pc459(root: Path, bench: BenchmarkDefinition, val_list: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
+    try:
+        import scipy.io
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("pc459 needs scipy to read the Pascal Context .mat files: pip install scipy") from e
+    voc = _voc2010(root)
+    val_list = val_list or voc / "pascalcontext_val.txt"
+    if not val_list.is_file():
+        raise FileNotFoundError(f"{val_list} not found (CAT-Seg's datasets/pascalcontext_val.txt, 5104 ids).")
+    for line in val_list.read_text().split():
+        mat = voc / "trainval" / f"{line}.mat"
+        if not mat.is_file():
+            continue  # CAT-Seg skips ids without labels
+        label_map = scipy.io.loadmat(mat)["LabelMap"].astype(np.int64)
+        if label_map.min() < 1 or label_map.max() > bench.num_classes:
+            raise ValueError(f"{mat}: LabelMap values outside [1, {bench.num_classes}].")
+        yield "validation", {"image": _file_image(voc / "JPEGImages" / f"{line}.jpg"),
+                             "label": _label_image(label_map - 1, bench), "image_id": line}
+
+
+def _iter_voc(root: Path, bench: BenchmarkDefinition, background: Optional[int]) -> Iterator[Tuple[str, Example]]:
+    voc = next((c for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012") if (c / "JPEGImages").is_dir()), None)
+    if voc is None:
+        raise FileNotFoundError(f"No VOC2012 folder with JPEGImages/ under {root}.")
+    ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    mapping = {k: k - 1 for k in range(1, 21)}
+    mapping[0] = bench.ignore_index if background is None else background
+    lut = _lut(mapping, 256, bench.ignore_index, np.uint8)
+    for i in ids:
+        ann = voc / "SegmentationClassAug" / f"{i}.png"
+        if not ann.is_file():
+            ann = voc / "SegmentationClass" / f"{i}.png"
+        label = lut[_read_palette_indices(ann)]
+        if np.all(label == bench.ignore_index):
+            continue  # CAT-Seg drops maps without a scored pixel
+        yield "validation", {"image": _file_image(voc / "JPEGImages" / f"{i}.jpg"), "label": _label_image(label, bench),
+                             "image_id": i}
+
+
+def iter_voc20(root, bench):
+    return _iter_voc(root, bench, None)
+
+
+def iter_voc20b(root, bench):
+    return _iter_voc(root, bench, 20)
+
+
+def iter_coco_stuff171(root: Path, bench: BenchmarkDefinition, splits=("train", "validation")) -> Iterator[Tuple[str, Example]]:
+    lut = _lut({sid: i for i, sid in enumerate(bench.raw["source_ids"])}, 256, bench.ignore_index, np.uint8)
+    for split, sub in (("train", "train2017"), ("validation", "val2017")):
+        if split not in splits:
+            continue
+        ann_dir = root / "annotations" / sub
+        if not ann_dir.is_dir():
+            raise FileNotFoundError(f"{ann_dir} not found: expected coco-stuff/{{images,annotations}}/{sub}.")
+        for ann in sorted(ann_dir.glob("*.png")):
+            yield split, {"image": _file_image(root / "images" / sub / (ann.stem + ".jpg")),
+                          "label": _label_image(lut[np.array(Image.open(ann))], bench), "image_id": ann.stem}
+
+
+CONVERTERS: Dict[str, Callable] = {
+    "ade150": iter_ade150, "ade847": iter_ade847, "pc59": iter_pc59, "pc459": iter_pc459,
+    "voc20": iter_voc20, "voc20b": iter_voc20b, "coco_stuff171": iter_coco_stuff171,
+}
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def features_for(bench: BenchmarkDefinition):
+    import datasets
+
+    return datasets.Features({"image": datasets.Image(), "label": datasets.Image(), "image_id": datasets.Value("string")})
+
+
+def _write_readme(output: Path) -> None:
+    configs = sorted(p.name for p in (output / "data").iterdir() if p.is_dir() and not p.name.startswith("."))
+    lines = ["---", "configs:"]
+    body = ["", "# DiSa open-vocabulary segmentation benchmarks", "",
+            "Converted with `training/prepare_datasets.py` from the official raw releases. Columns: `image`, "
+            "`label` (PNG; 16-bit for 16-bit benchmarks), `image_id`.", "",
+            "| config | classes | label dtype | ignore | splits |", "|---|---|---|---|---|"]
+    for c in configs:
+        meta = json.loads((output / "data" / c / "metadata.json").read_text())
+        lines += [f"- config_name: {c}", "  data_files:"]
+        for split in meta["splits"]:
+            lines += [f"  - split: {split}", f"    path: data/{c}/{split}-*.parquet"]
+        body.append(f"| {c} | {meta['num_classes']} | {meta['label_dtype']} | {meta['ignore_index']} | "
+                    f"{', '.join(f'{s} ({n})' for s, n in meta['splits'].items())} |")
+    (output / "README.md").write_text("\n".join(lines + ["---"] + body) + "\n")
+
+
+def convert(name: str, raw_root: Path, output: Path, max_images: Optional[int] = None, shard_size: int = 1000,
+            push_to_hub: Optional[str] = None, **kwargs) -> Path:
+    import datasets
+
+    bench = load_benchmark(name)
+    raw_root, output = Path(raw_root), Path(output)
+    (output / "data").mkdir(parents=True, exist_ok=True)
+    final = output / "data" / bench.hub_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bench.hub_config}-", dir=output / "data"))
+    try:
+        by_split: Dict[str, List[Example]] = {}
+        counts: Dict[str, int] = {}
+        written: Dict[str, List[Path]] = {}
+
+        def flush(split: str, final_flush: bool = False) -> None:
+            rows = by_split.get(split) or []
+            if not rows:
+                return
+            ds = datasets.Dataset.from_list(rows, features=features_for(bench))
+            part = len(written.setdefault(split, []))
+            path = tmp / f"{split}-{part:05d}.parquet"
+            ds.to_parquet(str(path))
+            written[split].append(path)
+            by_split[split] = []
+
+        for split, ex in CONVERTERS[name](raw_root, bench, **kwargs):
+            if max_images is not None and counts.get(split, 0) >= max_images:
+                continue
+            by_split.setdefault(split, []).append(ex)
+            counts[split] = counts.get(split, 0) + 1
+            if len(by_split[split]) >= shard_size:
+                flush(split)
+        for split in list(by_split):
+            flush(split)
+        if not counts:
+            raise RuntimeError(f"No examples found for {name} under {raw_root}.")
+        for split, paths in written.items():  # rename to the Hub's <split>-XXXXX-of-YYYYY convention
+            for i, p in enumerate(paths):
+                p.rename(tmp / f"{split}-{i:05d}-of-{len(paths):05d}.parquet")
+        meta = bench.to_metadata()
+        meta.update({"splits": counts, "columns": {"image": "Image", "label": f"Image ({bench.label_dtype} PNG)",
+                                                    "image_id": "string"},
+                     "label_rule": bench.raw.get("label_rule"), "raw_release": bench.raw.get("release")})
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_readme(output)
+    if push_to_hub:
+        dd = load_prepared(output, name)
+        dd.push_to_hub(push_to_hub, config_name=bench.hub_config)
+    return final
+
+
+def load_prepared(output: Path, name: str):
+    """Load a prepared config back as a ``DatasetDict`` (offline, from the local folder)."""
+    import datasets
+
+    bench = load_benchmark(name)
+    folder = Path(output) / "data" / bench.hub_config
+    meta = json.loads((folder / "metadata.json").read_text())
+    files = {s: sorted(str(p) for p in folder.glob(f"{s}-*.parquet")) for s in meta["splits"]}
+    dd = datasets.load_dataset("parquet", data_files=files)
+    return datasets.DatasetDict({s: d.cast(features_for(bench)) for s, d in dd.items()})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=sorted(CONVERTERS) + ["all"])
+    parser.add_argument("--raw-root", type=Path, required=True,
+                        help="raw release folder (for 'all': a folder holding ADEChallengeData2016, ADE20K_2021_17_01, "
+                             "VOCdevkit/VOC2010, VOCdevkit/VOC2012, coco-stuff)")
+    parser.add_argument("--output", type=Path, required=True, help="dataset repo folder to write")
+    parser.add_argument("--max-images", type=int, default=None, help="per split, for quick checks")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per parquet file")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the config(s) to this repo")
+    parser.add_argument("--pc59-annotations", type=Path, default=None, help="trainval_merged.json (default VOC2010/)")
+    parser.add_argument("--pc459-val-list", type=Path, default=None, help="pascalcontext_val.txt (default VOC2010/)")
+    args = parser.parse_args(argv)
+    names = sorted(CONVERTERS) if args.benchmark == "all" else [args.benchmark]
+    sub = {"ade150": "ADEChallengeData2016", "ade847": "ADE20K_2021_17_01", "pc59": "VOCdevkit/VOC2010",
+           "pc459": "VOCdevkit/VOC2010", "voc20": "VOCdevkit/VOC2012", "voc20b": "VOCdevkit/VOC2012",
+           "coco_stuff171": "coco-stuff"}
+    for name in names:
+        root = args.raw_root / sub[name] if args.benchmark == "all" else args.raw_root
+        extra = {}
+        if name == "pc59" and args.pc59_annotations:
+            extra["annotations"] = args.pc59_annotations
+        if name == "pc459" and args.pc459_val_list:
+            extra["val_list"] = args.pc459_val_list
+        path = convert(name, root, args.output, args.max_images, args.shard_size, args.push_to_hub, **extra)
+        print(f"{name}: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
