@@ -1,0 +1,291 @@
+"""End-to-end tests of training/train.py on the disa-tiny preset (CPU, seconds per run).
+
+- a tiny run on a parquet folder writes a loadable save_pretrained folder, checkpoints, metrics;
+- the same from in-memory `datasets` objects, with bad-input errors (missing column, class list mismatch,
+  labels out of range, empty split, output dir holding another run) and the counted skip of a corrupted image;
+- a run SIGKILLed mid-epoch (and one killed while writing a checkpoint) and resumed with
+  `--resume_from_checkpoint latest` ends bit-identical to an uninterrupted run;
+- a 2-process CPU run (`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`) gives the same validation metrics as
+  a 1-process run with the same global batch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import datasets  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+TRAIN = os.path.join(REPO, "training", "train.py")
+TINY = os.path.join(REPO, "configuration", "training", "tiny_test.yaml")
+CLASSES = ["red", "green", "blue", "yellow"]
+PALETTE = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]], np.uint8)
+
+def make_split(n, seed, label_dtype=np.uint8, ignore=255, max_class=4):
+    rng = np.random.default_rng(seed)
+    imgs, labs = [], []
+    for _ in range(n):
+        h, w = int(rng.integers(56, 90)), int(rng.integers(56, 90))
+        grid = rng.integers(0, max_class, size=(h // 16 + 1, w // 16 + 1))
+        lab = np.kron(grid, np.ones((16, 16), np.int64))[:h, :w].astype(label_dtype)
+        lab[:4] = ignore
+        img = PALETTE[np.where(lab == ignore, 0, lab) % 4] + rng.integers(0, 20, (h, w, 3)).astype(np.uint8)
+        imgs.append(Image.fromarray(img))
+        labs.append(Image.fromarray(lab))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": imgs, "label": labs}, features=feats)
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pq")
+    make_split(8, 0).to_parquet(str(d / "train-00000-of-00001.parquet"))
+    make_split(5, 1).to_parquet(str(d / "validation-00000-of-00001.parquet"))
+    return str(d)
+
+
+def env():
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+             TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
+    e.pop("DISA_TRAIN_FAULT", None)
+    return e
+
+
+def run(args, tmp, fault=None, nproc=1, check=True):
+    e = env()
+    if fault:
+        e["DISA_TRAIN_FAULT"] = fault
+    if nproc == 1:
+        cmd = [sys.executable, TRAIN]
+    else:
+        e["ACCELERATE_USE_CPU"] = "true"
+        port = str(29500 + os.getpid() % 1000)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", port, TRAIN]
+    cmd += ["--config", TINY, "--class_names", *CLASSES, "--cache_dir", str(tmp / "cache"), *args]
+    proc = subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def results(out):
+    with open(os.path.join(out, "all_results.json")) as fh:
+        return json.load(fh)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_run(parquet_dir, tmp_path_factory):
+    """Uninterrupted run: 6 optimiser steps, accumulation 2 (2 steps per 8-sample epoch), checkpoint every step."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = str(tmp / "out")
+    run(["--dataset_name", parquet_dir, "--output_dir", out, "--gradient_accumulation_steps", "2",
+         "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"], tmp)
+    return out
+
+
+def test_end_to_end_parquet_run(reference_run):
+    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
+
+    res = results(reference_run)
+    assert res["completed_steps"] == 6 and res["class_names"] == CLASSES
+    assert 0.0 <= res["eval_mIoU"] <= 100.0 and res["eval_num_pixels"] > 0
+    ckpts = sorted(os.listdir(os.path.join(reference_run, "checkpoints")))
+    assert ckpts == ["step_5", "step_6"]  # keep the last K=2, no temporary folder left
+    model = DiSaForOpenVocabSegmentation.from_pretrained(reference_run)
+    assert model.config.id2label == dict(enumerate(CLASSES))
+    proc = DiSaProcessor.from_pretrained(reference_run)
+    assert proc.tokenizer is not None
+    # the final model equals the last checkpoint's weights
+    last = load_file(os.path.join(reference_run, "checkpoints", "step_6", "model.safetensors"))
+    final = weights(reference_run)
+    assert all(torch.equal(final[k], last[k]) for k in last)
+    # the training log has one loss per step
+    log = [json.loads(line) for line in open(os.path.join(reference_run, "log.jsonl"))]
+    assert [entry["step"] for entry in log if "train/loss" in entry] == [1, 2, 3, 4, 5, 6]
+    # Q/V-only CLIP fine-tuning: rebuild the run's initial weights (same seed) and compare
+    from accelerate.utils import set_seed
+
+    from modeling_disa import DiSaConfig
+
+    set_seed(0)
+    preset = os.path.join(REPO, "configuration", "models", "disa-tiny")
+    init = DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained(preset, ignore_index=255)).state_dict()
+    moved = {k for k in final if k in init and not torch.equal(final[k], init[k])}
+    clip_moved = {k for k in moved if k.startswith("clip.")}
+    assert clip_moved and all(k.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")) for k in clip_moved)
+    assert any(k.startswith("clip.text_model.") for k in clip_moved)  # both encoders train
+    assert any(not k.startswith("clip.") for k in moved)  # the head trains
+
+
+@pytest.mark.parametrize("fault,expect_latest", [("kill_after_step:4", "step_3"), ("kill_during_save:3", "step_2")])
+def test_killed_run_resumes_bit_identical(reference_run, parquet_dir, tmp_path, fault, expect_latest):
+    out = str(tmp_path / "out")
+    args = ["--dataset_name", parquet_dir, "--output_dir", out, "--gradient_accumulation_steps", "2",
+            "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
+    if fault.startswith("kill_after_step"):
+        args[-3] = "3"  # checkpoint every 3 steps: step 3 is mid-epoch (epoch 1, 2 of 4 batches in)
+    killed = run(args, tmp_path, fault=fault, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    root = os.path.join(out, "checkpoints")
+    published = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    if fault.startswith("kill_during_save"):
+        # the interrupted checkpoint was never published: only a hidden temporary folder exists
+        assert ".tmp-step_3" in os.listdir(root) and "step_3" not in published
+    latest = expect_latest
+    assert published[-1] == latest
+    with open(os.path.join(root, latest, "training_state.json")) as fh:
+        state = json.load(fh)
+    if latest == "step_3":
+        assert state["epoch"] == 1 and state["batches_in_epoch"] == 2  # a mid-epoch resume
+    # a fresh run into the same folder is refused; resuming is accepted
+    refused = run(["--dataset_name", parquet_dir, "--output_dir", out], tmp_path, check=False)
+    assert refused.returncode != 0 and "holds another run" in refused.stderr
+    run(args + ["--resume_from_checkpoint", "latest"], tmp_path)
+    assert not any(n.startswith(".tmp-") for n in os.listdir(root))
+    ref, got = weights(reference_run), weights(out)
+    assert ref.keys() == got.keys()
+    diff = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+    assert results(out)["eval_mIoU"] == results(reference_run)["eval_mIoU"]
+
+
+def test_two_process_cpu_run_matches_one_process(parquet_dir, tmp_path):
+    common = ["--dataset_name", parquet_dir, "--max_train_steps", "2", "--checkpointing_steps", "0",
+              "--eval_before_training", "--eval_steps", "1"]
+    one = str(tmp_path / "one")
+    two = str(tmp_path / "two")
+    run(common + ["--output_dir", one, "--per_device_train_batch_size", "2"], tmp_path)
+    run(common + ["--output_dir", two, "--per_device_train_batch_size", "1"], tmp_path, nproc=2)
+
+    def evals(out):
+        return [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if "eval/mIoU" in line]
+
+    e1, e2 = evals(one), evals(two)
+    assert [e["step"] for e in e1] == [e["step"] for e in e2] == [0, 1, 2]
+    # same weights before training: metrics identical, and all 5 validation images counted exactly once
+    # (5 images, batch 2 per process: gather_for_metrics drops the padded duplicate)
+    assert e1[0]["eval/num_pixels"] == e2[0]["eval/num_pixels"] == results(one)["eval_num_pixels"]
+    assert e1[0]["eval/mIoU"] == e2[0]["eval/mIoU"]
+    assert e1[0]["eval/per_class_iou"] == e2[0]["eval/per_class_iou"]
+    # after 2 steps with the same global batch (2 x 1 vs 1 x 2): DDP gradient averaging differs only by rounding,
+    # so the weights agree to 1e-5 (below). The random tiny model's class logits are nearly tied, so such rounding
+    # can flip the argmax of a few pixels: the metrics agree to 2 points, not bit for bit.
+    for a, b in zip(e1[1:], e2[1:]):
+        assert abs(a["eval/mIoU"] - b["eval/mIoU"]) < 2e-2
+        assert abs(a["eval/pixel_accuracy"] - b["eval/pixel_accuracy"]) < 2e-2
+    # Adam divides by sqrt(v): where a gradient is near zero, its rounding difference moves the update by a
+    # sizeable fraction of the learning rate, so the tolerance is half of one step (lr 2e-4 here).
+    w1, w2 = weights(one), weights(two)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4, rtol=1e-4) for k in w1)
+
+
+# ---------------------------------------------------------------------------------------- in-process, in-memory
+
+
+def main_in_process(args, tmp_path, train_ds, eval_ds=None):
+    from training import train
+
+    argv = ["--config", TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
+            "--checkpointing_steps", "0", *args]
+    return train.main(argv, train_dataset=train_ds, eval_dataset=eval_ds)
+
+
+def test_in_memory_dataset_and_skip_counting(tmp_path):
+    from training import data as D
+
+    ds = make_split(6, 3)
+    rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
+    rows["image"][1] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
+    broken = datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(decode=False), "label": datasets.Image()}))
+    with pytest.raises(D.BadSampleError, match="image cannot be decoded"):
+        main_in_process(["--class_names", *CLASSES], tmp_path / "a", broken)
+    res = main_in_process(["--class_names", *CLASSES, "--on_bad_sample", "skip",
+                           "--max_bad_sample_fraction", "0.5"], tmp_path / "b", broken, make_split(3, 4))
+    assert res["completed_steps"] == 2 and res["skipped_samples"] >= 1
+    assert 0 < res["eval_num_pixels"] < 3 * 64 * 64
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    from training import data as D
+
+    good = make_split(4, 5)
+    with pytest.raises(D.DataError, match=r"missing column\(s\) \['annotation'\]"):
+        main_in_process(["--class_names", *CLASSES, "--label_column", "annotation"], tmp_path / "a", good)
+    with pytest.raises(D.DataError, match="empty"):
+        main_in_process(["--class_names", *CLASSES], tmp_path / "b", good.select([]))
+    with pytest.raises(D.BadSampleError, match=r"outside \[0, 2\)"):
+        main_in_process(["--class_names", "red", "green"], tmp_path / "c", good)
+    with_names = good.add_column("category", [0] * 4).cast_column(
+        "category", datasets.ClassLabel(names=["red", "green", "blue", "cyan"]))
+    with pytest.raises(D.DataError, match="disagrees"):
+        main_in_process(["--class_names", *CLASSES, "--class_names_feature", "category"], tmp_path / "d", with_names)
+    # class names from the dataset features when the recipe gives none
+    res = main_in_process(["--class_names_feature", "category"], tmp_path / "e", with_names)
+    assert res["class_names"] == ["red", "green", "blue", "cyan"]
+    # 16-bit labels with the 65535 ignore value train fine; with ignore 255 they are refused
+    ds16 = make_split(4, 6, label_dtype=np.uint16, ignore=65535)
+    res = main_in_process(["--class_names", *CLASSES, "--ignore_index", "65535"], tmp_path / "f", ds16)
+    assert res["completed_steps"] == 2
+    with pytest.raises(D.BadSampleError, match="not the ignore value 255"):
+        main_in_process(["--class_names", *CLASSES], tmp_path / "g", ds16)
+    # an output dir holding another run
+    with pytest.raises(SystemExit, match="holds another run"):
+        main_in_process(["--class_names", *CLASSES], tmp_path / "f", good)
+    # unknown recipe keys and bad values are rejected before anything runs
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("learning_rte: 1.0\n")
+    from training import train
+
+    with pytest.raises(SystemExit, match="unknown recipe field"):
+        train.parse_args(["--config", str(bad_yaml), "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="mixed_precision"):
+        train.parse_args(["--config", TINY, "--output_dir", str(tmp_path), "--mixed_precision", "fp8"])
+
+
+def test_streaming_from_save_to_disk_folder(tmp_path):
+    folder = str(tmp_path / "disk")
+    datasets.DatasetDict({"train": make_split(6, 7), "validation": make_split(3, 8)}).save_to_disk(folder)
+    from training import train
+
+    res = train.main(["--config", TINY, "--output_dir", str(tmp_path / "out"), "--dataset_name", folder,
+                      "--streaming", "--max_train_steps", "4", "--checkpointing_steps", "2", "--class_names", *CLASSES])
+    assert res["completed_steps"] == 4 and 0 < res["eval_num_pixels"] < 3 * 64 * 64  # 3 images, ignore rows excluded
+
+
+def test_recipes_parse_and_cli_overrides(tmp_path):
+    from training import train
+
+    for name in ("catseg_coco_stuff_vitb", "catseg_coco_stuff_vitl", "tiny_test"):
+        r = train.parse_args(["--config", os.path.join(REPO, "configuration", "training", f"{name}.yaml"),
+                              "--output_dir", str(tmp_path)])
+        assert r.learning_rate == 2e-4 and r.clip_lr_multiplier == 0.01 and r.max_grad_norm == 0.01
+    r = train.parse_args(["--config", TINY, "--output_dir", str(tmp_path), "--learning_rate", "1e-3",
+                          "--photometric_distortion", "false", "--class_names", "a", "b", "--max_eval_samples", "none"])
+    assert r.learning_rate == 1e-3 and r.photometric_distortion is False and r.class_names == ["a", "b"]
+    vitb = train.parse_args(["--config", os.path.join(REPO, "configuration", "training", "catseg_coco_stuff_vitb.yaml"),
+                             "--output_dir", str(tmp_path)])
+    assert (vitb.crop_size, vitb.max_train_steps, vitb.lr_scheduler_type, vitb.num_warmup_steps) == (
+        384, 80000, "cosine", 0)
+    help_text = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, env=env()).stdout
+    for name in train.RECIPE_FIELDS:
+        assert f"--{name}" in help_text

@@ -1,0 +1,296 @@
+"""Tests of training/data.py: augmentation keeps image and label aligned, ignore values survive, the photometric
+distortion behaves, datasets loading (in memory, parquet, save_to_disk) and bad-input errors."""
+
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets  # noqa: E402
+
+from training import data as D  # noqa: E402
+
+# 8 well-separated colours; class k is painted with PALETTE[k]
+PALETTE = np.array(
+    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255], [128, 64, 0], [0, 0, 0]],
+    dtype=np.uint8,
+)
+
+
+def blocky_label(h, w, block, num_classes, seed, ignore=None, dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, num_classes, size=(h // block + 1, w // block + 1))
+    lab = np.kron(grid, np.ones((block, block), dtype=np.int64))[:h, :w].astype(dtype)
+    if ignore is not None:
+        lab[: h // 5, :] = ignore  # a band of ignore pixels
+    return lab
+
+
+def paint(label, ignore):
+    img = PALETTE[np.where(label == ignore, 7, label).astype(np.int64) % 7]
+    return np.ascontiguousarray(img)
+
+
+def denorm(pixel_values, mean=D.OPENAI_CLIP_MEAN, std=D.OPENAI_CLIP_STD):
+    arr = pixel_values.numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+    return arr * 255.0
+
+
+def interior_mask(label, r=2):
+    """Pixels whose (2r+1)^2 neighbourhood has one label (no bilinear blending at block borders); the r-pixel frame
+    of the crop is excluded too (its colour was blended with pixels outside the crop)."""
+    lab = label.astype(np.int64)
+    p = np.pad(lab, r, mode="constant", constant_values=-1)
+    same = np.ones_like(lab, dtype=bool)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            same &= p[dy : dy + lab.shape[0], dx : dx + lab.shape[1]] == lab
+    return same
+
+
+@pytest.mark.parametrize("ignore,dtype", [(255, np.uint8), (65535, np.uint16)])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_train_transform_keeps_image_and_label_aligned(ignore, dtype, seed):
+    h, w = 150, 230  # not square, short side resized up to 96 then cropped to 64 (random offset + flip)
+    label = blocky_label(h, w, 20, 7, seed, ignore=ignore, dtype=dtype)
+    image = paint(label, ignore)
+    tf = D.TrainTransform(crop_size=64, resize_short_side=96, max_long_side=1333, photometric=False,
+                          hflip_prob=0.5, ignore_index=ignore)
+    for k in range(6):
+        rng = np.random.default_rng([seed, k])
+        pv, lab = tf(image, label, rng)
+        assert pv.shape == (3, 64, 64) and pv.dtype == torch.float32
+        assert lab.shape == (64, 64) and lab.dtype == torch.int64
+        lab = lab.numpy()
+        values = set(np.unique(lab).tolist())
+        assert values <= set(range(7)) | {ignore}, values  # nearest: no interpolated label values
+        rgb = denorm(pv)
+        inner = interior_mask(lab)
+        assert inner.mean() > 0.25
+        expected = paint(lab, ignore).astype(np.float64)
+        err = np.abs(rgb - expected)[inner]
+        # the colour under every interior pixel is its class colour (a one-pixel shift would give errors ~255;
+        # PIL's antialiased bilinear downscale blends a few levels near block corners)
+        assert err.max() < 16.0, err.max()
+        assert np.median(err) < 0.01
+    # the ignore band survives resizing (nearest) with its exact value
+    label_full = blocky_label(h, w, 12, 7, seed, ignore=ignore, dtype=dtype)
+    r = D.resize_label_nearest(label_full, 96, 147)
+    assert r.dtype == label_full.dtype and (r == ignore).any()
+
+
+def test_flip_and_crop_really_happen():
+    label = blocky_label(100, 100, 10, 7, 0)
+    image = paint(label, 255)
+    tf = D.TrainTransform(crop_size=50, resize_short_side=100, photometric=False, hflip_prob=0.5)
+    crops = {tf(image, label, np.random.default_rng(s))[1].numpy().tobytes() for s in range(10)}
+    assert len(crops) > 5  # different offsets / flips
+    tf_noflip = D.TrainTransform(crop_size=50, resize_short_side=100, photometric=False, hflip_prob=0.0)
+    tf_flip = D.TrainTransform(crop_size=50, resize_short_side=100, photometric=False, hflip_prob=1.0)
+    # with the same rng stream, the crop offset is the same; flip=1 must mirror it exactly
+    a = tf_noflip(image, label, np.random.default_rng(5))
+    b = tf_flip(image, label, np.random.default_rng(5))
+    assert torch.equal(a[1].flip(-1), b[1]) and torch.allclose(a[0].flip(-1), b[0])
+
+
+def test_small_image_is_padded_with_ignore():
+    label = blocky_label(40, 300, 8, 7, 0)
+    image = paint(label, 255)
+    # short side 40 -> 48, long side capped at 100 -> scale by 100/300: 13 x 100; crop 64 -> pad
+    tf = D.TrainTransform(crop_size=64, resize_short_side=48, max_long_side=100, photometric=False, hflip_prob=0)
+    pv, lab = tf(image, label, np.random.default_rng(0))
+    assert pv.shape == (3, 64, 64) and lab.shape == (64, 64)
+    assert (lab[13:, :] == 255).all() and (lab[:, :] != 255).any()
+    assert torch.all(pv[:, 13:, :] == 0)
+
+
+def test_short_side_arithmetic_matches_detectron2():
+    assert D.short_side_size(480, 640, 384, 1333) == (384, 512)
+    assert D.short_side_size(100, 2000, 384, 1333) == (67, 1333)
+
+
+def test_photometric_distortion_ranges_and_label_untouched():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    outs = [D.photometric_distortion(img, np.random.default_rng(s)) for s in range(40)]
+    assert all(o.dtype == np.uint8 and o.shape == img.shape for o in outs)
+    changed = sum(not np.array_equal(o, img) for o in outs)
+    assert 30 <= changed <= 40  # P(no op at all) = 1/16
+    # brightness only: the mean moves by at most 32
+    only_b = D.photometric_distortion(img, np.random.default_rng(1), contrast_range=(1, 1),
+                                      saturation_range=(1, 1), hue_delta=0, prob=1.0)
+    assert abs(only_b.astype(float).mean() - img.astype(float).mean()) <= 32.5
+    # HSV round trip is the identity
+    f = img.astype(np.float64)
+    assert np.allclose(D.hsv_to_rgb(D.rgb_to_hsv(f)), f, atol=1e-6)
+    # a hue shift of a full turn is the identity; gray pixels have no hue
+    hsv = D.rgb_to_hsv(f)
+    hsv[..., 0] += 360
+    assert np.allclose(D.hsv_to_rgb(hsv), f, atol=1e-6)
+    # label is never passed to the photometric step: with photometric on, labels equal the photometric-off labels
+    label = blocky_label(32, 48, 8, 7, 0)
+    a = D.TrainTransform(crop_size=24, resize_short_side=32, photometric=True)(img, label, np.random.default_rng(3))
+    b = D.TrainTransform(crop_size=24, resize_short_side=32, photometric=False)(img, label, np.random.default_rng(3))
+    assert a[1].shape == b[1].shape
+
+
+def test_eval_transform_and_reduce_labels():
+    label = blocky_label(50, 70, 10, 7, 0, ignore=255)
+    image = paint(label, 255)
+    pv, lab = D.EvalTransform(size=32)(image, label)
+    assert pv.shape == (3, 32, 32) and lab.shape == (32, 32)
+    red = D.reduce_label_values(np.array([[0, 1, 2, 255]]), 255)
+    assert red.tolist() == [[255, 0, 1, 255]]
+
+
+# ------------------------------------------------------------------ datasets and bad input
+
+
+def make_ds(n=6, size=(40, 56), num_classes=5, ignore=255, label_dtype=np.uint8, class_label=False):
+    imgs, labs = [], []
+    for i in range(n):
+        lab = blocky_label(*size, 8, num_classes, i, ignore=ignore, dtype=label_dtype)
+        labs.append(Image.fromarray(lab))
+        imgs.append(Image.fromarray(paint(lab, ignore)))
+    feats = {"image": datasets.Image(), "annotation": datasets.Image()}
+    data = {"image": imgs, "annotation": labs}
+    if class_label:
+        feats["category"] = datasets.ClassLabel(names=[f"c{k}" for k in range(num_classes)])
+        data["category"] = [0] * n
+    return datasets.Dataset.from_dict(data, features=datasets.Features(feats))
+
+
+def preparer(num_classes=5, ignore=255, transform=None, **kw):
+    return D.SamplePreparer("image", "annotation", num_classes, ignore,
+                            transform or D.EvalTransform(size=32), **kw)
+
+
+def test_dataset_wrapper_is_deterministic_and_shuffles_per_epoch():
+    ds = D.disable_image_decoding(make_ds(8), ["image", "annotation"])
+    tf = D.TrainTransform(crop_size=24, resize_short_side=32)
+    w = D.SegmentationDataset(ds, preparer(transform=tf), seed=3, shuffle=True)
+    a = [w[i]["labels"] for i in range(8)]
+    w2 = D.SegmentationDataset(ds, preparer(transform=tf), seed=3, shuffle=True)
+    b = [w2[i]["labels"] for i in reversed(range(8))][::-1]  # access order does not matter
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    perm0 = w._perm.copy()
+    w.set_epoch(1)
+    assert not np.array_equal(perm0, w._perm)
+    batch = D.collate_segmentation([w[0], w[1]])
+    assert batch["pixel_values"].shape == (2, 3, 24, 24) and batch["num_skipped"].tolist() == [0, 0]
+
+
+def test_load_parquet_folder_and_save_to_disk(tmp_path):
+    ds = make_ds(4)
+    pq = tmp_path / "pq"
+    pq.mkdir()
+    ds.to_parquet(str(pq / "train-00000-of-00001.parquet"))
+    ds.select(range(2)).to_parquet(str(pq / "validation-00000-of-00001.parquet"))
+    splits = D.load_raw_splits(str(pq), cache_dir=str(tmp_path / "cache"))
+    assert len(splits["train"]) == 4 and len(splits["validation"]) == 2
+    disk = tmp_path / "disk"
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(1))}).save_to_disk(str(disk))
+    splits = D.load_raw_splits(str(disk))
+    assert len(splits["train"]) == 4 and len(splits["validation"]) == 1
+    streamed = D.load_raw_splits(str(disk), streaming=True)
+    assert isinstance(streamed["train"], datasets.IterableDataset)
+    w = D.StreamingSegmentationDataset(D.disable_image_decoding(streamed["train"], ["image", "annotation"]),
+                                       preparer())
+    assert len(list(w)) == 4
+    with pytest.raises(D.DataError, match="split 'test' not found"):
+        D.load_raw_splits(str(disk), validation_split="test")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(D.DataError, match="neither parquet"):
+        D.load_raw_splits(str(empty))
+
+
+def test_missing_columns_are_named():
+    ds = make_ds(2)
+    with pytest.raises(D.DataError, match=r"missing column\(s\) \['label'\]"):
+        D.check_columns(ds, "image", "label")
+    with pytest.raises(D.DataError, match=r"\['img', 'label'\]"):
+        D.check_columns(ds, "img", "label")
+    D.check_columns(ds, "image", "annotation")
+
+
+def test_empty_dataset_errors():
+    with pytest.raises(D.DataError, match="empty"):
+        D.check_not_empty(make_ds(2).select([]), "train")
+
+
+def corrupt_ds():
+    ds = make_ds(4)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(buf, format="PNG")
+    rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
+    rows["image"][2] = {"bytes": buf.getvalue()[:40], "path": None}  # truncated PNG
+    return datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(decode=False), "annotation": datasets.Image()}))
+
+
+def test_corrupted_image_errors_or_is_counted_when_skipped():
+    ds = D.disable_image_decoding(corrupt_ds(), ["image", "annotation"])
+    w = D.SegmentationDataset(ds, preparer(), on_bad_sample="error")
+    w[1]
+    with pytest.raises(D.BadSampleError, match="index 2: image cannot be decoded"):
+        w[2]
+    w = D.SegmentationDataset(ds, preparer(), on_bad_sample="skip")
+    item = w[2]
+    assert item["num_skipped"] == 1 and torch.equal(item["labels"], w[3]["labels"])
+    with pytest.raises(D.DataError, match="bad samples skipped"):
+        D.check_bad_fraction(num_skipped=11, num_seen=20, max_fraction=0.1)
+    D.check_bad_fraction(num_skipped=1, num_seen=20, max_fraction=0.1)
+
+
+def test_label_values_out_of_range_error():
+    ds = D.disable_image_decoding(make_ds(2, num_classes=5), ["image", "annotation"])
+    w = D.SegmentationDataset(ds, preparer(num_classes=3))  # labels go up to 4
+    with pytest.raises(D.BadSampleError, match=r"outside \[0, 3\) and are not the ignore value 255"):
+        w[0]
+    # 16-bit labels keep their 65535 ignore value through decoding, resizing and checking
+    ds16 = D.disable_image_decoding(make_ds(2, num_classes=5, ignore=65535, label_dtype=np.uint16),
+                                    ["image", "annotation"])
+    item = D.SegmentationDataset(ds16, preparer(num_classes=5, ignore=65535))[0]
+    assert (item["labels"] == 65535).any() and item["labels"].max() == 65535
+    with pytest.raises(D.BadSampleError, match="not the ignore value 255"):
+        D.SegmentationDataset(ds16, preparer(num_classes=5, ignore=255))[0]
+
+
+def test_colour_label_and_size_mismatch_are_bad_samples():
+    lab_rgb = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(D.BadSampleError, match="colour image"):
+        D.decode_label(lab_rgb, 0)
+    p = preparer()
+    row = {"image": Image.fromarray(np.zeros((8, 8, 3), np.uint8)), "annotation": Image.fromarray(np.zeros((9, 8), np.uint8))}
+    with pytest.raises(D.BadSampleError, match="label map is"):
+        p(row, 0, np.random.default_rng(0))
+
+
+def test_class_names_resolution(tmp_path):
+    ds = make_ds(2, class_label=True)
+    from_ds = D.class_names_from_features(ds, "annotation", "category")
+    assert from_ds == ["c0", "c1", "c2", "c3", "c4"]
+    assert D.resolve_class_names(None, from_ds) == from_ds
+    assert D.resolve_class_names(["c0", "c1", "c2", "c3", "c4"], from_ds) == from_ds
+    with pytest.raises(D.DataError, match="disagrees"):
+        D.resolve_class_names(["c0", "x", "c2", "c3", "c4"], from_ds)
+    with pytest.raises(D.DataError, match="no class names"):
+        D.resolve_class_names(None, None)
+    with pytest.raises(D.DataError, match="duplicate"):
+        D.resolve_class_names(["a", "a"], None)
+    f = tmp_path / "id2label.json"
+    f.write_text(json.dumps({"1": "b", "0": "a"}))
+    assert D.read_class_names(str(f)) == ["a", "b"]
+    g = tmp_path / "names.txt"
+    g.write_text("wall\nsky, heaven\n")
+    assert D.read_class_names([str(g)]) == ["wall", "sky, heaven"]

@@ -1,0 +1,668 @@
+"""Data pipeline for DiSa training: loading with `datasets`, column and class checks, CAT-Seg augmentation.
+
+Everything here is PIL / NumPy / torch only (no torchvision, no OpenCV), and nothing here imports `modeling_disa`.
+
+Order of use (as in `training/train.py`):
+1. `load_raw_splits`      - a Hub dataset id, a local parquet/arrow folder, or a `save_to_disk` folder.
+2. `check_columns`        - the image and label columns exist (missing ones are named).
+3. `resolve_class_names`  - from the recipe (list or JSON file) and/or the dataset features; disagreements raise.
+4. `TrainTransform` / `EvalTransform` - CAT-Seg augmentation (short-side resize, random crop, SSD photometric
+   distortion, horizontal flip) and the fast whole-image eval resize; labels are always resized nearest.
+5. `SegmentationDataset` / `StreamingSegmentationDataset` - per-sample deterministic randomness
+   (seed, epoch, position), a per-epoch shuffle that is a pure function of (seed, epoch), and the bad-sample policy.
+6. `collate_segmentation` - stacks a batch and sums the number of skipped bad samples.
+
+Bad samples (undecodable image, label map of another size, colour label map, label value >= number of classes
+that is not the ignore value) raise `BadSampleError` naming the dataset index. With `on_bad_sample="skip"` the
+sample is replaced by the next good one, the skip is counted (reported by the training loop), and more than
+`max_bad_fraction` of skipped samples still raises: training never goes on silently over garbage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+# OpenAI CLIP normalisation (0-1 units). The training script passes the processor's own values when it has them.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DataError(ValueError):
+    """A dataset-level problem (missing column, empty split, class list mismatch, ...)."""
+
+
+class BadSampleError(ValueError):
+    """One sample cannot be used for training (see the module docstring)."""
+
+    def __init__(self, index: Any, reason: str | None = None):
+        # one-argument form: DataLoader workers re-raise exceptions as `type(exc)(message)`
+        super().__init__(index if reason is None else f"bad sample at dataset index {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_save_to_disk_folder(path: str) -> bool:
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
+    )
+
+
+def load_raw_splits(
+    dataset_name: str,
+    dataset_config_name: str | None = None,
+    train_split: str | None = "train",
+    validation_split: str | None = "validation",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """Return {"train": ds or None, "validation": ds or None}.
+
+    `dataset_name` may be a Hub id (`org/name`), a local folder of parquet/arrow files (split names taken from the
+    file or folder names, as `datasets` infers them), or a folder written by `save_to_disk` (`load_from_disk`).
+    When the validation split is missing and `validation_fraction` > 0, it is carved out of train
+    (`train_test_split`, seeded), as HF's example scripts do.
+    """
+    import datasets
+
+    wanted = {"train": train_split, "validation": validation_split}
+    if _is_save_to_disk_folder(dataset_name):
+        loaded = datasets.load_from_disk(dataset_name)
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({train_split or "train": loaded})
+        if streaming:
+            loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
+    else:
+        if os.path.isdir(dataset_name) and not any(
+            f.endswith((".parquet", ".arrow")) for _, _, files in os.walk(dataset_name) for f in files
+        ):
+            raise DataError(
+                f"{dataset_name!r} is a folder but holds neither parquet/arrow files nor a save_to_disk dataset"
+            )
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, streaming=streaming)
+    available = list(loaded.keys())
+    out = {}
+    for role, split in wanted.items():
+        if split is None:
+            out[role] = None
+        elif split in loaded:
+            out[role] = loaded[split]
+        elif role == "validation" and validation_fraction > 0 and not streaming and out.get("train") is not None:
+            parts = out["train"].train_test_split(test_size=validation_fraction, seed=seed)
+            out["train"], out["validation"] = parts["train"], parts["test"]
+        elif role == "validation" and split == "validation":
+            out[role] = None  # the default name; absence just disables validation
+        else:
+            raise DataError(f"split {split!r} not found in {dataset_name!r}; available splits: {available}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Column checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dataset_columns(ds) -> list[str]:
+    names = getattr(ds, "column_names", None)
+    if names is None and getattr(ds, "features", None) is not None:
+        names = list(ds.features)
+    return list(names or [])
+
+
+def check_columns(ds, image_column: str, label_column: str, split_name: str = "train") -> None:
+    columns = dataset_columns(ds)
+    if not columns:  # an IterableDataset with unknown features: the per-sample check will name the column
+        return
+    missing = [c for c in (image_column, label_column) if c not in columns]
+    if missing:
+        raise DataError(
+            f"{split_name} split is missing column(s) {missing}; it has {columns}. "
+            "Set --image_column / --label_column to the right names."
+        )
+
+
+def check_not_empty(ds, split_name: str) -> None:
+    try:
+        n = len(ds)
+    except TypeError:  # streaming: checked when iterating
+        return
+    if n == 0:
+        raise DataError(f"the {split_name} split is empty")
+
+
+def disable_image_decoding(ds, columns: Iterable[str]):
+    """Cast `Image()` columns to `Image(decode=False)` so that a corrupted file becomes a `BadSampleError` in our
+    decoder (with its index) instead of an exception deep inside `datasets`."""
+    import datasets
+
+    features = getattr(ds, "features", None)
+    if not features:
+        return ds
+    for col in columns:
+        feat = features.get(col)
+        if isinstance(feat, datasets.Image) and feat.decode:
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Class names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _find_class_label(feature) -> list[str] | None:
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    for attr in ("feature", "dtype"):
+        inner = getattr(feature, attr, None)
+        if inner is not None and not isinstance(inner, str):
+            found = _find_class_label(inner)
+            if found:
+                return found
+    if isinstance(feature, (list, tuple)) and feature:
+        return _find_class_label(feature[0])
+    return None
+
+
+def class_names_from_features(ds, label_column: str, class_names_feature: str | None = None) -> list[str] | None:
+    """Class names declared by the dataset: a `ClassLabel` feature named `class_names_feature`, or a `ClassLabel`
+    nested inside the label column (e.g. `Sequence(Sequence(ClassLabel))`)."""
+    features = getattr(ds, "features", None)
+    if not features:
+        return None
+    if class_names_feature:
+        if class_names_feature not in features:
+            raise DataError(f"--class_names_feature {class_names_feature!r} is not a column; columns: {list(features)}")
+        names = _find_class_label(features[class_names_feature])
+        if names is None:
+            raise DataError(f"column {class_names_feature!r} is not a ClassLabel feature: {features[class_names_feature]}")
+        return names
+    if label_column in features:
+        return _find_class_label(features[label_column])
+    return None
+
+
+def read_class_names(spec) -> list[str] | None:
+    """Recipe value -> list of names. Accepts a list, a path to a JSON list / id2label dict / a dict with
+    "class_names" (configuration/benchmarks/*.json) or "classes", or a text file with one name per line."""
+    if spec is None or spec == [] or spec == "":
+        return None
+    if isinstance(spec, (list, tuple)):
+        if len(spec) == 1 and isinstance(spec[0], str) and os.path.isfile(spec[0]):
+            spec = spec[0]
+        else:
+            return [str(s) for s in spec]
+    path = str(spec)
+    if not os.path.isfile(path):
+        raise DataError(f"class name file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+        if isinstance(data, dict):
+            for key in ("class_names", "classes", "id2label"):  # benchmark definitions, plain lists, HF id2label
+                if key in data:
+                    data = data[key]
+                    break
+        if isinstance(data, dict):
+            keys = sorted(data, key=int)
+            if [int(k) for k in keys] != list(range(len(keys))):
+                raise DataError(f"{path}: id2label keys must be 0..N-1, got {keys[:5]}...")
+            return [str(data[k]) for k in keys]
+        return [str(x) for x in data]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def resolve_class_names(recipe_names, dataset_names: list[str] | None, source: str = "dataset") -> list[str]:
+    names = read_class_names(recipe_names)
+    if names is None and dataset_names is None:
+        raise DataError(
+            "no class names: give --class_names (list or file) or use a dataset whose features declare a ClassLabel"
+        )
+    if names is not None and dataset_names is not None and list(names) != list(dataset_names):
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(names, dataset_names)) if a != b][:5]
+        raise DataError(
+            f"class list of the recipe ({len(names)} names) disagrees with the {source} features "
+            f"({len(dataset_names)} names); first differences (index, recipe, dataset): {diff}"
+        )
+    names = names if names is not None else dataset_names
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"duplicate class names: {dup[:10]}")
+    if not names:
+        raise DataError("the class list is empty")
+    return list(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Decoding and augmentation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def decode_image(value, index) -> np.ndarray:
+    """-> uint8 (H, W, 3) RGB."""
+    try:
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                img = Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                img = Image.open(value["path"])
+            else:
+                raise BadSampleError(index, "image entry has neither bytes nor path")
+        elif isinstance(value, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            img = Image.open(value)
+        elif isinstance(value, Image.Image):
+            img = value
+        else:
+            arr = np.asarray(value)
+            if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+                arr = arr.transpose(1, 2, 0)
+            if arr.ndim == 2:
+                arr = np.repeat(arr[..., None], 3, axis=2)
+            if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
+                raise BadSampleError(index, f"image array must be uint8 HxWx3, got {arr.dtype} {arr.shape}")
+            return np.ascontiguousarray(arr[..., :3])
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return np.asarray(img, dtype=np.uint8)
+    except BadSampleError:
+        raise
+    except Exception as exc:  # PIL.UnidentifiedImageError, OSError (truncated), ...
+        raise BadSampleError(index, f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def decode_label(value, index) -> np.ndarray:
+    """-> integer (H, W) array (uint8, uint16 or int32/int64), class ids as stored."""
+    try:
+        if isinstance(value, dict):
+            src = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+            if src is None:
+                raise BadSampleError(index, "label entry has neither bytes nor path")
+            img = Image.open(src)
+        elif isinstance(value, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            img = Image.open(value)
+        elif isinstance(value, Image.Image):
+            img = value
+        else:
+            arr = np.asarray(value)
+            if arr.ndim == 3 and arr.shape[0] == 1:
+                arr = arr[0]
+            if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+                raise BadSampleError(index, f"label must be an integer HxW map, got {arr.dtype} {arr.shape}")
+            return arr
+        img.load()
+        if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "HSV"):
+            raise BadSampleError(
+                index, f"label map is a colour image (mode {img.mode}); a single-channel class-id map is required"
+            )
+        if img.mode == "F":
+            raise BadSampleError(index, "label map is floating point (mode F)")
+        arr = np.asarray(img)  # P -> palette indices, L -> uint8, I;16 -> uint16, I -> int32, 1 -> bool
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8)
+        return arr
+    except BadSampleError:
+        raise
+    except Exception as exc:
+        raise BadSampleError(index, f"label cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def validate_label(label: np.ndarray, num_classes: int, ignore_index: int, index) -> np.ndarray:
+    """-> int64 copy; raises when a value is neither a class id nor the ignore value."""
+    lab = label.astype(np.int64, copy=False)
+    bad = (lab != ignore_index) & ((lab < 0) | (lab >= num_classes))
+    if bad.any():
+        values = np.unique(lab[bad])
+        raise BadSampleError(
+            index,
+            f"label values {values[:10].tolist()} are outside [0, {num_classes}) and are not the ignore value "
+            f"{ignore_index} ({int(bad.sum())} pixels); check --class_names / --ignore_index / --reduce_labels",
+        )
+    return lab
+
+
+def reduce_label_values(label: np.ndarray, ignore_index: int) -> np.ndarray:
+    """ADE-style: 0 ("other") -> ignore, k -> k-1 (ignore stays ignore)."""
+    lab = label.astype(np.int64)
+    ign = lab == ignore_index
+    lab = lab - 1
+    lab[(lab == -1) | ign] = ignore_index
+    return lab
+
+
+def resize_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    if img.shape[0] == height and img.shape[1] == width:
+        return img
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
+
+
+def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest neighbour with the pixel-centre convention (the same sampling grid as the bilinear image resize);
+    any dtype, so 16-bit ignore values survive."""
+    h, w = label.shape
+    if h == height and w == width:
+        return label
+    rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
+    return label[rows[:, None], cols[None, :]]
+
+
+def short_side_size(h: int, w: int, short_side: int, max_long_side: int | None) -> tuple[int, int]:
+    """detectron2 ResizeShortestEdge arithmetic: scale the short side to `short_side`, cap the long side."""
+    scale = short_side / min(h, w)
+    if max_long_side and max(h, w) * scale > max_long_side:
+        scale = max_long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """float RGB in [0,255] -> H in [0,360), S in [0,1], V in [0,255]."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    maxc = rgb.max(-1)
+    minc = rgb.min(-1)
+    delta = maxc - minc
+    s = np.where(maxc > 0, delta / np.maximum(maxc, 1e-12), 0.0)
+    safe = np.maximum(delta, 1e-12)
+    h = np.where(
+        maxc == r, ((g - b) / safe) % 6.0, np.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+    )
+    h = np.where(delta > 0, h * 60.0, 0.0)
+    return np.stack([h, s, maxc], axis=-1)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    h, s, v = hsv[..., 0] % 360.0, hsv[..., 1], hsv[..., 2]
+    c = v * s
+    hp = h / 60.0
+    x = c * (1 - np.abs(hp % 2 - 1))
+    m = v - c
+    z = np.zeros_like(h)
+    sector = np.floor(hp).astype(np.int64) % 6
+    choices_r = [c, x, z, z, x, c]
+    choices_g = [x, c, c, x, z, z]
+    choices_b = [z, z, x, c, c, x]
+    r = np.choose(sector, choices_r)
+    g = np.choose(sector, choices_g)
+    b = np.choose(sector, choices_b)
+    return np.stack([r + m, g + m, b + m], axis=-1)
+
+
+def photometric_distortion(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    brightness_delta: float = 32,
+    contrast_range: tuple[float, float] = (0.5, 1.5),
+    saturation_range: tuple[float, float] = (0.5, 1.5),
+    hue_delta: float = 18,
+    prob: float = 0.5,
+) -> np.ndarray:
+    """SSD-style colour jitter as in mmseg `PhotoMetricDistortion` / MaskFormer `ColorAugSSDTransform`.
+
+    Brightness (+-32), then contrast (x0.5-1.5) either first or last (random order), saturation (x0.5-1.5) and hue
+    (+-18 in OpenCV's 0-180 hue units = +-36 degrees) in HSV; each applied with probability `prob`; values are
+    clipped to [0, 255] after every step, as the uint8 reference implementations do. uint8 in, uint8 out."""
+    out = img.astype(np.float32)
+
+    def clip(a):
+        return np.clip(a, 0, 255)
+
+    if rng.random() < prob:
+        out = clip(out + rng.uniform(-brightness_delta, brightness_delta))
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < prob:
+        out = clip(out * rng.uniform(*contrast_range))
+    do_sat = rng.random() < prob
+    sat = rng.uniform(*saturation_range) if do_sat else 1.0
+    do_hue = rng.random() < prob
+    hue = rng.uniform(-hue_delta, hue_delta) * 2.0 if do_hue else 0.0
+    if do_sat or do_hue:
+        hsv = rgb_to_hsv(out)
+        hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0.0, 1.0)
+        hsv[..., 0] = (hsv[..., 0] + hue) % 360.0
+        out = clip(hsv_to_rgb(hsv))
+    if not contrast_first and rng.random() < prob:
+        out = clip(out * rng.uniform(*contrast_range))
+    return np.rint(out).astype(np.uint8)
+
+
+def normalize_to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW, (x/255 - mean) / std."""
+    arr = img.astype(np.float32) / 255.0
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+@dataclass
+class TrainTransform:
+    """CAT-Seg training augmentation. `__call__(image uint8 HWC, label int HW, rng)` ->
+    (pixel_values float32 (3, crop, crop), labels int64 (crop, crop)).
+
+    Short-side resize (`resize_short_side`, long side capped at `max_long_side`), random crop of
+    `crop_size` x `crop_size` (padding with the mean colour / ignore when the resized image is smaller), photometric
+    distortion, horizontal flip; labels resized by nearest neighbour."""
+
+    crop_size: int = 384
+    resize_short_side: int = 384
+    max_long_side: int | None = 1333
+    photometric: bool = True
+    hflip_prob: float = 0.5
+    ignore_index: int = 255
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN
+    image_std: Sequence[float] = OPENAI_CLIP_STD
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        h, w = label.shape
+        nh, nw = short_side_size(h, w, self.resize_short_side, self.max_long_side)
+        image = resize_image(image, nh, nw)
+        label = resize_label_nearest(label, nh, nw)
+        # random crop (detectron2 RandomCrop "absolute": the crop never exceeds the image)
+        ch, cw = min(self.crop_size, nh), min(self.crop_size, nw)
+        top = int(rng.integers(0, nh - ch + 1))
+        left = int(rng.integers(0, nw - cw + 1))
+        image = image[top : top + ch, left : left + cw]
+        label = label[top : top + ch, left : left + cw]
+        if self.photometric:
+            image = photometric_distortion(image, rng)
+        if rng.random() < self.hflip_prob:
+            image = image[:, ::-1]
+            label = label[:, ::-1]
+        pixel_values = normalize_to_tensor(image, self.image_mean, self.image_std)
+        labels = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+        if ch < self.crop_size or cw < self.crop_size:  # pad: zeros = the mean colour after normalisation
+            pad = (0, self.crop_size - cw, 0, self.crop_size - ch)
+            pixel_values = torch.nn.functional.pad(pixel_values, pad, value=0.0)
+            labels = torch.nn.functional.pad(labels, pad, value=self.ignore_index)
+        return pixel_values, labels
+
+
+@dataclass
+class EvalTransform:
+    """Fast whole-image validation: the image and its label are both resized to `size` x `size` (bilinear /
+    nearest), so that batches stack. Metrics are therefore computed at that resolution (an approximation of the
+    full-resolution protocol, which is fine for periodic validation)."""
+
+    size: int = 384
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN
+    image_std: Sequence[float] = OPENAI_CLIP_STD
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng=None):
+        image = resize_image(image, self.size, self.size)
+        label = resize_label_nearest(label, self.size, self.size)
+        return (
+            normalize_to_tensor(image, self.image_mean, self.image_std),
+            torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. torch datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplePreparer:
+    """Turns one raw row into (pixel_values, labels): decode, checks, label reduction, transform."""
+
+    image_column: str
+    label_column: str
+    num_classes: int
+    ignore_index: int
+    transform: Any
+    reduce_labels: bool = False
+
+    def __call__(self, row: dict, index, rng):
+        for col in (self.image_column, self.label_column):
+            if col not in row:
+                raise DataError(f"column {col!r} missing from the data; row has {sorted(row)}")
+        image = decode_image(row[self.image_column], index)
+        label = decode_label(row[self.label_column], index)
+        if image.shape[:2] != label.shape:
+            raise BadSampleError(index, f"image is {image.shape[:2]} but its label map is {label.shape}")
+        if self.reduce_labels:
+            label = reduce_label_values(label, self.ignore_index)
+        label = validate_label(label, self.num_classes, self.ignore_index, index)
+        return self.transform(image, label, rng)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Map-style wrapper around a `datasets.Dataset`.
+
+    - `shuffle=True`: position i of epoch e reads row perm_e[i], with perm_e a pure function of (seed, e), so a
+      resumed run sees exactly the same order (use a sequential sampler; call `set_epoch` each epoch).
+    - The augmentation RNG of position i in epoch e is `np.random.default_rng([seed, e, i])`: independent of the
+      process count, worker count, and of whatever ran before.
+    - Bad samples: `on_bad_sample="error"` raises; `"skip"` takes the next row (up to `max_consecutive_skips`),
+      and the item carries `num_skipped` so the loop can count skips."""
+
+    def __init__(
+        self,
+        hf_dataset,
+        preparer: SamplePreparer,
+        seed: int = 0,
+        shuffle: bool = False,
+        on_bad_sample: str = "error",
+        max_consecutive_skips: int = 16,
+    ):
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.ds = hf_dataset
+        self.preparer = preparer
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.on_bad_sample = on_bad_sample
+        self.max_consecutive_skips = max_consecutive_skips
+        self.epoch = 0
+        self._perm = None
+        self.set_epoch(0)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+        if self.shuffle:
+            self._perm = np.random.default_rng([self.seed, self.epoch, 7919]).permutation(len(self.ds))
+        else:
+            self._perm = None
+
+    def _row_index(self, position: int) -> int:
+        return int(self._perm[position]) if self._perm is not None else int(position)
+
+    def __getitem__(self, position: int):
+        rng = np.random.default_rng([self.seed, self.epoch, int(position)])
+        n = len(self.ds)
+        skipped = 0
+        while True:
+            index = self._row_index((position + skipped) % n)
+            try:
+                pixel_values, labels = self.preparer(self.ds[index], index, rng)
+                return {"pixel_values": pixel_values, "labels": labels, "num_skipped": skipped}
+            except BadSampleError:
+                if self.on_bad_sample == "error":
+                    raise
+                skipped += 1
+                if skipped >= min(self.max_consecutive_skips, n):
+                    raise DataError(
+                        f"{skipped} consecutive bad samples from position {position}: the dataset looks broken"
+                    )
+
+
+class StreamingSegmentationDataset(torch.utils.data.IterableDataset):
+    """Iterable wrapper for `datasets.IterableDataset` (streaming). Shuffling uses the `datasets` buffer shuffle
+    (seeded; `set_epoch` reseeds it); the augmentation RNG is keyed by (seed, epoch, position in the stream)."""
+
+    def __init__(self, hf_dataset, preparer: SamplePreparer, seed: int = 0, on_bad_sample: str = "error",
+                 max_consecutive_skips: int = 16):
+        self.ds = hf_dataset
+        self.preparer = preparer
+        self.seed = int(seed)
+        self.on_bad_sample = on_bad_sample
+        self.max_consecutive_skips = max_consecutive_skips
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+
+    def __iter__(self):
+        skipped = 0
+        position = 0
+        seen_any = False
+        for index, row in enumerate(self.ds):
+            seen_any = True
+            rng = np.random.default_rng([self.seed, self.epoch, position])
+            try:
+                pixel_values, labels = self.preparer(row, f"stream[{index}]", rng)
+            except BadSampleError:
+                if self.on_bad_sample == "error":
+                    raise
+                skipped += 1
+                if skipped >= self.max_consecutive_skips:
+                    raise DataError(f"{skipped} consecutive bad samples in the stream: the dataset looks broken")
+                continue
+            yield {"pixel_values": pixel_values, "labels": labels, "num_skipped": skipped}
+            skipped = 0
+            position += 1
+        if not seen_any:
+            raise DataError("the streamed split is empty")
+
+
+def collate_segmentation(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "labels": torch.stack([it["labels"] for it in items]),
+        "num_skipped": torch.tensor([int(it.get("num_skipped", 0)) for it in items], dtype=torch.long),
+    }
+
+
+def check_bad_fraction(num_skipped: int, num_seen: int, max_fraction: float, min_count: int = 10) -> None:
+    """Raise when skipped bad samples are more than `max_fraction` of the samples seen (after a few)."""
+    if num_skipped > min_count and num_skipped > max_fraction * max(num_seen, 1):
+        raise DataError(
+            f"{num_skipped} bad samples skipped out of {num_seen + num_skipped} read "
+            f"(> {max_fraction:.1%}): refusing to keep training on this data"
+        )
+

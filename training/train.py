@@ -1,0 +1,764 @@
+#!/usr/bin/env python
+"""Train DiSa (CAT-Seg recipe) with `accelerate` on data loaded through `datasets`.
+
+    accelerate launch training/train.py --config configuration/training/catseg_coco_stuff_vitb.yaml \
+        --dataset_name <hub id | parquet/arrow folder | save_to_disk folder> --output_dir runs/vitb
+
+Every recipe field (see `TrainingRecipe` below, or `--help`) can be set in the yaml given by `--config` and
+overridden on the command line; precedence: dataclass default < yaml < command line.
+
+The script reads top to bottom in the order it runs:
+  1. recipe and argument parsing          (`TrainingRecipe`, `parse_args`)
+  2. output folder and checkpoint helpers (atomic `save_state`, keep the last K, `latest` lookup)
+  3. model + processor                    (`build_model_and_processor`)
+  4. data                                 (`build_datasets`, see `training/data.py`)
+  5. validation                           (`evaluate`: whole-image, confusion matrix gathered across processes)
+  6. `main`: accelerator, optimiser, schedule, resume, training loop, checkpoints, final `save_pretrained`, push.
+
+Test-only hook: the environment variable `DISA_TRAIN_FAULT=kill_after_step:N` (SIGKILL right after optimiser step N
+and its checkpoint) or `kill_during_save:N` (SIGKILL after `save_state` of step N wrote its files, before the
+checkpoint is published) simulates a crash; `tests/test_train_script.py` uses it to prove resume bit-identity and
+checkpoint atomicity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from training import data as D  # noqa: E402
+
+# ======================================================================================================================
+# 1. Recipe
+# ======================================================================================================================
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainingRecipe:
+    # ---- model
+    model_name_or_path: typing.Optional[str] = _f(None, "A saved DiSa folder (save_pretrained) to start from. "
+                                                         "Overrides model_preset / clip_model_name_or_path.")
+    model_preset: typing.Optional[str] = _f("configuration/models/disa-vit-b-16",
+                                            "DiSaConfig preset folder (relative to the repo root or absolute).")
+    clip_model_name_or_path: typing.Optional[str] = _f(None, "Pretrained HF CLIP (Hub id or folder) for the preset; "
+                                                             "empty = random CLIP (tests only).")
+    processor_name_or_path: typing.Optional[str] = _f(None, "Where to load the DiSaProcessor from (default: the "
+                                                            "model folder, then the preset, then the CLIP tokenizer).")
+    clip_finetune: str = _f("qv", "CLIP parameters to train: qv (CAT-Seg: Q/V projection weights), none, full.")
+    # ---- data
+    dataset_name: typing.Optional[str] = _f(None, "Hub dataset id, local parquet/arrow folder, or save_to_disk folder.")
+    dataset_config_name: typing.Optional[str] = _f(None, "datasets config name.")
+    train_split: str = _f("train", "Training split name.")
+    validation_split: typing.Optional[str] = _f("validation", "Validation split name (empty: no validation).")
+    validation_fraction: float = _f(0.0, "If the validation split is missing, carve this fraction out of train.")
+    image_column: str = _f("image", "Image column.")
+    label_column: str = _f("label", "Label-map column (single-channel class ids).")
+    class_names: typing.Optional[typing.List[str]] = _f(None, "Class names (list, or one JSON/text file); default: "
+                                                              "the dataset's ClassLabel feature.")
+    class_names_feature: typing.Optional[str] = _f(None, "Column whose ClassLabel feature holds the class names.")
+    ignore_index: int = _f(255, "Label value to ignore (255 for 8-bit label maps, 65535 for 16-bit).")
+    reduce_labels: bool = _f(False, "ADE-style labels: 0 -> ignore, k -> k-1.")
+    streaming: bool = _f(False, "Stream the data (datasets IterableDataset); needs max_train_steps.")
+    shuffle_buffer_size: int = _f(1000, "Shuffle buffer for streaming.")
+    max_train_samples: typing.Optional[int] = _f(None, "Truncate the training split (debugging).")
+    max_eval_samples: typing.Optional[int] = _f(None, "Truncate the validation split.")
+    on_bad_sample: str = _f("error", "Bad sample (undecodable image, label out of range, size mismatch): "
+                                     "'error' stops with its index; 'skip' replaces it by the next sample and counts it.")
+    max_bad_sample_fraction: float = _f(0.01, "With on_bad_sample=skip: stop when more than this fraction is bad.")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    cache_dir: typing.Optional[str] = _f(None, "datasets cache folder.")
+    # ---- augmentation (CAT-Seg)
+    crop_size: int = _f(384, "Random crop size (square).")
+    resize_short_side: int = _f(384, "Training short-side resize (ResizeShortestEdge).")
+    max_long_side: int = _f(1333, "Cap of the long side after the short-side resize.")
+    photometric_distortion: bool = _f(True, "SSD colour jitter (brightness +-32, contrast/saturation 0.5-1.5, hue +-18).")
+    hflip_prob: float = _f(0.5, "Horizontal flip probability.")
+    eval_size: int = _f(384, "Validation: images and labels resized to eval_size x eval_size (whole-image, fast).")
+    # ---- optimisation (CAT-Seg: AdamW 2e-4, CLIP x0.01, wd 1e-4 (0 on norms), cosine to 0, no warmup, clip 0.01)
+    learning_rate: float = _f(2e-4, "Learning rate of the new (head) parameters.")
+    clip_lr_multiplier: float = _f(0.01, "CLIP learning rate = learning_rate x this.")
+    weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    weight_decay_norm: float = _f(0.0, "Weight decay of LayerNorm/GroupNorm/Embedding parameters.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = _f("cosine", "transformers.get_scheduler name (cosine, linear, polynomial, constant...).")
+    num_warmup_steps: int = _f(0, "Warmup optimiser steps.")
+    max_train_steps: typing.Optional[int] = _f(80000, "Optimiser steps (overrides num_train_epochs).")
+    num_train_epochs: typing.Optional[float] = _f(None, "Epochs, used when max_train_steps is empty.")
+    per_device_train_batch_size: int = _f(1, "Batch per process (CAT-Seg: 4 GPUs x 1 = 4).")
+    per_device_eval_batch_size: int = _f(4, "Validation batch per process.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step.")
+    max_grad_norm: float = _f(0.01, "Full-model L2 gradient clipping (0 = off).")
+    mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate autocast).")
+    allow_tf32: bool = _f(True, "Allow TF32 matmuls on CUDA (CAT-Seg: set_float32_matmul_precision('high')).")
+    gradient_checkpointing: bool = _f(False, "Gradient checkpointing in CLIP and the aggregator.")
+    ddp_find_unused_parameters: bool = _f(True, "DDP find_unused_parameters (the dense last CLIP layer never uses its "
+                                                "trainable Q weight).")
+    seed: int = _f(42, "Seed of the model init, the shuffle and the augmentation.")
+    # ---- checkpoints, validation, logging, output
+    output_dir: typing.Optional[str] = _f(None, "Where checkpoints/, logs and the final model go.")
+    overwrite_output_dir: bool = _f(False, "Allow an output_dir that holds another run (its checkpoints/ is removed).")
+    checkpointing_steps: int = _f(5000, "save_state every N optimiser steps (0 = never).")
+    checkpoints_total_limit: int = _f(3, "Keep the last K checkpoints (0 = keep all).")
+    resume_from_checkpoint: typing.Optional[str] = _f(None, "'latest' or a checkpoint folder.")
+    eval_steps: int = _f(5000, "Validate every N optimiser steps (0 = only at the end).")
+    eval_before_training: bool = _f(False, "Also validate before the first step.")
+    logging_steps: int = _f(20, "Log the training loss every N optimiser steps.")
+    report_to: str = _f("auto", "accelerate trackers: auto (tensorboard if installed), none, all, tensorboard, wandb...")
+    project_name: str = _f("disa", "Tracker project name.")
+    push_to_hub: bool = _f(False, "Upload output_dir to the Hub at the end.")
+    hub_model_id: typing.Optional[str] = _f(None, "Hub repo id for push_to_hub.")
+    hub_token: typing.Optional[str] = _f(None, "Hub token (default: the cached login).")
+
+
+RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(TrainingRecipe)}
+RECIPE_TYPES = typing.get_type_hints(TrainingRecipe)
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "y", "on"):
+        return True
+    if low in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _optional(convert):
+    def parse(text):
+        return None if str(text).lower() in ("", "none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _unwrap_optional(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        return [a for a in args if a is not type(None)][0], True
+    return tp, False
+
+
+def _coerce(name: str, value):
+    """yaml value -> field type (so that '2e-4' strings, ints for floats, etc. are accepted)."""
+    tp, optional = _unwrap_optional(RECIPE_TYPES[name])
+    if value is None:
+        if not optional:
+            raise ValueError(f"recipe field {name!r} cannot be empty")
+        return None
+    if typing.get_origin(tp) in (list, typing.List):
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if tp is bool:
+        return value if isinstance(value, bool) else _bool(value)
+    return tp(value)
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train DiSa with accelerate (CAT-Seg recipe). Every recipe field below can be set in the "
+        "--config yaml and overridden here.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="Recipe yaml (configuration/training/*.yaml).")
+    for name, f in RECIPE_FIELDS.items():
+        tp, optional = _unwrap_optional(RECIPE_TYPES[name])
+        kwargs = {"default": argparse.SUPPRESS, "dest": name}
+        if typing.get_origin(tp) in (list, typing.List):
+            kwargs["nargs"] = "*"
+            kwargs["metavar"] = "NAME"
+        elif tp is bool:
+            kwargs["type"] = _bool
+            kwargs["nargs"] = "?"
+            kwargs["const"] = True
+            kwargs["metavar"] = "BOOL"
+        else:
+            kwargs["type"] = _optional(tp) if optional else tp
+            kwargs["metavar"] = tp.__name__.upper()
+        kwargs["help"] = f"{f.metadata['help']} (default: {defaults.get(name, f.default)!r})"
+        parser.add_argument(f"--{name}", **kwargs)
+    return parser
+
+
+def parse_args(argv=None) -> TrainingRecipe:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    values = {name: f.default for name, f in RECIPE_FIELDS.items()}
+    if known.config:
+        with open(known.config, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+        unknown = sorted(set(loaded) - set(RECIPE_FIELDS))
+        if unknown:
+            raise SystemExit(f"{known.config}: unknown recipe field(s) {unknown}")
+        values.update({k: _coerce(k, v) for k, v in loaded.items()})
+    args = build_parser(values).parse_args(argv)
+    values.update({k: v for k, v in vars(args).items() if k in RECIPE_FIELDS})
+    if values.get("class_names") == []:
+        values["class_names"] = None
+    recipe = TrainingRecipe(**values)
+    check_recipe(recipe)
+    return recipe
+
+
+def check_recipe(r: TrainingRecipe) -> None:
+    problems = []
+    if not r.output_dir:
+        problems.append("--output_dir is required")
+    if r.mixed_precision not in ("no", "fp16", "bf16"):
+        problems.append(f"mixed_precision must be no|fp16|bf16, got {r.mixed_precision!r}")
+    if r.on_bad_sample not in ("error", "skip"):
+        problems.append(f"on_bad_sample must be error|skip, got {r.on_bad_sample!r}")
+    if r.clip_finetune not in ("qv", "none", "full"):
+        problems.append(f"clip_finetune must be qv|none|full, got {r.clip_finetune!r}")
+    if r.max_train_steps is None and r.num_train_epochs is None:
+        problems.append("set max_train_steps or num_train_epochs")
+    if r.streaming and r.max_train_steps is None:
+        problems.append("streaming needs max_train_steps (the length of a stream is unknown)")
+    for name in ("crop_size", "resize_short_side", "eval_size", "per_device_train_batch_size",
+                 "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(r, name) <= 0:
+            problems.append(f"{name} must be > 0")
+    if r.push_to_hub and not r.hub_model_id:
+        problems.append("push_to_hub needs hub_model_id")
+    if problems:
+        raise SystemExit("invalid recipe:\n  " + "\n  ".join(problems))
+
+
+def _repo_path(path: str | None) -> str | None:
+    if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+        return os.path.join(REPO_ROOT, path)
+    return path
+
+
+# ======================================================================================================================
+# 2. Output folder and checkpoints
+# ======================================================================================================================
+
+CHECKPOINT_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "training_state.json"
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (published by rename, so they hold STATE_FILE), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() and os.path.isfile(
+            os.path.join(path, STATE_FILE)
+        ):
+            found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
+    return [p for _, p in sorted(found)]
+
+
+def check_output_dir(r: TrainingRecipe) -> None:
+    """Refuse an output_dir that holds another run, unless resuming or overwrite_output_dir. Runs on every process
+    before anyone writes, so all processes take the same decision."""
+    out = r.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not r.resume_from_checkpoint and not r.overwrite_output_dir:
+        raise SystemExit(
+            f"output_dir {out!r} is not empty ({sorted(os.listdir(out))[:6]}...): it holds another run. "
+            "Use --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+            "or another --output_dir."
+        )
+
+
+def prepare_output_dir(r: TrainingRecipe) -> None:
+    """Main process only: with overwrite_output_dir, drop the other run's checkpoints; drop the leftovers of
+    checkpoints that a crash interrupted (they were never published)."""
+    out = r.output_dir
+    if r.overwrite_output_dir and not r.resume_from_checkpoint and os.path.isdir(checkpoint_root(out)):
+        shutil.rmtree(checkpoint_root(out))
+    os.makedirs(checkpoint_root(out), exist_ok=True)
+    for name in os.listdir(checkpoint_root(out)):
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(checkpoint_root(out), name), ignore_errors=True)
+
+
+def resolve_resume(r: TrainingRecipe) -> str | None:
+    if not r.resume_from_checkpoint:
+        return None
+    if r.resume_from_checkpoint == "latest":
+        found = list_checkpoints(r.output_dir)
+        return found[-1] if found else None  # nothing saved yet: start from scratch
+    path = r.resume_from_checkpoint
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise SystemExit(f"{path!r} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def _fault(kind: str, step: int) -> None:
+    spec = os.environ.get("DISA_TRAIN_FAULT", "")
+    if spec == f"{kind}:{step}":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(accelerator, r: TrainingRecipe, step: int, state: dict) -> str:
+    """`save_state` into a hidden temporary folder, write the loop state, then publish with one atomic rename;
+    prune to the last `checkpoints_total_limit`. A crash at any point leaves either the old set or the new one."""
+    root = checkpoint_root(r.output_dir)
+    tmp = os.path.join(root, f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}")
+    final = os.path.join(root, f"{CHECKPOINT_PREFIX}{step}")
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    _fault("kill_during_save", step)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w") as fh:
+            json.dump(state, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # re-saving the same step after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if r.checkpoints_total_limit > 0:
+            for old in list_checkpoints(r.output_dir)[: -r.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ======================================================================================================================
+# 3. Model and processor
+# ======================================================================================================================
+
+
+def build_model_and_processor(r: TrainingRecipe):
+    from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
+
+    overrides = {"ignore_index": r.ignore_index, "clip_finetune": r.clip_finetune}
+    if r.model_name_or_path:
+        source = _repo_path(r.model_name_or_path)
+        model = DiSaForOpenVocabSegmentation.from_pretrained(source, **overrides)
+    else:
+        source = _repo_path(r.model_preset)
+        config = DiSaConfig.from_pretrained(source, **overrides)
+        if r.clip_model_name_or_path:
+            model = DiSaForOpenVocabSegmentation.from_clip_pretrained(r.clip_model_name_or_path, config)
+        else:
+            model = DiSaForOpenVocabSegmentation(config)
+    model.configure_clip_finetuning(r.clip_finetune)
+
+    processor = None
+    errors = []
+    for candidate in (_repo_path(r.processor_name_or_path), source, r.clip_model_name_or_path):
+        if not candidate:
+            continue
+        try:
+            processor = DiSaProcessor.from_pretrained(candidate)
+            break
+        except Exception as exc:  # noqa: BLE001 - try the next place
+            errors.append(f"{candidate}: {type(exc).__name__}: {exc}")
+    if processor is None and r.clip_model_name_or_path:
+        from transformers import AutoTokenizer
+
+        from modeling_disa import DiSaImageProcessor
+
+        size = model.config.clip_resolution
+        processor = DiSaProcessor(
+            image_processor=DiSaImageProcessor(size={"height": size, "width": size}),
+            tokenizer=AutoTokenizer.from_pretrained(r.clip_model_name_or_path),
+        )
+    if processor is None:
+        raise SystemExit("could not load a DiSaProcessor:\n  " + "\n  ".join(errors))
+    return model, processor
+
+
+def tokenize_classes(processor, class_names: list[str]) -> dict:
+    enc = processor(text=list(class_names), return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
+
+
+# ======================================================================================================================
+# 4. Data
+# ======================================================================================================================
+
+
+def build_datasets(r: TrainingRecipe, image_mean, image_std, num_processes: int, train_dataset=None,
+                   eval_dataset=None):
+    """-> (train torch dataset, eval torch dataset or None, class names). In-memory `datasets` objects may be
+    passed instead of `dataset_name` (used by tests and notebooks)."""
+    if train_dataset is None:
+        if not r.dataset_name:
+            raise SystemExit("--dataset_name is required")
+        splits = D.load_raw_splits(
+            _repo_path(r.dataset_name), r.dataset_config_name, r.train_split, r.validation_split or None,
+            streaming=r.streaming, cache_dir=r.cache_dir, validation_fraction=r.validation_fraction, seed=r.seed,
+        )
+        train_dataset, eval_dataset = splits["train"], splits["validation"]
+    columns = [r.image_column, r.label_column]
+    D.check_columns(train_dataset, *columns, split_name="train")
+    D.check_not_empty(train_dataset, "train")
+    if eval_dataset is not None:
+        D.check_columns(eval_dataset, *columns, split_name="validation")
+        D.check_not_empty(eval_dataset, "validation")
+    recipe_names = r.class_names
+    if recipe_names and len(recipe_names) == 1 and _repo_path(recipe_names[0]) != recipe_names[0]:
+        recipe_names = [_repo_path(recipe_names[0])]  # a class-name file given relative to the repo root
+    class_names = D.resolve_class_names(
+        recipe_names, D.class_names_from_features(train_dataset, r.label_column, r.class_names_feature)
+    )
+    if eval_dataset is not None and (
+        eval_names := D.class_names_from_features(eval_dataset, r.label_column, r.class_names_feature)
+    ):
+        D.resolve_class_names(class_names, eval_names, source="validation split")
+    if r.max_train_samples is not None:
+        train_dataset = train_dataset.take(r.max_train_samples) if r.streaming else train_dataset.select(
+            range(min(r.max_train_samples, len(train_dataset))))
+    if eval_dataset is not None and r.max_eval_samples is not None:
+        eval_dataset = eval_dataset.take(r.max_eval_samples) if r.streaming else eval_dataset.select(
+            range(min(r.max_eval_samples, len(eval_dataset))))
+    train_dataset = D.disable_image_decoding(train_dataset, columns)
+    if eval_dataset is not None:
+        eval_dataset = D.disable_image_decoding(eval_dataset, columns)
+
+    num_classes = len(class_names)
+    train_tf = D.TrainTransform(
+        crop_size=r.crop_size, resize_short_side=r.resize_short_side, max_long_side=r.max_long_side,
+        photometric=r.photometric_distortion, hflip_prob=r.hflip_prob, ignore_index=r.ignore_index,
+        image_mean=image_mean, image_std=image_std,
+    )
+    prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, r.ignore_index, train_tf, r.reduce_labels)
+    if r.streaming:
+        stream = train_dataset.shuffle(seed=r.seed, buffer_size=r.shuffle_buffer_size)
+        train = D.StreamingSegmentationDataset(stream, prep, seed=r.seed, on_bad_sample=r.on_bad_sample)
+    else:
+        train = D.SegmentationDataset(train_dataset, prep, seed=r.seed, shuffle=True, on_bad_sample=r.on_bad_sample)
+    evaluation = None
+    if eval_dataset is not None:
+        eval_prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, r.ignore_index,
+                                     D.EvalTransform(r.eval_size, image_mean, image_std), r.reduce_labels)
+        if r.streaming:
+            evaluation = D.StreamingSegmentationDataset(eval_dataset, eval_prep, seed=r.seed, on_bad_sample="error")
+        else:
+            evaluation = D.SegmentationDataset(eval_dataset, eval_prep, seed=r.seed, on_bad_sample="error")
+    return train, evaluation, class_names
+
+
+# ======================================================================================================================
+# 5. Validation
+# ======================================================================================================================
+
+
+def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_index: int) -> dict:
+    """Whole-image validation: logits upsampled (bilinear) to the label size, argmax; predictions and labels are
+    gathered with `gather_for_metrics` (which drops the samples duplicated to even out the last batch), so every
+    process holds the same confusion matrix and the result does not depend on the number of processes."""
+    from modeling_disa.metrics import SegmentationConfusionMatrix
+
+    model.eval()
+    cm = SegmentationConfusionMatrix(num_classes, ignore_index=ignore_index, device="cpu")
+    with torch.no_grad():
+        for batch in loader:
+            out = model(pixel_values=batch["pixel_values"], **text_inputs)
+            logits = torch.nn.functional.interpolate(
+                out.logits.float(), size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False
+            )
+            preds = logits.argmax(1).to(torch.int32)
+            preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(torch.int32)))
+            cm.update(preds.cpu(), labels.cpu())
+    model.train()
+    res = cm.compute(rule="present_in_gt")  # detectron2 main / CAT-Seg: mean over classes present in the GT
+    return {
+        "mIoU": float(res["mean_iou"]) * 100,
+        "pixel_accuracy": float(res["pixel_accuracy"]) * 100,
+        "mean_accuracy": float(res["mean_accuracy"]) * 100,
+        "num_pixels": int(res["num_pixels"]),
+        "per_class_iou": [None if x != x else float(x) * 100 for x in res["per_category_iou"].tolist()],
+    }
+
+
+# ======================================================================================================================
+# 6. Main
+# ======================================================================================================================
+
+
+def _trackers(report_to: str):
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            return ["tensorboard"]
+        except ImportError:
+            return None
+    return None if report_to in ("none", "") else report_to
+
+
+def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
+    r = parse_args(argv)
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.logging import get_logger
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    logger = get_logger("disa.train")
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    # ---- accelerator
+    trackers = _trackers(r.report_to)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=r.gradient_accumulation_steps,
+        mixed_precision=r.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=r.output_dir, logging_dir=os.path.join(r.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        step_scheduler_with_optimizer=False,  # the schedule counts optimiser steps; stepped in the loop
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=r.ddp_find_unused_parameters)],
+    )
+    if r.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    check_output_dir(r)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_output_dir(r)
+    accelerator.wait_for_everyone()
+    resume_path = resolve_resume(r)
+    if accelerator.is_main_process and not resume_path:
+        with open(os.path.join(r.output_dir, "recipe.yaml"), "w") as fh:
+            yaml.safe_dump(dataclasses.asdict(r), fh, sort_keys=False)
+    hub_api = None
+    if r.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import HfApi
+
+        hub_api = HfApi(token=r.hub_token)
+        hub_api.create_repo(r.hub_model_id, exist_ok=True)
+
+    # ---- model, processor (same init on every process; DDP also broadcasts rank 0's weights)
+    set_seed(r.seed)
+    model, processor = build_model_and_processor(r)
+    if r.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    image_processor = getattr(processor, "image_processor", None)
+    image_mean = getattr(image_processor, "image_mean", None) or D.OPENAI_CLIP_MEAN
+    image_std = getattr(image_processor, "image_std", None) or D.OPENAI_CLIP_STD
+
+    # ---- data
+    with accelerator.main_process_first():
+        train_set, eval_set, class_names = build_datasets(
+            r, image_mean, image_std, accelerator.num_processes, train_dataset, eval_dataset
+        )
+    text_inputs = {k: v.to(accelerator.device) for k, v in tokenize_classes(processor, class_names).items()
+                   if v is not None}
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=r.per_device_train_batch_size, shuffle=False,  # order: SegmentationDataset.set_epoch
+        collate_fn=D.collate_segmentation, num_workers=r.dataloader_num_workers, drop_last=False,
+    )
+    eval_loader = None
+    if eval_set is not None:
+        eval_loader = torch.utils.data.DataLoader(
+            eval_set, batch_size=r.per_device_eval_batch_size, shuffle=False,
+            collate_fn=D.collate_segmentation, num_workers=r.dataloader_num_workers,
+        )
+
+    # ---- optimiser and schedule
+    groups = model.optimizer_param_groups(r.learning_rate, r.clip_lr_multiplier, r.weight_decay, r.weight_decay_norm)
+    optimizer = torch.optim.AdamW(groups, lr=r.learning_rate, betas=(r.adam_beta1, r.adam_beta2), eps=r.adam_epsilon)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if r.streaming:
+        steps_per_epoch = None
+        max_train_steps = r.max_train_steps
+        num_epochs = sys.maxsize
+    else:
+        steps_per_epoch = math.ceil(len(train_loader) / r.gradient_accumulation_steps)
+        max_train_steps = r.max_train_steps or math.ceil(r.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(r.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=r.num_warmup_steps,
+                                 num_training_steps=max_train_steps)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+
+    if trackers:
+        accelerator.init_trackers(r.project_name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                          for k, v in dataclasses.asdict(r).items()})
+    total_batch = r.per_device_train_batch_size * accelerator.num_processes * r.gradient_accumulation_steps
+    logger.info(f"classes={len(class_names)} train_samples={len(train_set) if not r.streaming else 'stream'} "
+                f"processes={accelerator.num_processes} total_batch={total_batch} steps={max_train_steps}",
+                main_process_only=True)
+
+    # ---- resume
+    completed_steps, start_epoch, resume_batches = 0, 0, 0
+    skipped_total, seen_total = 0, 0
+    if resume_path:
+        accelerator.load_state(resume_path)
+        with open(os.path.join(resume_path, STATE_FILE)) as fh:
+            st = json.load(fh)
+        if st["num_processes"] != accelerator.num_processes or st["per_device_train_batch_size"] != \
+                r.per_device_train_batch_size:
+            logger.warning("resuming with another process count / batch size: the data order will differ")
+        completed_steps, start_epoch, resume_batches = st["completed_steps"], st["epoch"], st["batches_in_epoch"]
+        if accelerator.is_main_process:
+            skipped_total, seen_total = st["skipped_samples"], st["seen_samples"]
+        if steps_per_epoch is not None and resume_batches >= len(train_loader):
+            start_epoch, resume_batches = start_epoch + 1, 0
+        logger.info(f"resumed from {resume_path} at step {completed_steps} (epoch {start_epoch}, "
+                    f"{resume_batches} batches in)", main_process_only=True)
+
+    log_path = os.path.join(r.output_dir, "log.jsonl")
+
+    def log(values: dict, step: int):
+        if trackers:
+            accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+        if accelerator.is_main_process:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": step, **values}) + "\n")
+
+    def run_eval(step: int) -> dict | None:
+        if eval_loader is None:
+            return None
+        metrics = evaluate(model, eval_loader, accelerator, text_inputs, len(class_names), r.ignore_index)
+        log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        logger.info(f"step {step}: eval mIoU {metrics['mIoU']:.2f} pixel acc {metrics['pixel_accuracy']:.2f}",
+                    main_process_only=True)
+        return metrics
+
+    # ---- training loop
+    progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
+                    desc="train")
+    metrics = None
+    if r.eval_before_training and completed_steps == 0:
+        metrics = run_eval(0)
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_count = 0
+    step_start = time.perf_counter()
+    for epoch in range(start_epoch, num_epochs):
+        if completed_steps >= max_train_steps:
+            break
+        train_set.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        batches_in_epoch = 0
+        if epoch == start_epoch and resume_batches:
+            loader = accelerator.skip_first_batches(train_loader, resume_batches)
+            batches_in_epoch = resume_batches
+        for batch in loader:
+            with accelerator.accumulate(model):
+                out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], **text_inputs)
+                loss = out.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and r.max_grad_norm > 0:  # full-model norm (frozen: no grad)
+                    accelerator.clip_grad_norm_(model.parameters(), r.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_in_epoch += 1
+            loss_sum += loss.detach().float()
+            loss_count += 1
+            skipped_total += int(batch["num_skipped"].sum())
+            seen_total += int(batch["labels"].shape[0])
+            if r.on_bad_sample == "skip":
+                D.check_bad_fraction(skipped_total, seen_total, r.max_bad_sample_fraction)
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            completed_steps += 1
+            progress.update(1)
+            if r.logging_steps and completed_steps % r.logging_steps == 0:
+                mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
+                elapsed = time.perf_counter() - step_start
+                lrs = {f"train/lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                log({"train/loss": mean_loss, **lrs,
+                     "train/skipped_samples": skipped_total, "train/epoch": epoch,
+                     "train/sec_per_step": elapsed / r.logging_steps}, completed_steps)
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                loss_sum.zero_()
+                loss_count = 0
+                step_start = time.perf_counter()
+            if r.checkpointing_steps and completed_steps % r.checkpointing_steps == 0:
+                counts = accelerator.reduce(torch.tensor([skipped_total, seen_total], device=accelerator.device),
+                                            "sum").tolist()  # totals over processes; restored on rank 0 only
+                save_checkpoint(accelerator, r, completed_steps, {
+                    "completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                    "skipped_samples": counts[0], "seen_samples": counts[1],
+                    "num_processes": accelerator.num_processes,
+                    "per_device_train_batch_size": r.per_device_train_batch_size,
+                    "gradient_accumulation_steps": r.gradient_accumulation_steps,
+                })
+            if r.eval_steps and completed_steps % r.eval_steps == 0 and completed_steps < max_train_steps:
+                metrics = run_eval(completed_steps)
+            _fault("kill_after_step", completed_steps)
+            if completed_steps >= max_train_steps:
+                break
+    progress.close()
+    if skipped_total:
+        logger.warning(f"{skipped_total} bad training samples were skipped (on_bad_sample=skip)",
+                       main_process_only=True)
+
+    # ---- final validation, save, push
+    metrics = run_eval(completed_steps) or metrics
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.set_default_vocabulary(class_names, processor.tokenizer)
+    unwrapped.save_pretrained(r.output_dir, is_main_process=accelerator.is_main_process,
+                              state_dict=accelerator.get_state_dict(model))
+    skipped_all = int(accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum"))
+    results = {"completed_steps": completed_steps, "skipped_samples": skipped_all, "class_names": class_names}
+    if metrics:
+        results.update({f"eval_{k}": v for k, v in metrics.items()})
+    if accelerator.is_main_process:
+        processor.save_pretrained(r.output_dir)
+        with open(os.path.join(r.output_dir, "all_results.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+        if hub_api is not None:
+            hub_api.upload_folder(folder_path=r.output_dir, repo_id=r.hub_model_id, repo_type="model",
+                                  commit_message="End of training", ignore_patterns=["checkpoints/*", "logs/*"])
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
