@@ -16,6 +16,7 @@ from transformers import (
 from .configuration_disa import DEFAULT_PROMPT_TEMPLATE, DiSaConfig, format_prompts, validate_class_names
 from .image_processing_disa import DiSaImageProcessor
 from .modeling_disa import DiSaForOpenVocabSegmentation, DiSaPreTrainedModel, DiSaSegmentationOutput
+from .pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline  # registers the pipeline task
 from .processing_disa import DiSaProcessor
 
 AutoConfig.register(DiSaConfig.model_type, DiSaConfig, exist_ok=True)
@@ -29,9 +30,11 @@ __all__ = [
     "DiSaConfig",
     "DiSaForOpenVocabSegmentation",
     "DiSaImageProcessor",
+    "DiSaOpenVocabSegmentationPipeline",
     "DiSaPreTrainedModel",
     "DiSaProcessor",
     "DiSaSegmentationOutput",
+    "PIPELINE_TASK",
     "format_prompts",
     "validate_class_names",
 ]

@@ -1,0 +1,196 @@
+"""Pipelines: the registered `open-vocabulary-segmentation` task and the built-in `image-segmentation` one.
+
+References are computed here from the model's logits with the image processor's own post-processing (argmax of the
+bilinearly resized logits) and an inline sigmoid mean, not with the pipeline's helper.
+"""
+
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import pipeline
+
+from modeling_disa import DiSaOpenVocabSegmentationPipeline, PIPELINE_TASK
+
+LABELS = ["cat", "sky", "road", "building, edifice"]
+
+
+def make_image(seed: int, size=(90, 120)) -> Image.Image:
+    array = (np.random.RandomState(seed).rand(*size, 3) * 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def reference_segments(model, processor, image, labels=None):
+    """{label: (bool mask (H, W), score)} from the model directly."""
+    inputs = processor(images=image, text=labels) if labels else processor.image_processor(images=image, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    names = labels or [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    size = (image.height, image.width)
+    segmentation = processor.post_process_semantic_segmentation(SimpleNamespace(logits=logits), target_sizes=[size])[0]
+    probabilities = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].sigmoid()
+    out = {}
+    for class_id in np.unique(segmentation.numpy()):
+        mask = segmentation.numpy() == class_id
+        out[names[class_id]] = (mask, float(probabilities[class_id].numpy()[mask].mean()))
+    return out
+
+
+def as_dict(result):
+    return {entry["label"]: (np.asarray(entry["mask"]) > 127, entry["score"]) for entry in result}
+
+
+def assert_same_segments(result, reference, image, check_scores=True):
+    got = as_dict(result)
+    assert len(got) == len(result), "one entry per label"
+    assert set(got) == set(reference)
+    for label, (mask, score) in reference.items():
+        assert got[label][0].shape == (image.height, image.width)
+        np.testing.assert_array_equal(got[label][0], mask)
+        if check_scores:
+            assert got[label][1] == pytest.approx(score, abs=1e-5)
+    # the masks partition the image
+    assert sum(m.astype(int) for m, _ in got.values()).min() == 1
+
+
+@pytest.fixture
+def segmenter(tiny_model, tiny_processor):
+    return pipeline(PIPELINE_TASK, model=tiny_model, processor=tiny_processor)
+
+
+def test_task_is_registered_with_an_auto_class():
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    task = PIPELINE_REGISTRY.supported_tasks[PIPELINE_TASK]
+    assert task["impl"] is DiSaOpenVocabSegmentationPipeline
+    assert task["pt"] == (AutoModel,)
+
+
+def test_open_vocabulary_pipeline_matches_the_model(segmenter, tiny_model, tiny_processor):
+    assert isinstance(segmenter, DiSaOpenVocabSegmentationPipeline)
+    image = make_image(0)
+    result = segmenter(image, candidate_labels=LABELS)
+    assert all(entry["mask"].mode == "L" and entry["mask"].size == image.size for entry in result)
+    assert {e["label"] for e in result} <= set(LABELS)
+    assert_same_segments(result, reference_segments(tiny_model, tiny_processor, image, LABELS), image)
+
+
+def test_batched_images_equal_single_runs(segmenter, tiny_model, tiny_processor):
+    images = [make_image(1), make_image(2, size=(64, 80)), make_image(3)]
+    batched = segmenter(images, candidate_labels=LABELS, batch_size=2)
+    assert isinstance(batched, list) and len(batched) == 3
+    for image, result in zip(images, batched):
+        assert_same_segments(result, reference_segments(tiny_model, tiny_processor, image, LABELS), image)
+
+
+def test_default_vocabulary_and_builtin_image_segmentation(segmenter, tiny_model, tiny_processor):
+    image = make_image(4)
+    reference = reference_segments(tiny_model, tiny_processor, image)
+    assert set(reference) <= set(tiny_model.config.id2label.values())
+    assert_same_segments(segmenter(image), reference, image)
+
+    builtin = pipeline("image-segmentation", model=tiny_model, image_processor=tiny_processor.image_processor)
+    result = builtin(image)
+    assert all(entry["score"] is None for entry in result)  # the built-in semantic branch gives no score
+    assert_same_segments(result, reference, image, check_scores=False)
+
+
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        ([], ValueError, "empty"),
+        (["cat", 3], TypeError, "strings"),
+        (["cat", ""], TypeError, "strings"),
+        ("cat", TypeError, r"\['cat'\]"),
+        (["cat", "cat"], ValueError, "duplicate"),
+        ({"cat": 1}, TypeError, "list of strings"),
+    ],
+)
+def test_bad_candidate_labels(segmenter, labels, error, match):
+    with pytest.raises(error, match=match):
+        segmenter(make_image(0), candidate_labels=labels)
+
+
+def test_image_url_while_offline_fails_fast(segmenter, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="offline mode"):
+        segmenter("https://example.com/cat.png", candidate_labels=["cat"])
+    assert time.monotonic() - start < 5
+
+
+def test_unknown_argument_and_missing_file(segmenter, tmp_path):
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        segmenter(make_image(0), candidate_labels=["cat"], threshold=0.5)
+    with pytest.raises((FileNotFoundError, ValueError, OSError)):
+        segmenter(str(tmp_path / "missing.png"), candidate_labels=["cat"])
+
+
+def test_local_path_input(segmenter, tiny_model, tiny_processor, tmp_path):
+    image = make_image(5)
+    image.save(tmp_path / "img.png")
+    result = segmenter(str(tmp_path / "img.png"), candidate_labels=LABELS)
+    assert_same_segments(result, reference_segments(tiny_model, tiny_processor, image, LABELS), image)
+
+
+def test_saved_folder_pipelines_in_a_fresh_process_without_the_package(tiny_model, tiny_processor, tmp_path):
+    from modeling_disa.hub import save_for_hub
+
+    folder = save_for_hub(tiny_model, tiny_processor, tmp_path / "repo", repo_id="tester/disa-tiny")
+    image = make_image(6)
+    image.save(tmp_path / "img.png")
+    expected_ov = {k: (m, s) for k, (m, s) in reference_segments(tiny_model, tiny_processor, image, LABELS).items()}
+    expected_default = reference_segments(tiny_model, tiny_processor, image)
+    torch.save(
+        {
+            "ov": {k: (torch.from_numpy(m), s) for k, (m, s) in expected_ov.items()},
+            "default": {k: torch.from_numpy(m) for k, (m, _) in expected_default.items()},
+        },
+        tmp_path / "expected.pt",
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["modeling_disa"] = None
+        import numpy as np, torch
+        from PIL import Image
+        from transformers import pipeline
+        folder, labels = {str(folder)!r}, {LABELS!r}
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        image = Image.open({str(tmp_path / "img.png")!r})
+
+        ov = pipeline(model=folder, trust_remote_code=True)   # the task comes from config.custom_pipelines
+        assert type(ov).__name__ == "DiSaOpenVocabSegmentationPipeline", type(ov)
+        assert type(ov).__module__.startswith("transformers_modules"), type(ov).__module__
+        got = {{e["label"]: e for e in ov(image, candidate_labels=labels)}}
+        assert set(got) == set(expected["ov"]), (set(got), set(expected["ov"]))
+        for label, (mask, score) in expected["ov"].items():
+            assert np.array_equal(np.asarray(got[label]["mask"]) > 127, mask.numpy()), label
+            assert abs(got[label]["score"] - score) < 1e-5, (label, got[label]["score"], score)
+        batched = ov([image, image], candidate_labels=labels, batch_size=2)
+        assert [sorted(e["label"] for e in r) for r in batched] == [sorted(expected["ov"])] * 2
+
+        seg = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+        got = {{e["label"]: np.asarray(e["mask"]) > 127 for e in seg(image)}}
+        assert set(got) == set(expected["default"]), (set(got), set(expected["default"]))
+        for label, mask in expected["default"].items():
+            assert np.array_equal(got[label], mask.numpy()), label
+        print("OK", type(seg.model).__module__)
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin",
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "OK transformers_modules" in result.stdout
