@@ -6,7 +6,7 @@
   torch.utils.flop_counter.FlopCounterMode under eager attention (so attention matmuls are counted), with
   precomputed text embeddings (the text encoder is not part of a view's cost). 847 classes are capped to 256.
 - Latency ratio DiSa / CAT-Seg on the ViT-B preset, 150 classes, precomputed text embeddings, batch 1, the two
-  models run interleaved in one process (median over rounds), on the chosen device.
+  models run interleaved in one process (median of the per-round ratios), on the chosen device.
 
 Writes benchmarks/results/disa_efficiency_<device>.json.
 Usage: python benchmarks/disa_efficiency.py [--device cpu|cuda] [--rounds 5] [--skip-flops] [--dtype float32|bfloat16]
@@ -120,10 +120,13 @@ def measure_latency(device: str, rounds: int, dtype) -> dict:
                 sync()
                 times[mode].append(time.perf_counter() - start)
     median = {mode: statistics.median(values) for mode, values in times.items()}
+    # each round runs both models back to back, so the per-round ratio cancels slow drifts of the machine's load
+    paired = [d / c for d, c in zip(times["disa"], times["catseg"])]
     return {
         "seconds": {mode: [round(t, 4) for t in values] for mode, values in times.items()},
         "median_seconds": {mode: round(t, 4) for mode, t in median.items()},
-        "ratio_disa_over_catseg": round(median["disa"] / median["catseg"], 4),
+        "per_round_ratio": [round(r, 4) for r in paired],
+        "ratio_disa_over_catseg": round(statistics.median(paired), 4),
         "dtype": str(dtype).removeprefix("torch."),
         "classes": 150,
         "rounds": rounds,

@@ -298,3 +298,21 @@ def test_disa_vit_l_preset_is_within_3_percent_of_the_paper():
     count = sum(p.numel() for p in model.parameters())
     assert count == 449_594_011
     assert abs(count - 456.2e6) / 456.2e6 < 0.03  # the paper reports 456.2 M
+
+
+def test_from_clip_pretrained_loads_clip_weights_and_sets_up_qv_finetuning(tmp_path, tiny_config):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(3)
+    clip = CLIPModel(CLIPConfig(text_config=tiny_config.text_config.to_dict(),
+                                vision_config=tiny_config.vision_config.to_dict(), projection_dim=32))
+    clip.save_pretrained(tmp_path / "clip")
+    model = DiSaForOpenVocabSegmentation.from_clip_pretrained(tmp_path / "clip", config=PRESETS / "disa-tiny")
+    reference = clip.state_dict()
+    loaded = model.clip.state_dict()
+    assert reference.keys() == loaded.keys() and all(torch.equal(reference[k], loaded[k]) for k in reference)
+    assert model.config.clip_resolution == 128 and model.config.hidden_dim == tiny_config.hidden_dim
+    trainable = [n for n, p in model.clip.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in trainable)
+    with pytest.raises(OSError):
+        DiSaForOpenVocabSegmentation.from_clip_pretrained(tmp_path / "missing", config=PRESETS / "disa-tiny")

@@ -256,23 +256,29 @@ def resolve_class_names(recipe_names, dataset_names: list[str] | None, source: s
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _open_encoded(value, index, what: str):
+    """A `datasets` Image value ({"bytes", "path"}), raw bytes, a path or a PIL image -> PIL image; None for an
+    array-like value (decoded by the caller)."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if value.get("path"):
+            return Image.open(value["path"])
+        raise BadSampleError(index, f"{what} entry has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, str):
+        return Image.open(value)
+    if isinstance(value, Image.Image):
+        return value
+    return None
+
+
 def decode_image(value, index) -> np.ndarray:
     """-> uint8 (H, W, 3) RGB."""
     try:
-        if isinstance(value, dict):
-            if value.get("bytes") is not None:
-                img = Image.open(io.BytesIO(value["bytes"]))
-            elif value.get("path"):
-                img = Image.open(value["path"])
-            else:
-                raise BadSampleError(index, "image entry has neither bytes nor path")
-        elif isinstance(value, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(value))
-        elif isinstance(value, str):
-            img = Image.open(value)
-        elif isinstance(value, Image.Image):
-            img = value
-        else:
+        img = _open_encoded(value, index, "image")
+        if img is None:
             arr = np.asarray(value)
             if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
                 arr = arr.transpose(1, 2, 0)
@@ -294,18 +300,8 @@ def decode_image(value, index) -> np.ndarray:
 def decode_label(value, index) -> np.ndarray:
     """-> integer (H, W) array (uint8, uint16 or int32/int64), class ids as stored."""
     try:
-        if isinstance(value, dict):
-            src = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
-            if src is None:
-                raise BadSampleError(index, "label entry has neither bytes nor path")
-            img = Image.open(src)
-        elif isinstance(value, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(value))
-        elif isinstance(value, str):
-            img = Image.open(value)
-        elif isinstance(value, Image.Image):
-            img = value
-        else:
+        img = _open_encoded(value, index, "label")
+        if img is None:
             arr = np.asarray(value)
             if arr.ndim == 3 and arr.shape[0] == 1:
                 arr = arr[0]
