@@ -108,6 +108,7 @@ def measure_latency(device: str, rounds: int, dtype) -> dict:
     embeds = text_embeds(models["catseg"], 150, device, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = {mode: [] for mode in models}
+    cpu_times = {mode: [] for mode in models}
     with torch.inference_mode():
         for _ in range(2):  # warm-up
             for model in models.values():
@@ -115,10 +116,11 @@ def measure_latency(device: str, rounds: int, dtype) -> dict:
         for _ in range(rounds):
             for mode, model in models.items():
                 sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 model(pixel_values=pixels, text_embeds=embeds)
                 sync()
                 times[mode].append(time.perf_counter() - start)
+                cpu_times[mode].append(time.process_time() - cpu_start)
     median = {mode: statistics.median(values) for mode, values in times.items()}
     # each round runs both models back to back, so the per-round ratio cancels slow drifts of the machine's load
     paired = [d / c for d, c in zip(times["disa"], times["catseg"])]
@@ -127,6 +129,11 @@ def measure_latency(device: str, rounds: int, dtype) -> dict:
         "median_seconds": {mode: round(t, 4) for mode, t in median.items()},
         "per_round_ratio": [round(r, 4) for r in paired],
         "ratio_disa_over_catseg": round(statistics.median(paired), 4),
+        # CPU time of this process: less sensitive than wall time to other processes sharing the cores
+        "cpu_seconds": {mode: [round(t, 4) for t in values] for mode, values in cpu_times.items()},
+        "cpu_time_ratio_disa_over_catseg": round(
+            statistics.median([d / c for d, c in zip(cpu_times["disa"], cpu_times["catseg"])]), 4
+        ),
         "dtype": str(dtype).removeprefix("torch."),
         "classes": 150,
         "rounds": rounds,
@@ -138,18 +145,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--skip-flops", action="store_true")
+    parser.add_argument("--skip-flops", action="store_true", help="keep the GFLOPs of an earlier result file")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
     results = {"command": " ".join(sys.argv), "machine": machine(args.device), "parameters": count_parameters()}
     print(json.dumps(results["parameters"], indent=1), flush=True)
+    output = Path(args.output or REPO / "benchmarks" / "results" / f"disa_efficiency_{args.device.split(':')[0]}.json")
     if not args.skip_flops:
         results["gflops_per_view"] = count_flops(args.device)
+    elif output.exists():
+        results["gflops_per_view"] = json.loads(output.read_text()).get("gflops_per_view")
     results["latency_vit_b_16"] = measure_latency(args.device, args.rounds, dtype)
     print(json.dumps(results["latency_vit_b_16"], indent=1))
-    output = Path(args.output or REPO / "benchmarks" / "results" / f"disa_efficiency_{args.device.split(':')[0]}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {output}")
