@@ -289,3 +289,23 @@ def test_recipes_parse_and_cli_overrides(tmp_path):
     help_text = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, env=env()).stdout
     for name in train.RECIPE_FIELDS:
         assert f"--{name}" in help_text
+
+
+from test_hub_publish import hub  # noqa: E402,F401  (loopback Hub stub fixture)
+
+
+def test_push_to_hub_uploads_the_complete_repo(hub, tmp_path):  # noqa: F811
+    from safetensors.torch import load as load_bytes
+
+    res = main_in_process(["--class_names", *CLASSES, "--push_to_hub", "--hub_model_id", "tester/disa-trained",
+                           "--hub_token", "stub-token"], tmp_path, make_split(4, 0), make_split(2, 1))
+    assert res["completed_steps"] == 2
+    files = hub.files("tester/disa-trained")
+    assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md",
+            "modeling_disa.py", "pipeline_disa.py"} <= set(files)
+    assert not any(name.startswith(("checkpoints/", "logs/")) for name in files)
+    pushed, local = load_bytes(files["model.safetensors"]), weights(str(tmp_path / "out"))
+    assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
+    config = json.loads(files["config.json"])
+    assert "open-vocabulary-segmentation" in config["custom_pipelines"]
+    assert [config["id2label"][str(i)] for i in range(len(CLASSES))] == CLASSES

@@ -130,6 +130,10 @@ class TrainingRecipe:
     push_to_hub: bool = _f(False, "Upload output_dir to the Hub at the end.")
     hub_model_id: typing.Optional[str] = _f(None, "Hub repo id for push_to_hub.")
     hub_token: typing.Optional[str] = _f(None, "Hub token (default: the cached login).")
+    # ---- offline toy world (dataset_name: toy-world; see training/toy_world_job.py)
+    toy_world: typing.Optional[dict] = _f(None, "Toy-world settings (yaml mapping; on the command line a yaml/JSON "
+                                                "string such as '{num_train: 64}'): world size, seed, toy CLIP "
+                                                "pretraining, comparison runs. Used when dataset_name is toy-world.")
 
 
 RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(TrainingRecipe)}
@@ -151,6 +155,20 @@ def _optional(convert):
 
     parse.__name__ = getattr(convert, "__name__", "value")
     return parse
+
+
+def _mapping(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a yaml/JSON mapping, got {text!r}")
+    return value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _unwrap_optional(tp):
@@ -180,13 +198,17 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         "--config yaml and overridden here.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="Recipe yaml (configuration/training/*.yaml).")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="Recipe yaml (configuration/training/*.yaml; "
+                        "default: the offline toy world, toy_world.yaml).")
     for name, f in RECIPE_FIELDS.items():
         tp, optional = _unwrap_optional(RECIPE_TYPES[name])
         kwargs = {"default": argparse.SUPPRESS, "dest": name}
         if typing.get_origin(tp) in (list, typing.List):
             kwargs["nargs"] = "*"
             kwargs["metavar"] = "NAME"
+        elif tp is dict:
+            kwargs["type"] = _optional(_mapping)
+            kwargs["metavar"] = "YAML"
         elif tp is bool:
             kwargs["type"] = _bool
             kwargs["nargs"] = "?"
@@ -200,9 +222,13 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     return parser
 
 
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configuration", "training", "toy_world.yaml")
+
+
 def parse_args(argv=None) -> TrainingRecipe:
+    """Without `--config`, the default recipe is the offline toy world (`configuration/training/toy_world.yaml`)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
+    pre.add_argument("--config", default=DEFAULT_CONFIG)
     known, _ = pre.parse_known_args(argv)
     values = {name: f.default for name, f in RECIPE_FIELDS.items()}
     if known.config:
@@ -213,7 +239,9 @@ def parse_args(argv=None) -> TrainingRecipe:
             raise SystemExit(f"{known.config}: unknown recipe field(s) {unknown}")
         values.update({k: _coerce(k, v) for k, v in loaded.items()})
     args = build_parser(values).parse_args(argv)
-    values.update({k: v for k, v in vars(args).items() if k in RECIPE_FIELDS})
+    for k, v in vars(args).items():
+        if k in RECIPE_FIELDS:  # a mapping given on the command line updates the recipe's mapping
+            values[k] = _merge(values[k], v) if isinstance(v, dict) and isinstance(values[k], dict) else v
     if values.get("class_names") == []:
         values["class_names"] = None
     recipe = TrainingRecipe(**values)
@@ -529,9 +557,20 @@ def _trackers(report_to: str):
     return None if report_to in ("none", "") else report_to
 
 
+TOY_WORLD = "toy-world"
+
+
 def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
     r = parse_args(argv)
+    if r.dataset_name == TOY_WORLD and train_dataset is None:
+        from training import toy_world_job
 
+        return toy_world_job.run(r, train)
+    return train(r, train_dataset, eval_dataset)
+
+
+def train(r: TrainingRecipe, train_dataset=None, eval_dataset=None) -> dict:
+    """One training run of a parsed recipe (section 6); returns the final results dict."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -753,8 +792,12 @@ def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
         with open(os.path.join(r.output_dir, "all_results.json"), "w") as fh:
             json.dump(results, fh, indent=1)
         if hub_api is not None:
-            hub_api.upload_folder(folder_path=r.output_dir, repo_id=r.hub_model_id, repo_type="model",
-                                  commit_message="End of training", ignore_patterns=["checkpoints/*", "logs/*"])
+            # the complete Hub repo (weights, processor, code, custom pipeline, model card with the validation
+            # results), not the raw output folder with its checkpoints and logs
+            from modeling_disa.hub import publish_to_hub
+
+            publish_to_hub(unwrapped, processor, r.hub_model_id, token=r.hub_token,
+                           commit_message="End of training")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

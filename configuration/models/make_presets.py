@@ -3,6 +3,8 @@
 - `disa-vit-b-16`: openai/clip-vit-base-patch16 geometry, CLIP input 384, DiSa (SDM + HRM on).
 - `disa-vit-l-14-336`: openai/clip-vit-large-patch14-336 geometry, CLIP input 336, DiSa (SDM + HRM on).
 - `catseg-vit-b-16`, `catseg-vit-l-14-336`: the same with every DiSa switch off, i.e. exactly CAT-Seg.
+- `disa-toy`, `catseg-toy`: the head of the offline toy world (`modeling_disa/toy_world.py`, recipe
+  `configuration/training/toy_world.yaml`); the CLIP towers come from the pretrained toy CLIP.
 - `disa-tiny`: a tiny CLIP for tests and the offline demo, with a character-level CLIP tokenizer built locally and
   a processor saved beside the config, so `DiSaProcessor.from_pretrained` works offline.
 
@@ -85,6 +87,37 @@ def tiny_config(tokenizer: CLIPTokenizer) -> DiSaConfig:
     )
 
 
+def toy_config(use_disa: bool) -> DiSaConfig:
+    """Head for the toy world's tiny CLIP (64 px, patch 8: an 8x8 grid, 64-d towers; the tower configs below are
+    placeholders replaced by `from_clip_pretrained`). No class cap: the toy vocabulary has 16 / 24 classes."""
+    from modeling_disa.toy_world import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return DiSaConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=64, patch_size=8, projection_dim=64),
+        projection_dim=64,
+        clip_resolution=64,
+        guidance_layers=[1, 2],
+        window_size=4,
+        hidden_dim=32,
+        appearance_guidance_dim=32,
+        text_guidance_dim=32,
+        class_cap=0,
+        decoder_dims=[32, 16],
+        decoder_guidance_dims=[32, 16],
+        decoder_guidance_proj_dims=[8, 4],
+        decoder_group_norm_channels=8,
+        sdm_num_heads=4,
+        use_sdm=use_disa,
+        use_hrm=use_disa,
+    )
+
+
 def strip_remote_code(folder: Path) -> None:
     """Presets are read through the installed package, so they carry no copies of its code (which would go
     stale) and no `auto_map` pointing at such copies."""
@@ -103,6 +136,9 @@ def main() -> None:
         DiSaConfig(**values).save_pretrained(HERE / f"catseg-{name}")
         DiSaConfig(**values, use_sdm=True, use_hrm=True).save_pretrained(HERE / f"disa-{name}")
 
+    toy_config(True).save_pretrained(HERE / "disa-toy")
+    toy_config(False).save_pretrained(HERE / "catseg-toy")
+
     tokenizer = char_level_clip_tokenizer()
     config = tiny_config(tokenizer)
     # The default vocabulary's prompt tokens live in the config; the model is built on the meta device only
@@ -119,7 +155,8 @@ def main() -> None:
         prompt_templates=list(config.prompt_templates),
     )
     processor.save_pretrained(HERE / "disa-tiny")
-    for folder in ("catseg-vit-b-16", "catseg-vit-l-14-336", "disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny"):
+    for folder in ("catseg-vit-b-16", "catseg-vit-l-14-336", "disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny",
+                   "disa-toy", "catseg-toy"):
         strip_remote_code(HERE / folder)
 
 

@@ -1,0 +1,106 @@
+"""The offline toy world (modeling_disa/toy_world.py) and the default training job on it (training/train.py with
+configuration/training/toy_world.yaml), shortened: a small world, a few CLIP and DiSa steps."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from modeling_disa import toy_world as W  # noqa: E402
+
+
+def test_vocabulary_split_is_compositional():
+    seen, unseen = set(W.SEEN_IDS), set(W.UNSEEN_IDS)
+    assert not seen & unseen and len(seen | unseen) == len(W.CLASS_NAMES) == 24
+    assert len(unseen) == 8 and set(W.STUFF_IDS) & unseen and set(W.THING_IDS) & unseen
+    seen_words = {w for i in W.SEEN_IDS for w in W.CLASS_NAMES[i].split()}
+    for i in W.UNSEEN_IDS:  # every unseen class is a new combination of seen words
+        assert set(W.CLASS_NAMES[i].split()) <= seen_words
+
+
+def test_scenes_are_deterministic_and_labels_match_images():
+    settings = W.WorldSettings(seed=3, num_train=6, num_validation=2, num_test=6)
+    a, b = W.generate_split(settings, "test"), W.generate_split(settings, "test")
+    for x, y in zip(a["image"], b["image"]):
+        np.testing.assert_array_equal(x, y)
+    assert a["caption"] == b["caption"]
+    c = W.generate_split(W.WorldSettings(seed=4, num_test=6), "test")
+    assert any((x != y).any() for x, y in zip(a["image"], c["image"]))
+    for img, lab, cap, classes in zip(a["image"], a["label"], a["caption"], a["classes"]):
+        assert img.shape == (64, 64, 3) and lab.shape == (64, 64)
+        assert set(np.unique(lab).tolist()) == set(classes)
+        for c_id in classes:  # captions mention every class of the image
+            assert W.CLASS_NAMES[c_id] in cap
+            colour = np.asarray(W.COLORS[W.VOCAB["colors"][c_id]], float)
+            pixels = img[lab == c_id].astype(float)
+            if W.VOCAB["kinds"][c_id] == "thing":  # solid shapes: the pixels are (noisy) the named colour
+                assert np.abs(np.median(pixels, 0) - colour).max() < 20
+            else:  # textures: the brightest pixels are the named colour
+                assert np.abs(np.percentile(pixels, 95, axis=0) - colour).max() < 40
+    train = W.generate_split(settings, "train")
+    for lab in train["label"]:  # training labels index the seen vocabulary only
+        assert lab.max() < len(W.SEEN_IDS)
+
+
+def test_dataset_features_and_tokenizer():
+    ds = W.build_dataset(W.WorldSettings(seed=0, num_train=4, num_validation=2, num_test=3))
+    assert ds["train"].features["classes"].feature.names == W.SEEN_NAMES
+    assert ds["test"].features["classes"].feature.names == W.CLASS_NAMES
+    tok = W.build_tokenizer()
+    for word in W.world_words():
+        assert len(tok.tokenize(word)) == 1, word
+    ids = tok("A photo of a green triangle in the scene")["input_ids"]
+    assert tok.unk_token_id not in ids[1:-1]
+
+
+def test_default_recipe_is_the_toy_world():
+    from training import train
+
+    r = train.parse_args([])
+    assert r.dataset_name == "toy-world" and r.model_preset.endswith("disa-toy") and r.output_dir
+    r = train.parse_args(["--toy_world", "{num_train: 32, clip: {batch_size: 16}}"])
+    assert r.toy_world["num_train"] == 32 and r.toy_world["num_test"] == 300  # merged into the recipe's mapping
+    assert r.toy_world["clip"] == {"steps": 800, "batch_size": 16}
+
+
+def test_clip_pretraining_is_deterministic(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    settings = W.ClipSettings(steps=2, batch_size=8, warmup_steps=1)
+    for name in ("a", "b"):
+        W.pretrain_clip(settings, str(tmp_path / name), progress=False)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "tokenizer.json").is_file()
+
+
+def test_default_job_shortened(tmp_path):
+    """The default job, shortened: artifacts exist and the metrics are finite."""
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO, DISA_TOY_CACHE=str(tmp_path / "cache"))
+    toy = ("{num_train: 16, num_validation: 4, num_test: 8, clip: {steps: 4, batch_size: 16, warmup_steps: 1}}")
+    cmd = [sys.executable, os.path.join(REPO, "training", "train.py"), "--output_dir", str(out),
+           "--max_train_steps", "3", "--per_device_train_batch_size", "4", "--toy_world", toy]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json",
+                 "sample_overlay.png", "sample_saliency.png", "toy_world_results.json", "toy_world_results.md",
+                 "catseg-mode/model.safetensors"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "toy_world_results.json").read_text())
+    assert set(report["results"]) >= {"DiSa", "CAT-Seg mode", "dense CLIP (untrained head)"}
+    for res in report["results"].values():
+        for key in ("mIoU", "seen", "stuff", "things", "pixel_accuracy"):
+            assert math.isfinite(res[key]), (key, res)
+    assert "| DiSa |" in proc.stdout
+    # one cached world and one cached CLIP, under the hash of their settings
+    assert len([n for n in os.listdir(tmp_path / "cache") if n.startswith(("clip-", "world-"))]) == 2

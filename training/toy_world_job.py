@@ -1,0 +1,260 @@
+"""The toy-world job behind the default `accelerate launch training/train.py` (recipe
+`configuration/training/toy_world.yaml`, `dataset_name: toy-world`):
+
+  1. prepare: generate the procedural world as a `save_to_disk` DatasetDict and pretrain (or load) the tiny CLIP,
+     both cached by a hash of their settings (`modeling_disa.toy_world`);
+  2. train DiSa on the seen classes with the ordinary training loop (`train_fn`, i.e. `train.train`);
+  3. train the same head in CAT-Seg mode (use_sdm / use_hrm off, preset `toy_world.catseg_preset`);
+  4. report: on the test split (all 24 classes, seen + unseen), mIoU over seen / unseen / stuff / things classes for
+     DiSa, CAT-Seg mode, the untrained dense-CLIP baseline (argmax of the cosine cost volume of the toy CLIP) and
+     the majority-class baseline; the pipeline on a sample image -> overlay PNG, SDM saliency -> saliency PNG;
+     `toy_world_results.json` / `.md` and a printed table.
+
+Settings live in the recipe's `toy_world` mapping (keys of `DEFAULTS`; `clip` holds `ClipSettings` fields). Single
+process: the toy job is sized for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+DEFAULTS = {
+    "seed": 0,
+    "image_size": 64,
+    "num_train": 2000,
+    "num_validation": 64,
+    "num_test": 300,
+    "cache_dir": None,  # default ~/.cache/disa/toy_world (or $DISA_TOY_CACHE)
+    "clip": {},  # ClipSettings overrides
+    "compare_catseg": True,
+    "catseg_preset": "configuration/models/catseg-toy",
+    "sample_index": 0,  # test image used for the pipeline / saliency pictures
+    "eval_batch_size": 32,
+}
+
+
+def settings_from_recipe(r) -> dict:
+    values = dict(DEFAULTS)
+    values.update(r.toy_world or {})
+    unknown = sorted(set(values) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f"unknown toy_world setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    return values
+
+
+def prepare(r, repo_path=lambda p: p):
+    """-> (recipe pointing at the generated dataset and the cached toy CLIP, info dict)."""
+    from modeling_disa import toy_world as W
+
+    s = settings_from_recipe(r)
+    cache = s["cache_dir"] or W.default_cache_root()
+    world = W.WorldSettings(seed=s["seed"], image_size=s["image_size"], num_train=s["num_train"],
+                            num_validation=s["num_validation"], num_test=s["num_test"])
+    clip_values = {"seed": s["seed"], "image_size": s["image_size"], **(s["clip"] or {})}
+    clip = W.ClipSettings(**clip_values)
+    t0 = time.perf_counter()
+    world_dir = W.ensure_world_dataset(world, cache)
+    t1 = time.perf_counter()
+    clip_dir = W.ensure_toy_clip(clip, cache)
+    t2 = time.perf_counter()
+    with open(os.path.join(clip_dir, "toy_clip_pretraining.json")) as fh:
+        clip_info = json.load(fh)
+    print(f"[toy world] dataset {world_dir} ({t1 - t0:.1f}s); toy CLIP {clip_dir} ({t2 - t1:.1f}s, pretraining "
+          f"loss {clip_info['first_loss']:.3f} -> {clip_info['final_loss']:.3f}, zero-shot stuff accuracy "
+          f"{clip_info['zero_shot_accuracy']})", flush=True)
+    prepared = dataclasses.replace(
+        r, dataset_name=world_dir, clip_model_name_or_path=clip_dir, class_names_feature="classes",
+        validation_split=r.validation_split or "validation",
+    )
+    info = {"world_dir": world_dir, "clip_dir": clip_dir, "world_settings": dataclasses.asdict(world),
+            "clip_settings": dataclasses.asdict(clip), "clip_pretraining": clip_info,
+            "prepare_seconds": {"world": round(t1 - t0, 1), "clip": round(t2 - t1, 1)}}
+    return prepared, s, info
+
+
+def run(r, train_fn, repo_path=lambda p: p) -> dict:
+    start = time.perf_counter()
+    prepared, s, info = prepare(r, repo_path)
+    timings = dict(info["prepare_seconds"])
+
+    t = time.perf_counter()
+    print("[toy world] training DiSa (SDM + HRM) on the seen classes", flush=True)
+    disa_train = train_fn(prepared)
+    timings["train_disa"] = round(time.perf_counter() - t, 1)
+    runs = {"DiSa": prepared.output_dir}
+    if s["compare_catseg"]:
+        t = time.perf_counter()
+        print("[toy world] training CAT-Seg mode (SDM / HRM off) on the seen classes", flush=True)
+        catseg = dataclasses.replace(prepared, model_preset=s["catseg_preset"], model_name_or_path=None,
+                                     output_dir=os.path.join(prepared.output_dir, "catseg-mode"),
+                                     overwrite_output_dir=True)
+        train_fn(catseg)
+        timings["train_catseg"] = round(time.perf_counter() - t, 1)
+        runs["CAT-Seg mode"] = catseg.output_dir
+
+    t = time.perf_counter()
+    report = make_report(prepared, s, info, runs)
+    timings["report"] = round(time.perf_counter() - t, 1)
+    timings["total"] = round(time.perf_counter() - start, 1)
+    report["timings_seconds"] = timings
+    report["disa_training"] = {k: v for k, v in disa_train.items() if k != "eval_per_class_iou"}
+    write_report(prepared.output_dir, report)
+    print(report["table_markdown"], flush=True)
+    print(f"[toy world] done in {timings['total']:.0f}s; results in {prepared.output_dir}/toy_world_results.json",
+          flush=True)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def _load_test(world_dir: str):
+    import datasets
+
+    test = datasets.load_from_disk(world_dir)["test"]
+    images = np.stack([np.asarray(im.convert("RGB")) for im in test["image"]])
+    labels = np.stack([np.asarray(lab) for lab in test["label"]]).astype(np.int64)
+    return test, images, labels
+
+
+def _train_majority_class(world_dir: str) -> int:
+    """Most frequent labelled class of the training split, as a global class id."""
+    import datasets
+
+    from modeling_disa import toy_world as W
+
+    train = datasets.load_from_disk(world_dir)["train"]
+    counts = np.zeros(len(W.SEEN_IDS), np.int64)
+    for lab in train["label"]:
+        a = np.asarray(lab)
+        counts += np.bincount(a[a < len(W.SEEN_IDS)].ravel(), minlength=len(W.SEEN_IDS))
+    return int(W.SEEN_IDS[int(counts.argmax())])
+
+
+def _predict(fn, images: np.ndarray, batch_size: int, size: int) -> np.ndarray:
+    from modeling_disa.toy_world import normalize_images
+
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            logits = fn(normalize_images(images[i:i + batch_size])).float()
+            logits = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+            preds.append(logits.argmax(1).numpy())
+    return np.concatenate(preds)
+
+
+def subset_scores(pred: np.ndarray, labels: np.ndarray) -> dict:
+    """mIoU (%) over the classes present in the test ground truth, for all / seen / unseen / stuff / things classes,
+    pixel accuracy, and the harmonic mean of seen and unseen mIoU (the usual generalised zero-shot summary)."""
+    from modeling_disa import toy_world as W
+    from modeling_disa.metrics import SegmentationConfusionMatrix
+
+    cm = SegmentationConfusionMatrix(len(W.CLASS_NAMES), ignore_index=255, device="cpu")
+    cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(labels))
+    res = cm.compute(rule="present_in_gt")
+    iou = np.asarray(res["per_category_iou"].tolist(), dtype=np.float64) * 100
+
+    def mean(ids):
+        vals = [iou[i] for i in ids if iou[i] == iou[i]]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    out = {"mIoU": mean(range(len(W.CLASS_NAMES))), "seen": mean(W.SEEN_IDS), "unseen": mean(W.UNSEEN_IDS),
+           "stuff": mean(W.STUFF_IDS), "things": mean(W.THING_IDS),
+           "unseen_stuff": mean([i for i in W.UNSEEN_IDS if i in W.STUFF_IDS]),
+           "unseen_things": mean([i for i in W.UNSEEN_IDS if i in W.THING_IDS]),
+           "pixel_accuracy": float(res["pixel_accuracy"]) * 100}
+    out["harmonic"] = (2 * out["seen"] * out["unseen"] / (out["seen"] + out["unseen"])
+                       if out["seen"] + out["unseen"] > 0 else 0.0)
+    out["per_class_iou"] = {W.CLASS_NAMES[i]: (None if iou[i] != iou[i] else float(iou[i]))
+                            for i in range(len(W.CLASS_NAMES))}
+    return out
+
+
+def make_report(r, s, info, runs: dict) -> dict:
+    from transformers import CLIPModel
+
+    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
+    from modeling_disa import toy_world as W
+
+    test, images, labels = _load_test(info["world_dir"])
+    size = labels.shape[-1]
+    bs = int(s["eval_batch_size"])
+    processor = DiSaProcessor.from_pretrained(r.output_dir)
+    text = processor(text=list(W.CLASS_NAMES), return_tensors="pt")
+    text = {"input_ids": text["input_ids"], "attention_mask": text.get("attention_mask")}
+    results, models = {}, {}
+    for name, folder in runs.items():
+        model = DiSaForOpenVocabSegmentation.from_pretrained(folder).eval()
+        models[name] = model
+        pred = _predict(lambda pv, m=model: m(pixel_values=pv, **text).logits, images, bs, size)
+        results[name] = subset_scores(pred, labels)
+    clip = CLIPModel.from_pretrained(info["clip_dir"]).eval()
+    clip_res = models["DiSa"].config.clip_resolution
+    pred = _predict(lambda pv: W.dense_clip_logits(clip, pv, text["input_ids"], text["attention_mask"], clip_res),
+                    images, bs, size)
+    results["dense CLIP (untrained head)"] = subset_scores(pred, labels)
+    majority = _train_majority_class(info["world_dir"])
+    results[f"majority class ({W.CLASS_NAMES[majority]})"] = subset_scores(np.full_like(labels, majority), labels)
+
+    pictures = make_pictures(r.output_dir, test, images, models["DiSa"], processor, int(s["sample_index"]))
+    table = results_table(results, len(images))
+    return {"results": results, "pictures": pictures, "table_markdown": table, "class_names": W.CLASS_NAMES,
+            "seen_classes": W.SEEN_NAMES, "unseen_classes": [W.CLASS_NAMES[i] for i in W.UNSEEN_IDS],
+            "num_test_images": len(images), "toy_world": info, "runs": runs}
+
+
+def make_pictures(output_dir, test, images, model, processor, index: int) -> dict:
+    """The saved model through the open-vocabulary pipeline on one test image -> overlay PNG; the SDM saliency and
+    foreground masks of the same image -> saliency PNG."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from modeling_disa import PIPELINE_TASK, toy_world as W
+    from modeling_disa.visualize import overlay_segmentation, render_saliency, segmentation_from_pipeline
+
+    index = index % len(images)
+    image = Image.fromarray(images[index]).resize((256, 256), Image.NEAREST)
+    sample_path = os.path.join(output_dir, "sample_image.png")
+    image.save(sample_path)
+    segmenter = pipeline(PIPELINE_TASK, model=output_dir, device="cpu")
+    result = segmenter(image, candidate_labels=list(W.CLASS_NAMES))
+    seg, seg_labels = segmentation_from_pipeline(result)
+    overlay_path = os.path.join(output_dir, "sample_overlay.png")
+    overlay_segmentation(image, seg, seg_labels).save(overlay_path)
+    out = {"sample_image": sample_path, "overlay": overlay_path,
+           "sample_classes": [W.CLASS_NAMES[c] for c in test[index]["classes"]],
+           "pipeline_labels": [r["label"] for r in result]}
+    if model.config.use_sdm:
+        inputs = processor(images=image, text=list(W.CLASS_NAMES), return_tensors="pt")
+        with torch.no_grad():
+            o = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                      attention_mask=inputs.get("attention_mask"), output_saliency=True)
+        present = [W.CLASS_NAMES.index(n) for n in out["sample_classes"]]
+        saliency_path = os.path.join(output_dir, "sample_saliency.png")
+        render_saliency(image, o.saliency[0], o.foreground_mask[0], labels=list(W.CLASS_NAMES),
+                        classes=present).save(saliency_path)
+        out["saliency"] = saliency_path
+    return out
+
+
+def results_table(results: dict, num_images: int) -> str:
+    cols = [("mIoU", "all"), ("seen", "seen"), ("unseen", "unseen"), ("harmonic", "h-mean"), ("stuff", "stuff"),
+            ("things", "things"), ("unseen_stuff", "unseen stuff"), ("unseen_things", "unseen things")]
+    lines = [f"Toy world test split: {num_images} images, 24 classes (16 seen, 8 unseen; 12 stuff, 12 things), "
+             "mIoU % over the classes present in the ground truth",
+             "", "| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, res in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{res[k]:.1f}" for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(output_dir: str, report: dict) -> None:
+    with open(os.path.join(output_dir, "toy_world_results.json"), "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    with open(os.path.join(output_dir, "toy_world_results.md"), "w") as fh:
+        fh.write(report["table_markdown"])
+        fh.write("\nTimings (s): " + json.dumps(report.get("timings_seconds", {})) + "\n")
