@@ -126,8 +126,6 @@ class DiSaClassAggregation(nn.Module):
             )
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
-        if route is None:
-            twin = None
         q, k, v = per_branch(_project, self, twin, route, tokens, guidance)
         attended = self.attention.attend(q, k, v, None if route is None else route.mask)
         updated = per_branch(_update, self, twin, route, tokens, attended)

@@ -427,7 +427,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
 
         volume = self.cost_embedding(cost)
         appearance_guidance = self.appearance_guidance(image_embeds)
-        text_guidance = self.text_guidance(F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1))
+        # one normalised embedding per class (prompt average): text guidance input and SDM queries
+        class_embeds = F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1)
+        text_guidance = self.text_guidance(class_embeds)
         decoder_guidance = self.guidance_upsampler(features.guidance_features)
         pooling = tuple(config.class_pooling_train if self.training else config.class_pooling_eval)
 
@@ -436,8 +438,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
 
         saliency = None
         if self.sdm is not None:
-            queries = F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1)
-            saliency = self.sdm.saliency(queries, features.dense_tokens)
+            saliency = self.sdm.saliency(class_embeds, features.dense_tokens)
             volume = self.sdm.aggregate(
                 self.aggregator, volume, appearance_guidance, text_guidance, pooling, saliency.foreground_mask,
                 layer_hook,
@@ -460,13 +461,14 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
 
         itm_logits = sal_maps = fg_masks = None
         if saliency is not None:
-            itm_logits, sal_maps, fg_masks = saliency.itm_logits, saliency.saliency, saliency.foreground_mask
+            itm_logits = saliency.itm_logits
+            if output_saliency:
+                sal_maps, fg_masks = saliency.saliency, saliency.foreground_mask
             if class_indices is not None:
                 itm_logits = _scatter_classes(itm_logits, class_indices, num_classes, config.pruned_class_logit)
-                sal_maps = _scatter_classes(sal_maps, class_indices, num_classes, 0.0)
-                fg_masks = _scatter_classes(fg_masks, class_indices, num_classes, False)
-            if not output_saliency:
-                sal_maps = fg_masks = None
+                if output_saliency:
+                    sal_maps = _scatter_classes(sal_maps, class_indices, num_classes, 0.0)
+                    fg_masks = _scatter_classes(fg_masks, class_indices, num_classes, False)
 
         output = DiSaSegmentationOutput(
             loss=loss,

@@ -63,6 +63,21 @@ def char_level_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
+# The small head shared by the tiny test preset and the toy world (a 4-layer, 32/64-wide CLIP with an 8x8 grid).
+SMALL_HEAD = dict(
+    guidance_layers=[1, 2],
+    window_size=4,
+    hidden_dim=32,
+    appearance_guidance_dim=32,
+    text_guidance_dim=32,
+    decoder_dims=[32, 16],
+    decoder_guidance_dims=[32, 16],
+    decoder_guidance_proj_dims=[8, 4],
+    decoder_group_norm_channels=8,
+    sdm_num_heads=4,
+)
+
+
 def tiny_config(tokenizer: CLIPTokenizer) -> DiSaConfig:
     return DiSaConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -73,17 +88,8 @@ def tiny_config(tokenizer: CLIPTokenizer) -> DiSaConfig:
                            image_size=128, patch_size=16, projection_dim=32),
         projection_dim=32,
         clip_resolution=128,
-        guidance_layers=[1, 2],
-        window_size=4,
-        hidden_dim=32,
-        appearance_guidance_dim=32,
-        text_guidance_dim=32,
         class_cap=16,
-        decoder_dims=[32, 16],
-        decoder_guidance_dims=[32, 16],
-        decoder_guidance_proj_dims=[8, 4],
-        decoder_group_norm_channels=8,
-        sdm_num_heads=4,
+        **SMALL_HEAD,
     )
 
 
@@ -102,17 +108,8 @@ def toy_config(use_disa: bool) -> DiSaConfig:
                            image_size=64, patch_size=8, projection_dim=64),
         projection_dim=64,
         clip_resolution=64,
-        guidance_layers=[1, 2],
-        window_size=4,
-        hidden_dim=32,
-        appearance_guidance_dim=32,
-        text_guidance_dim=32,
         class_cap=0,
-        decoder_dims=[32, 16],
-        decoder_guidance_dims=[32, 16],
-        decoder_guidance_proj_dims=[8, 4],
-        decoder_group_norm_channels=8,
-        sdm_num_heads=4,
+        **SMALL_HEAD,
         use_sdm=use_disa,
         use_hrm=use_disa,
     )
