@@ -149,9 +149,16 @@ def render_scene(rng: np.random.Generator, class_ids: list[int], size: int = 64,
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label, present
 
 
-def caption_for(rng: np.random.Generator, present: list[int]) -> str:
-    """Caption listing every concept present, in random order, with a random template
-    (e.g. "a photo of blue circle, red stripes and green dots")."""
+def caption_for(rng: np.random.Generator, present: list[int], stuff_caption_rate: float = 1.0) -> str | None:
+    """Caption listing the concepts present, in random order, with a random template
+    (e.g. "a photo of blue circle, red stripes and green dots").
+
+    `stuff_caption_rate` < 1 makes the captions foreground-biased, as web alt-texts are: things are always named,
+    each stuff region only with that probability. Returns None when nothing would be named (the caller redraws)."""
+    if stuff_caption_rate < 1.0:  # no extra draws at 1.0, so the unbiased world stays bit-identical
+        present = [c for c in present if VOCAB["kinds"][c] == "thing" or rng.random() < stuff_caption_rate]
+        if not present:
+            return None
     names = [CLASS_NAMES[c] for c in present]
     order = rng.permutation(len(names))
     names = [names[i] for i in order]
@@ -173,12 +180,13 @@ class WorldSettings:
 
 
 def _split_rng(seed: int, split: str) -> np.random.Generator:
-    return np.random.default_rng([seed, {"train": 1, "validation": 2, "test": 3, "clip": 4}[split]])
+    return np.random.default_rng([seed, {"train": 1, "validation": 2, "test": 3, "clip": 4, "dev": 5}[split]])
 
 
 def generate_split(settings: WorldSettings, split: str, num: int | None = None) -> dict:
     """Raw arrays of a split. train/validation use seen classes only (labels = indices into `SEEN_NAMES`);
-    test uses all 24 classes (labels = global ids into `CLASS_NAMES`)."""
+    test uses all 24 classes (labels = global ids into `CLASS_NAMES`); "dev" is a design-selection split like test
+    (all classes) drawn from its own random stream, so choices made on it never look at test images."""
     rng = _split_rng(settings.seed, split)
     num = num if num is not None else getattr(settings, f"num_{split}")
     pool = SEEN_IDS if split in ("train", "validation") else list(range(len(CLASS_NAMES)))
@@ -274,11 +282,17 @@ class ClipSettings:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     max_things: int = 2
+    # Probability that a caption names a stuff region present in its image (things are always named): 1.0 is the
+    # unbiased world, < 1 the foreground-biased one whose CLIP under-learns stuff, as web-pretrained CLIP does.
+    stuff_caption_rate: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
         words = world_words()
-        blob = json.dumps({"clip": asdict(self), "words": words, "vocab": CLASS_NAMES, "version": WORLD_VERSION}, sort_keys=True)
+        values = asdict(self)
+        if values["stuff_caption_rate"] == 1.0:  # the unbiased world keeps the cache key it had before the setting
+            del values["stuff_caption_rate"]
+        blob = json.dumps({"clip": values, "words": words, "vocab": CLASS_NAMES, "version": WORLD_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -313,16 +327,20 @@ def normalize_images(images: np.ndarray):
     return (x - mean) / std
 
 
-def pretraining_batch(rng: np.random.Generator, batch_size: int, image_size: int, max_things: int = 2):
-    """Image-caption pairs of every concept (seen and unseen): a third single-stuff images, the rest scenes."""
+def pretraining_batch(rng: np.random.Generator, batch_size: int, image_size: int, max_things: int = 2,
+                      stuff_caption_rate: float = 1.0):
+    """Image-caption pairs of every concept (seen and unseen): a quarter single-stuff images, the rest scenes. A
+    pair whose caption would name nothing (a stuff-only image whose stuff went unnamed) is redrawn."""
     all_ids = list(range(len(CLASS_NAMES)))
     images, captions = [], []
-    for _ in range(batch_size):
+    while len(images) < batch_size:
         kind = rng.random()
         img, _, present = render_scene(rng, all_ids, image_size, max_things=0 if kind < 0.25 else max_things,
                                        single_stuff_prob=0.5)
-        images.append(img)
-        captions.append(caption_for(rng, present))
+        caption = caption_for(rng, present, stuff_caption_rate)
+        if caption is not None:
+            images.append(img)
+            captions.append(caption)
     return np.stack(images), captions
 
 
@@ -345,7 +363,8 @@ def pretrain_clip(settings: ClipSettings, output_dir: str, progress: bool = True
     losses = []
     bar = tqdm(range(settings.steps), desc="toy CLIP pretraining", disable=not progress)
     for step in bar:
-        images, captions = pretraining_batch(rng, settings.batch_size, settings.image_size, settings.max_things)
+        images, captions = pretraining_batch(rng, settings.batch_size, settings.image_size, settings.max_things,
+                                             settings.stuff_caption_rate)
         text = tokenizer(captions, padding=True, return_tensors="pt")
         out = model(pixel_values=normalize_images(images), input_ids=text["input_ids"],
                     attention_mask=text["attention_mask"], return_loss=True)
@@ -376,23 +395,40 @@ def _features(out):
 
 
 def clip_zero_shot_accuracy(model, tokenizer, settings: ClipSettings, num: int = 96) -> dict:
-    """Image-level zero-shot classification of single-concept images (one stuff filling the image), seen and unseen
-    classes, with the prompt "a photo of {name}"."""
+    """Image-level zero-shot classification with the prompt "a photo of {name}": single-stuff images (one stuff
+    filling the image) among the 12 stuff names, and single-thing images (one thing on a stuff of another colour)
+    among the 12 thing names; seen and unseen classes. The stuff / thing gap measures the world's foreground bias."""
     import torch
 
     rng = np.random.default_rng([settings.seed, 99])
-    ids = [int(c) for c in rng.choice(STUFF_IDS, size=num)]
-    images = np.stack([render_scene(rng, [c], settings.image_size, max_things=0)[0] for c in ids])
-    with torch.no_grad():
-        text = tokenizer([f"a photo of {CLASS_NAMES[c]}" for c in STUFF_IDS], padding=True, return_tensors="pt")
-        t = torch.nn.functional.normalize(_features(model.get_text_features(**text)), dim=-1)
-        v = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=normalize_images(images))),
-                                          dim=-1)
-        pred = (v @ t.T).argmax(-1).numpy()
-    correct = np.array([STUFF_IDS[p] == c for p, c in zip(pred, ids)])
-    seen = np.array([VOCAB["seen"][c] for c in ids])
-    return {"stuff_all": float(correct.mean()), "stuff_seen": float(correct[seen].mean()),
-            "stuff_unseen": float(correct[~seen].mean())}
+    stuff_ids = [int(c) for c in rng.choice(STUFF_IDS, size=num)]
+    stuff_images = [render_scene(rng, [c], settings.image_size, max_things=0)[0] for c in stuff_ids]
+    thing_ids, thing_images = [], []
+    thing_rng = np.random.default_rng([settings.seed, 98])  # its own stream: the stuff figures stay comparable
+    for c in thing_rng.choice(THING_IDS, size=num):
+        ground = [s for s in STUFF_IDS if VOCAB["colors"][s] != VOCAB["colors"][c]]
+        img, _, present = render_scene(thing_rng, [int(thing_rng.choice(ground)), int(c)], settings.image_size,
+                                       max_things=1, single_stuff_prob=1.0)
+        if int(c) in present:
+            thing_ids.append(int(c))
+            thing_images.append(img)
+
+    def accuracy(ids, images, pool):
+        with torch.no_grad():
+            text = tokenizer([f"a photo of {CLASS_NAMES[c]}" for c in pool], padding=True, return_tensors="pt")
+            t = torch.nn.functional.normalize(_features(model.get_text_features(**text)), dim=-1)
+            pixels = normalize_images(np.stack(images))
+            v = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+            pred = (v @ t.T).argmax(-1).numpy()
+        correct = np.array([pool[p] == c for p, c in zip(pred, ids)])
+        seen = np.array([VOCAB["seen"][c] for c in ids])
+        return float(correct.mean()), float(correct[seen].mean()), float(correct[~seen].mean())
+
+    out = {}
+    for kind, ids, images, pool in (("stuff", stuff_ids, stuff_images, STUFF_IDS),
+                                    ("things", thing_ids, thing_images, THING_IDS)):
+        out[f"{kind}_all"], out[f"{kind}_seen"], out[f"{kind}_unseen"] = accuracy(ids, images, pool)
+    return out
 
 
 def _write_atomically(final: str, write) -> None:

@@ -104,3 +104,37 @@ def test_default_job_shortened(tmp_path):
     assert "| DiSa |" in proc.stdout
     # one cached world and one cached CLIP, under the hash of their settings
     assert len([n for n in os.listdir(tmp_path / "cache") if n.startswith(("clip-", "world-"))]) == 2
+
+
+def test_foreground_biased_captions_always_name_things_and_sometimes_stuff():
+    rng = np.random.default_rng(0)
+    stuff = [c for c in W.STUFF_IDS][:2]
+    thing = W.THING_IDS[5]
+    named_stuff, total = 0, 2000
+    for _ in range(total):
+        cap = W.caption_for(rng, stuff + [thing], stuff_caption_rate=0.25)
+        assert W.CLASS_NAMES[thing] in cap
+        named_stuff += sum(W.CLASS_NAMES[c] in cap for c in stuff)
+    assert abs(named_stuff / (2 * total) - 0.25) < 0.03
+    # a stuff-only image whose stuff goes unnamed has no caption (the pretraining batch redraws it)
+    assert W.caption_for(np.random.default_rng(1), stuff[:1], stuff_caption_rate=0.0) is None
+    # rate 1.0 draws nothing extra: the unbiased captions are those the world always had
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    assert W.caption_for(a, stuff + [thing]) == W.caption_for(b, stuff + [thing], stuff_caption_rate=1.0)
+    images, captions = W.pretraining_batch(np.random.default_rng(2), 16, 64, stuff_caption_rate=0.0)
+    assert len(images) == len(captions) == 16
+    assert all(not any(W.CLASS_NAMES[c] in cap for c in W.STUFF_IDS) for cap in captions)
+
+
+def test_stuff_caption_rate_is_part_of_the_clip_cache_key():
+    base = W.ClipSettings()
+    assert W.ClipSettings(stuff_caption_rate=0.25).key() != base.key()
+    assert W.ClipSettings(stuff_caption_rate=1.0).key() == base.key()
+
+
+def test_dev_split_holds_all_classes_and_differs_from_test():
+    settings = W.WorldSettings(seed=0, num_test=40)
+    dev, test = W.generate_split(settings, "dev", num=40), W.generate_split(settings, "test")
+    assert not any((a == b).all() for a, b in zip(dev["image"], test["image"]))
+    present = {c for classes in dev["classes"] for c in classes}
+    assert present & set(W.UNSEEN_IDS) and max(present) < len(W.CLASS_NAMES)

@@ -31,6 +31,9 @@ DEFAULTS = {
     "num_validation": 64,
     "num_test": 300,
     "cache_dir": None,  # default ~/.cache/disa/toy_world (or $DISA_TOY_CACHE)
+    # Share of stuff regions that the CLIP pretraining captions name (things are always named): 1.0 = unbiased
+    # world; < 1 = foreground-biased, like web captions that name the objects and rarely the wall or the floor.
+    "stuff_caption_rate": 1.0,
     "clip": {},  # ClipSettings overrides
     "compare_catseg": True,
     "catseg_preset": "configuration/models/catseg-toy",
@@ -56,7 +59,8 @@ def prepare(r, repo_path=lambda p: p):
     cache = s["cache_dir"] or W.default_cache_root()
     world = W.WorldSettings(seed=s["seed"], image_size=s["image_size"], num_train=s["num_train"],
                             num_validation=s["num_validation"], num_test=s["num_test"])
-    clip_values = {"seed": s["seed"], "image_size": s["image_size"], **(s["clip"] or {})}
+    clip_values = {"seed": s["seed"], "image_size": s["image_size"], "stuff_caption_rate": s["stuff_caption_rate"],
+                   **(s["clip"] or {})}
     clip = W.ClipSettings(**clip_values)
     t0 = time.perf_counter()
     world_dir = W.ensure_world_dataset(world, cache)
