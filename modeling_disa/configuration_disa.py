@@ -10,9 +10,9 @@ from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 
 DEFAULT_PROMPT_TEMPLATE = "A photo of a {} in the scene"
 
-FUSION_MODES = ("weighted", "sum", "concat")
+FUSION_MODES = ("weighted", "sum", "concat", "own", "residual")
 SALIENCY_TARGETS = ("predicted_logit", "predicted_probability")
-SALIENCY_SOURCES = ("gradcam", "attention")
+SALIENCY_SOURCES = ("gradcam", "attention", "cost")
 BRANCH_MODES = ("routed", "masked")
 TOPK_MODES = ("fixed", "adaptive")
 HRM_STAGES = ("pixel", "category", "channel")
@@ -66,24 +66,36 @@ class DiSaConfig(PreTrainedConfig):
             `"mask"` drops them from the mean.
 
     DiSa (all off = exactly the CAT-Seg core):
-        use_sdm (`bool`): saliency-aware disentanglement (cross-attention + ITM head, Grad-CAM saliency,
-            foreground/background split, dual-branch aggregation, fusion).
-        sdm_num_heads (`int`): heads of the SDM cross-attention, which runs at CLIP vision width
-            (*reconstruction*).
-        sdm_mlp_ratio (`int`): MLP ratio of the SDM block at CLIP width (*reconstruction*).
-        itm_loss_weight (`float`): weight of the auxiliary image-text-matching BCE added to `loss`.
-        saliency_target (`str`): what Grad-CAM differentiates; `"predicted_logit"` (the class's own ITM logit) or
-            `"predicted_probability"` (its sigmoid). Same rule in training and inference (no labels needed).
-        saliency_source (`str`): `"gradcam"` (attention x ReLU(ITM gradient)) or `"attention"` (the raw
-            cross-attention averaged over heads, the ablation reviewers asked for).
+        use_sdm (`bool`): saliency-aware disentanglement (class-presence head with cross-attention, Grad-CAM
+            saliency, foreground/background split, dual-branch aggregation, fusion).
+        sdm_num_heads (`int`): heads of the CLIP-width SDM cross-attention (`saliency_source` "gradcam" or
+            "attention"; *reconstruction*).
+        sdm_mlp_ratio (`int`): MLP ratio of that block (*reconstruction*).
+        itm_loss_weight (`float`): weight of the auxiliary image-text-matching (class-presence) BCE added to `loss`.
+        sdm_input_gradient_scale (`float` in [0, 1]): how much of the presence loss's gradient reaches the
+            features SDM reads (CLIP tokens and class embeddings, or the embedded cost volume). 0 detaches them:
+            the presence head trains itself only and cannot re-tune CLIP for presence at the cost of the cost
+            volume every class reads (*reconstruction*, measured in the toy world).
+        saliency_source (`str`): `"cost"` (cross-attention of every class over its own embedded cost volume, with
+            class-agnostic weights, so presence and saliency transfer to unseen class names), `"gradcam"`
+            (cross-attention of class embeddings over CLIP tokens at CLIP width, x ReLU(ITM gradient)) or
+            `"attention"` (that cross-attention without the gradient, the ablation reviewers asked for).
+        saliency_target (`str`): what Grad-CAM differentiates; `"predicted_logit"` (the class's own presence
+            logit) or `"predicted_probability"` (its sigmoid). Same rule in training and inference (no labels).
         foreground_topk_mode (`str`): `"fixed"` (k = round(foreground_ratio * tokens), k = 96 of 576) or
             `"adaptive"` (smallest k holding `adaptive_saliency_mass` of the saliency, clamped to
             [adaptive_min_ratio, adaptive_max_ratio] * tokens).
         foreground_ratio (`float`): 96 / 576 by default.
         foreground_topk (`int` or None): an explicit k that overrides `foreground_ratio` (must fit the grid).
+        presence_threshold (`float` or None): presence-aware routing; a class whose predicted presence
+            probability is below it gets no foreground token (all its tokens go to the background branch).
+            None: every class gets k foreground tokens whether present or not.
         branch_mode (`str`): `"routed"` (each token is aggregated by its own branch's weights with attention
             restricted to its branch) or `"masked"` (two full masked cost volumes through two branches).
-        fusion (`str`): `"weighted"` (learned sigmoid gate), `"sum"` or `"concat"` (+ linear projection).
+        fusion (`str`): how the two branches' features merge. `"own"` (each token keeps its own branch's
+            output), `"residual"` (own output + a zero-initialised linear map of the other branch's class mean:
+            starts as "own"), `"weighted"` (learned sigmoid gate between own output and the other branch's class
+            mean), `"sum"` or `"concat"` (+ linear projection).
         use_hrm (`bool`) and hrm_stages (`list[str]` from pixel/category/channel), hrm_after_aggregation,
             hrm_at_decoder (`bool`), hrm_reduction (`int`): hierarchical refinement.
     """
@@ -128,6 +140,7 @@ class DiSaConfig(PreTrainedConfig):
     sdm_num_heads: int = 8
     sdm_mlp_ratio: int = 4
     itm_loss_weight: float = 1.0
+    sdm_input_gradient_scale: float = 1.0
     saliency_target: str = "predicted_logit"
     saliency_source: str = "gradcam"
     foreground_topk_mode: str = "fixed"
@@ -136,6 +149,7 @@ class DiSaConfig(PreTrainedConfig):
     adaptive_saliency_mass: float = 0.5
     adaptive_min_ratio: float = 1 / 24
     adaptive_max_ratio: float = 1 / 2
+    presence_threshold: float | None = None
     branch_mode: str = "routed"
     fusion: str = "weighted"
     use_hrm: bool = False
@@ -245,6 +259,14 @@ class DiSaConfig(PreTrainedConfig):
     def validate_disa(self):
         if self.itm_loss_weight < 0:
             raise ValueError(f"`itm_loss_weight` must be >= 0, got {self.itm_loss_weight}.")
+        if not 0 <= self.sdm_input_gradient_scale <= 1:
+            raise ValueError(
+                f"`sdm_input_gradient_scale` must be in [0, 1] (0 detaches SDM's inputs), got {self.sdm_input_gradient_scale}."
+            )
+        if self.presence_threshold is not None and not 0 < self.presence_threshold < 1:
+            raise ValueError(
+                f"`presence_threshold` must be a probability in (0, 1) or None (off), got {self.presence_threshold}."
+            )
         if self.saliency_source not in SALIENCY_SOURCES:
             raise ValueError(f"`saliency_source` must be one of {SALIENCY_SOURCES}, got {self.saliency_source!r}.")
         if self.saliency_target not in SALIENCY_TARGETS:

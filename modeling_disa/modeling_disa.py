@@ -115,7 +115,11 @@ class DiSaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Head modules get PyTorch's default initialisation, as CAT-Seg's head (which calls no custom init);
         CLIP sub-modules are initialised by `CLIPPreTrainedModel._init_weights`."""
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        if getattr(module, "zero_init", False):
+            # a residual branch that must start as the identity (SDM's residual fusion)
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
@@ -438,7 +442,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
 
         saliency = None
         if self.sdm is not None:
-            saliency = self.sdm.saliency(class_embeds, features.dense_tokens)
+            saliency = self.sdm.saliency(class_embeds, features.dense_tokens, volume)
             volume = self.sdm.aggregate(
                 self.aggregator, volume, appearance_guidance, text_guidance, pooling, saliency.foreground_mask,
                 layer_hook,

@@ -116,10 +116,64 @@ class DiSaITMCrossAttention(nn.Module):
         return torch.einsum("bthd,bhnd->bhtn", grad_z, values)
 
 
-def foreground_split(saliency: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in the forward pass; the backward pass multiplies the gradient by `scale` (0 = detach). Lets an
+    auxiliary loss train its own head without steering the shared features (CLIP, the cost embedding)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    detached = x.detach()
+    return detached + scale * (x - detached)
+
+
+class DiSaCostSaliency(nn.Module):
+    """Class-to-token cross-attention over the embedded cost volume, with a presence (ITM) head, at cost width D.
+
+    For class t the keys and values at token j are read from the class's own cost feature C_tj (the cosine
+    similarity of token j to class t, embedded by the 7x7 conv), so every weight is shared by all classes, as in the
+    rest of the aggregation head: the presence and saliency rules transfer to class names never seen in training,
+    which a head over CLIP tokens and class embeddings does not (presence AUROC 0.71 on unseen stuff in the toy
+    world). Attention logits a_tj = w . LN(C_tj) / temperature, A_t = softmax_j(a_t), attended feature
+    z_t = sum_j A_tj V(C_tj), presence logit s_t = MLP(z_t). Grad-CAM as with the CLIP-width block:
+    d s_t / d A_tj = g_t . V_tj with g_t = d s_t / d z_t in closed form.
+
+    volume `(batch, D, T, h, w)` -> attention `(batch, T, N)`, values `(batch, T, N, D)`, logits `(batch, T)`.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        dim = config.hidden_dim
+        self.norm = nn.LayerNorm(dim)
+        self.key = nn.Linear(dim, 1)
+        self.value = nn.Linear(dim, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, volume: torch.Tensor):
+        tokens = self.norm(volume.flatten(3).permute(0, 2, 3, 1))  # (B, T, N, D)
+        attention = self.key(tokens).squeeze(-1).softmax(dim=-1)  # (B, T, N)
+        values = self.value(tokens)
+        z = torch.einsum("btn,btnd->btd", attention, values)
+        hidden = self.fc(z)
+        logits = self.out(F.gelu(hidden)).squeeze(-1)
+        return attention, values, logits, hidden
+
+    def gradient_wrt_attention(self, values: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Closed-form d s_t / d A_tj `(B, T, N)`."""
+        grad_z = (gelu_derivative(hidden) * self.out.weight[0]) @ self.fc.weight  # (B, T, D)
+        return torch.einsum("btd,btnd->btn", grad_z, values)
+
+
+def foreground_split(
+    saliency: torch.Tensor, config, presence_logits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Args:
         saliency (`(batch, T, N)`).
+        presence_logits (`(batch, T)`, optional): with `config.presence_threshold`, classes whose predicted
+            presence probability is below it get no foreground token (k = 0): every token of an absent class is
+            background.
 
     Returns:
         mask (`(batch, T, N)` bool) with exactly k True per row, and k (`(batch, T)` long). Ties are broken by
@@ -137,6 +191,9 @@ def foreground_split(saliency: torch.Tensor, config) -> tuple[torch.Tensor, torc
         share = sorted_values.cumsum(dim=-1) / total.clamp_min(torch.finfo(saliency.dtype).tiny)
         adaptive = (share < config.adaptive_saliency_mass).sum(dim=-1) + 1
         k = torch.where(total.squeeze(-1) > 0, adaptive, k).clamp(low, high)
+    if config.presence_threshold is not None and presence_logits is not None:
+        present = torch.sigmoid(presence_logits.detach().to(saliency.dtype)) >= config.presence_threshold
+        k = torch.where(present, k, torch.zeros_like(k))
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(tokens, device=order.device).expand_as(order))
     return ranks < k.unsqueeze(-1), k
 
@@ -152,8 +209,25 @@ class DiSaBranchFusion(nn.Module):
             self.gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         elif self.mode == "concat":
             self.projection = nn.Linear(2 * dim, dim)
+        elif self.mode == "residual":
+            # zero-initialised (see `DiSaPreTrainedModel._init_weights`): the fusion starts as the identity on each
+            # token's own branch and learns how much of the other branch's context to add
+            self.context = nn.Linear(dim, dim)
+            self.context.zero_init = True
 
-    def forward(self, foreground: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, foreground: torch.Tensor, background: torch.Tensor, own: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            foreground, background (`(batch, D, T, h, w)`): the two branch views (see `branch_ensembles`).
+            own (`(batch, D, T, h, w)`): each token's own branch output.
+            context (`(batch, D, T, h, w)`): at each token, the other branch's class-wise mean.
+        """
+        if self.mode == "own":
+            return own
+        if self.mode == "residual":
+            return own + self.context(context.movedim(1, -1)).movedim(-1, 1)
         if self.mode == "sum":
             return foreground + background
         fg = foreground.permute(0, 2, 3, 4, 1)
@@ -167,14 +241,16 @@ class DiSaBranchFusion(nn.Module):
         return fused.permute(0, 4, 1, 2, 3)
 
 
-def branch_ensembles(volume: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routed volume `(B, D, T, h, w)` + foreground mask `(B, T, h, w)` -> the two branch views: each token keeps its
-    own branch's feature and sees the other branch's class-wise mean in place of the missing one."""
+def branch_ensembles(volume: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routed volume `(B, D, T, h, w)` + foreground mask `(B, T, h, w)` -> the two branch views (each token keeps its
+    own branch's feature and sees the other branch's class-wise mean in place of the missing one) and the context
+    map (the other branch's class-wise mean at every token)."""
     fg = foreground.unsqueeze(1).to(volume.dtype)
     bg = 1 - fg
     mean_fg = (volume * fg).sum(dim=(-2, -1), keepdim=True) / fg.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
     mean_bg = (volume * bg).sum(dim=(-2, -1), keepdim=True) / bg.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
-    return volume * fg + mean_fg * bg, volume * bg + mean_bg * fg
+    context = mean_bg * fg + mean_fg * bg
+    return volume * fg + mean_fg * bg, volume * bg + mean_bg * fg, context
 
 
 class DiSaSaliencyDisentanglement(nn.Module):
@@ -185,17 +261,35 @@ class DiSaSaliencyDisentanglement(nn.Module):
     def __init__(self, config, aggregator_class):
         super().__init__()
         self.config = config
-        self.itm = DiSaITMCrossAttention(config)
+        if config.saliency_source == "cost":
+            self.cost_saliency = DiSaCostSaliency(config)
+        else:
+            self.itm = DiSaITMCrossAttention(config)
         self.background_aggregator = aggregator_class(config)
         self.fusion = DiSaBranchFusion(config)
 
-    def saliency(self, text_queries: torch.Tensor, dense_tokens: torch.Tensor) -> SaliencyOutput:
+    def saliency(
+        self, text_queries: torch.Tensor, dense_tokens: torch.Tensor, volume: torch.Tensor | None = None
+    ) -> SaliencyOutput:
         """
         Args:
             text_queries (`(batch, T, projection_dim)`): normalised class embeddings.
             dense_tokens (`(batch, N, W)`): dense CLIP tokens (post-LN, before projection).
+            volume (`(batch, D, T, grid, grid)`): embedded cost volume (read with `saliency_source="cost"`).
         """
         config = self.config
+        scale = config.sdm_input_gradient_scale
+        if config.saliency_source == "cost":
+            attention, values, logits, hidden = self.cost_saliency(scale_gradient(volume, scale))
+            with torch.no_grad():
+                grad = self.cost_saliency.gradient_wrt_attention(values, hidden)
+                if config.saliency_target == "predicted_probability":
+                    p = torch.sigmoid(logits)
+                    grad = grad * (p * (1 - p))[..., None]
+                saliency = (attention * grad.clamp_min(0)).detach()
+            return self._split(logits, saliency)
+        text_queries = scale_gradient(text_queries, scale)
+        dense_tokens = scale_gradient(dense_tokens, scale)
         query, attention, values = self.itm.attention(text_queries, dense_tokens)
         logits, intermediates = self.itm.itm_from_attention(attention, values, query)
         with torch.no_grad():
@@ -208,7 +302,13 @@ class DiSaSaliencyDisentanglement(nn.Module):
                     grad = grad * (p * (1 - p))[:, None, :, None]
                 saliency = (attention * grad.clamp_min(0)).mean(dim=1)
             saliency = saliency.detach()
-            mask, k = foreground_split(saliency, config)
+        return self._split(logits, saliency)
+
+    def _split(self, logits: torch.Tensor, saliency: torch.Tensor) -> SaliencyOutput:
+        """Presence logits `(B, T)` and saliency `(B, T, N)` -> the foreground split on the grid."""
+        config = self.config
+        with torch.no_grad():
+            mask, k = foreground_split(saliency, config, logits)
         grid = config.grid_size
         shape = (*saliency.shape[:2], grid, grid)
         return SaliencyOutput(
@@ -222,11 +322,14 @@ class DiSaSaliencyDisentanglement(nn.Module):
                 volume, appearance_guidance, text_guidance, pooling,
                 route=foreground, twin=self.background_aggregator, layer_hook=layer_hook,
             )
-            fg, bg = branch_ensembles(routed_volume, foreground)
+            fg, bg, context = branch_ensembles(routed_volume, foreground)
+            own = routed_volume
         else:
             mask = foreground.unsqueeze(1).to(volume.dtype)
             fg = aggregator(volume * mask, appearance_guidance, text_guidance, pooling, layer_hook=layer_hook)
             bg = self.background_aggregator(
                 volume * (1 - mask), appearance_guidance, text_guidance, pooling, layer_hook=layer_hook
             )
-        return self.fusion(fg, bg)
+            own = fg * mask + bg * (1 - mask)
+            context = bg * mask + fg * (1 - mask)
+        return self.fusion(fg, bg, own, context)

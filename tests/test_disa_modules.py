@@ -252,3 +252,101 @@ def test_ablation_table_configs_build(tmp_path):
     for row in table["rows"]:
         counts.append(sum(p.numel() for p in build(**row["overrides"]).parameters()))
     assert counts[0] < counts[-1]
+
+
+# ---------------------------------------------------------------------------------------------- SDM, second design
+from modeling_disa.saliency_disentanglement import DiSaCostSaliency, scale_gradient  # noqa: E402
+
+
+@pytest.mark.parametrize("target", ["predicted_logit", "predicted_probability"])
+def test_cost_saliency_closed_form_gradient_equals_autograd(target):
+    torch.manual_seed(0)
+    config = tiny(use_sdm=True, saliency_source="cost", saliency_target=target)
+    head = DiSaCostSaliency(config).double()
+    volume = torch.randn(2, config.hidden_dim, 5, 8, 8, dtype=torch.double)
+    attention, values, logits, hidden = head(volume)
+    assert attention.shape == (2, 5, 64) and logits.shape == (2, 5)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 5, dtype=torch.double))
+    leaf = attention.detach().requires_grad_(True)
+    z = torch.einsum("btn,btnd->btd", leaf, values.detach())
+    score = head.out(F.gelu(head.fc(z))).squeeze(-1)
+    score = score if target == "predicted_logit" else torch.sigmoid(score)
+    (autograd,) = torch.autograd.grad(score.sum(), leaf)
+    closed = head.gradient_wrt_attention(values.detach(), hidden)
+    if target == "predicted_probability":
+        p = torch.sigmoid(logits)
+        closed = closed * (p * (1 - p))[..., None]
+    torch.testing.assert_close(closed, autograd, rtol=1e-9, atol=1e-12)
+
+
+def test_cost_saliency_is_class_agnostic_and_equivariant_in_the_class_order():
+    model = build(use_sdm=True, saliency_source="cost").eval()
+    volume = torch.randn(1, model.config.hidden_dim, 4, 8, 8)
+    perm = torch.tensor([2, 0, 3, 1])
+    a, _, logits, _ = model.sdm.cost_saliency(volume)
+    b, _, logits_perm, _ = model.sdm.cost_saliency(volume[:, :, perm])
+    torch.testing.assert_close(a[:, perm], b)
+    torch.testing.assert_close(logits[:, perm], logits_perm)
+    assert not hasattr(model.sdm, "itm")  # no CLIP-width block is built for the cost source
+
+
+def test_scale_gradient_is_identity_forward_and_scales_backward():
+    x = torch.randn(4, 3, requires_grad=True)
+    for scale in (0.0, 0.3, 1.0):
+        y = scale_gradient(x, scale)
+        assert torch.equal(y, x)
+        if scale == 0.0:
+            assert not y.requires_grad
+            continue
+        (g,) = torch.autograd.grad((y * 2).sum(), x)
+        torch.testing.assert_close(g, torch.full_like(x, 2 * scale))
+
+
+@pytest.mark.parametrize("source", ["gradcam", "cost"])
+def test_detached_sdm_inputs_keep_the_presence_loss_out_of_clip(tiny_processor, source):
+    model = build(use_sdm=True, saliency_source=source, sdm_input_gradient_scale=0.0).train()
+    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
+    labels = torch.randint(0, len(NAMES), (2, 128, 128))
+    out = model(**inputs, labels=labels)
+    out.itm_loss.backward()
+    trained_clip = [p for n, p in model.named_parameters() if n.startswith("clip.") and p.requires_grad]
+    assert trained_clip and all(p.grad is None for p in trained_clip)
+    assert all(p.grad is None for p in model.cost_embedding.parameters())
+    head = model.sdm.cost_saliency if source == "cost" else model.sdm.itm
+    assert all(p.grad is not None for p in head.parameters())
+    # with the default scale the same loss does reach CLIP (the first-wave behaviour)
+    model = build(use_sdm=True, saliency_source=source, sdm_input_gradient_scale=1.0).train()
+    model(**inputs, labels=labels).itm_loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("clip.") and p.requires_grad)
+
+
+def test_presence_threshold_gives_absent_classes_no_foreground_tokens():
+    config = tiny(use_sdm=True, presence_threshold=0.5, foreground_topk_mode="adaptive")
+    saliency = torch.rand(2, 3, 64)
+    presence = torch.tensor([[3.0, -3.0, 0.1], [-0.1, 2.0, -5.0]])
+    mask, k = foreground_split(saliency, config, presence)
+    expected_absent = torch.sigmoid(presence) < 0.5
+    assert torch.equal(k == 0, expected_absent)
+    assert torch.equal(mask.sum(-1), k)
+    ungated, k_all = foreground_split(saliency, config)  # without presence logits: the adaptive k of every class
+    assert torch.equal(k[~expected_absent], k_all[~expected_absent]) and (k_all > 0).all()
+
+
+def test_own_and_residual_fusion_start_from_each_tokens_own_branch(tiny_processor):
+    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128)], text=NAMES))
+    own = build(use_sdm=True, saliency_source="cost", fusion="own").eval()
+    residual = build(use_sdm=True, saliency_source="cost", fusion="residual").eval()
+    assert torch.equal(residual.sdm.fusion.context.weight, torch.zeros_like(residual.sdm.fusion.context.weight))
+    residual.load_state_dict(own.state_dict(), strict=False)  # same host and branches; context stays zero
+    with torch.no_grad():
+        torch.testing.assert_close(residual(**inputs).logits, own(**inputs).logits)
+
+
+def test_own_fusion_of_masked_branches_keeps_each_tokens_branch():
+    model = build(use_sdm=True, saliency_source="cost", fusion="own", branch_mode="masked")
+    fusion = model.sdm.fusion
+    fg, bg = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 4, 2, 3, 3)
+    mask = (torch.rand(1, 2, 3, 3) > 0.5).unsqueeze(1).float()
+    own = fg * mask + bg * (1 - mask)
+    assert torch.equal(fusion(fg, bg, own, bg * mask + fg * (1 - mask)), own)
