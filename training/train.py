@@ -64,6 +64,8 @@ class TrainingRecipe:
                                                              "empty = random CLIP (tests only).")
     processor_name_or_path: typing.Optional[str] = _f(None, "Where to load the DiSaProcessor from (default: the "
                                                             "model folder, then the preset, then the CLIP tokenizer).")
+    model_config_overrides: typing.Optional[dict] = _f(None, "DiSaConfig values that replace the preset's (yaml "
+                                                             "mapping; on the command line e.g. '{fusion: own}').")
     clip_finetune: str = _f("qv", "CLIP parameters to train: qv (CAT-Seg: Q/V projection weights), none, full.")
     # ---- data
     dataset_name: typing.Optional[str] = _f(None, "Hub dataset id, local parquet/arrow folder, or save_to_disk folder.")
@@ -405,7 +407,7 @@ def build_model_and_processor(r: TrainingRecipe):
         model = DiSaForOpenVocabSegmentation.from_pretrained(source, **overrides)
     else:
         source = _repo_path(r.model_preset)
-        config = DiSaConfig.from_pretrained(source, **overrides)
+        config = DiSaConfig.from_pretrained(source, **{**(r.model_config_overrides or {}), **overrides})
         if r.clip_model_name_or_path:
             model = DiSaForOpenVocabSegmentation.from_clip_pretrained(r.clip_model_name_or_path, config)
         else:
