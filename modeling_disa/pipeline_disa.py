@@ -183,14 +183,11 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
                 raise ValueError("output_saliency=True needs a model with the saliency module (config.use_sdm=True).")
             forward_params["output_saliency"] = bool(output_saliency)
         if candidate_labels is None:
+            # Checked in `preprocess`: this also runs when the pipeline is built, where no labels are needed yet.
             id2label = getattr(self.model.config, "id2label", None) or {}
-            if not getattr(self.model.config, "label_token_ids", None):
-                raise ValueError(
-                    "pass candidate_labels=[...]: this model has no stored default vocabulary "
-                    "(config.label_token_ids)."
-                )
+            has_default = bool(getattr(self.model.config, "label_token_ids", None))
             preprocess_params["candidate_labels"] = None
-            preprocess_params["default_labels"] = [id2label[i] for i in sorted(id2label, key=int)]
+            preprocess_params["default_labels"] = [id2label[i] for i in sorted(id2label, key=int)] if has_default else None
         else:
             preprocess_params["candidate_labels"] = check_candidate_labels(candidate_labels)
         return preprocess_params, forward_params, {}
@@ -203,6 +200,10 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
         return sliding_window_geometry(int(size["height"]))
 
     def preprocess(self, image, candidate_labels=None, default_labels=None, timeout=None, inference_mode="whole"):
+        if candidate_labels is None and default_labels is None:
+            raise ValueError(
+                "pass candidate_labels=[...]: this model has no stored default vocabulary (config.label_token_ids)."
+            )
         image = load_pipeline_image(image, timeout=timeout)
         height, width = _image_size(image)
         resize = {}

@@ -119,6 +119,16 @@ def test_bad_candidate_labels(segmenter, labels, error, match):
         segmenter(make_image(0), candidate_labels=labels)
 
 
+def test_a_model_without_a_default_vocabulary_needs_labels_per_call(tiny_config, tiny_processor):
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    tiny_config.label_token_ids = None
+    segmenter = pipeline(PIPELINE_TASK, model=DiSaForOpenVocabSegmentation(tiny_config).eval(), processor=tiny_processor)
+    assert {e["label"] for e in segmenter(make_image(0), candidate_labels=["cat", "sky"])} <= {"cat", "sky"}
+    with pytest.raises(ValueError, match="no stored default vocabulary"):
+        segmenter(make_image(0))
+
+
 def test_image_url_while_offline_fails_fast(segmenter, monkeypatch):
     from huggingface_hub import constants
 
