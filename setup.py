@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
 ]
 TRAIN = ["accelerate>=1.10", "datasets>=4.0", "pyyaml>=6", "tqdm>=4.66"]
 EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10"]  # scipy: Pascal Context .mat files
+DEMO = ["gradio>=6,<7"]  # space/app.py
+# gradio_client drives the demo over HTTP, selenium drives it in headless Chromium (Debian: chromium, chromium-driver)
+DEMO_TESTS = ["gradio_client>=2", "selenium>=4.20"]
 
 setup(
     name="modeling-disa",
@@ -28,6 +31,7 @@ setup(
     extras_require={
         "train": TRAIN,
         "eval": EVAL,
-        "test": sorted(set(TRAIN + EVAL + ["pytest>=8"])),
+        "demo": DEMO,
+        "test": sorted(set(TRAIN + EVAL + DEMO + DEMO_TESTS + ["pytest>=8"])),
     },
 )

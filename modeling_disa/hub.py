@@ -19,6 +19,12 @@ repo (if needed) and uploads the folder in one commit. CLI:
     python -m modeling_disa.hub --model_dir out/disa-vitb --repo_id org/disa-vitb --eval_results results.json
     python -m modeling_disa.hub --model_dir out/disa-vitb --repo_id org/disa-vitb --output_dir staged/  # no upload
 
+The demo Space (the Gradio app in the repository's `space/` folder): `publish_space(repo_id, model_repo)` writes the
+app, its requirements, its README with `models: [model_repo]` (the model the app serves) and a copy of this package
+(which the app imports), creates the Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
+
+    python -m modeling_disa.hub space --repo_id org/disa-demo --model_repo org/disa-vitb [--output_dir staged/]
+
 Evaluation results (a dict or a JSON file) may be any of:
 `{"ade150": {"mIoU": 31.5, "mAcc": 50.1}, ...}`, the same under a `"results"` key, a list of
 `{"benchmark": "ade150", "mIoU": 31.5, ...}` entries, or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
@@ -33,16 +39,23 @@ import json
 import math
 import os
 import re
+import shutil
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
-from huggingface_hub import EvalResult, HfApi, ModelCard
+from huggingface_hub import EvalResult, HfApi, ModelCard, SpaceCard
 from huggingface_hub import constants as hub_constants
 from transformers.dynamic_module_utils import custom_object_save
 
 from .pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
+PACKAGE_DIR = Path(__file__).resolve().parent
+SPACE_DIR = PACKAGE_DIR.parent / "space"
+SPACE_FILE_SUFFIXES = (".py", ".txt", ".md")  # the app's own files; examples/ is rendered by the app at start-up
+SPACE_SDK = "gradio"
 PLACEHOLDERS = ("model_name", "repo_id", "eval_results")
 
 # Minimal card used when model_card.md is not available (e.g. a non-editable install of the package).
@@ -316,10 +329,8 @@ def publish_to_hub(
     `card_kwargs` go to `render_model_card` (`model_name`, `template`, `base_model`, `datasets`, `tags`, `license`,
     `dataset_repo`).
     """
-    if hub_constants.HF_HUB_OFFLINE:
-        raise RuntimeError("cannot publish to the Hub: offline mode is enabled (unset HF_HUB_OFFLINE).")
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}.")
+    _check_online()
+    _check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token, library_name="modeling_disa")
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_for_hub(model, processor, tmp, repo_id=repo_id, eval_results=eval_results, **card_kwargs)
@@ -334,9 +345,103 @@ def publish_to_hub(
         )
 
 
+def _check_online() -> None:
+    if hub_constants.HF_HUB_OFFLINE:
+        raise RuntimeError("cannot publish to the Hub: offline mode is enabled (unset HF_HUB_OFFLINE).")
+
+
+def _check_repo_id(repo_id, name: str = "repo_id") -> None:
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"{name} must look like 'org/name', got {repo_id!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------- demo Space
+def save_space(save_directory: str | os.PathLike, model_repo: str, *, space_dir: str | os.PathLike | None = None) -> Path:
+    """
+    Write the demo Space repository into `save_directory`; returns the folder.
+
+    Args:
+        model_repo: `"org/name"` of the model the app serves, written to the README metadata (`models:`).
+        space_dir: the app folder (`app.py`, `requirements.txt`, `README.md` with `sdk: gradio` and `app_file`);
+            default: the repository's `space/`.
+    """
+    _check_repo_id(model_repo, "model_repo")
+    source = Path(space_dir) if space_dir is not None else SPACE_DIR
+    missing = [name for name in ("app.py", "requirements.txt", "README.md") if not (source / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the Space folder {str(source)!r} lacks {missing}; pass space_dir= (--space_dir) "
+                                "pointing at the repository's space/ folder.")
+    card = SpaceCard.load(source / "README.md")
+    if card.data.get("sdk") != SPACE_SDK or not (source / str(card.data.get("app_file"))).is_file():
+        raise ValueError(f"{source / 'README.md'} must declare sdk: {SPACE_SDK} and an app_file present in the folder, "
+                         f"got sdk={card.data.get('sdk')!r}, app_file={card.data.get('app_file')!r}.")
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix in SPACE_FILE_SUFFIXES:
+            shutil.copy2(path, folder / path.name)
+    # The Space cannot pip-install this package from a registry, so the app's import finds a copy beside it.
+    package = folder / PACKAGE_DIR.name
+    package.mkdir(exist_ok=True)
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        shutil.copy2(path, package / path.name)
+    card.data.models = [model_repo]
+    card.save(folder / "README.md")
+    return folder
+
+
+def publish_space(
+    repo_id: str,
+    model_repo: str,
+    *,
+    space_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload DiSa demo",
+    endpoint: str | None = None,
+):
+    """Stage the demo Space (`save_space`) in a temporary folder, create the Space `repo_id` (Gradio SDK) if needed
+    and upload it in one commit. Returns the `CommitInfo`. Warns when `model_repo` does not exist (yet)."""
+    _check_online()
+    _check_repo_id(repo_id)
+    api = HfApi(endpoint=endpoint, token=token, library_name="modeling_disa")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_space(tmp, model_repo, space_dir=space_dir)
+        if not api.repo_exists(model_repo):
+            warnings.warn(f"the Space serves {model_repo}, which does not exist on the Hub yet: publish it with "
+                          "`python -m modeling_disa.hub --model_dir DIR --repo_id " + model_repo + "`.", stacklevel=2)
+        api.create_repo(repo_id, repo_type="space", space_sdk=SPACE_SDK, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="space", commit_message=commit_message)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
+def space_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modeling_disa.hub space",
+                                     description="Publish the Gradio demo Space that serves a DiSa model repo.")
+    parser.add_argument("--repo_id", required=True, help="the Space, 'org/name'")
+    parser.add_argument("--model_repo", required=True, help="the model repo the app serves, 'org/name'")
+    parser.add_argument("--space_dir", default=None, help="the app folder (default: the repository's space/)")
+    parser.add_argument("--output_dir", default=None, help="only write the Space repository here, do not upload")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--commit_message", default="Upload DiSa demo")
+    args = parser.parse_args(argv)
+    if args.output_dir:
+        folder = save_space(args.output_dir, args.model_repo, space_dir=args.space_dir)
+        print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
+        return 0
+    info = publish_space(args.repo_id, args.model_repo, space_dir=args.space_dir, token=args.token,
+                         private=args.private or None, commit_message=args.commit_message)
+    print(f"uploaded to the Space {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["space"]:  # a subcommand in front of the model-publishing options, which keep their form
+        return space_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="The demo Space: python -m modeling_disa.hub space --help")
     parser.add_argument("--model_dir", required=True, help="folder with the saved model and processor")
     parser.add_argument("--repo_id", required=True, help="target repo, 'org/name'")
     parser.add_argument("--eval_results", default=None, help="evaluation results JSON")
@@ -372,9 +477,11 @@ __all__ = [
     "eval_results_markdown",
     "eval_results_to_model_index",
     "load_eval_results",
+    "publish_space",
     "publish_to_hub",
     "render_model_card",
     "save_for_hub",
+    "save_space",
 ]
 
 if __name__ == "__main__":

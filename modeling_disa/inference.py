@@ -36,6 +36,26 @@ import torch.nn.functional as F
 
 SizeLike = Union[int, Tuple[int, int]]
 
+# CAT-Seg's sliding-window protocol for 384-pixel views (catseg: TEST.SLIDING_WINDOW, out_res 640, overlap 0.333).
+CATSEG_WARP_SIZE = 640
+CATSEG_WINDOW_SIZE = 384
+CATSEG_STRIDE = 256
+
+
+def sliding_window_geometry(window_size: int = CATSEG_WINDOW_SIZE) -> dict:
+    """``warp_size`` / ``window_size`` / ``stride`` of CAT-Seg's protocol scaled to ``window_size`` views.
+
+    ``sliding_window_geometry(384) == {"warp_size": 640, "window_size": 384, "stride": 256}`` (the published
+    setting); a 64-pixel model gets warp 107, stride 43: still 2x2 crops plus the global view.
+    """
+    if window_size <= 0:
+        raise ValueError(f"window_size must be positive, got {window_size}.")
+    return {
+        "warp_size": round(window_size * CATSEG_WARP_SIZE / CATSEG_WINDOW_SIZE),
+        "window_size": int(window_size),
+        "stride": round(window_size * CATSEG_STRIDE / CATSEG_WINDOW_SIZE),
+    }
+
 
 def window_starts(length: int, window: int, stride: int) -> List[int]:
     """Start offsets covering ``[0, length)`` with windows of ``window`` and step ``stride``.
@@ -100,9 +120,9 @@ def sliding_window_probs(
     pixel_values: torch.Tensor,
     text_embeds: Optional[torch.Tensor] = None,
     *,
-    warp_size: int = 640,
-    window_size: int = 384,
-    stride: int = 256,
+    warp_size: int = CATSEG_WARP_SIZE,
+    window_size: int = CATSEG_WINDOW_SIZE,
+    stride: int = CATSEG_STRIDE,
     global_view: bool = True,
     output_size: Optional[Sequence[Tuple[int, int]]] = None,
     batch_size: Optional[int] = None,
@@ -149,7 +169,7 @@ def whole_image_probs(
     pixel_values: torch.Tensor,
     text_embeds: Optional[torch.Tensor] = None,
     *,
-    input_size: int = 384,
+    input_size: int = CATSEG_WINDOW_SIZE,
     output_size: Optional[Tuple[int, int]] = None,
     batch_size: Optional[int] = None,
     autocast_dtype: Optional[torch.dtype] = None,
@@ -200,4 +220,11 @@ def predict_segmentation(
     return probs.argmax(dim=1)
 
 
-__all__ = ["predict_segmentation", "short_side_size", "sliding_window_probs", "whole_image_probs", "window_starts"]
+__all__ = [
+    "predict_segmentation",
+    "short_side_size",
+    "sliding_window_geometry",
+    "sliding_window_probs",
+    "whole_image_probs",
+    "window_starts",
+]

@@ -9,6 +9,15 @@ built-in `image-segmentation` pipeline (which runs DiSa with its default vocabul
 Batching: `pipe(images, candidate_labels=[...], batch_size=4)` runs 4 images per forward pass; the labels are shared
 by the whole call, so the prompts are tokenized (and their embeddings computed) once per batch.
 
+Options:
+- `inference_mode="sliding"`: CAT-Seg's evaluation protocol (crops of the processor's view size with a 2/3 stride
+  over the image warped to 5/3 of it, plus a global view; at 384 views that is warp 640, stride 256), instead of the
+  default `"whole"` (one view of the processor's size). All views of a batch go through the model in one forward
+  pass, so the text embeddings are still computed once.
+- `output_saliency=True` (models with SDM, `config.use_sdm`): each entry also holds `"saliency"` (float32
+  `(grid, grid)`, the class's SDM Grad-CAM saliency) and `"foreground_mask"` (bool `(grid, grid)`, the tokens SDM
+  routes to the class's foreground branch), from the whole-image view (the global view in sliding mode).
+
 Hub-shipped module: only single-dot imports of sibling modules and absolute imports of public libraries.
 """
 
@@ -22,8 +31,10 @@ from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_disa import validate_class_names
+from .inference import sliding_window_geometry, sliding_window_probs
 
 PIPELINE_TASK = "open-vocabulary-segmentation"
+INFERENCE_MODES = ("whole", "sliding")
 
 
 def _is_offline() -> bool:
@@ -78,16 +89,29 @@ def _image_size(image) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
+def _resize_bilinear(maps: torch.Tensor, target_size) -> torch.Tensor:
+    return F.interpolate(maps[None].float(), size=tuple(int(s) for s in target_size), mode="bilinear",
+                         align_corners=False)[0]
+
+
 def segments_from_logits(logits: torch.Tensor, target_size, labels) -> list[dict]:
     """One image's `(T, h, w)` logits -> entries `{"score", "label", "mask"}` for every class present.
 
     The logits are resized bilinearly (align_corners=False) to `target_size` `(H, W)`, the label map is the argmax
     over classes, and a class's score is the mean sigmoid probability over its pixels.
     """
-    resized = F.interpolate(logits[None].float(), size=tuple(int(s) for s in target_size), mode="bilinear",
-                            align_corners=False)[0]
-    segmentation = resized.argmax(dim=0)
-    probabilities = resized.sigmoid()
+    resized = _resize_bilinear(logits, target_size)
+    return _segments(resized.argmax(dim=0), resized.sigmoid(), labels)
+
+
+def segments_from_probabilities(probabilities: torch.Tensor, target_size, labels) -> list[dict]:
+    """Like `segments_from_logits` for `(T, h, w)` probabilities (sliding-window output): CAT-Seg resizes the
+    probabilities, not the logits, to the image size before the argmax."""
+    resized = _resize_bilinear(probabilities, target_size)
+    return _segments(resized.argmax(dim=0), resized, labels)
+
+
+def _segments(segmentation: torch.Tensor, probabilities: torch.Tensor, labels) -> list[dict]:
     results = []
     for class_id in torch.unique(segmentation).tolist():
         mask = segmentation == class_id
@@ -131,35 +155,63 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             candidate_labels (`list[str]`, *optional*): the class names to segment (synonyms as
                 `"building, edifice"` are prompted with the first one). Default: `config.id2label`.
             batch_size (`int`, *optional*): images per forward pass.
+            inference_mode (`str`, *optional*): `"whole"` (default, one view) or `"sliding"` (CAT-Seg's sliding
+                window plus a global view).
+            output_saliency (`bool`, *optional*): add each class's SDM `"saliency"` and `"foreground_mask"` (SDM
+                models only).
             timeout (`float`, *optional*): seconds to wait for an image URL.
 
         Returns:
-            For one image, a list of `{"score": float, "label": str, "mask": PIL.Image}` (one per label present);
-            for a list of images, a list of such lists.
+            For one image, a list of `{"score": float, "label": str, "mask": PIL.Image}` (one per label present,
+            plus `"saliency"` and `"foreground_mask"` arrays with `output_saliency`); for a list of images, a list
+            of such lists.
         """
         return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
 
-    def _sanitize_parameters(self, candidate_labels=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, candidate_labels=None, timeout=None, inference_mode=None, output_saliency=None,
+                             **kwargs):
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)} for the {PIPELINE_TASK} pipeline.")
         preprocess_params = {"timeout": timeout}
+        forward_params = {}
+        if inference_mode is not None:
+            if inference_mode not in INFERENCE_MODES:
+                raise ValueError(f"inference_mode must be one of {INFERENCE_MODES}, got {inference_mode!r}.")
+            preprocess_params["inference_mode"] = forward_params["inference_mode"] = inference_mode
+        if output_saliency is not None:
+            if output_saliency and not getattr(self.model.config, "use_sdm", False):
+                raise ValueError("output_saliency=True needs a model with the saliency module (config.use_sdm=True).")
+            forward_params["output_saliency"] = bool(output_saliency)
         if candidate_labels is None:
+            # Checked in `preprocess`: this also runs when the pipeline is built, where no labels are needed yet.
             id2label = getattr(self.model.config, "id2label", None) or {}
-            if not getattr(self.model.config, "label_token_ids", None):
-                raise ValueError(
-                    "pass candidate_labels=[...]: this model has no stored default vocabulary "
-                    "(config.label_token_ids)."
-                )
+            has_default = bool(getattr(self.model.config, "label_token_ids", None))
             preprocess_params["candidate_labels"] = None
-            preprocess_params["default_labels"] = [id2label[i] for i in sorted(id2label, key=int)]
+            preprocess_params["default_labels"] = [id2label[i] for i in sorted(id2label, key=int)] if has_default else None
         else:
             preprocess_params["candidate_labels"] = check_candidate_labels(candidate_labels)
-        return preprocess_params, {}, {}
+        return preprocess_params, forward_params, {}
 
-    def preprocess(self, image, candidate_labels=None, default_labels=None, timeout=None):
+    def sliding_window_geometry(self) -> dict:
+        """`warp_size`, `window_size`, `stride` of sliding-window inference for this processor's view size."""
+        size = self.processor.image_processor.size
+        if size["height"] != size["width"]:
+            raise ValueError(f"sliding-window inference needs square views, the image processor's size is {size}.")
+        return sliding_window_geometry(int(size["height"]))
+
+    def preprocess(self, image, candidate_labels=None, default_labels=None, timeout=None, inference_mode="whole"):
+        if candidate_labels is None and default_labels is None:
+            raise ValueError(
+                "pass candidate_labels=[...]: this model has no stored default vocabulary (config.label_token_ids)."
+            )
         image = load_pipeline_image(image, timeout=timeout)
         height, width = _image_size(image)
-        inputs = self.processor.image_processor(images=image, return_tensors="pt")
+        resize = {}
+        if inference_mode == "sliding":
+            # CAT-Seg warps the image to the sliding canvas: resize once from the original pixels to that size.
+            warp = self.sliding_window_geometry()["warp_size"]
+            resize = {"size": {"height": warp, "width": warp}}
+        inputs = self.processor.image_processor(images=image, return_tensors="pt", **resize)
         return {
             "pixel_values": inputs["pixel_values"].to(self.dtype),
             "target_size": torch.tensor([[height, width]]),
@@ -167,7 +219,7 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
                              tuple(default_labels) if default_labels is not None else None)],
         }
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs, inference_mode="whole", output_saliency=False):
         specs = model_inputs.pop("labels_spec")
         # batch_size=1: the item's own list; batched: one list per item (equal within a call).
         flat = [spec for item in specs for spec in (item if isinstance(item, list) else [item])]
@@ -180,21 +232,59 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             text = {"input_ids": tokens["input_ids"].to(self.device),
                     "attention_mask": tokens["attention_mask"].to(self.device)}
         labels = list(candidate if candidate is not None else default)
-        outputs = self.model(pixel_values=model_inputs["pixel_values"], **text)
-        batch = outputs.logits.shape[0]
-        return {"logits": outputs.logits, "target_size": model_inputs["target_size"], "labels": [labels] * batch}
+        pixel_values = model_inputs["pixel_values"]
+        batch = pixel_values.shape[0]
+        result = {"target_size": model_inputs["target_size"], "labels": [labels] * batch}
+        model_kwargs = dict(text, output_saliency=output_saliency)
+        if inference_mode == "sliding":
+            calls = []
+
+            def model_call(**inputs):
+                calls.append(self.model(**inputs))
+                return calls[-1]
+
+            # batch_size=None: every view of the batch in one forward pass, so one text encoding
+            result["probabilities"] = sliding_window_probs(model_call, pixel_values, **self.sliding_window_geometry(),
+                                                           **model_kwargs)
+            (outputs,) = calls
+            views = outputs.logits.shape[0] // batch
+            image_view = slice(views - 1, None, views)  # views are image-major; the global view comes last
+        else:
+            outputs = self.model(pixel_values=pixel_values, **model_kwargs)
+            result["logits"] = outputs.logits
+            image_view = slice(None)
+        if output_saliency:
+            result["saliency"] = outputs.saliency[image_view]
+            result["foreground_mask"] = outputs.foreground_mask[image_view]
+        return result
 
     def postprocess(self, model_outputs):
         labels = model_outputs["labels"]
         if labels and isinstance(labels[0], list):
             labels = labels[0]
-        logits = model_outputs["logits"][0].detach().cpu()
         target_size = model_outputs["target_size"].reshape(-1)[:2].tolist()
-        return segments_from_logits(logits, target_size, labels)
+        if "probabilities" in model_outputs:
+            results = segments_from_probabilities(model_outputs["probabilities"][0].detach().cpu(), target_size, labels)
+        else:
+            results = segments_from_logits(model_outputs["logits"][0].detach().cpu(), target_size, labels)
+        if "saliency" in model_outputs:
+            saliency = model_outputs["saliency"][0].detach().float().cpu().numpy()
+            foreground = model_outputs["foreground_mask"][0].detach().cpu().numpy().astype(bool)
+            for entry in results:
+                class_id = labels.index(entry["label"])
+                entry["saliency"], entry["foreground_mask"] = saliency[class_id], foreground[class_id]
+        return results
 
 
 PIPELINE_REGISTRY.register_pipeline(
     PIPELINE_TASK, pipeline_class=DiSaOpenVocabSegmentationPipeline, pt_model=AutoModel, type="multimodal"
 )
 
-__all__ = ["DiSaOpenVocabSegmentationPipeline", "PIPELINE_TASK", "check_candidate_labels", "segments_from_logits"]
+__all__ = [
+    "DiSaOpenVocabSegmentationPipeline",
+    "INFERENCE_MODES",
+    "PIPELINE_TASK",
+    "check_candidate_labels",
+    "segments_from_logits",
+    "segments_from_probabilities",
+]

@@ -2,11 +2,13 @@
 
 It implements what `huggingface_hub` (2.x, with `HF_HUB_DISABLE_XET=1`) and transformers' `from_pretrained` use:
 whoami, repo creation, YAML validation, pre-upload, git-LFS "basic" batch + PUT, NDJSON commits, repo info, tree
-listing, and `HEAD`/`GET .../resolve/{revision}/{path}`. Model repos only. Everything lives in memory.
+listing, and `HEAD`/`GET .../resolve/{revision}/{path}`, for model repos and Space repos (created with an SDK).
+Everything lives in memory.
 
     with HubStub() as hub:          # 127.0.0.1, a free port, a daemon thread
         hub.url                     # "http://127.0.0.1:PORT"
         hub.files("tester/repo")    # {path: bytes} of the last commit
+        hub.files("tester/demo", repo_type="space")
         hub.requests                # [(method, path)] seen, for assertions
 """
 
@@ -23,10 +25,20 @@ USER = "tester"
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".png")
 
 
+SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
+
+
+def repo_key(repo_id: str, repo_type: str | None = "model") -> str:
+    """Key of `HubStub.repos`: the repo id for models (as in the URLs), `spaces/<id>` for Spaces."""
+    return repo_id if repo_type in (None, "model") else f"{repo_type}s/{repo_id}"
+
+
 class _Repo:
-    def __init__(self, repo_id: str, private: bool):
+    def __init__(self, repo_id: str, private: bool, repo_type: str = "model", sdk: str | None = None):
         self.repo_id = repo_id
         self.private = private
+        self.repo_type = repo_type
+        self.sdk = sdk
         self.files: dict[str, bytes] = {}
         self.commits: list[str] = [hashlib.sha1(f"init:{repo_id}".encode()).hexdigest()]
 
@@ -81,8 +93,8 @@ class HubStub:
         return f"http://{host}:{port}"
 
     # ------------------------------------------------------------------ helpers for tests
-    def files(self, repo_id: str) -> dict[str, bytes]:
-        return dict(self.repos[repo_id].files)
+    def files(self, repo_id: str, repo_type: str = "model") -> dict[str, bytes]:
+        return dict(self.repos[repo_key(repo_id, repo_type)].files)
 
     def add_repo(self, repo_id: str, files: dict[str, bytes]) -> None:
         """Create a repo directly with some files (e.g. an incomplete one)."""
@@ -162,40 +174,47 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"errors": [], "warnings": []})
             if method == "PUT" and parts[:1] == ["lfs-upload"] and len(parts) == 2:
                 return self._lfs_put(parts[1])
-            if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                return self._api_models(method, parts[2:])
+            if parts[:2] in (["api", "models"], ["api", "spaces"]) and len(parts) >= 4:
+                return self._api_repos(method, parts[1][:-1], parts[2:])
             if method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
                 return self._lfs_batch(path[1 : -len(".git/info/lfs/objects/batch")])
             if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
                 return self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]))
+            if method in ("GET", "HEAD") and parts[:1] == ["spaces"] and len(parts) >= 6 and parts[3] == "resolve":
+                return self._resolve("/".join(parts[:3]), parts[4], "/".join(parts[5:]))
         except Exception as error:  # noqa: BLE001 - a stub bug must surface as an HTTP 500, not a hang
             return self._json(500, {"error": f"stub error: {error!r}"})
         hub.unhandled.append((method, path))
         self._error(404, "NotImplemented", f"stub: no route for {method} {path}")
 
     # ------------------------------------------------------------------ endpoints
-    def _repo(self, repo_id: str) -> _Repo | None:
-        return self.hub.repos.get(repo_id)
+    def _repo(self, key: str) -> _Repo | None:
+        return self.hub.repos.get(key)
 
     def _create_repo(self, body: dict):
-        if body.get("type", "model") not in (None, "model"):
-            return self._error(400, "BadRequest", "stub: model repos only")
+        repo_type = body.get("type") or "model"
+        if repo_type not in ("model", "space"):
+            return self._error(400, "BadRequest", "stub: model and space repos only")
+        if repo_type == "space" and body.get("sdk") not in SPACE_SDKS:
+            return self._error(400, "BadRequest", f"a Space needs an sdk in {SPACE_SDKS}, got {body.get('sdk')!r}")
         name = body.get("name")
         owner = body.get("organization") or USER
         repo_id = f"{owner}/{name}"
+        key = repo_key(repo_id, repo_type)
         with self.hub.lock:
-            if repo_id in self.hub.repos:
-                return self._json(409, {"error": "You already created this model repo", "url": f"{self._base()}/{repo_id}"})
-            self.hub.repos[repo_id] = _Repo(repo_id, bool(body.get("private")))
-        return self._json(200, {"url": f"{self._base()}/{repo_id}", "name": repo_id})
+            if key in self.hub.repos:
+                return self._json(409, {"error": f"You already created this {repo_type} repo",
+                                        "url": f"{self._base()}/{key}"})
+            self.hub.repos[key] = _Repo(repo_id, bool(body.get("private")), repo_type, body.get("sdk"))
+        return self._json(200, {"url": f"{self._base()}/{key}", "name": repo_id})
 
     def _base(self) -> str:
         return self.hub.url
 
-    def _api_models(self, method: str, rest: list[str]):
+    def _api_repos(self, method: str, repo_type: str, rest: list[str]):
         repo_id = "/".join(rest[:2])
         tail = rest[2:]
-        repo = self._repo(repo_id)
+        repo = self._repo(repo_key(repo_id, repo_type))
         if repo is None:
             return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
         if method == "GET" and (not tail or (tail[0] == "revision" and len(tail) >= 2)):
@@ -215,16 +234,22 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and tail[:1] == ["refs"]:
             return self._json(200, {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": repo.sha}],
                                     "converts": [], "tags": []})
-        self.hub.unhandled.append((method, "/".join(["/api/models"] + rest)))
-        return self._error(404, "NotImplemented", f"stub: no route for {method} /api/models/{'/'.join(rest)}")
+        route = f"/api/{repo_type}s/{'/'.join(rest)}"
+        self.hub.unhandled.append((method, route))
+        return self._error(404, "NotImplemented", f"stub: no route for {method} {route}")
 
     def _info(self, repo: _Repo) -> dict:
-        return {
-            "id": repo.repo_id, "modelId": repo.repo_id, "_id": repo.sha[:24], "sha": repo.sha,
+        info = {
+            "id": repo.repo_id, "_id": repo.sha[:24], "sha": repo.sha,
             "private": repo.private, "disabled": False, "gated": False, "tags": [], "downloads": 0, "likes": 0,
             "siblings": [{"rfilename": name, "size": len(data)} for name, data in sorted(repo.files.items())],
             "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z",
         }
+        if repo.repo_type == "space":
+            info["sdk"] = repo.sdk
+        else:
+            info["modelId"] = repo.repo_id
+        return info
 
     def _tree(self, repo: _Repo, prefix: str):
         prefix = prefix.strip("/")
@@ -264,13 +289,14 @@ class _Handler(BaseHTTPRequestHandler):
                 repo.files.pop(path, None)
             sha = hashlib.sha1(f"{repo.repo_id}:{len(repo.commits)}:{sorted(added)}".encode()).hexdigest()
             repo.commits.append(sha)
-        return self._json(200, {"commitUrl": f"{self._base()}/{repo.repo_id}/commit/{sha}", "commitOid": sha,
+        key = repo_key(repo.repo_id, repo.repo_type)
+        return self._json(200, {"commitUrl": f"{self._base()}/{key}/commit/{sha}", "commitOid": sha,
                                 "success": True})
 
-    def _lfs_batch(self, repo_id: str):
+    def _lfs_batch(self, key: str):
         body = json.loads(self._body() or b"{}")
-        if self._repo(repo_id) is None:
-            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+        if self._repo(key) is None:
+            return self._error(404, "RepoNotFound", f"Repository {key} not found")
         objects = []
         for obj in body.get("objects", []):
             entry = {"oid": obj["oid"], "size": obj["size"]}
@@ -287,10 +313,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.lfs[oid] = data
         return self._send(200, b"")
 
-    def _resolve(self, repo_id: str, revision: str, filename: str):
-        repo = self._repo(repo_id)
+    def _resolve(self, key: str, revision: str, filename: str):
+        repo = self._repo(key)
         if repo is None:
-            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+            return self._error(404, "RepoNotFound", f"Repository {key} not found")
         if revision not in ("main", *repo.commits):
             return self._error(404, "RevisionNotFound", f"Revision {revision} not found")
         data = repo.files.get(filename)

@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_disa.inference import predict_segmentation, short_side_size, sliding_window_probs, whole_image_probs, window_starts
+from modeling_disa.inference import (
+    predict_segmentation,
+    short_side_size,
+    sliding_window_geometry,
+    sliding_window_probs,
+    whole_image_probs,
+    window_starts,
+)
 
 
 class ConstantStub:
@@ -42,6 +49,15 @@ def test_window_starts_protocol():
     assert window_starts(20, 24, 16) == [0]
     assert short_side_size(480, 640, 640) == (640, 853)
     assert short_side_size(100, 5000, 640) == (51, 2560)
+
+
+def test_sliding_window_geometry_scales_the_protocol():
+    assert sliding_window_geometry() == sliding_window_geometry(384) == {"warp_size": 640, "window_size": 384, "stride": 256}
+    for view in (64, 128, 336):
+        g = sliding_window_geometry(view)
+        assert window_starts(g["warp_size"], g["window_size"], g["stride"]) == [0, g["warp_size"] - view]  # 2x2 crops
+    with pytest.raises(ValueError, match="positive"):
+        sliding_window_geometry(0)
 
 
 def test_sliding_window_matches_manual_computation():

@@ -119,6 +119,16 @@ def test_bad_candidate_labels(segmenter, labels, error, match):
         segmenter(make_image(0), candidate_labels=labels)
 
 
+def test_a_model_without_a_default_vocabulary_needs_labels_per_call(tiny_config, tiny_processor):
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    tiny_config.label_token_ids = None
+    segmenter = pipeline(PIPELINE_TASK, model=DiSaForOpenVocabSegmentation(tiny_config).eval(), processor=tiny_processor)
+    assert {e["label"] for e in segmenter(make_image(0), candidate_labels=["cat", "sky"])} <= {"cat", "sky"}
+    with pytest.raises(ValueError, match="no stored default vocabulary"):
+        segmenter(make_image(0))
+
+
 def test_image_url_while_offline_fails_fast(segmenter, monkeypatch):
     from huggingface_hub import constants
 
@@ -194,3 +204,67 @@ def test_saved_folder_pipelines_in_a_fresh_process_without_the_package(tiny_mode
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "OK transformers_modules" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def sdm_segmenter(tiny_path, tiny_processor):
+    from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
+
+    torch.manual_seed(0)
+    model = DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained(tiny_path, use_sdm=True)).eval()
+    return pipeline(PIPELINE_TASK, model=model, processor=tiny_processor)
+
+
+def test_sliding_window_matches_the_protocol_run_view_by_view(sdm_segmenter, tiny_processor):
+    from modeling_disa.inference import sliding_window_geometry, sliding_window_probs
+
+    model, image = sdm_segmenter.model, make_image(9)
+    geometry = sliding_window_geometry(tiny_processor.image_processor.size["height"])
+    assert sdm_segmenter.sliding_window_geometry() == geometry == {"warp_size": 213, "window_size": 128, "stride": 85}
+    warp = geometry["warp_size"]
+    pixel_values = tiny_processor.image_processor(images=image, size={"height": warp, "width": warp},
+                                                  return_tensors="pt")["pixel_values"]
+    tokens = tiny_processor.tokenize_class_names(LABELS)
+    with torch.no_grad():
+        text_embeds = model.get_text_embeddings(tokens["input_ids"], tokens["attention_mask"])
+    probabilities = sliding_window_probs(model, pixel_values, text_embeds, batch_size=1, **geometry)
+    probabilities = F.interpolate(probabilities, size=(image.height, image.width), mode="bilinear",
+                                  align_corners=False)[0]
+    segmentation = probabilities.argmax(dim=0).numpy()
+    reference = {LABELS[c]: (segmentation == c, float(probabilities[c].numpy()[segmentation == c].mean()))
+                 for c in np.unique(segmentation)}
+    assert_same_segments(sdm_segmenter(image, candidate_labels=LABELS, inference_mode="sliding"), reference, image)
+
+
+def test_saliency_entries_are_the_models_maps_and_text_is_encoded_once(sdm_segmenter, tiny_processor):
+    model, image = sdm_segmenter.model, make_image(10)
+    labels = ["saliency test one", "saliency test two", "saliency test three"]  # not in the text cache yet
+    encodings, per_call = [], []
+    hook = model.clip.text_model.register_forward_hook(lambda *args: encodings.append(1))
+    try:
+        for mode in ("whole", "sliding"):  # sliding: 5 views and the saliency maps
+            start = len(encodings)
+            sdm_segmenter(image, candidate_labels=labels, inference_mode=mode, output_saliency=True)
+            per_call.append(len(encodings) - start)
+            labels = [name + " again" for name in labels]
+    finally:
+        hook.remove()
+    assert per_call == [1, 1]
+
+    result = sdm_segmenter(image, candidate_labels=LABELS, output_saliency=True)
+    with torch.no_grad():
+        outputs = model(**tiny_processor(images=image, text=LABELS), output_saliency=True)
+    assert result
+    for entry in result:
+        class_id = LABELS.index(entry["label"])
+        np.testing.assert_array_equal(entry["saliency"], outputs.saliency[0, class_id].numpy())
+        np.testing.assert_array_equal(entry["foreground_mask"], outputs.foreground_mask[0, class_id].numpy())
+        assert entry["foreground_mask"].dtype == bool
+    assert "saliency" not in sdm_segmenter(image, candidate_labels=LABELS)[0]
+
+
+def test_bad_options(segmenter, sdm_segmenter):
+    with pytest.raises(ValueError, match="inference_mode must be one of"):
+        sdm_segmenter(make_image(0), candidate_labels=["cat"], inference_mode="tiles")
+    with pytest.raises(ValueError, match="use_sdm=True"):
+        segmenter(make_image(0), candidate_labels=["cat"], output_saliency=True)
