@@ -80,6 +80,7 @@ class DiSaClassAggregation(nn.Module):
         dim, guidance_dim = config.hidden_dim, config.text_guidance_dim
         self.class_cap = config.class_cap
         self.residual = config.class_residual
+        self.restrict_to_branch = config.branch_attention == "restricted"
         self.norm1 = nn.LayerNorm(dim)
         self.attention = DiSaClassAttention(dim, guidance_dim, config.num_attention_heads, config.linear_attention_eps)
         self.norm2 = nn.LayerNorm(dim)
@@ -127,7 +128,8 @@ class DiSaClassAggregation(nn.Module):
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
         q, k, v = per_branch(_project, self, twin, route, tokens, guidance)
-        attended = self.attention.attend(q, k, v, None if route is None else route.mask)
+        groups = route.mask if route is not None and self.restrict_to_branch else None
+        attended = self.attention.attend(q, k, v, groups)
         updated = per_branch(_update, self, twin, route, tokens, attended)
         if self.residual == "catseg":
             # CAT-Seg returns x + up(pool(x) + update): the identity path is counted twice (kept for its weights).

@@ -14,6 +14,7 @@ FUSION_MODES = ("weighted", "sum", "concat", "own", "residual")
 SALIENCY_TARGETS = ("predicted_logit", "predicted_probability")
 SALIENCY_SOURCES = ("gradcam", "attention", "cost")
 BRANCH_MODES = ("routed", "masked")
+BRANCH_ATTENTION_MODES = ("restricted", "shared")
 TOPK_MODES = ("fixed", "adaptive")
 HRM_STAGES = ("pixel", "category", "channel")
 LOSS_IGNORE_MODES = ("catseg", "mask")
@@ -92,6 +93,9 @@ class DiSaConfig(PreTrainedConfig):
             None: every class gets k foreground tokens whether present or not.
         branch_mode (`str`): `"routed"` (each token is aggregated by its own branch's weights with attention
             restricted to its branch) or `"masked"` (two full masked cost volumes through two branches).
+        branch_attention (`str`): with routed branches, `"restricted"` (a token attends only to tokens of its own
+            branch) or `"shared"` (each token uses its branch's weights but attends to every token of its class
+            map, so a class's foreground and background still exchange context).
         fusion (`str`): how the two branches' features merge. `"own"` (each token keeps its own branch's
             output), `"residual"` (own output + a zero-initialised linear map of the other branch's class mean:
             starts as "own"), `"weighted"` (learned sigmoid gate between own output and the other branch's class
@@ -140,18 +144,19 @@ class DiSaConfig(PreTrainedConfig):
     sdm_num_heads: int = 8
     sdm_mlp_ratio: int = 4
     itm_loss_weight: float = 1.0
-    sdm_input_gradient_scale: float = 1.0
+    sdm_input_gradient_scale: float = 0.0
     saliency_target: str = "predicted_logit"
-    saliency_source: str = "gradcam"
-    foreground_topk_mode: str = "fixed"
+    saliency_source: str = "cost"
+    foreground_topk_mode: str = "adaptive"
     foreground_ratio: float = 96 / 576
     foreground_topk: int | None = None
     adaptive_saliency_mass: float = 0.5
     adaptive_min_ratio: float = 1 / 24
     adaptive_max_ratio: float = 1 / 2
-    presence_threshold: float | None = None
+    presence_threshold: float | None = 0.5
     branch_mode: str = "routed"
-    fusion: str = "weighted"
+    branch_attention: str = "restricted"
+    fusion: str = "own"
     use_hrm: bool = False
     hrm_stages: list[str] | tuple[str, ...] = HRM_STAGES
     hrm_after_aggregation: bool = True
@@ -275,6 +280,10 @@ class DiSaConfig(PreTrainedConfig):
             raise ValueError(f"`foreground_topk_mode` must be one of {TOPK_MODES}, got {self.foreground_topk_mode!r}.")
         if self.branch_mode not in BRANCH_MODES:
             raise ValueError(f"`branch_mode` must be one of {BRANCH_MODES}, got {self.branch_mode!r}.")
+        if self.branch_attention not in BRANCH_ATTENTION_MODES:
+            raise ValueError(
+                f"`branch_attention` must be one of {BRANCH_ATTENTION_MODES}, got {self.branch_attention!r}."
+            )
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")
         tokens = self.grid_size**2

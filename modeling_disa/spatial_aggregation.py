@@ -122,6 +122,7 @@ class DiSaSwinBlock(nn.Module):
         self.grid, self.window = grid, window
         # A window covering the whole map cannot be shifted (CAT-Seg/Swin rule).
         self.shift = shift if grid > window else 0
+        self.restrict_to_branch = config.branch_attention == "restricted"
         use_sdpa = getattr(config, "_attn_implementation", None) != "eager"
         self.norm1 = nn.LayerNorm(config.hidden_dim)
         self.attn = DiSaWindowAttention(
@@ -165,7 +166,7 @@ class DiSaSwinBlock(nn.Module):
         bias = None
         if self.attn_mask is not None:
             bias = self.attn_mask.to(q.dtype).unsqueeze(1)
-        if route is not None:
+        if route is not None and self.restrict_to_branch:
             groups = self._windows(route.mask.unsqueeze(-1))[..., 0]
             blocked = (groups.unsqueeze(-1) != groups.unsqueeze(-2)).unsqueeze(2)
             group_bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
