@@ -1,0 +1,389 @@
+#!/usr/bin/env python
+"""DiSa vs its own CAT-Seg mode in the offline toy world, on an unbiased and a foreground-biased world.
+
+    python benchmarks/toy_world_comparison.py                 # full sweep (CPU, about an hour on 2 cores)
+    python benchmarks/toy_world_comparison.py --smoke         # tiny world, few steps: checks the pipeline and schema
+
+For every world x model x training seed it trains the default toy-world recipe (`configuration/training/
+toy_world.yaml`, the same training path as `accelerate launch training/train.py`) with the model's preset and
+`DiSaConfig` overrides, then scores the final model on two held-out splits with all 24 classes (seen and unseen):
+
+- `dev` (its own random stream, never the test images): where designs are chosen;
+- `test` (the toy world's test split): what is reported.
+
+Worlds differ only in the captions the toy CLIP is pretrained on: `unbiased` names every concept of an image,
+`foreground_biased` always names the things but each stuff region only with probability `stuff_caption_rate`, as web
+alt-texts name the objects and rarely the wall or the floor.
+
+Each finished row is written at once (atomically) under `--work_dir`; a rerun skips finished rows, so a half-finished
+sweep resumes. Output: `--output` JSON `{"machine", "steps", "rows": [...], "summary": [...]}`, a Markdown table and a
+PNG bar chart beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+
+WORLDS = {"unbiased": 1.0, "foreground_biased": 0.25}
+COLUMNS = ("all", "seen", "unseen", "stuff", "things", "unseen_stuff")
+SCORE_KEYS = {"all": "mIoU", "seen": "seen", "unseen": "unseen", "stuff": "stuff", "things": "things",
+              "unseen_stuff": "unseen_stuff"}
+
+# The first-wave reconstruction of SDM (kept for the ablation): ITM cross-attention over CLIP tokens with its loss
+# reaching CLIP, fixed k for every class, the learned averaging gate.
+FIRST_WAVE = {"use_sdm": True, "use_hrm": True, "saliency_source": "gradcam", "sdm_input_gradient_scale": 1.0,
+              "foreground_topk_mode": "fixed", "presence_threshold": None, "fusion": "weighted",
+              "branch_attention": "restricted", "adaptive_saliency_mass": 0.5, "adaptive_max_ratio": 0.5}
+CATSEG_PRESET = "configuration/models/catseg-toy"
+DISA_PRESET = "configuration/models/disa-toy"
+MODELS = {
+    "catseg": (CATSEG_PRESET, {}),
+    "disa": (DISA_PRESET, {}),  # the shipped DiSa defaults
+    "disa-first-wave": (DISA_PRESET, FIRST_WAVE),
+    # one fix at a time on top of the first wave
+    "fw+detach": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0}),
+    "fw+detach+own": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "own"}),
+    "fw+detach+residual": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "residual"}),
+    "fw+detach+own+presence": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "own",
+                                             "presence_threshold": 0.5, "foreground_topk_mode": "adaptive"}),
+    "cost-saliency+own+presence": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "own",
+                                                 "presence_threshold": 0.5, "foreground_topk_mode": "adaptive",
+                                                 "saliency_source": "cost"}),
+    "cost-saliency+residual+presence": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
+                                                      "fusion": "residual", "presence_threshold": 0.5,
+                                                      "foreground_topk_mode": "adaptive", "saliency_source": "cost"}),
+    "cost-saliency+own+presence+extent": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
+                                                        "fusion": "own", "presence_threshold": 0.5,
+                                                        "foreground_topk_mode": "adaptive", "saliency_source": "cost",
+                                                        "adaptive_max_ratio": 0.9}),
+    "cost-saliency+own+presence+shared": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
+                                                        "fusion": "own", "presence_threshold": 0.5,
+                                                        "foreground_topk_mode": "adaptive", "saliency_source": "cost",
+                                                        "branch_attention": "shared"}),
+    "cost-saliency+own+presence+shared+mass0.9": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
+                                                                "fusion": "own", "presence_threshold": 0.5,
+                                                                "foreground_topk_mode": "adaptive",
+                                                                "saliency_source": "cost", "branch_attention": "shared",
+                                                                "adaptive_saliency_mass": 0.9,
+                                                                "adaptive_max_ratio": 0.9}),
+}
+DEFAULT_MODELS = ("catseg", "disa", "disa-first-wave")
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": "cpu", "threads_per_run": 1}
+
+
+def _write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as fh:
+        json.dump(value, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def toy_world_settings(args, world: str) -> dict:
+    values = {"seed": args.world_seed, "stuff_caption_rate": WORLDS[world] if world != "foreground_biased"
+              else args.stuff_caption_rate, "compare_catseg": False}
+    if args.cache_dir:
+        values["cache_dir"] = args.cache_dir
+    if args.smoke:
+        values.update(num_train=32, num_validation=8, num_test=16, clip={"steps": 4, "batch_size": 16})
+    return values
+
+
+def recipe_for(args, world: str, model: str, seed: int, output_dir: str):
+    from training import train as T
+    from training import toy_world_job
+
+    preset, overrides = MODELS[model]
+    argv = ["--model_preset", preset, "--seed", str(seed), "--output_dir", output_dir, "--overwrite_output_dir",
+            "true", "--max_train_steps", str(args.steps), "--report_to", "none", "--logging_steps", "100",
+            "--toy_world", json.dumps(toy_world_settings(args, world))]
+    if overrides:
+        argv += ["--model_config_overrides", json.dumps(overrides)]
+    if args.smoke:
+        argv += ["--per_device_train_batch_size", "2"]
+    recipe = T.parse_args(argv)
+    prepared, _, info = toy_world_job.prepare(recipe)
+    return prepared, info
+
+
+def _auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula; None without both classes."""
+    pos, neg = scores[targets], scores[~targets]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def score_split(model, images: np.ndarray, labels: np.ndarray, text: dict, batch_size: int = 32) -> dict:
+    """mIoU columns plus, for a model with SDM, its presence AUROC and how its foreground tokens are spent."""
+    import torch
+
+    from modeling_disa import toy_world as W
+    from modeling_disa.toy_world import normalize_images
+    from training.toy_world_job import subset_scores
+
+    preds, presence_logits, fg_counts = [], [], []
+    with torch.no_grad():
+        text_embeds = model.get_text_embeddings(**text)
+        for i in range(0, len(images), batch_size):
+            out = model(pixel_values=normalize_images(images[i:i + batch_size]), text_embeds=text_embeds,
+                        output_saliency=model.config.use_sdm)
+            logits = torch.nn.functional.interpolate(out.logits.float(), size=labels.shape[-2:], mode="bilinear",
+                                                     align_corners=False)
+            preds.append(logits.argmax(1).numpy())
+            if out.itm_logits is not None:
+                presence_logits.append(out.itm_logits.float().numpy())
+                fg_counts.append(out.foreground_mask.flatten(2).sum(-1).numpy())
+    scores = subset_scores(np.concatenate(preds), labels)
+    row = {column: scores[key] for column, key in SCORE_KEYS.items()}
+    if presence_logits:
+        logits = np.concatenate(presence_logits)
+        fg = np.concatenate(fg_counts).astype(np.float64)
+        present = np.stack([np.isin(np.arange(len(W.CLASS_NAMES)), np.unique(lab)) for lab in labels])
+        unseen_stuff = [i for i in W.UNSEEN_IDS if i in W.STUFF_IDS]
+        row["presence_auroc"] = {
+            "seen": _auroc(logits[:, W.SEEN_IDS].ravel(), present[:, W.SEEN_IDS].ravel()),
+            "unseen": _auroc(logits[:, W.UNSEEN_IDS].ravel(), present[:, W.UNSEEN_IDS].ravel()),
+            "unseen_stuff": _auroc(logits[:, unseen_stuff].ravel(), present[:, unseen_stuff].ravel()),
+        }
+        total = fg.sum()
+        row["foreground_tokens_on_absent_classes"] = float(fg[~present].sum() / total) if total else 0.0
+        row["mean_foreground_k_present"] = float(fg[present].mean())
+    return row
+
+
+def run_row(args, world: str, model_name: str, seed: int) -> dict:
+    """Train one (world, model, seed) and score it on dev and test."""
+    import datasets
+    import torch
+
+    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
+    from modeling_disa import toy_world as W
+    from training import train as T
+
+    torch.set_num_threads(1)
+    output_dir = os.path.join(args.work_dir, "runs", f"{world}-{model_name}-{seed}")
+    start = time.perf_counter()
+    recipe, info = recipe_for(args, world, model_name, seed, output_dir)
+    T.train(recipe)
+    train_seconds = time.perf_counter() - start
+
+    model = DiSaForOpenVocabSegmentation.from_pretrained(output_dir).eval()
+    processor = DiSaProcessor.from_pretrained(output_dir)
+    tokens = processor(text=list(W.CLASS_NAMES), return_tensors="pt")
+    text = {"input_ids": tokens["input_ids"], "attention_mask": tokens.get("attention_mask")}
+    test = datasets.load_from_disk(info["world_dir"])["test"]
+    test_images = np.stack([np.asarray(im.convert("RGB")) for im in test["image"]])
+    test_labels = np.stack([np.asarray(lab) for lab in test["label"]]).astype(np.int64)
+    world_settings = W.WorldSettings(**info["world_settings"])
+    dev = W.generate_split(world_settings, "dev", num=args.num_dev)
+    row = {"world": world, "model": model_name, "seed": seed,
+           "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"], "world_seed": args.world_seed,
+           "overrides": MODELS[model_name][1], **score_split(model, test_images, test_labels, text),
+           "dev": score_split(model, np.stack(dev["image"]), np.stack(dev["label"]).astype(np.int64), text),
+           "train_seconds": round(train_seconds, 1),
+           "clip_zero_shot_accuracy": info["clip_pretraining"]["zero_shot_accuracy"]}
+    return row
+
+
+def summarise(rows: list[dict], split: str = "test") -> list[dict]:
+    """Mean and sd over seeds per (world, model)."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["world"], row["model"]), []).append(row if split == "test" else row["dev"])
+    out = []
+    for (world, model), items in groups.items():
+        entry = {"world": world, "model": model, "split": split, "seeds": len(items)}
+        for column in COLUMNS:
+            values = np.array([item[column] for item in items], dtype=np.float64)
+            entry[column] = {"mean": float(np.nanmean(values)), "sd": float(np.nanstd(values, ddof=1))
+                             if len(values) > 1 else 0.0, "min": float(np.nanmin(values))}
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: list[dict], steps: int) -> str:
+    lines = [f"Toy world, {steps} training steps, mean +- sd over training seeds (mIoU %, test split unless noted)",
+             "", "| world | split | model | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 4) + "|"]
+    for entry in summary:
+        cells = [f"{entry[c]['mean']:.1f} +- {entry[c]['sd']:.1f}" for c in COLUMNS]
+        lines.append(f"| {entry['world']} | {entry['split']} | {entry['model']} | {entry['seeds']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- toy_world_comparison.json: start (generated by benchmarks/toy_world_comparison.py) -->"
+README_END = "<!-- toy_world_comparison.json: end -->"
+
+
+def headline_table(summary: list[dict], steps: int, models=("catseg", "disa", "disa-first-wave")) -> str:
+    """The README / model-card table: test split, the shipped models, mean +- sd over seeds."""
+    names = {"catseg": "CAT-Seg mode", "disa": "DiSa (shipped defaults)", "disa-first-wave": "DiSa, first design"}
+    lines = [f"| world | model | seeds | {' | '.join(COLUMNS)} |", "|---" * (len(COLUMNS) + 3) + "|"]
+    for entry in summary:
+        if entry["split"] != "test" or entry["model"] not in models:
+            continue
+        cells = [f"{entry[c]['mean']:.1f} +- {entry[c]['sd']:.1f}" for c in COLUMNS]
+        lines.append(f"| {entry['world'].replace('_', '-')} | {names[entry['model']]} | {entry['seeds']} | "
+                     + " | ".join(cells) + " |")
+    return f"Test mIoU %, {steps} training steps, mean +- sd over training seeds:\n\n" + "\n".join(lines) + "\n"
+
+
+def update_document(path: str, table: str) -> None:
+    """Replace the generated block of a document (README, model card) with `table`."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{path} has no generated comparison block ({README_START!r} ... {README_END!r}).")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(head + README_START + "\n" + table + README_END + tail)
+
+
+def bar_chart(summary: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [e for e in summary if e["split"] == "test"]
+    worlds = list(dict.fromkeys(e["world"] for e in summary))
+    models = list(dict.fromkeys(e["model"] for e in summary))
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 3.6), squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, world in zip(axes[0], worlds):
+        for i, model in enumerate(models):
+            entry = next((e for e in summary if e["world"] == world and e["model"] == model), None)
+            if entry is None:
+                continue
+            x = np.arange(len(COLUMNS)) + (i - (len(models) - 1) / 2) * width
+            ax.bar(x, [entry[c]["mean"] for c in COLUMNS], width, yerr=[entry[c]["sd"] for c in COLUMNS],
+                   label=model, capsize=2)
+        ax.set_xticks(np.arange(len(COLUMNS)), COLUMNS, fontsize=8)
+        ax.set_title(world)
+        ax.set_ylabel("test mIoU %")
+        ax.set_ylim(0, 100)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(MODELS))
+    parser.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 800)")
+    parser.add_argument("--world_seed", type=int, default=0)
+    parser.add_argument("--stuff_caption_rate", type=float, default=WORLDS["foreground_biased"])
+    parser.add_argument("--num_dev", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=2, help="rows trained at once (one CPU thread each)")
+    parser.add_argument("--device", default="cpu", choices=["cpu"], help="rows run on CPU (the toy world is tiny)")
+    parser.add_argument("--cache_dir", default=None, help="toy-world cache (default ~/.cache/disa/toy_world)")
+    parser.add_argument("--work_dir", default=os.path.join(REPO_ROOT, "runs", "toy-world-comparison"))
+    parser.add_argument("--output", default=os.path.join(REPO_ROOT, "benchmarks", "results",
+                                                         "toy_world_comparison.json"))
+    parser.add_argument("--smoke", action="store_true", help="tiny world, 3 steps, for CI")
+    parser.add_argument("--update_docs", action="store_true",
+                        help="rewrite the generated comparison table in README.md and model_card.md")
+    parser.add_argument("--row", nargs=3, metavar=("WORLD", "MODEL", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 3 if args.smoke else 800
+    if args.smoke:
+        args.num_dev = min(args.num_dev, 16)
+
+    if args.row:  # one row, in a worker process
+        world, model, seed = args.row
+        row = run_row(args, world, model, int(seed))
+        _write_json(row_path(args, world, model, int(seed)), row)
+        return 0
+
+    os.makedirs(args.work_dir, exist_ok=True)
+    # the worlds (dataset + toy CLIP) once, before any worker needs them
+    for world in args.worlds:
+        recipe_for(args, world, "catseg", args.seeds[0], os.path.join(args.work_dir, "prepare"))
+    # seed-major order: a sweep stopped half-way still has complete seeds for every model
+    todo = [(w, m, s) for s in args.seeds for w in args.worlds for m in args.models
+            if not os.path.isfile(row_path(args, w, m, s))]
+    print(f"[comparison] {len(todo)} rows to train ({args.steps} steps each), {args.jobs} at a time", flush=True)
+    if args.jobs <= 1:
+        for w, m, s in todo:
+            _write_json(row_path(args, w, m, s), run_row(args, w, m, s))
+    else:
+        run_workers(args, argv if argv is not None else sys.argv[1:], todo)
+
+    rows = [json.load(open(row_path(args, w, m, s))) for w in args.worlds for m in args.models for s in args.seeds]
+    summary = summarise(rows, "test") + summarise(rows, "dev")
+    result = {"machine": machine_info(), "steps": args.steps, "world_seed": args.world_seed,
+              "stuff_caption_rate": args.stuff_caption_rate, "smoke": args.smoke, "rows": rows, "summary": summary,
+              "command": "python benchmarks/toy_world_comparison.py " + " ".join(argv or sys.argv[1:])}
+    _write_json(args.output, result)
+    table = markdown_table(summary, args.steps)
+    base = os.path.splitext(args.output)[0]
+    with open(base + ".md", "w") as fh:
+        fh.write(table)
+    bar_chart(summary, base + ".png")
+    print(table)
+    if args.update_docs:
+        for doc in ("README.md", "model_card.md"):
+            update_document(os.path.join(REPO_ROOT, doc), headline_table(summary, args.steps))
+    return 0
+
+
+def row_path(args, world: str, model: str, seed: int) -> str:
+    tag = f"ws{args.world_seed}-r{args.stuff_caption_rate}-s{args.steps}" + ("-smoke" if args.smoke else "")
+    return os.path.join(args.work_dir, "rows", tag, f"{world}-{model}-{seed}.json")
+
+
+def run_workers(args, argv: list[str], todo: list) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    running: list = []
+    queue = list(todo)
+    failed = []
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            w, m, s = queue.pop(0)
+            log = open(os.path.join(args.work_dir, f"{w}-{m}-{s}.log"), "w")
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--row", w, m, str(s)]
+            running.append(((w, m, s), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in list(running):
+            key, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
+                print(f"[comparison] {key}: {status}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(key)
+    if failed:
+        raise SystemExit(f"{len(failed)} rows failed: {failed}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

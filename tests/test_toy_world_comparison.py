@@ -1,0 +1,73 @@
+"""`benchmarks/toy_world_comparison.py --smoke`: the DiSa vs CAT-Seg-mode sweep on a tiny world, a few steps. Checks
+the result file's schema, the summary arithmetic, and that a rerun resumes instead of retraining."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+from pathlib import Path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_PATH = Path(REPO)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("toy_world_comparison",
+                                                  os.path.join(REPO, "benchmarks", "toy_world_comparison.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_sweep_schema_summary_and_resume(tmp_path):
+    script = _load_script()
+    out = tmp_path / "comparison.json"
+    argv = ["--smoke", "--jobs", "1", "--seeds", "0", "1", "--models", "catseg", "disa",
+            "--work_dir", str(tmp_path / "work"), "--output", str(out), "--cache_dir", str(tmp_path / "cache")]
+    assert script.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"machine", "steps", "rows", "summary"} and result["steps"] == 3
+    assert result["machine"]["cpu_count"] >= 1 and result["machine"]["torch"]
+    rows = result["rows"]
+    assert {(r["world"], r["model"], r["seed"]) for r in rows} == {
+        (w, m, s) for w in ("unbiased", "foreground_biased") for m in ("catseg", "disa") for s in (0, 1)}
+    for row in rows:
+        for column in ("all", "seen", "unseen", "stuff", "things", "unseen_stuff"):
+            assert 0.0 <= row[column] <= 100.0 and 0.0 <= row["dev"][column] <= 100.0
+        assert ("presence_auroc" in row) == (row["model"] == "disa")
+    assert {r["stuff_caption_rate"] for r in rows if r["world"] == "foreground_biased"} == {0.25}
+    assert {r["stuff_caption_rate"] for r in rows if r["world"] == "unbiased"} == {1.0}
+    # the summary is the mean / sd over the seeds of the rows
+    entry = next(e for e in result["summary"] if e["split"] == "test" and e["world"] == "unbiased"
+                 and e["model"] == "catseg")
+    values = [r["stuff"] for r in rows if r["world"] == "unbiased" and r["model"] == "catseg"]
+    assert np.isclose(entry["stuff"]["mean"], np.mean(values)) and np.isclose(entry["stuff"]["sd"], np.std(values, ddof=1))
+    assert (tmp_path / "comparison.md").read_text().count("| unbiased |") == 4
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resume: only the removed row is trained again
+    row_dir = tmp_path / "work" / "rows"
+    files = sorted(row_dir.rglob("*.json"))
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    files[0].unlink()
+    assert script.main(argv) == 0
+    again = sorted(row_dir.rglob("*.json"))
+    assert again == files
+    assert all(f.stat().st_mtime_ns == stamps[f] for f in files[1:])
+
+
+def test_readme_and_model_card_quote_the_committed_comparison():
+    """The comparison table in README.md and model_card.md is the one generated from the committed JSON."""
+    script = _load_script()
+    result = json.loads((REPO_PATH / "benchmarks" / "results" / "toy_world_comparison.json").read_text())
+    assert not result["smoke"] and len({r["seed"] for r in result["rows"]}) >= 3
+    table = script.headline_table(result["summary"], result["steps"])
+    for doc in ("README.md", "model_card.md"):
+        text = (REPO_PATH / doc).read_text()
+        block = text.split(script.README_START, 1)[1].split(script.README_END, 1)[0]
+        assert block.strip() == table.strip(), f"{doc}: run `python benchmarks/toy_world_comparison.py --update_docs`"
+    # and the summary is the mean of the rows it was computed from
+    recomputed = script.summarise(result["rows"], "test")
+    for entry, again in zip([e for e in result["summary"] if e["split"] == "test"], recomputed):
+        assert entry == again
