@@ -15,6 +15,7 @@ SALIENCY_TARGETS = ("predicted_logit", "predicted_probability")
 SALIENCY_SOURCES = ("gradcam", "attention", "cost")
 BRANCH_MODES = ("routed", "masked")
 BRANCH_ATTENTION_MODES = ("restricted", "shared")
+BACKGROUND_INIT_MODES = ("copy", "independent")
 TOPK_MODES = ("fixed", "adaptive")
 HRM_STAGES = ("pixel", "category", "channel")
 LOSS_IGNORE_MODES = ("catseg", "mask")
@@ -96,6 +97,9 @@ class DiSaConfig(PreTrainedConfig):
         branch_attention (`str`): with routed branches, `"restricted"` (a token attends only to tokens of its own
             branch) or `"shared"` (each token uses its branch's weights but attends to every token of its class
             map, so a class's foreground and background still exchange context).
+        sdm_background_init (`str`): `"copy"` starts the background branch as a copy of the host aggregator (the
+            foreground branch), so at initialisation the split changes nothing and the two branches specialise only
+            as training moves them apart; `"independent"` initialises it on its own.
         fusion (`str`): how the two branches' features merge. `"own"` (each token keeps its own branch's
             output), `"residual"` (own output + a zero-initialised linear map of the other branch's class mean:
             starts as "own"), `"weighted"` (learned sigmoid gate between own output and the other branch's class
@@ -155,7 +159,8 @@ class DiSaConfig(PreTrainedConfig):
     adaptive_max_ratio: float = 1 / 2
     presence_threshold: float | None = 0.5
     branch_mode: str = "routed"
-    branch_attention: str = "restricted"
+    branch_attention: str = "shared"
+    sdm_background_init: str = "copy"
     fusion: str = "own"
     use_hrm: bool = False
     hrm_stages: list[str] | tuple[str, ...] = HRM_STAGES
@@ -283,6 +288,10 @@ class DiSaConfig(PreTrainedConfig):
         if self.branch_attention not in BRANCH_ATTENTION_MODES:
             raise ValueError(
                 f"`branch_attention` must be one of {BRANCH_ATTENTION_MODES}, got {self.branch_attention!r}."
+            )
+        if self.sdm_background_init not in BACKGROUND_INIT_MODES:
+            raise ValueError(
+                f"`sdm_background_init` must be one of {BACKGROUND_INIT_MODES}, got {self.sdm_background_init!r}."
             )
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")

@@ -166,6 +166,10 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.hrm = DiSaHierarchicalRefinement(config) if config.use_hrm else None
         self._text_cache: OrderedDict = OrderedDict()
         self.post_init()
+        if self.sdm is not None and config.sdm_background_init == "copy" and not self.aggregator.layers[0].spatial.block_1.norm1.weight.is_meta:
+            # The background branch starts as the host's aggregator: the routing, which keeps moving while the
+            # presence head learns, then never sends a token to weights that have not been trained for it.
+            self.sdm.background_aggregator.load_state_dict(self.aggregator.state_dict())
         self.configure_clip_finetuning(config.clip_finetune)
 
     # ------------------------------------------------------------------ CLIP fine-tuning and optimiser groups

@@ -350,3 +350,27 @@ def test_own_fusion_of_masked_branches_keeps_each_tokens_branch():
     mask = (torch.rand(1, 2, 3, 3) > 0.5).unsqueeze(1).float()
     own = fg * mask + bg * (1 - mask)
     assert torch.equal(fusion(fg, bg, own, bg * mask + fg * (1 - mask)), own)
+
+
+def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_processor):
+    """sdm_background_init="copy" + branch_attention="shared" + fusion="own": at initialisation the split routes
+    tokens between two identical branches, so DiSa's logits are exactly CAT-Seg mode's with the same weights."""
+    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
+    disa = build(use_sdm=True, saliency_source="cost", fusion="own", branch_attention="shared",
+                 sdm_background_init="copy", presence_threshold=None).eval()
+    host = {k: v for k, v in disa.state_dict().items() if k.startswith("aggregator.")}
+    twin = {k.removeprefix("sdm.background_"): v for k, v in disa.state_dict().items()
+            if k.startswith("sdm.background_aggregator.")}
+    assert host.keys() == twin.keys() and all(torch.equal(host[k], twin[k]) for k in host)
+    catseg = build().eval()
+    catseg.load_state_dict({k: v for k, v in disa.state_dict().items() if not k.startswith("sdm.")})
+    with torch.no_grad():
+        out = disa(**inputs, output_saliency=True)
+        assert out.foreground_mask.any() and not out.foreground_mask.all()  # the split is not trivial
+        torch.testing.assert_close(out.logits, catseg(**inputs).logits, rtol=0, atol=0)
+    # restricted attention (or independent branches) changes the output: the test can tell them apart
+    restricted = build(use_sdm=True, saliency_source="cost", fusion="own", branch_attention="restricted",
+                       sdm_background_init="copy", presence_threshold=None).eval()
+    restricted.load_state_dict(disa.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(restricted(**inputs).logits, out.logits)
