@@ -46,7 +46,8 @@ SCORE_KEYS = {"all": "mIoU", "seen": "seen", "unseen": "unseen", "stuff": "stuff
 # reaching CLIP, fixed k for every class, the learned averaging gate.
 FIRST_WAVE = {"use_sdm": True, "use_hrm": True, "saliency_source": "gradcam", "sdm_input_gradient_scale": 1.0,
               "foreground_topk_mode": "fixed", "presence_threshold": None, "fusion": "weighted",
-              "branch_attention": "restricted", "adaptive_saliency_mass": 0.5, "adaptive_max_ratio": 0.5}
+              "branch_attention": "restricted", "adaptive_saliency_mass": 0.5, "adaptive_max_ratio": 0.5,
+              "sdm_background_init": "independent"}
 CATSEG_PRESET = "configuration/models/catseg-toy"
 DISA_PRESET = "configuration/models/disa-toy"
 MODELS = {
@@ -73,6 +74,15 @@ MODELS = {
                                                         "fusion": "own", "presence_threshold": 0.5,
                                                         "foreground_topk_mode": "adaptive", "saliency_source": "cost",
                                                         "branch_attention": "shared"}),
+    "cost-saliency+own+presence+shared+copy": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
+                                                             "fusion": "own", "presence_threshold": 0.5,
+                                                             "foreground_topk_mode": "adaptive",
+                                                             "saliency_source": "cost", "branch_attention": "shared",
+                                                             "sdm_background_init": "copy"}),
+    "cost-saliency+own+presence+copy": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
+                                                      "fusion": "own", "presence_threshold": 0.5,
+                                                      "foreground_topk_mode": "adaptive", "saliency_source": "cost",
+                                                      "sdm_background_init": "copy"}),
     "cost-saliency+own+presence+shared+mass0.9": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
                                                                 "fusion": "own", "presence_threshold": 0.5,
                                                                 "foreground_topk_mode": "adaptive",
@@ -310,6 +320,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny world, 3 steps, for CI")
     parser.add_argument("--update_docs", action="store_true",
                         help="rewrite the generated comparison table in README.md and model_card.md")
+    parser.add_argument("--collect_only", action="store_true",
+                        help="train nothing: summarise the rows already finished under --work_dir")
     parser.add_argument("--row", nargs=3, metavar=("WORLD", "MODEL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -324,6 +336,8 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.collect_only:
+        return write_results(args, argv)
     # the worlds (dataset + toy CLIP) once, before any worker needs them
     for world in args.worlds:
         recipe_for(args, world, "catseg", args.seeds[0], os.path.join(args.work_dir, "prepare"))
@@ -337,7 +351,14 @@ def main(argv=None) -> int:
     else:
         run_workers(args, argv if argv is not None else sys.argv[1:], todo)
 
-    rows = [json.load(open(row_path(args, w, m, s))) for w in args.worlds for m in args.models for s in args.seeds]
+    return write_results(args, argv)
+
+
+def write_results(args, argv) -> int:
+    paths = [row_path(args, w, m, s) for w in args.worlds for m in args.models for s in args.seeds]
+    rows = [json.load(open(p)) for p in paths if os.path.isfile(p)]
+    if not rows:
+        raise SystemExit(f"no finished rows under {args.work_dir}")
     summary = summarise(rows, "test") + summarise(rows, "dev")
     result = {"machine": machine_info(), "steps": args.steps, "world_seed": args.world_seed,
               "stuff_caption_rate": args.stuff_caption_rate, "smoke": args.smoke, "rows": rows, "summary": summary,
