@@ -148,6 +148,14 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             vision_config=config.vision_config,
             projection_dim=config.projection_dim,
             logit_scale_init_value=config.logit_scale_init_value,
+            # The towers share DiSa's sub-config objects, and a `CLIPConfig` built without `attn_implementation`
+            # resets theirs to None (then SDPA): pass on what `from_pretrained(attn_implementation=...)` (a string or
+            # a per-sub-config dict, see `PreTrainedModel.set_attn_implementation`) set on DiSa's config.
+            attn_implementation={
+                "": config._attn_implementation,
+                "text_config": config.text_config._attn_implementation,
+                "vision_config": config.vision_config._attn_implementation,
+            },
         )
         self.clip = CLIPModel(clip_config)
         self.cost_embedding = DiSaCostEmbedding(config.num_prompts, config.hidden_dim, config.cost_embed_kernel_size)

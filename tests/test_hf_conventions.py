@@ -1,0 +1,74 @@
+"""transformers conventions on DiSaForOpenVocabSegmentation: attention dispatch, gradients of every trainable
+parameter on every preset, weight initialisation on the from_pretrained path, torch.export, forward arguments and
+outputs, and clear errors for bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
+from modeling_disa.spatial_aggregation import DiSaWindowAttention
+from transformers.models.clip.modeling_clip import CLIPAttention
+
+NAMES = ["cat", "dog", "grass", "sky", "road", "tree"]
+
+
+@pytest.fixture
+def saved_tiny(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    DiSaForOpenVocabSegmentation(tiny_config).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+class SDPACalls:
+    """Counts calls of torch's scaled_dot_product_attention (what transformers' "sdpa" implementation runs)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = F.scaled_dot_product_attention
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+
+
+# ---------------------------------------------------------------------------------------------- 1. attention
+def test_attn_implementation_reaches_the_clip_towers_and_the_window_attention(saved_tiny, monkeypatch, pixel_values):
+    calls = SDPACalls(monkeypatch)
+    config = DiSaConfig.from_pretrained(saved_tiny)
+    text_layers, vision_layers = config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers
+    swin_blocks = 2 * config.num_aggregation_layers
+    # attention calls per forward: every text layer, every vision block but the dense last one, every Swin block
+    expected = {
+        "eager": 0,
+        "sdpa": text_layers + (vision_layers - 1) + swin_blocks,
+        "per-tower": text_layers + swin_blocks,  # vision tower eager, the rest SDPA
+    }
+    outputs = {}
+    for name, implementation in (
+        ("eager", "eager"),
+        ("sdpa", "sdpa"),
+        ("per-tower", {"vision_config": "eager", "text_config": "sdpa"}),
+    ):
+        model = DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny, attn_implementation=implementation)
+        clip_attention = [m for m in model.clip.vision_model.modules() if isinstance(m, CLIPAttention)]
+        assert {m.config._attn_implementation for m in clip_attention} == {"sdpa" if name == "sdpa" else "eager"}
+        calls.count = 0
+        with torch.no_grad():
+            outputs[name] = model(pixel_values=pixel_values).logits
+        assert calls.count == expected[name], name
+    torch.testing.assert_close(outputs["eager"], outputs["sdpa"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs["per-tower"], outputs["sdpa"], rtol=1e-4, atol=1e-5)
+
+    # switching after loading reaches the window attention too (it dispatches at every call)
+    model = DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny, attn_implementation="eager")
+    model.set_attn_implementation("sdpa")
+    calls.count = 0
+    with torch.no_grad():
+        model(pixel_values=pixel_values)
+    assert calls.count == expected["sdpa"]
+    window = [m for m in model.modules() if isinstance(m, DiSaWindowAttention)]
+    assert window and all(m.config._attn_implementation == "sdpa" for m in window)
