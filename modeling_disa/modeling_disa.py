@@ -174,8 +174,15 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
 
     # ------------------------------------------------------------------ CLIP fine-tuning and optimiser groups
     def configure_clip_finetuning(self, mode: str = "qv") -> None:
-        """Set `requires_grad` on CLIP: `"qv"` = only `{vision,text}_model.encoder.layers.*.self_attn.{q,v}_proj.weight`
-        (CAT-Seg's `CLIP_FINETUNE: attention`; biases frozen), `"none"` = frozen, `"full"` = everything."""
+        """Set `requires_grad` on CLIP: `"qv"` = the `{vision,text}_model.encoder.layers.*.self_attn.{q,v}_proj.weight`
+        matrices (CAT-Seg's `CLIP_FINETUNE: attention`; biases frozen), `"none"` = frozen, `"full"` = everything.
+
+        In every mode, parameters that the forward pass never uses stay frozen (`unused_parameter_names`), so every
+        trainable parameter receives a gradient in each step (DDP's `find_unused_parameters=False` then works): the
+        dense last vision block's query/key projections (CAT-Seg counts that query matrix as trainable, but it
+        receives no gradient there either), CLIP's contrastive `logit_scale`, and with routed SDM the foreground
+        branch's class-padding tokens (padding classes are background tokens, so they use the background branch's).
+        """
         for name, param in self.clip.named_parameters():
             if mode == "full":
                 param.requires_grad_(True)
@@ -185,7 +192,28 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 param.requires_grad_(
                     ".encoder.layers." in name and name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight"))
                 )
+        unused = set(self.unused_parameter_names())
+        for name, param in self.named_parameters():
+            if name in unused:
+                param.requires_grad_(False)
         self.config.clip_finetune = mode
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters that no forward pass of this configuration reads (kept so that CLIP and CAT-Seg checkpoints
+        load unchanged); `configure_clip_finetuning` keeps them frozen."""
+        last = self.config.vision_config.num_hidden_layers - 1
+        names = ["clip.logit_scale"] + [
+            f"clip.vision_model.encoder.layers.{last}.self_attn.{proj}_proj.{kind}"
+            for proj in ("q", "k")
+            for kind in ("weight", "bias")
+        ]
+        if self.sdm is not None and self.config.branch_mode == "routed":
+            names += [
+                name
+                for name, _ in self.aggregator.named_parameters(prefix="aggregator")
+                if name.endswith(("class_aggregation.padding_tokens", "class_aggregation.padding_guidance"))
+            ]
+        return names
 
     def optimizer_param_groups(
         self,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from conftest import PRESET_NAMES, tiny_variant
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.spatial_aggregation import DiSaWindowAttention
 from transformers.models.clip.modeling_clip import CLIPAttention
@@ -72,3 +73,24 @@ def test_attn_implementation_reaches_the_clip_towers_and_the_window_attention(sa
     assert calls.count == expected["sdpa"]
     window = [m for m in model.modules() if isinstance(m, DiSaWindowAttention)]
     assert window and all(m.config._attn_implementation == "sdpa" for m in window)
+
+
+# ---------------------------------------------------------------------------------------------- 2. gradients
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [(name, {}) for name in PRESET_NAMES]
+    + [("disa-vit-b-16", {"clip_finetune": "full"}), ("catseg-vit-b-16", {"clip_finetune": "full"}),
+       ("disa-vit-b-16", {"branch_mode": "masked"}), ("disa-vit-b-16", {"fusion": "concat"})],
+)
+def test_every_trainable_parameter_gets_a_gradient(preset, overrides, tiny_processor):
+    """DDP with find_unused_parameters=False (accelerate's default) needs a gradient for every trainable parameter
+    in every step: the preset's code paths on tiny CLIP towers, one training step on a tiny batch."""
+    torch.manual_seed(0)
+    model = DiSaForOpenVocabSegmentation(tiny_variant(preset, **overrides)).train()
+    inputs = tiny_processor(images=[torch.zeros(3, 128, 128, dtype=torch.uint8)] * 2, text=NAMES)
+    labels = torch.randint(0, len(NAMES), (2, 128, 128))
+    model(**inputs, labels=labels).loss.backward()
+    without = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
+    assert not without
+    assert sum(param.requires_grad for param in model.parameters()) > 0
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in model.unused_parameter_names())

@@ -113,8 +113,10 @@ class TrainingRecipe:
     mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate autocast).")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on CUDA (CAT-Seg: set_float32_matmul_precision('high')).")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in CLIP and the aggregator.")
-    ddp_find_unused_parameters: bool = _f(True, "DDP find_unused_parameters (the dense last CLIP layer never uses its "
-                                                "trainable Q weight).")
+    ddp_find_unused_parameters: bool = _f(False, "DDP find_unused_parameters. Off (accelerate's default): every "
+                                                 "trainable parameter gets a gradient each step (unused ones are "
+                                                 "frozen). Set it when the vocabulary has class_cap or more classes "
+                                                 "(the class-padding tokens are then unused).")
     seed: int = _f(42, "Seed of the model init, the shuffle and the augmentation.")
     # ---- checkpoints, validation, logging, output
     output_dir: typing.Optional[str] = _f(None, "Where checkpoints/, logs and the final model go.")
