@@ -112,9 +112,28 @@ class DiSaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DiSaAggregationLayer", "DiSaDecoder"]
 
+    @torch.no_grad()
+    def initialize_weights(self):
+        """CLIP sub-models first, by CLIP's own rule and traversal, then the head (`_init_weights`).
+
+        transformers' composite traversal (`PreTrainedModel.initialize_weights`) does dispatch CLIP's modules to
+        `CLIPPreTrainedModel._init_weights`, but for a model defined outside transformers it skips every module
+        without parameters of its own (`CLIPAttention`, `CLIPMLP`), whose branches set CLIP's per-layer stds; and
+        CLIP's rule never sets `logit_scale`. On the `from_pretrained` path (weights materialised empty, then only
+        the tensors missing from the checkpoint initialised) that left missing CLIP tensors at the generic
+        `initializer_range` std and `clip.logit_scale` as uninitialised memory. The guarded `init` functions skip
+        tensors loaded from the checkpoint, so this only touches missing ones (and nothing after `__init__`, where
+        `CLIPModel.post_init` already ran).
+        """
+        for module in self.modules():
+            if isinstance(module, CLIPModel):
+                module.initialize_weights()
+                init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        super().initialize_weights()
+
     def _init_weights(self, module):
         """Head modules get PyTorch's default initialisation, as CAT-Seg's head (which calls no custom init);
-        CLIP sub-modules are initialised by `CLIPPreTrainedModel._init_weights`."""
+        CLIP sub-modules are initialised by `CLIPPreTrainedModel._init_weights` (see `initialize_weights`)."""
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:

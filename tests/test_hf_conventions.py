@@ -94,3 +94,36 @@ def test_every_trainable_parameter_gets_a_gradient(preset, overrides, tiny_proce
     assert not without
     assert sum(param.requires_grad for param in model.parameters()) > 0
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in model.unused_parameter_names())
+
+
+# ---------------------------------------------------------------------------------------------- 3. init
+def test_clip_tensors_missing_from_a_checkpoint_get_clips_initialisation(saved_tiny, tiny_config):
+    weights = load_file(saved_tiny / "model.safetensors")
+    missing = [
+        "clip.logit_scale",
+        "clip.vision_model.encoder.layers.0.mlp.fc1.weight",
+        "clip.vision_model.encoder.layers.1.self_attn.q_proj.weight",
+        "clip.text_model.encoder.layers.0.self_attn.out_proj.weight",
+        "clip.text_projection.weight",
+    ]
+    for key in missing:
+        weights.pop(key)
+    save_file(weights, saved_tiny / "model.safetensors", metadata={"format": "pt"})
+    torch.manual_seed(1)
+    model = DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny)
+    loaded = dict(model.named_parameters())
+    assert loaded["clip.logit_scale"].item() == pytest.approx(tiny_config.logit_scale_init_value)
+    # CLIPPreTrainedModel._init_weights (models/clip/modeling_clip.py), factor 1
+    vision, text = tiny_config.vision_config, tiny_config.text_config
+    expected_std = {
+        "clip.vision_model.encoder.layers.0.mlp.fc1.weight": (2 * vision.hidden_size) ** -0.5,
+        "clip.vision_model.encoder.layers.1.self_attn.q_proj.weight":
+            vision.hidden_size**-0.5 * (2 * vision.num_hidden_layers) ** -0.5,
+        "clip.text_model.encoder.layers.0.self_attn.out_proj.weight": text.hidden_size**-0.5,
+        "clip.text_projection.weight": text.hidden_size**-0.5,
+    }
+    for key, std in expected_std.items():
+        assert loaded[key].std().item() == pytest.approx(std, rel=0.15), key
+    # tensors present in the checkpoint are untouched
+    for key, value in weights.items():
+        assert torch.equal(model.state_dict()[key], value), key
