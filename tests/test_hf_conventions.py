@@ -127,3 +127,118 @@ def test_clip_tensors_missing_from_a_checkpoint_get_clips_initialisation(saved_t
     # tensors present in the checkpoint are untouched
     for key, value in weights.items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------- 4. export
+def test_tiny_preset_exports_with_a_dynamic_number_of_classes(tiny_model, tiny_processor):
+    pixels = torch.randn(1, 3, 128, 128)
+    cap = tiny_model.config.class_cap
+
+    def embeds(count, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return F.normalize(torch.randn(count, 1, tiny_model.config.projection_dim, generator=generator), dim=-1)
+
+    classes = torch.export.Dim("classes", min=1, max=cap)
+    exported = torch.export.export(
+        tiny_model, (), kwargs={"pixel_values": pixels, "text_embeds": embeds(5, 0)},
+        dynamic_shapes={"pixel_values": None, "text_embeds": {0: classes}},
+    )
+    module = exported.module()
+    for count in (1, 3, 7, cap):
+        text = embeds(count, count)
+        with torch.no_grad():
+            eager = tiny_model(pixel_values=pixels, text_embeds=text).logits
+        got = module(pixel_values=pixels, text_embeds=text).logits
+        assert got.shape == (1, count, 32, 32)
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+    # prompt tokens in, with a dynamic number of prompt rows
+    def tokens_of(names):  # fixed length: only the number of rows is dynamic
+        prompts = [f"A photo of a {name} in the scene" for name in names]
+        return dict(tiny_processor.tokenizer(prompts, padding="max_length", max_length=40, return_tensors="pt"))
+
+    tokens = tokens_of(NAMES[:4])
+    rows = torch.export.Dim("rows", min=1, max=cap)
+    exported = torch.export.export(
+        tiny_model, (), kwargs={"pixel_values": pixels, **tokens},
+        dynamic_shapes={"pixel_values": None, "input_ids": {0: rows}, "attention_mask": {0: rows}},
+    )
+    other = tokens_of(NAMES)
+    with torch.no_grad():
+        eager = tiny_model(pixel_values=pixels, **other).logits
+    torch.testing.assert_close(exported.module()(pixel_values=pixels, **other).logits, eager, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- 5. arguments
+def test_unknown_forward_arguments_are_refused(tiny_model, pixel_values):
+    labels = torch.zeros(2, 128, 128, dtype=torch.long)
+    with pytest.raises(TypeError, match="lables"):
+        tiny_model(pixel_values=pixel_values, lables=labels)
+    with pytest.raises(TypeError, match="return_loss"):
+        tiny_model(pixel_values=pixel_values, return_loss=True)
+
+
+def test_hidden_states_and_attentions_are_clips_own(saved_tiny, pixel_values):
+    model = DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny, attn_implementation="eager")
+    vision = model.clip.vision_model
+    with torch.no_grad():
+        out = model(pixel_values=pixel_values, output_hidden_states=True, output_attentions=True)
+        reference = vision(pixel_values=pixel_values, output_hidden_states=True, output_attentions=True,
+                           interpolate_pos_encoding=True)
+    layers = model.config.vision_config.num_hidden_layers
+    states, attentions = out.vision_model_output.hidden_states, out.vision_model_output.attentions
+    assert len(states) == layers + 1 and len(attentions) == layers - 1  # the dense last block mixes no tokens
+    for got, expected in zip(states[:-1], reference.hidden_states[:-1]):
+        torch.testing.assert_close(got, expected)
+    for got, expected in zip(attentions, reference.attentions[:-1]):
+        torch.testing.assert_close(got, expected)
+    assert torch.equal(states[-1], out.vision_model_output.last_hidden_state)
+    # the dense block's output projected and post-normalised is the image embedding map
+    projected = model.clip.visual_projection(vision.post_layernorm(states[-1]))[:, 1:]
+    grid = model.config.grid_size
+    torch.testing.assert_close(projected.transpose(1, 2).reshape(2, -1, grid, grid), out.image_embeds)
+    # by default nothing extra; as a tuple the nested output becomes a tuple too
+    assert model(pixel_values=pixel_values).vision_model_output is None
+    as_tuple = model(pixel_values=pixel_values, output_hidden_states=True, return_dict=False)
+    assert isinstance(as_tuple[-1], tuple) and len(as_tuple[-1][1]) == layers + 1
+    # attention weights need eager attention
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="eager"):
+        model(pixel_values=pixel_values, output_attentions=True)
+
+
+# ---------------------------------------------------------------------------------------------- 15. bad input
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"labels": torch.zeros(128, 128, dtype=torch.long)}, r"\(batch, height, width\).*unsqueeze\(0\)"),
+        ({"labels": torch.zeros(2, 128, 128)}, r"integer class ids.*labels.long\(\)"),
+        ({"labels": torch.zeros(1, 128, 128, dtype=torch.long)}, "1 maps but pixel_values holds 2 images"),
+        ({"text_embeds": torch.randn(3, 1, 16)}, "width 16 .*projection_dim=32"),
+        ({"text_embeds": torch.full((3, 1, 32), float("nan"))}, "NaN"),
+        ({"pixel_values": torch.zeros(0, 3, 128, 128)}, "no images"),
+        ({"text_embeds": torch.randn(3, 1, 32), "input_ids": torch.ones(3, 5, dtype=torch.long)}, "not both"),
+    ],
+)
+def test_bad_inputs_get_errors_that_name_them(tiny_model, pixel_values, overrides, message):
+    inputs = {"pixel_values": pixel_values, "text_embeds": F.normalize(torch.randn(3, 1, 32), dim=-1)}
+    inputs.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**inputs)
+
+
+# ---------------------------------------------------------------------------------------------- 16. pickle weights
+def test_pickle_only_checkpoint_loads_with_a_warning(saved_tiny, tiny_model):
+    weights = load_file(saved_tiny / "model.safetensors")
+    torch.save(weights, saved_tiny / "pytorch_model.bin")
+    (saved_tiny / "model.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"pickle checkpoint pytorch_model.bin.*save_pretrained"):
+        model = DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    # a safetensors folder loads silently
+    model.save_pretrained(saved_tiny)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny)
