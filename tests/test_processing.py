@@ -117,11 +117,44 @@ def test_processor_builds_prompts_with_first_synonym(tiny_processor):
 
 @pytest.mark.parametrize(
     "text, error, message",
-    [([], ValueError, "empty"), (["cat", "cat"], ValueError, "duplicate"), (["cat", 3], TypeError, "strings"), ("cat", TypeError, "list")],
+    [
+        ([], ValueError, "empty"),
+        (["cat", "cat"], ValueError, "duplicate"),
+        (["cat", 3], TypeError, "strings"),
+        ("cat", TypeError, "list"),
+        # two classes prompted alike would get identical logits; an empty first synonym prompts nothing
+        (["building, edifice", "cat", "building, house"], ValueError,
+         r"\['building, edifice', 'building, house'\] are all prompted as 'building'"),
+        (["dog", ", cat"], ValueError, r"\[', cat'\] have an empty first synonym"),
+    ],
 )
 def test_processor_rejects_bad_vocabularies(tiny_processor, text, error, message):
     with pytest.raises(error, match=message):
         tiny_processor(text=text)
+
+
+def test_benchmark_protocol_may_share_prompts(tiny_processor):
+    from modeling_disa.benchmarks import load_benchmark
+
+    names = load_benchmark("ade847").prompt_names  # CAT-Seg's list: three classes are prompted as "bag"
+    with pytest.raises(ValueError, match="duplicate class names"):
+        tiny_processor(text=names)
+    out = tiny_processor(text=names, allow_shared_prompts=True)
+    assert out["input_ids"].shape[0] == 847
+    with pytest.raises(ValueError, match="empty first synonym"):
+        tiny_processor(text=["cat", ", dog"], allow_shared_prompts=True)
+
+
+def test_folder_without_tokenizer_files_names_them(tmp_path, tiny_processor):
+    from transformers import AutoProcessor
+
+    tiny_processor.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    for loader in (DiSaProcessor, AutoProcessor):
+        with pytest.raises(OSError, match="has no tokenizer.json") as info:
+            loader.from_pretrained(tmp_path)
+        assert "sentencepiece" not in str(info.value)
 
 
 def test_processor_output_feeds_the_model(tiny_model, tiny_processor):
@@ -140,3 +173,25 @@ def test_processor_round_trip(tmp_path, tiny_processor):
     assert again.prompt_templates == tiny_processor.prompt_templates
     assert again.image_processor.size == tiny_processor.image_processor.size
     assert again(text=["cat"])["input_ids"].tolist() == tiny_processor(text=["cat"])["input_ids"].tolist()
+
+
+def test_processor_routes_keyword_arguments_like_transformers_processors(tiny_processor):
+    names = ["cat", "building", "sky"]
+    prompts = [f"A photo of a {n} in the scene" for n in names]
+    tokenizer = tiny_processor.tokenizer
+    # default: pad to the longest prompt
+    out = tiny_processor(text=names)
+    assert torch.equal(out["input_ids"], tokenizer(prompts, padding="longest", return_tensors="pt")["input_ids"])
+    # flat tokenizer kwargs
+    out = tiny_processor(text=names, padding="max_length", max_length=77)
+    expected = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+    assert out["input_ids"].shape == (3, 77) and torch.equal(out["input_ids"], expected["input_ids"])
+    # per-modality dictionaries and common kwargs
+    image = np.zeros((40, 50, 3), np.uint8)
+    out = tiny_processor(images=image, text=names, text_kwargs={"padding": "max_length", "max_length": 60},
+                         images_kwargs={"size": {"height": 32, "width": 48}})
+    assert out["input_ids"].shape == (3, 60) and out["pixel_values"].shape == (1, 3, 32, 48)
+    out = tiny_processor(images=image, text=names, common_kwargs={"return_tensors": "np"})
+    assert isinstance(out["input_ids"], np.ndarray) and isinstance(out["pixel_values"], np.ndarray)
+    with pytest.raises(ValueError, match="passed two times"):
+        tiny_processor(text=names, padding="longest", text_kwargs={"padding": "max_length"})
