@@ -6,22 +6,28 @@ present in the segmentation: `{"label", "score", "mask"}`, where `mask` is a PIL
 size and `score` is the mean sigmoid probability of that class over its mask. The output format is the one of the
 built-in `image-segmentation` pipeline (which runs DiSa with its default vocabulary, `config.id2label`).
 
-Batching: `pipe(images, candidate_labels=[...], batch_size=4)` runs 4 images per forward pass; the labels are shared
-by the whole call, so the prompts are tokenized (and their embeddings computed) once per batch.
+Batching: `pipe(images, candidate_labels=[...], batch_size=4)` runs 4 images per forward pass. The labels are shared
+by the whole call: their prompts are tokenized and encoded once per call (`model.get_text_embeddings`) and every
+forward pass gets the embeddings (`text_embeds=`); nothing is kept between calls, so edited weights are always used.
+Post-processing is the image processor's `post_process_semantic_segmentation` (sigmoid at the logits' resolution,
+then bilinear resize: CAT-Seg's order). EXIF orientation is applied to every input form (path, URL, PIL image), so
+masks have the displayed size. An empty list of images gives an empty list.
 
 Hub-shipped module: only single-dot imports of sibling modules and absolute imports of public libraries.
 """
 
+import os
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModel, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_disa import validate_class_names
+from .image_processing_disa import class_scores
 
 PIPELINE_TASK = "open-vocabulary-segmentation"
 
@@ -46,7 +52,9 @@ def check_candidate_labels(candidate_labels) -> list[str]:
 
 
 def load_pipeline_image(image, timeout: float | None = None) -> Image.Image:
-    """PIL image from a PIL image, array, tensor, local path or URL (URLs refused in offline mode)."""
+    """PIL image from a PIL image, array, tensor, local path or URL (URLs refused in offline mode), upright: the
+    EXIF orientation is applied here, once, for every PIL input (what `transformers.image_utils.load_image` does for
+    the built-in pipelines), so the masks have the displayed size whatever the input form."""
     if isinstance(image, str):
         if image.startswith(("http://", "https://")):
             if _is_offline():
@@ -55,12 +63,15 @@ def load_pipeline_image(image, timeout: float | None = None) -> Image.Image:
                     "yourself and pass a local path or a PIL image."
                 )
             try:
-                return load_image(image, timeout=timeout if timeout is not None else 10.0)
+                image = load_image(image, timeout=timeout if timeout is not None else 10.0)
             except Exception as error:  # noqa: BLE001 - re-raised with the URL named
                 raise ValueError(f"could not load the image {image!r}: {error}") from error
-        return load_image(image)
+        elif os.path.isfile(image):
+            image = Image.open(image)  # not load_image: it converts to RGB, which would drop 16-bit precision
+        else:
+            image = load_image(image)  # base64 data, or its error for a missing file
     if isinstance(image, Image.Image):
-        return image
+        return ImageOps.exif_transpose(image)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return image
     raise TypeError(
@@ -81,13 +92,12 @@ def _image_size(image) -> tuple[int, int]:
 def segments_from_logits(logits: torch.Tensor, target_size, labels) -> list[dict]:
     """One image's `(T, h, w)` logits -> entries `{"score", "label", "mask"}` for every class present.
 
-    The logits are resized bilinearly (align_corners=False) to `target_size` `(H, W)`, the label map is the argmax
-    over classes, and a class's score is the mean sigmoid probability over its pixels.
+    As `DiSaImageProcessor.post_process_semantic_segmentation` (`class_scores`): per-class sigmoid at the logits'
+    resolution, probabilities resized bilinearly (align_corners=False) to `target_size` `(H, W)`, label map = argmax
+    over classes; a class's score is the mean probability over its pixels.
     """
-    resized = F.interpolate(logits[None].float(), size=tuple(int(s) for s in target_size), mode="bilinear",
-                            align_corners=False)[0]
-    segmentation = resized.argmax(dim=0)
-    probabilities = resized.sigmoid()
+    probabilities = class_scores(logits, tuple(int(s) for s in target_size), "probabilities")
+    segmentation = probabilities.argmax(dim=0)
     results = []
     for class_id in torch.unique(segmentation).tolist():
         mask = segmentation == class_id
@@ -135,59 +145,53 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
 
         Returns:
             For one image, a list of `{"score": float, "label": str, "mask": PIL.Image}` (one per label present);
-            for a list of images, a list of such lists.
+            for a list of images, a list of such lists (`[]` for an empty list).
         """
-        return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
+        unexpected = sorted(set(kwargs) - {"batch_size", "num_workers", "timeout"})
+        if unexpected:
+            raise TypeError(f"unexpected arguments {unexpected} for the {PIPELINE_TASK} pipeline.")
+        labels, tokens = self._vocabulary(candidate_labels)
+        if isinstance(image, (list, tuple)) and not image:
+            return []  # transformers' Pipeline.__call__ would index the empty list
+        with torch.no_grad():
+            # one encoding per call, shared by every batch of images (the model keeps no cache)
+            text_embeds = self.model.get_text_embeddings(tokens["input_ids"].to(self.device),
+                                                         tokens["attention_mask"].to(self.device))
+        return super().__call__(image, _labels=labels, _text_embeds=text_embeds, **kwargs)
 
-    def _sanitize_parameters(self, candidate_labels=None, timeout=None, **kwargs):
+    def _vocabulary(self, candidate_labels):
+        """(label names, prompt tokens) of `candidate_labels`, or of the model's default vocabulary."""
+        if candidate_labels is not None:
+            labels = check_candidate_labels(candidate_labels)
+            return labels, self.processor.tokenize_class_names(labels, return_tensors="pt")
+        config = self.model.config
+        if not getattr(config, "label_token_ids", None):
+            raise ValueError(
+                "pass candidate_labels=[...]: this model has no stored default vocabulary (config.label_token_ids)."
+            )
+        id2label = getattr(config, "id2label", None) or {}
+        input_ids, attention_mask = self.model.default_vocabulary_tokens()
+        return [id2label[i] for i in sorted(id2label, key=int)], {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _sanitize_parameters(self, _labels=None, _text_embeds=None, timeout=None, **kwargs):
+        # `_labels` / `_text_embeds` come from `__call__` (validated labels and their embeddings for this call)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)} for the {PIPELINE_TASK} pipeline.")
-        preprocess_params = {"timeout": timeout}
-        if candidate_labels is None:
-            id2label = getattr(self.model.config, "id2label", None) or {}
-            if not getattr(self.model.config, "label_token_ids", None):
-                raise ValueError(
-                    "pass candidate_labels=[...]: this model has no stored default vocabulary "
-                    "(config.label_token_ids)."
-                )
-            preprocess_params["candidate_labels"] = None
-            preprocess_params["default_labels"] = [id2label[i] for i in sorted(id2label, key=int)]
-        else:
-            preprocess_params["candidate_labels"] = check_candidate_labels(candidate_labels)
-        return preprocess_params, {}, {}
+        forward_params = {} if _text_embeds is None else {"text_embeds": _text_embeds}
+        postprocess_params = {} if _labels is None else {"labels": _labels}
+        return {"timeout": timeout}, forward_params, postprocess_params
 
-    def preprocess(self, image, candidate_labels=None, default_labels=None, timeout=None):
+    def preprocess(self, image, timeout=None):
         image = load_pipeline_image(image, timeout=timeout)
         height, width = _image_size(image)
         inputs = self.processor.image_processor(images=image, return_tensors="pt")
-        return {
-            "pixel_values": inputs["pixel_values"].to(self.dtype),
-            "target_size": torch.tensor([[height, width]]),
-            "labels_spec": [(tuple(candidate_labels) if candidate_labels is not None else None,
-                             tuple(default_labels) if default_labels is not None else None)],
-        }
+        return {"pixel_values": inputs["pixel_values"].to(self.dtype), "target_size": torch.tensor([[height, width]])}
 
-    def _forward(self, model_inputs):
-        specs = model_inputs.pop("labels_spec")
-        # batch_size=1: the item's own list; batched: one list per item (equal within a call).
-        flat = [spec for item in specs for spec in (item if isinstance(item, list) else [item])]
-        if len(set(flat)) != 1:
-            raise ValueError("all images of a batch must share the same candidate_labels.")
-        candidate, default = flat[0]
-        text = {}
-        if candidate is not None:
-            tokens = self.processor.tokenize_class_names(list(candidate), return_tensors="pt")
-            text = {"input_ids": tokens["input_ids"].to(self.device),
-                    "attention_mask": tokens["attention_mask"].to(self.device)}
-        labels = list(candidate if candidate is not None else default)
-        outputs = self.model(pixel_values=model_inputs["pixel_values"], **text)
-        batch = outputs.logits.shape[0]
-        return {"logits": outputs.logits, "target_size": model_inputs["target_size"], "labels": [labels] * batch}
+    def _forward(self, model_inputs, text_embeds=None):
+        outputs = self.model(pixel_values=model_inputs["pixel_values"], text_embeds=text_embeds)
+        return {"logits": outputs.logits, "target_size": model_inputs["target_size"]}
 
-    def postprocess(self, model_outputs):
-        labels = model_outputs["labels"]
-        if labels and isinstance(labels[0], list):
-            labels = labels[0]
+    def postprocess(self, model_outputs, labels=None):
         logits = model_outputs["logits"][0].detach().cpu()
         target_size = model_outputs["target_size"].reshape(-1)[:2].tolist()
         return segments_from_logits(logits, target_size, labels)

@@ -516,20 +516,24 @@ def build_datasets(r: TrainingRecipe, image_mean, image_std, num_processes: int,
 
 
 def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_index: int) -> dict:
-    """Whole-image validation: logits upsampled (bilinear) to the label size, argmax; predictions and labels are
-    gathered with `gather_for_metrics` (which drops the samples duplicated to even out the last batch), so every
-    process holds the same confusion matrix and the result does not depend on the number of processes."""
+    """Whole-image validation in CAT-Seg's order: per-class sigmoid at the logits' resolution, probabilities
+    upsampled (bilinear) to the label size, argmax; predictions and labels are gathered with `gather_for_metrics`
+    (which drops the samples duplicated to even out the last batch), so every process holds the same confusion matrix
+    and the result does not depend on the number of processes. The vocabulary is encoded once: the first batch's
+    output `text_embeds` go to every later batch (through the wrapped model's forward, so DDP/FSDP see a normal call)."""
     from modeling_disa.metrics import SegmentationConfusionMatrix
 
     model.eval()
     cm = SegmentationConfusionMatrix(num_classes, ignore_index=ignore_index, device="cpu")
+    text = dict(text_inputs)
     with torch.no_grad():
         for batch in loader:
-            out = model(pixel_values=batch["pixel_values"], **text_inputs)
-            logits = torch.nn.functional.interpolate(
-                out.logits.float(), size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False
+            out = model(pixel_values=batch["pixel_values"], **text)
+            text = {"text_embeds": out.text_embeds}
+            probabilities = torch.nn.functional.interpolate(
+                out.logits.float().sigmoid(), size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False
             )
-            preds = logits.argmax(1).to(torch.int32)
+            preds = probabilities.argmax(1).to(torch.int32)
             preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(torch.int32)))
             cm.update(preds.cpu(), labels.cpu())
     model.train()
