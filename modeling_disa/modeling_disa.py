@@ -332,13 +332,66 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         model.configure_clip_finetuning(model.config.clip_finetune)
         return (model, info) if output_loading_info else model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors), also mapping `AutoModelForSemanticSegmentation` in the
-        config's `auto_map` so the saved folder serves the `image-segmentation` pipeline with remote code."""
+        config's `auto_map` so the saved folder serves the `image-segmentation` pipeline with remote code.
+
+        With `push_to_hub=True` (and `repo_id`, `commit_message`, `token`, `private`, `create_pr`, `processor`
+        keywords), the folder is saved and then `push_to_hub` uploads the complete repository."""
+        hub_keys = ("repo_id", "commit_message", "commit_description", "token", "private", "create_pr", "processor")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForSemanticSegmentation", f"{__name__.split('.')[-1]}.{type(self).__name__}")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if push_to_hub and kwargs.get("is_main_process", True):
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_kwargs)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        processor=None,
+        eval_results=None,
+    ):
+        """
+        Upload a complete DiSa repository in one commit: what `PreTrainedModel.push_to_hub` uploads (weights, config,
+        code) plus the `open-vocabulary-segmentation` pipeline declared in `config.custom_pipelines` with its code,
+        and a model card (`README.md`, with `pipeline_tag`, tags and, from `eval_results`, a model-index) instead of
+        transformers' generic one. Same keyword arguments as `PreTrainedModel.push_to_hub`, plus:
+
+        - `processor` (`DiSaProcessor`): also upload the processor and tokenizer files, which the pipelines need.
+          Without it a warning says so; push it separately with `processor.push_to_hub(repo_id)`.
+        - `eval_results`: evaluation results (see `modeling_disa.hub.load_eval_results`) for the card.
+
+        Returns the `CommitInfo` of the upload. `modeling_disa.hub.publish_to_hub` is the same with more card options.
+        """
+        from .hub import publish_to_hub
+
+        return publish_to_hub(
+            self,
+            processor,
+            repo_id,
+            eval_results,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message or "Upload DiSa model",
+            commit_description=commit_description,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+            tags=tags,
+        )
 
     # ------------------------------------------------------------------ text side
     def get_text_embeddings(
