@@ -309,3 +309,21 @@ def test_push_to_hub_uploads_the_complete_repo(hub, tmp_path):  # noqa: F811
     config = json.loads(files["config.json"])
     assert "open-vocabulary-segmentation" in config["custom_pipelines"]
     assert [config["id2label"][str(i)] for i in range(len(CLASSES))] == CLASSES
+
+
+def test_run_failing_before_its_first_step_leaves_nothing_behind(tmp_path):
+    from training import data as D
+
+    good = make_split(4, 5)
+    out = tmp_path / "out"
+    # checked before anything is written
+    with pytest.raises(D.DataError, match="missing column"):
+        main_in_process(["--class_names", *CLASSES, "--label_column", "annotation"], tmp_path, good)
+    assert not out.exists()
+    # found in the first batch, after the folder was prepared: what the run wrote is removed again
+    with pytest.raises(D.BadSampleError, match=r"outside \[0, 2\)"):
+        main_in_process(["--class_names", "red", "green"], tmp_path, good)
+    assert not out.exists()
+    # the corrected rerun into the same folder is not "another run"
+    res = main_in_process(["--class_names", *CLASSES], tmp_path, good)
+    assert res["completed_steps"] == 2 and (out / "recipe.yaml").is_file()
