@@ -236,7 +236,7 @@ def test_bad_publish_arguments(hub, tiny_model, tiny_processor):
     assert REPO_ID not in hub.repos  # nothing was created before the checks
 
 
-def test_standard_push_to_hub_uploads_the_complete_repo(hub, tiny_model, tiny_processor, tmp_path):
+def test_standard_push_to_hub_uploads_the_complete_repo(hub, tiny_model, tiny_processor, tmp_path, monkeypatch):
     """`model.push_to_hub` / `save_pretrained(push_to_hub=True)`, transformers' own entry points, give the same
     complete repository as `publish_to_hub`: pipeline declared, its code, a DiSa model card."""
     tiny_model.add_model_tags(["my-tag"])
@@ -251,7 +251,12 @@ def test_standard_push_to_hub_uploads_the_complete_repo(hub, tiny_model, tiny_pr
     assert meta["pipeline_tag"] == "image-segmentation" and meta["library_name"] == "transformers"
     assert {"open-vocabulary-segmentation", "my-tag"} <= set(meta["tags"])
     assert "automatically generated" not in card  # not transformers' placeholder card
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    # importing the repo's pipeline_disa.py registers its class for the task: restore the package's afterwards
+    monkeypatch.setitem(PIPELINE_REGISTRY.supported_tasks, PIPELINE_TASK, PIPELINE_REGISTRY.supported_tasks[PIPELINE_TASK])
     segmenter = pipeline(model=REPO_ID, trust_remote_code=True)
+    assert type(segmenter).__module__.startswith("transformers_modules")
     image = make_image(11)
     assert_same_segments(segmenter(image, candidate_labels=LABELS),
                          reference_segments(tiny_model, tiny_processor, image, LABELS), image)
