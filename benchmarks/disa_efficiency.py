@@ -3,13 +3,15 @@
 
 - Parameters of every preset in both modes (built on the meta device).
 - GFLOPs of one forward per view (ViT-B at 384, ViT-L at 336) at 150 and 847 classes, counted with
-  torch.utils.flop_counter.FlopCounterMode under eager attention (so attention matmuls are counted), with
+  torch.utils.flop_counter.FlopCounterMode under eager attention in every attention layer (CLIP's towers and the
+  Swin windows, so their attention matmuls are counted: the CPU SDPA kernel is invisible to the counter), with
   precomputed text embeddings (the text encoder is not part of a view's cost). 847 classes are capped to 256.
 - Latency ratio DiSa / CAT-Seg on the ViT-B preset, 150 classes, precomputed text embeddings, batch 1, the two
   models run interleaved in one process (median of the per-round ratios), on the chosen device.
 
 Writes benchmarks/results/disa_efficiency_<device>.json.
-Usage: python benchmarks/disa_efficiency.py [--device cpu|cuda] [--rounds 5] [--skip-flops] [--dtype float32|bfloat16]
+Usage: python benchmarks/disa_efficiency.py [--device cpu|cuda] [--rounds 5] [--skip-flops] [--skip-latency]
+       [--dtype float32|bfloat16]
 """
 
 import argparse
@@ -83,10 +85,14 @@ def text_embeds(model, classes: int, device, dtype) -> torch.Tensor:
 
 
 def count_flops(device: str) -> dict:
-    rows = {}
+    rows = {"attention": "eager"}
     for geometry, size in GEOMETRY.items():
         for mode in ("catseg", "disa"):
             model = build(f"{mode}-{geometry}", device, attn="eager")
+            attention = {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")
+                         and "Attention" in type(m).__name__}
+            if attention != {"eager"}:
+                raise RuntimeError(f"attention layers not eager ({attention}): their matmuls would not be counted")
             pixels = torch.randn(1, 3, size, size, device=device)
             for classes in (150, 847):
                 counter = FlopCounterMode(display=False)
@@ -146,6 +152,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--skip-flops", action="store_true", help="keep the GFLOPs of an earlier result file")
+    parser.add_argument("--skip-latency", action="store_true", help="keep the latency of an earlier result file")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -153,11 +160,17 @@ def main() -> None:
     results = {"command": " ".join(sys.argv), "machine": machine(args.device), "parameters": count_parameters()}
     print(json.dumps(results["parameters"], indent=1), flush=True)
     output = Path(args.output or REPO / "benchmarks" / "results" / f"disa_efficiency_{args.device.split(':')[0]}.json")
+    earlier = json.loads(output.read_text()) if output.exists() else {}
     if not args.skip_flops:
         results["gflops_per_view"] = count_flops(args.device)
-    elif output.exists():
-        results["gflops_per_view"] = json.loads(output.read_text()).get("gflops_per_view")
-    results["latency_vit_b_16"] = measure_latency(args.device, args.rounds, dtype)
+    else:
+        results["gflops_per_view"] = earlier.get("gflops_per_view")
+    if not args.skip_latency:
+        results["latency_vit_b_16"] = measure_latency(args.device, args.rounds, dtype)
+    else:
+        results["latency_vit_b_16"] = earlier.get("latency_vit_b_16")
+        results["latency_from"] = earlier.get("latency_from", {"command": earlier.get("command"),
+                                                              "machine": earlier.get("machine")})
     print(json.dumps(results["latency_vit_b_16"], indent=1))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")

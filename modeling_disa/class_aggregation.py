@@ -40,6 +40,13 @@ def linear_attention(
     return torch.where(groups[..., None, None], attend(k * member), attend(k * (1 - member)))
 
 
+def _pad_classes(values: torch.Tensor, padding: torch.Tensor, length: int) -> torch.Tensor:
+    """`(batch, pixels, T, C)` values and a `(1, 1, C)` padding token -> `(batch, pixels, length, C)`."""
+    batch, pixels, classes, channels = values.shape
+    padded = padding.expand(batch, pixels, length, channels).clone()
+    return padded.index_copy_(2, torch.arange(classes, device=values.device), values)
+
+
 class DiSaClassAttention(nn.Module):
     """Multi-head linear attention over classes; queries/keys see `[cost; text guidance]`, values the cost only.
     No output projection (CAT-Seg)."""
@@ -111,20 +118,20 @@ class DiSaClassAggregation(nn.Module):
         ph, pw = pooled.shape[-2:]
         tokens = pooled.view(batch, classes, dim, ph * pw).permute(0, 3, 1, 2)  # (B, pixels, T, D)
         guidance = text_guidance.unsqueeze(1).expand(-1, ph * pw, -1, -1)
-        pad = self.class_cap - classes if self.class_cap > 0 else 0
+        padded = self.class_cap > 0
         if route is not None:
             pooled_route = F.avg_pool2d(route.flatten(0, 1).unsqueeze(1).to(x.dtype), pooling) >= 0.5
             route = pooled_route.view(batch, classes, ph * pw).transpose(1, 2)  # (B, pixels, T)
-            if pad > 0:
-                route = torch.cat([route, route.new_zeros(batch, ph * pw, pad)], dim=2)
+            if padded:
+                route = torch.cat([route, route.new_zeros(batch, ph * pw, self.class_cap - classes)], dim=2)
             route = as_route(route.flatten(0, 1))
-        if pad > 0:
-            # Routed padding classes belong to the background branch, so they take its padding tokens.
+        if padded:
+            # Routed padding classes belong to the background branch, so they take its padding tokens. The classes
+            # are written into a class_cap-long copy of the padding (no tensor whose size is class_cap - T, which
+            # may be 0 or 1), so `torch.export` keeps the number of classes dynamic up to class_cap.
             source = twin if twin is not None and route is not None else self
-            tokens = torch.cat([tokens, source.padding_tokens.expand(batch, ph * pw, pad, dim)], dim=2)
-            guidance = torch.cat(
-                [guidance, source.padding_guidance.expand(batch, ph * pw, pad, guidance.shape[-1])], dim=2
-            )
+            tokens = _pad_classes(tokens, source.padding_tokens, self.class_cap)
+            guidance = _pad_classes(guidance, source.padding_guidance, self.class_cap)
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
         q, k, v = per_branch(_project, self, twin, route, tokens, guidance)
@@ -136,7 +143,10 @@ class DiSaClassAggregation(nn.Module):
             delta = updated
         else:
             delta = updated - tokens
-        delta = delta.view(batch, ph * pw, -1, dim)[:, :, :classes]
+        delta = delta.view(batch, ph * pw, -1, dim)
+        if padded:
+            # drop the padding classes; a gather, not a slice, whose layout would depend on whether T == class_cap
+            delta = delta.index_select(2, torch.arange(classes, device=delta.device))
         delta = delta.permute(0, 2, 3, 1).reshape(batch * classes, dim, ph, pw)
         if (ph, pw) != (height, width):
             delta = F.interpolate(delta, size=(height, width), mode="bilinear", align_corners=True)

@@ -22,13 +22,24 @@ class DenseCLIPFeatures(ModelOutput):
             Projected dense patch embeddings (not normalised); CAT-Seg's ``res3``.
         guidance_features (`tuple(torch.FloatTensor)`, each `(batch, vision_hidden_size, grid, grid)`):
             Raw residual-stream outputs of the blocks in `config.guidance_layers` (CLS dropped).
-        dense_tokens (`torch.FloatTensor` of shape `(batch, grid*grid, vision_hidden_size)`):
+            dense_tokens (`torch.FloatTensor` of shape `(batch, grid*grid, vision_hidden_size)`):
             The dense tokens after `post_layernorm`, before the visual projection (the keys/values of SDM).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + grid*grid, vision_hidden_size)`):
+            Output of the dense last block (residual stream, before `post_layernorm`).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states`): CLIP's convention,
+            `num_hidden_layers + 1` tensors `(batch, 1 + grid*grid, vision_hidden_size)`: the embeddings (after
+            `pre_layrnorm`), then the output of every block, the last one being the dense block.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions`): the attention weights
+            `(batch, heads, 1 + grid*grid, 1 + grid*grid)` of every block that mixes tokens, i.e. all but the dense
+            last one (`num_hidden_layers - 1` tensors). Needs eager attention in the vision tower.
     """
 
     image_embeds: torch.FloatTensor | None = None
     guidance_features: tuple[torch.FloatTensor, ...] | None = None
     dense_tokens: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _tokens_to_map(tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -43,6 +54,8 @@ def dense_clip_features(
     clip_resolution: int,
     guidance_layers: list[int],
     dense_residual: str = "cls",
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
 ) -> DenseCLIPFeatures:
     """
     Run CLIP's vision tower in CAT-Seg's dense mode.
@@ -55,6 +68,8 @@ def dense_clip_features(
         guidance_layers: 0-based blocks whose outputs are returned as guidance.
         dense_residual: `"cls"` adds the CLS input state to every token (CAT-Seg CVPR'24); `"token"` keeps each
             token's own residual (CAT-Seg v1).
+        output_hidden_states / output_attentions: also return the tower's hidden states / attention weights (see
+            `DenseCLIPFeatures`).
     """
     if pixel_values.shape[-2:] != (clip_resolution, clip_resolution):
         pixel_values = F.interpolate(
@@ -66,21 +81,39 @@ def dense_clip_features(
     hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
     hidden = vision.pre_layrnorm(hidden)
     taps = {}
+    states = [hidden] if output_hidden_states else None
+    attentions = [] if output_attentions else None
     *blocks, last = vision.encoder.layers
-    for index, block in enumerate(blocks):
-        hidden = block(hidden, None)
-        if index in guidance_layers:
-            taps[index] = hidden
+    hooks = []
+    if output_attentions:
+        # CLIPAttention returns (output, weights) and CLIPEncoderLayer drops the weights; transformers records them
+        # with a hook on CLIPAttention too (`CLIPPreTrainedModel._can_record_outputs`).
+        hooks = [block.self_attn.register_forward_hook(lambda _m, _i, out: attentions.append(out[1])) for block in blocks]
+    try:
+        for index, block in enumerate(blocks):
+            hidden = block(hidden, None)
+            if index in guidance_layers:
+                taps[index] = hidden
+            if states is not None:
+                states.append(hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
     residual = hidden[:, :1] if dense_residual == "cls" else hidden
     attn = last.self_attn
     hidden = attn.out_proj(attn.v_proj(last.layer_norm1(hidden))) + residual
     hidden = hidden + last.mlp(last.layer_norm2(hidden))
+    if states is not None:
+        states.append(hidden)
     tokens = vision.post_layernorm(hidden)
-    hidden = clip.visual_projection(tokens)
+    projected = clip.visual_projection(tokens)
 
     return DenseCLIPFeatures(
-        image_embeds=_tokens_to_map(hidden, grid),
+        image_embeds=_tokens_to_map(projected, grid),
         dense_tokens=tokens[:, 1:],
         guidance_features=tuple(_tokens_to_map(taps[i], grid) for i in guidance_layers),
+        last_hidden_state=hidden,
+        hidden_states=tuple(states) if states is not None else None,
+        attentions=tuple(attentions) if attentions is not None else None,
     )

@@ -324,8 +324,20 @@ class DiSaConfig(PreTrainedConfig):
 
 
 
-def validate_class_names(class_names) -> list[str]:
-    """Check a class vocabulary: a non-empty list of distinct, non-empty strings."""
+def prompt_name(name: str) -> str:
+    """The name a class is prompted with: its first synonym (`"building, edifice"` -> `"building"`), as CAT-Seg."""
+    return name.split(",")[0].strip()
+
+
+def validate_class_names(class_names, allow_shared_prompts: bool = False) -> list[str]:
+    """Check a class vocabulary: a non-empty list of distinct, non-empty strings whose prompted names (first
+    synonyms, `prompt_name`) are non-empty and distinct.
+
+    Two classes prompted with the same name (`"building, edifice"` and `"building, house"`) would get identical
+    logits, so the later one could never win the argmax; a name whose first synonym is empty (`", cat"`) would prompt
+    nothing. `allow_shared_prompts=True` accepts shared prompts (and repeated names): only for reproducing a benchmark
+    protocol whose class list has them (CAT-Seg's ADE-847 list prompts e.g. three classes as "bag").
+    """
     if isinstance(class_names, str) or not hasattr(class_names, "__iter__"):
         raise TypeError(f"class names must be a list of strings, got {type(class_names).__name__}.")
     names = list(class_names)
@@ -334,6 +346,14 @@ def validate_class_names(class_names) -> list[str]:
     bad = [n for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
         raise TypeError(f"class names must be non-empty strings, got {bad[:5]}.")
+    empty = [name for name in names if not prompt_name(name)]
+    if empty:
+        raise ValueError(
+            f"class names {empty[:5]} have an empty first synonym, which is the name that gets prompted: put the "
+            "name first (\"cat, kitty\"), without a leading comma."
+        )
+    if allow_shared_prompts:
+        return names
     seen, duplicates = set(), []
     for name in names:
         if name in seen:
@@ -341,18 +361,26 @@ def validate_class_names(class_names) -> list[str]:
         seen.add(name)
     if duplicates:
         raise ValueError(f"duplicate class names {duplicates[:5]}: every class must appear once.")
+    by_prompt = {}
+    for name in names:
+        by_prompt.setdefault(prompt_name(name), []).append(name)
+    shared = [(prompt, group) for prompt, group in by_prompt.items() if len(group) > 1]
+    if shared:
+        details = "; ".join(f"{group} are all prompted as {prompt!r}" for prompt, group in shared[:5])
+        raise ValueError(
+            f"classes sharing their first synonym get the same prompt and identical logits: {details}. Merge them "
+            "into one class, or reorder the synonyms so that the first ones differ."
+        )
     return names
 
 
-def format_prompts(class_names, templates) -> list[str]:
-    """Prompts for a vocabulary, class-major (P templates per class).
-
-    Names holding synonyms (`"building, edifice"`) use the first synonym, as CAT-Seg does.
-    """
-    names = validate_class_names(class_names)
-    return [template.format(name.split(",")[0].strip()) for name in names for template in templates]
+def format_prompts(class_names, templates, allow_shared_prompts: bool = False) -> list[str]:
+    """Prompts for a vocabulary (checked with `validate_class_names`), class-major (P templates per class); names
+    holding synonyms (`"building, edifice"`) use the first synonym, as CAT-Seg does."""
+    names = validate_class_names(class_names, allow_shared_prompts=allow_shared_prompts)
+    return [template.format(prompt_name(name)) for name in names for template in templates]
 
 
 DiSaConfig.register_for_auto_class()
 
-__all__ = ["DiSaConfig", "DEFAULT_PROMPT_TEMPLATE", "format_prompts", "validate_class_names"]
+__all__ = ["DiSaConfig", "DEFAULT_PROMPT_TEMPLATE", "format_prompts", "prompt_name", "validate_class_names"]

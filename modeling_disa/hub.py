@@ -14,7 +14,8 @@
   `model-index` built from the evaluation results, when given.
 
 `publish_to_hub(model, processor, repo_id, eval_results=None, ...)` does the same in a temporary folder, creates the
-repo (if needed) and uploads the folder in one commit. CLI:
+repo (if needed) and uploads the folder in one commit. The standard `model.push_to_hub(repo_id, processor=...)` and
+`model.save_pretrained(folder, push_to_hub=True, ...)` of `DiSaForOpenVocabSegmentation` go through it too. CLI:
 
     python -m modeling_disa.hub --model_dir out/disa-vitb --repo_id org/disa-vitb --eval_results results.json
     python -m modeling_disa.hub --model_dir out/disa-vitb --repo_id org/disa-vitb --output_dir staged/  # no upload
@@ -273,15 +274,21 @@ def save_for_hub(
     *,
     repo_id: str | None = None,
     eval_results=None,
+    max_shard_size: int | str | None = "50GB",
     **card_kwargs,
 ) -> Path:
-    """Write a complete Hub repository into `save_directory` (see the module docstring); returns the folder."""
+    """Write a complete Hub repository into `save_directory` (see the module docstring); returns the folder.
+
+    `processor=None` writes everything but the processor and tokenizer files (see `publish_to_hub`)."""
     if getattr(model.config, "model_type", None) != "disa":
         raise TypeError(f"expected a DiSa model, got {type(model).__name__}.")
-    if processor is None or not hasattr(processor, "tokenize_class_names"):
-        raise TypeError("pass the DiSaProcessor (image processor + tokenizer): the Hub repo needs both.")
+    if processor is not None and not hasattr(processor, "tokenize_class_names"):
+        raise TypeError(
+            f"expected the DiSaProcessor (image processor + tokenizer), got {type(processor).__name__}."
+        )
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
+    card_kwargs["tags"] = list(card_kwargs.get("tags") or []) + list(getattr(model, "model_tags", None) or [])
     card = render_model_card(repo_id or folder.name, eval_results, **card_kwargs)
 
     previous = getattr(model.config, "custom_pipelines", None)
@@ -294,15 +301,16 @@ def save_for_hub(
         }
     }
     try:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
     finally:
         if previous is None:
             del model.config.custom_pipelines
         else:
             model.config.custom_pipelines = previous
     custom_object_save(DiSaOpenVocabSegmentationPipeline, folder)  # pipeline_disa.py (+ its sibling imports)
-    processor.save_pretrained(folder)
-    processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for image-processor-only loaders
+    if processor is not None:
+        processor.save_pretrained(folder)
+        processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for image-processor-only loaders
     card.save(folder / "README.md")
     return folder
 
@@ -317,8 +325,10 @@ def publish_to_hub(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload DiSa model",
+    commit_description: str | None = None,
     create_pr: bool = False,
     endpoint: str | None = None,
+    max_shard_size: int | str | None = "50GB",
     **card_kwargs,
 ):
     """
@@ -327,13 +337,23 @@ def publish_to_hub(
 
     `endpoint` defaults to `HF_ENDPOINT` / huggingface.co; `token` to the stored login or `HF_TOKEN`.
     `card_kwargs` go to `render_model_card` (`model_name`, `template`, `base_model`, `datasets`, `tags`, `license`,
-    `dataset_repo`).
+    `dataset_repo`). With `processor=None` the repo gets no processor or tokenizer files (warned): the pipelines
+    cannot load from it until `processor.push_to_hub(repo_id)` adds them.
     """
+    if processor is None:
+        warnings.warn(
+            f"pushing {repo_id} without a processor: the repo gets the weights, config, code and model card but no "
+            "processor_config.json or tokenizer files, so `pipeline(...)` and `AutoProcessor` cannot load from it. "
+            "Pass processor=DiSaProcessor(...) or run processor.push_to_hub(repo_id) as well.",
+            UserWarning,
+            stacklevel=3,
+        )
     _check_online()
     _check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token, library_name="modeling_disa")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_for_hub(model, processor, tmp, repo_id=repo_id, eval_results=eval_results, **card_kwargs)
+        folder = save_for_hub(model, processor, tmp, repo_id=repo_id, eval_results=eval_results,
+                              max_shard_size=max_shard_size, **card_kwargs)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         return api.upload_folder(
             folder_path=folder,
@@ -341,6 +361,7 @@ def publish_to_hub(
             repo_type="model",
             revision=revision,
             commit_message=commit_message,
+            commit_description=commit_description,
             create_pr=create_pr,
         )
 

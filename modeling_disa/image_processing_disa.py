@@ -5,8 +5,12 @@ Input conventions (documented behaviour, tested):
 - grayscale (PIL "L"/"1"/"P", 2-D or 1-channel arrays) is replicated to RGB; RGBA/LA drop the alpha channel
   (no compositing); CMYK/YCbCr are converted to RGB by PIL;
 - 16-bit images (PIL "I;16", uint16 arrays) are scaled to 8 bits by /257 (65535 -> 255);
-- float arrays with values in [0, 1] are taken as already rescaled (x255), other float arrays as 0-255;
+- floating-point data, whatever its container (NumPy/torch float arrays, PIL "F" images), follows one rule: values
+  all in [0, 1] are taken as already rescaled (x255), anything else as 0-255;
 - channel counts other than 1, 3 or 4, NaN/inf values, and images smaller than one CLIP patch are errors.
+
+EXIF orientation is not applied here (as in transformers' image processors): loaders apply it
+(`transformers.image_utils.load_image`, and the open-vocabulary pipeline for every input form).
 """
 
 import numpy as np
@@ -14,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+FLOAT_MODES = ("F",)
+UPSAMPLE_MODES = ("probabilities", "logits")
 
 
 class DiSaImageProcessorKwargs(ImagesKwargs, total=False):
@@ -29,9 +36,12 @@ class DiSaImageProcessorKwargs(ImagesKwargs, total=False):
 
 def to_rgb_uint8(image, patch_size: int) -> np.ndarray:
     """Any supported image -> `(H, W, 3)` uint8 array (see the module docstring for the rules)."""
+    float_data = False  # floating-point values, scaled by one rule below whatever the container
     if isinstance(image, Image.Image):
         if image.mode in SIXTEEN_BIT_MODES:
             array = np.asarray(image).astype(np.float64) / 257.0
+        elif image.mode in FLOAT_MODES:
+            array, float_data = np.asarray(image), True  # PIL's own convert("RGB") would clip to 0-255
         else:
             array = np.asarray(image.convert("RGB"))
     elif isinstance(image, (np.ndarray, torch.Tensor)):
@@ -40,12 +50,14 @@ def to_rgb_uint8(image, patch_size: int) -> np.ndarray:
             array = np.moveaxis(array, 0, -1)
         if array.dtype == np.uint16:
             array = array.astype(np.float64) / 257.0
-        elif np.issubdtype(array.dtype, np.floating):
-            if not np.isfinite(array).all():
-                raise ValueError("the image contains NaN or inf values.")
-            array = array * 255.0 if array.size and array.max() <= 1.0 else array
+        else:
+            float_data = np.issubdtype(array.dtype, np.floating)
     else:
         raise TypeError(f"unsupported image type {type(image).__name__}: pass PIL images, NumPy arrays or tensors.")
+    if float_data:
+        if not np.isfinite(array).all():
+            raise ValueError("the image contains NaN or inf values.")
+        array = array * 255.0 if array.size and array.max() <= 1.0 else array
 
     if array.ndim == 2:
         array = array[..., None]
@@ -177,28 +189,65 @@ class DiSaImageProcessor(PilBackend):
         """
         return super().preprocess(images, image_like_kwargs={"segmentation_maps": segmentation_maps}, **kwargs)
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes=None,
+        return_segmentation_scores: bool = False,
+        upsample: str = "probabilities",
+    ):
         """
+        Label maps from DiSa's logits (the `post_process_semantic_segmentation` of transformers' semantic models,
+        e.g. `SegformerImageProcessor`, with the same `return_segmentation_scores` option).
+
         Args:
             outputs: model output with `logits` `(batch, T, h, w)`.
-            target_sizes: optional list of `(height, width)`, one per image; logits are bilinearly resized to it.
+            target_sizes: optional list of `(height, width)`, one per image; scores are bilinearly resized to it
+                (`align_corners=False`).
+            return_segmentation_scores (`bool`): return `SemanticSegmentationPostProcessorOutput`s with the
+                `segmentation` and the `segmentation_scores` `(T, height, width)` it is the argmax of.
+            upsample (`str`): `"probabilities"` (default, CAT-Seg's order for whole-image inference): per-class
+                sigmoid at the logits' resolution, then the probabilities are resized; the scores are probabilities.
+                `"logits"` (the order of transformers' semantic post-processing): logits resized, then argmax; the
+                scores are the resized logits. Bilinear resizing does not commute with the sigmoid, so the label maps
+                differ on some pixels.
 
         Returns:
-            list of `(height, width)` long tensors of class ids.
+            list of `(height, width)` long tensors of class ids, or with `return_segmentation_scores` a list of
+            `SemanticSegmentationPostProcessorOutput`.
         """
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}.")
         logits = outputs.logits
         if target_sizes is not None and len(target_sizes) != logits.shape[0]:
             raise ValueError(f"got {len(target_sizes)} target sizes for {logits.shape[0]} images.")
         results = []
         for index in range(logits.shape[0]):
-            image_logits = logits[index : index + 1].float()
-            if target_sizes is not None:
-                size = tuple(int(s) for s in target_sizes[index])
-                image_logits = F.interpolate(image_logits, size=size, mode="bilinear", align_corners=False)
-            results.append(image_logits[0].argmax(dim=0))
+            size = None if target_sizes is None else tuple(int(s) for s in target_sizes[index])
+            scores = class_scores(logits[index], size, upsample)
+            segmentation = scores.argmax(dim=0)
+            if return_segmentation_scores:
+                results.append(
+                    SemanticSegmentationPostProcessorOutput(
+                        data={"segmentation": segmentation, "segmentation_scores": scores}
+                    )
+                )
+            else:
+                results.append(segmentation)
         return results
+
+
+def class_scores(logits: torch.Tensor, size=None, upsample: str = "probabilities") -> torch.Tensor:
+    """One image's `(T, h, w)` logits -> float32 `(T, *size)` scores: sigmoid probabilities resized bilinearly
+    (`upsample="probabilities"`, CAT-Seg's order), or resized logits (`"logits"`)."""
+    scores = logits.float()[None]
+    if upsample == "probabilities":
+        scores = scores.sigmoid()
+    if size is not None and tuple(scores.shape[-2:]) != tuple(size):
+        scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+    return scores[0]
 
 
 DiSaImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["DiSaImageProcessor"]
+__all__ = ["DiSaImageProcessor", "class_scores"]

@@ -13,13 +13,18 @@ Sliding-window protocol (catseg-protocol.md §4.1), per image:
 3. crops of ``window_size`` (384) with ``stride`` (256): 2x2 = 4 crops; plus a global view = the warped
    image resized to 384x384; all views of all images of the batch go through the model in batches of
    ``batch_size`` views;
-4. logits are bilinearly upsampled to the view size and passed through a sigmoid;
+4. logits are bilinearly upsampled to the view size and passed through a sigmoid (CAT-Seg's sliding-window order;
+   ``upsample="probabilities"`` applies the sigmoid first);
 5. crop probabilities are folded back onto the 640x640 canvas and divided by the overlap count; the global
    view is upsampled to 640; final = (local + global) / 2;
 6. bilinear resize to the original image size, argmax over classes.
 
-Whole-image mode resizes the image to ``window_size`` x ``window_size``, runs one view and upsamples the
-probabilities to the image size.
+Whole-image mode resizes the image to ``window_size`` x ``window_size``, runs one view, applies the sigmoid at the
+logits' resolution and upsamples the probabilities to the image size (CAT-Seg's whole-image order;
+``upsample="logits"`` resizes the logits first).
+
+Text embeddings: pass ``text_embeds`` (``model.get_text_embeddings(...)``, computed once per vocabulary). Given
+``input_ids`` instead, a model with ``get_text_embeddings`` encodes them once per call, not once per chunk of views.
 
 Accumulation is always in float32; ``autocast_dtype=torch.bfloat16`` runs the model under autocast.
 Standalone: torch only.
@@ -93,9 +98,20 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+UPSAMPLE_MODES = ("logits", "probabilities")
+
+
 def _run_views(model: Callable, views: torch.Tensor, text_embeds: Optional[torch.Tensor], batch_size: Optional[int],
-               out_size: Tuple[int, int], autocast_dtype: Optional[torch.dtype], **model_kwargs) -> torch.Tensor:
-    """Model on ``views`` (N,3,h,w) in chunks -> float32 sigmoid probabilities (N,T,*out_size)."""
+               out_size: Tuple[int, int], autocast_dtype: Optional[torch.dtype], upsample: str = "logits",
+               **model_kwargs) -> torch.Tensor:
+    """Model on ``views`` (N,3,h,w) in chunks -> float32 sigmoid probabilities (N,T,*out_size); ``upsample``:
+    resize the ``"logits"`` then take the sigmoid, or take the sigmoid and resize the ``"probabilities"``."""
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}.")
+    if text_embeds is None and "input_ids" in model_kwargs and hasattr(model, "get_text_embeddings"):
+        # encode the vocabulary once for all chunks of views
+        with _autocast(views.device, autocast_dtype):
+            text_embeds = model.get_text_embeddings(model_kwargs.pop("input_ids"), model_kwargs.pop("attention_mask", None))
     n = views.shape[0]
     bs = n if not batch_size else batch_size
     outs = []
@@ -110,7 +126,7 @@ def _run_views(model: Callable, views: torch.Tensor, text_embeds: Optional[torch
         if logits.dim() != 4 or logits.shape[0] != chunk.shape[0]:
             raise ValueError(f"Model returned logits of shape {tuple(logits.shape)} for {chunk.shape[0]} views; "
                              "expected (views, classes, h, w).")
-        outs.append(_resize(logits, out_size).sigmoid())
+        outs.append(_resize(logits, out_size).sigmoid() if upsample == "logits" else _resize(logits.sigmoid(), out_size))
     return torch.cat(outs, 0)
 
 
@@ -127,6 +143,7 @@ def sliding_window_probs(
     output_size: Optional[Sequence[Tuple[int, int]]] = None,
     batch_size: Optional[int] = None,
     autocast_dtype: Optional[torch.dtype] = None,
+    upsample: str = "logits",
     **model_kwargs,
 ) -> torch.Tensor:
     """Class probabilities ``(B, T, H, W)`` (float32) with CAT-Seg's sliding window + global view.
@@ -148,7 +165,7 @@ def sliding_window_probs(
     # (B*nv, 3, win, win), image-major so that one image's views are contiguous
     stacked = torch.stack(views, dim=1).reshape(b * nv, 3, window_size, window_size).to(pixel_values.dtype)
     probs = _run_views(model, stacked, text_embeds, batch_size, (window_size, window_size), autocast_dtype,
-                       **model_kwargs)
+                       upsample, **model_kwargs)
     t = probs.shape[1]
     probs = probs.view(b, nv, t, window_size, window_size)
     canvas = probs.new_zeros((b, t, warp_size, warp_size))
@@ -173,17 +190,18 @@ def whole_image_probs(
     output_size: Optional[Tuple[int, int]] = None,
     batch_size: Optional[int] = None,
     autocast_dtype: Optional[torch.dtype] = None,
+    upsample: str = "probabilities",
     **model_kwargs,
 ) -> torch.Tensor:
-    """Class probabilities ``(B, T, H, W)`` from one view per image resized to ``input_size``."""
+    """Class probabilities ``(B, T, H, W)`` from one view per image resized to ``input_size``; the sigmoid is taken
+    at the logits' resolution and the probabilities resized (``upsample="logits"``: the other order)."""
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}.")
     _, _, h, w = pixel_values.shape
     view = _resize(pixel_values.float(), (input_size, input_size)).to(pixel_values.dtype)
-    probs = _run_views(model, view, text_embeds, batch_size, (input_size, input_size), autocast_dtype,
-                       **model_kwargs)
     out_hw = tuple(output_size) if output_size is not None else (h, w)
-    return _resize(probs, out_hw)
+    # one resize, from the logits' resolution straight to the output size (CAT-Seg's sem_seg_postprocess)
+    return _run_views(model, view, text_embeds, batch_size, out_hw, autocast_dtype, upsample, **model_kwargs)
 
 
 @torch.no_grad()

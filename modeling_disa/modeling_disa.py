@@ -7,7 +7,7 @@ Data flow: image -> CLIP (dense features + guidance taps) -> cost volume -> [SDM
 
 import math
 import os
-from collections import OrderedDict
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,16 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    ModelOutput,
+    cached_file,
+    is_torchdynamo_compiling,
+)
 
 from .class_aggregation import DiSaClassAggregation
 from .clip_dense_features import dense_clip_features
@@ -27,8 +36,6 @@ from .hierarchical_refinement import DiSaHierarchicalRefinement
 from .losses import itm_loss, segmentation_loss
 from .saliency_disentanglement import DiSaSaliencyDisentanglement
 from .spatial_aggregation import DiSaSpatialAggregation, DiSaSwinBlock
-
-TEXT_CACHE_SIZE = 8
 
 
 @dataclass
@@ -48,6 +55,10 @@ class DiSaSegmentationOutput(ModelOutput):
             larger than `config.class_cap`.
         text_embeds (`(num_labels, P, projection_dim)`): L2-normalised prompt embeddings used.
         image_embeds (`(batch, projection_dim, grid, grid)`): dense CLIP image embeddings.
+        vision_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` / `output_attentions`): the
+            CLIP vision tower's `last_hidden_state` (output of the dense last block), `hidden_states`
+            (`num_hidden_layers + 1` tensors `(batch, 1 + grid*grid, width)`, CLIP's convention) and `attentions`
+            (one `(batch, heads, 1 + grid*grid, 1 + grid*grid)` per token-mixing block: all but the dense last one).
     """
 
     loss: torch.FloatTensor | None = None
@@ -60,6 +71,11 @@ class DiSaSegmentationOutput(ModelOutput):
     class_indices: torch.LongTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutput | None = None
+
+    def to_tuple(self) -> tuple:
+        # nested outputs become tuples too (as `CLIPSegImageSegmentationOutput.to_tuple` in models/clipseg)
+        return tuple(self[k].to_tuple() if k == "vision_model_output" else self[k] for k in self.keys())
 
 
 def _scatter_classes(values: torch.Tensor, class_indices: torch.Tensor, num_classes: int, fill) -> torch.Tensor:
@@ -112,9 +128,28 @@ class DiSaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DiSaAggregationLayer", "DiSaDecoder"]
 
+    @torch.no_grad()
+    def initialize_weights(self):
+        """CLIP sub-models first, by CLIP's own rule and traversal, then the head (`_init_weights`).
+
+        transformers' composite traversal (`PreTrainedModel.initialize_weights`) does dispatch CLIP's modules to
+        `CLIPPreTrainedModel._init_weights`, but for a model defined outside transformers it skips every module
+        without parameters of its own (`CLIPAttention`, `CLIPMLP`), whose branches set CLIP's per-layer stds; and
+        CLIP's rule never sets `logit_scale`. On the `from_pretrained` path (weights materialised empty, then only
+        the tensors missing from the checkpoint initialised) that left missing CLIP tensors at the generic
+        `initializer_range` std and `clip.logit_scale` as uninitialised memory. The guarded `init` functions skip
+        tensors loaded from the checkpoint, so this only touches missing ones (and nothing after `__init__`, where
+        `CLIPModel.post_init` already ran).
+        """
+        for module in self.modules():
+            if isinstance(module, CLIPModel):
+                module.initialize_weights()
+                init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        super().initialize_weights()
+
     def _init_weights(self, module):
         """Head modules get PyTorch's default initialisation, as CAT-Seg's head (which calls no custom init);
-        CLIP sub-modules are initialised by `CLIPPreTrainedModel._init_weights`."""
+        CLIP sub-modules are initialised by `CLIPPreTrainedModel._init_weights` (see `initialize_weights`)."""
         if getattr(module, "zero_init", False):
             # a residual branch that must start as the identity (SDM's residual fusion)
             init.zeros_(module.weight)
@@ -152,6 +187,14 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             vision_config=config.vision_config,
             projection_dim=config.projection_dim,
             logit_scale_init_value=config.logit_scale_init_value,
+            # The towers share DiSa's sub-config objects, and a `CLIPConfig` built without `attn_implementation`
+            # resets theirs to None (then SDPA): pass on what `from_pretrained(attn_implementation=...)` (a string or
+            # a per-sub-config dict, see `PreTrainedModel.set_attn_implementation`) set on DiSa's config.
+            attn_implementation={
+                "": config._attn_implementation,
+                "text_config": config.text_config._attn_implementation,
+                "vision_config": config.vision_config._attn_implementation,
+            },
         )
         self.clip = CLIPModel(clip_config)
         self.cost_embedding = DiSaCostEmbedding(config.num_prompts, config.hidden_dim, config.cost_embed_kernel_size)
@@ -164,7 +207,6 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.decoder = DiSaDecoder(config)
         self.sdm = DiSaSaliencyDisentanglement(config, DiSaCostAggregator) if config.use_sdm else None
         self.hrm = DiSaHierarchicalRefinement(config) if config.use_hrm else None
-        self._text_cache: OrderedDict = OrderedDict()
         self.post_init()
         if self.sdm is not None and config.sdm_background_init == "copy" and not self.aggregator.layers[0].spatial.block_1.norm1.weight.is_meta:
             # The background branch starts as the host's aggregator: the routing, which keeps moving while the
@@ -174,8 +216,15 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
 
     # ------------------------------------------------------------------ CLIP fine-tuning and optimiser groups
     def configure_clip_finetuning(self, mode: str = "qv") -> None:
-        """Set `requires_grad` on CLIP: `"qv"` = only `{vision,text}_model.encoder.layers.*.self_attn.{q,v}_proj.weight`
-        (CAT-Seg's `CLIP_FINETUNE: attention`; biases frozen), `"none"` = frozen, `"full"` = everything."""
+        """Set `requires_grad` on CLIP: `"qv"` = the `{vision,text}_model.encoder.layers.*.self_attn.{q,v}_proj.weight`
+        matrices (CAT-Seg's `CLIP_FINETUNE: attention`; biases frozen), `"none"` = frozen, `"full"` = everything.
+
+        In every mode, parameters that the forward pass never uses stay frozen (`unused_parameter_names`), so every
+        trainable parameter receives a gradient in each step (DDP's `find_unused_parameters=False` then works): the
+        dense last vision block's query/key projections (CAT-Seg counts that query matrix as trainable, but it
+        receives no gradient there either), CLIP's contrastive `logit_scale`, and with routed SDM the foreground
+        branch's class-padding tokens (padding classes are background tokens, so they use the background branch's).
+        """
         for name, param in self.clip.named_parameters():
             if mode == "full":
                 param.requires_grad_(True)
@@ -185,7 +234,28 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 param.requires_grad_(
                     ".encoder.layers." in name and name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight"))
                 )
+        unused = set(self.unused_parameter_names())
+        for name, param in self.named_parameters():
+            if name in unused:
+                param.requires_grad_(False)
         self.config.clip_finetune = mode
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters that no forward pass of this configuration reads (kept so that CLIP and CAT-Seg checkpoints
+        load unchanged); `configure_clip_finetuning` keeps them frozen."""
+        last = self.config.vision_config.num_hidden_layers - 1
+        names = ["clip.logit_scale"] + [
+            f"clip.vision_model.encoder.layers.{last}.self_attn.{proj}_proj.{kind}"
+            for proj in ("q", "k")
+            for kind in ("weight", "bias")
+        ]
+        if self.sdm is not None and self.config.branch_mode == "routed":
+            names += [
+                name
+                for name, _ in self.aggregator.named_parameters(prefix="aggregator")
+                if name.endswith(("class_aggregation.padding_tokens", "class_aggregation.padding_guidance"))
+            ]
+        return names
 
     def optimizer_param_groups(
         self,
@@ -253,7 +323,10 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     def from_pretrained(cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained`, except that a checkpoint whose tensor shapes disagree with the config
         raises (naming the keys) instead of silently re-initialising them; pass `ignore_mismatched_sizes=True` to
-        accept the re-initialisation (e.g. a head of another width)."""
+        accept the re-initialisation (e.g. a head of another width). A checkpoint that only has pickle weights
+        (`pytorch_model.bin`) is read with `torch.load(weights_only=True)`, with a warning saying how to convert it."""
+        if args:
+            _warn_if_pickle_checkpoint(args[0], kwargs)
         # transformers' own refusal only points at a logged table; load permissively, then refuse with the keys.
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         mismatched = info.get("mismatched_keys") or []
@@ -267,32 +340,68 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         model.configure_clip_finetuning(model.config.clip_finetune)
         return (model, info) if output_loading_info else model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors), also mapping `AutoModelForSemanticSegmentation` in the
-        config's `auto_map` so the saved folder serves the `image-segmentation` pipeline with remote code."""
+        config's `auto_map` so the saved folder serves the `image-segmentation` pipeline with remote code.
+
+        With `push_to_hub=True` (and `repo_id`, `commit_message`, `token`, `private`, `create_pr`, `processor`
+        keywords), the folder is saved and then `push_to_hub` uploads the complete repository."""
+        hub_keys = ("repo_id", "commit_message", "commit_description", "token", "private", "create_pr", "processor")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForSemanticSegmentation", f"{__name__.split('.')[-1]}.{type(self).__name__}")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if push_to_hub and kwargs.get("is_main_process", True):
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_kwargs)
+        return result
 
-    # ------------------------------------------------------------------ text side
-    def _text_parameters(self) -> list[nn.Parameter]:
-        return list(self.clip.text_model.parameters()) + list(self.clip.text_projection.parameters())
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        processor=None,
+        eval_results=None,
+    ):
+        """
+        Upload a complete DiSa repository in one commit: what `PreTrainedModel.push_to_hub` uploads (weights, config,
+        code) plus the `open-vocabulary-segmentation` pipeline declared in `config.custom_pipelines` with its code,
+        and a model card (`README.md`, with `pipeline_tag`, tags and, from `eval_results`, a model-index) instead of
+        transformers' generic one. Same keyword arguments as `PreTrainedModel.push_to_hub`, plus:
 
-    def _text_cache_key(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        # `_version` counts in-place updates (optimizer steps, `load_state_dict` copies) and `data_ptr` changes when
-        # a tensor is replaced (`.to()`, `assign=True` loads): together they tell whether the text weights moved.
-        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in self._text_parameters())
-        mask = None if attention_mask is None else tuple(attention_mask.flatten().tolist())
-        return (
-            tuple(input_ids.shape),
-            tuple(input_ids.flatten().tolist()),
-            mask,
-            str(input_ids.device),
-            torch.is_inference_mode_enabled(),
-            weights,
+        - `processor` (`DiSaProcessor`): also upload the processor and tokenizer files, which the pipelines need.
+          Without it a warning says so; push it separately with `processor.push_to_hub(repo_id)`.
+        - `eval_results`: evaluation results (see `modeling_disa.hub.load_eval_results`) for the card.
+
+        Returns the `CommitInfo` of the upload. `modeling_disa.hub.publish_to_hub` is the same with more card options.
+        """
+        from .hub import publish_to_hub
+
+        return publish_to_hub(
+            self,
+            processor,
+            repo_id,
+            eval_results,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message or "Upload DiSa model",
+            commit_description=commit_description,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+            tags=tags,
         )
 
+    # ------------------------------------------------------------------ text side
     def get_text_embeddings(
         self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None
     ) -> torch.FloatTensor:
@@ -305,8 +414,10 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             attention_mask (`(T * P, L)`, *optional*).
 
         Returns:
-            `(T, P, projection_dim)`. Cached (keyed by the tokens and a fingerprint of the text weights) whenever no
-            gradient can flow into the text encoder; recomputed after any change of those weights.
+            `(T, P, projection_dim)`, computed by the text encoder on every call (the model keeps no cache). To run
+            several forward passes on one vocabulary (batches of images, sliding-window views, an evaluation loop),
+            compute this once and pass it as `forward(..., text_embeds=...)`, as the pipeline and
+            `modeling_disa.inference` do.
         """
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be (num_classes * num_prompts, length) with >= 1 row, got {tuple(input_ids.shape)}.")
@@ -315,27 +426,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             raise ValueError(
                 f"input_ids has {input_ids.shape[0]} rows, not a multiple of the {prompts} prompt templates."
             )
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._text_parameters())
-        key = None if needs_grad else self._text_cache_key(input_ids, attention_mask)
-        if key is not None and key in self._text_cache:
-            self._text_cache.move_to_end(key)
-            return self._text_cache[key]
         pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         embeds = F.normalize(self.clip.text_projection(pooled), dim=-1)
-        embeds = embeds.view(-1, prompts, embeds.shape[-1])
-        if key is not None:
-            self._text_cache[key] = embeds
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-        return embeds
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
-
-    def train(self, mode: bool = True):
-        # Training steps change the text weights; the fingerprint catches that too, this just frees memory early.
-        self.clear_text_cache()
-        return super().train(mode)
+        return embeds.view(-1, prompts, embeds.shape[-1])
 
     def set_default_vocabulary(self, class_names, tokenizer) -> None:
         """Make `class_names` the vocabulary used when `forward` gets no text (the `image-segmentation` pipeline
@@ -346,9 +439,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.config.id2label = dict(enumerate(names))
         self.config.label2id = {name: i for i, name in enumerate(names)}
         self.config.label_token_ids = [list(map(int, ids)) for ids in token_ids]
-        self.clear_text_cache()
 
-    def _default_vocabulary_tokens(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def default_vocabulary_tokens(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(input_ids, attention_mask)` `(T * P, L)` of the default vocabulary (`config.label_token_ids`)."""
         token_ids = self.config.label_token_ids
         if not token_ids:
             raise ValueError(
@@ -362,22 +455,69 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         for row, ids in enumerate(token_ids):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
+        device = device if device is not None else self.device
         return input_ids.to(device), attention_mask.to(device)
 
     # ------------------------------------------------------------------ input checks
+    # Value checks (NaN/inf) read tensor data, which `torch.export` / `torch.compile` cannot branch on; like
+    # transformers' own models they are skipped while tracing (`is_torchdynamo_compiling`), shape checks are kept.
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"pixel_values must be (batch, 3, height, width) RGB, got shape {tuple(pixel_values.shape)}; "
                 "convert grayscale/RGBA images with DiSaImageProcessor."
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds no images (batch size 0): pass at least one image.")
         patch = self.config.vision_config.patch_size
         if min(pixel_values.shape[-2:]) < patch:
             raise ValueError(
                 f"images of {tuple(pixel_values.shape[-2:])} pixels are smaller than one CLIP patch ({patch})."
             )
-        if not torch.isfinite(pixel_values).all():
+        if not is_torchdynamo_compiling() and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or inf values.")
+
+    def _check_text_embeds(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """`(T, P, C)` or `(T, C)` -> `(T, P, C)`, refusing other shapes, widths and non-finite values."""
+        config = self.config
+        if text_embeds.ndim == 2:
+            text_embeds = text_embeds.unsqueeze(1)
+        if text_embeds.ndim != 3 or text_embeds.shape[1] != config.num_prompts:
+            raise ValueError(
+                f"text_embeds must be (num_classes, {config.num_prompts}, dim) or (num_classes, dim) for one "
+                f"template, got {tuple(text_embeds.shape)}; compute them with `model.get_text_embeddings(input_ids)`."
+            )
+        if text_embeds.shape[-1] != config.projection_dim:
+            raise ValueError(
+                f"text_embeds have width {text_embeds.shape[-1]} but this model's CLIP joint space has "
+                f"projection_dim={config.projection_dim}; compute them with this model's `get_text_embeddings`."
+            )
+        if text_embeds.shape[0] == 0:
+            raise ValueError("the class vocabulary is empty: text_embeds has 0 classes.")
+        if not text_embeds.is_floating_point():
+            raise ValueError(f"text_embeds must be a floating-point tensor, got {text_embeds.dtype}.")
+        if not is_torchdynamo_compiling() and not torch.isfinite(text_embeds).all():
+            raise ValueError("text_embeds contain NaN or inf values; recompute them with `model.get_text_embeddings`.")
+        return text_embeds
+
+    @staticmethod
+    def _check_labels(labels: torch.Tensor, batch: int) -> None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor of class ids (batch, height, width), got {type(labels).__name__}.")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must hold integer class ids (torch.long), got dtype {labels.dtype}; convert class-id maps "
+                "with labels.long() (one-hot or probability maps are not accepted: take argmax over classes first)."
+            )
+        if labels.ndim != 3:
+            hint = " add the batch axis with labels.unsqueeze(0)." if labels.ndim == 2 else ""
+            raise ValueError(
+                f"labels must be (batch, height, width) class-id maps, got shape {tuple(labels.shape)};{hint}"
+            )
+        if labels.shape[0] != batch:
+            raise ValueError(
+                f"labels hold {labels.shape[0]} maps but pixel_values holds {batch} images: pass one map per image."
+            )
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -388,40 +528,59 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         text_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_saliency: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> DiSaSegmentationOutput | tuple:
         r"""
         Args:
             pixel_values (`(batch, 3, H, W)`): CLIP-normalised images (see `DiSaImageProcessor`); resized to
                 `config.clip_resolution` inside.
             input_ids / attention_mask (`(T * P, L)`): class prompts shared by the batch (see `DiSaProcessor`).
-            text_embeds (`(T, P, C)` or `(T, C)`): precomputed prompt embeddings instead of `input_ids`.
+            text_embeds (`(T, P, C)` or `(T, C)`): precomputed prompt embeddings (`get_text_embeddings`) instead of
+                `input_ids`; the way to reuse one vocabulary's encoding across calls.
             labels (`(batch, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
             output_saliency (`bool`): with SDM, also return the saliency maps and foreground masks.
+            output_attentions / output_hidden_states (`bool`, *optional*, default from the config): return the CLIP
+                vision tower's attention weights / hidden states in `vision_model_output` (attentions need eager
+                attention in the vision tower).
+
+        Unknown keyword arguments are refused (`TypeError`), so that a misspelt `labels=` cannot pass silently.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        if output_attentions and self.clip.vision_model.config._attn_implementation != "eager":
+            raise ValueError(
+                "output_attentions=True needs eager attention in the CLIP vision tower (SDPA does not return attention "
+                f"weights; it uses {self.clip.vision_model.config._attn_implementation!r}): load the model with "
+                "`attn_implementation='eager'` or call `model.set_attn_implementation('eager')`."
+            )
         self._check_pixel_values(pixel_values)
         batch = pixel_values.shape[0]
-        config = self.config
+        if labels is not None:
+            self._check_labels(labels, batch)
 
         if text_embeds is None:
             if input_ids is None:
-                input_ids, attention_mask = self._default_vocabulary_tokens(pixel_values.device)
+                input_ids, attention_mask = self.default_vocabulary_tokens(pixel_values.device)
             text_embeds = self.get_text_embeddings(input_ids, attention_mask)
-        elif text_embeds.ndim == 2:
-            text_embeds = text_embeds.unsqueeze(1)
-        if text_embeds.ndim != 3 or text_embeds.shape[1] != config.num_prompts:
-            raise ValueError(
-                f"text_embeds must be (num_classes, {config.num_prompts}, dim) or (num_classes, dim) for one "
-                f"template, got {tuple(text_embeds.shape)}."
-            )
+        elif input_ids is not None:
+            raise ValueError("pass either input_ids (class prompts) or text_embeds (their embeddings), not both.")
+        text_embeds = self._check_text_embeds(text_embeds)
         num_classes = text_embeds.shape[0]
-        if num_classes == 0:
-            raise ValueError("the class vocabulary is empty.")
 
         features = dense_clip_features(
-            self.clip, pixel_values, config.clip_resolution, list(config.guidance_layers), config.dense_residual
+            self.clip,
+            pixel_values,
+            config.clip_resolution,
+            list(config.guidance_layers),
+            config.dense_residual,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         image_embeds = features.image_embeds
         text = text_embeds.to(image_embeds.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
@@ -489,8 +648,53 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             class_indices=class_indices,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
+            vision_model_output=(
+                BaseModelOutput(
+                    last_hidden_state=features.last_hidden_state,
+                    hidden_states=features.hidden_states,
+                    attentions=features.attentions,
+                )
+                if output_hidden_states or output_attentions
+                else None
+            ),
         )
         return output if return_dict else output.to_tuple()
+
+
+def _warn_if_pickle_checkpoint(pretrained_model_name_or_path, kwargs: dict) -> None:
+    """Warn when `from_pretrained` will read pickle weights (`pytorch_model.bin`) because the folder or repo has no
+    safetensors file. transformers reads them with `torch.load(weights_only=True)`, which refuses arbitrary objects,
+    but does so silently."""
+    if kwargs.get("gguf_file") or kwargs.get("variant") or kwargs.get("use_safetensors") is False:
+        return
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        return
+    lookup = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token", "local_files_only") if k in kwargs}
+
+    def present(filename):
+        try:
+            return cached_file(
+                pretrained_model_name_or_path,
+                filename,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **lookup,
+            )
+        except Exception:  # noqa: BLE001 - the real loading reports problems with the path itself
+            return None
+
+    if present(SAFE_WEIGHTS_NAME) or present(SAFE_WEIGHTS_INDEX_NAME):
+        return
+    pickle_file = next((name for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) if present(name)), None)
+    if pickle_file is not None:
+        warnings.warn(
+            f"{pretrained_model_name_or_path}: no {SAFE_WEIGHTS_NAME}, reading the pickle checkpoint {pickle_file} "
+            "(with torch.load(weights_only=True), which refuses arbitrary Python objects). Convert it once with "
+            "`DiSaForOpenVocabSegmentation.from_pretrained(folder).save_pretrained(folder)`, which writes "
+            f"{SAFE_WEIGHTS_NAME}.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 DiSaForOpenVocabSegmentation.register_for_auto_class("AutoModel")

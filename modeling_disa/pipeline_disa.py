@@ -6,14 +6,19 @@ present in the segmentation: `{"label", "score", "mask"}`, where `mask` is a PIL
 size and `score` is the mean sigmoid probability of that class over its mask. The output format is the one of the
 built-in `image-segmentation` pipeline (which runs DiSa with its default vocabulary, `config.id2label`).
 
-Batching: `pipe(images, candidate_labels=[...], batch_size=4)` runs 4 images per forward pass; the labels are shared
-by the whole call, so the prompts are tokenized (and their embeddings computed) once per batch.
+Batching: `pipe(images, candidate_labels=[...], batch_size=4)` runs 4 images per forward pass. The labels are shared
+by the whole call: their prompts are tokenized and encoded once per call (`model.get_text_embeddings`) and every
+forward pass gets the embeddings (`text_embeds=`); nothing is kept between calls, so edited weights are always used.
+Post-processing is the image processor's `post_process_semantic_segmentation` (sigmoid at the logits' resolution,
+then bilinear resize: CAT-Seg's order). EXIF orientation is applied to every input form (path, URL, PIL image), so
+masks have the displayed size. An empty list of images gives an empty list.
 
 Options:
 - `inference_mode="sliding"`: CAT-Seg's evaluation protocol (crops of the processor's view size with a 2/3 stride
   over the image warped to 5/3 of it, plus a global view; at 384 views that is warp 640, stride 256), instead of the
   default `"whole"` (one view of the processor's size). All views of a batch go through the model in one forward
-  pass, so the text embeddings are still computed once.
+  pass, with the call's text embeddings; the views' logits are resized to the view size before the sigmoid and the
+  probabilities resized to the image size (CAT-Seg's sliding-window order).
 - `output_saliency=True` (models with SDM, `config.use_sdm`): each entry also holds `"saliency"` (float32
   `(grid, grid)`, the class's SDM Grad-CAM saliency) and `"foreground_mask"` (bool `(grid, grid)`, the tokens SDM
   routes to the class's foreground branch), from the whole-image view (the global view in sliding mode).
@@ -21,16 +26,19 @@ Options:
 Hub-shipped module: only single-dot imports of sibling modules and absolute imports of public libraries.
 """
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModel, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_disa import validate_class_names
+from .image_processing_disa import class_scores
 from .inference import sliding_window_geometry, sliding_window_probs
 
 PIPELINE_TASK = "open-vocabulary-segmentation"
@@ -57,7 +65,9 @@ def check_candidate_labels(candidate_labels) -> list[str]:
 
 
 def load_pipeline_image(image, timeout: float | None = None) -> Image.Image:
-    """PIL image from a PIL image, array, tensor, local path or URL (URLs refused in offline mode)."""
+    """PIL image from a PIL image, array, tensor, local path or URL (URLs refused in offline mode), upright: the
+    EXIF orientation is applied here, once, for every PIL input (what `transformers.image_utils.load_image` does for
+    the built-in pipelines), so the masks have the displayed size whatever the input form."""
     if isinstance(image, str):
         if image.startswith(("http://", "https://")):
             if _is_offline():
@@ -66,12 +76,15 @@ def load_pipeline_image(image, timeout: float | None = None) -> Image.Image:
                     "yourself and pass a local path or a PIL image."
                 )
             try:
-                return load_image(image, timeout=timeout if timeout is not None else 10.0)
+                image = load_image(image, timeout=timeout if timeout is not None else 10.0)
             except Exception as error:  # noqa: BLE001 - re-raised with the URL named
                 raise ValueError(f"could not load the image {image!r}: {error}") from error
-        return load_image(image)
+        elif os.path.isfile(image):
+            image = Image.open(image)  # not load_image: it converts to RGB, which would drop 16-bit precision
+        else:
+            image = load_image(image)  # base64 data, or its error for a missing file
     if isinstance(image, Image.Image):
-        return image
+        return ImageOps.exif_transpose(image)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return image
     raise TypeError(
@@ -97,16 +110,18 @@ def _resize_bilinear(maps: torch.Tensor, target_size) -> torch.Tensor:
 def segments_from_logits(logits: torch.Tensor, target_size, labels) -> list[dict]:
     """One image's `(T, h, w)` logits -> entries `{"score", "label", "mask"}` for every class present.
 
-    The logits are resized bilinearly (align_corners=False) to `target_size` `(H, W)`, the label map is the argmax
-    over classes, and a class's score is the mean sigmoid probability over its pixels.
+    As `DiSaImageProcessor.post_process_semantic_segmentation` (`class_scores`): per-class sigmoid at the logits'
+    resolution, probabilities resized bilinearly (align_corners=False) to `target_size` `(H, W)`, label map = argmax
+    over classes; a class's score is the mean probability over its pixels.
     """
-    resized = _resize_bilinear(logits, target_size)
-    return _segments(resized.argmax(dim=0), resized.sigmoid(), labels)
+    probabilities = class_scores(logits, tuple(int(s) for s in target_size), "probabilities")
+    return _segments(probabilities.argmax(dim=0), probabilities, labels)
 
 
 def segments_from_probabilities(probabilities: torch.Tensor, target_size, labels) -> list[dict]:
-    """Like `segments_from_logits` for `(T, h, w)` probabilities (sliding-window output): CAT-Seg resizes the
-    probabilities, not the logits, to the image size before the argmax."""
+    """Like `segments_from_logits` for `(T, h, w)` probabilities (sliding-window output): CAT-Seg's sliding-window
+    order, the probabilities (sigmoid of the logits resized to the view size) are resized to the image size before
+    the argmax."""
     resized = _resize_bilinear(probabilities, target_size)
     return _segments(resized.argmax(dim=0), resized, labels)
 
@@ -164,33 +179,56 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
         Returns:
             For one image, a list of `{"score": float, "label": str, "mask": PIL.Image}` (one per label present,
             plus `"saliency"` and `"foreground_mask"` arrays with `output_saliency`); for a list of images, a list
-            of such lists.
+            of such lists (`[]` for an empty list).
         """
-        return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
+        unexpected = sorted(set(kwargs) - {"batch_size", "num_workers", "timeout", "inference_mode", "output_saliency"})
+        if unexpected:
+            raise TypeError(f"unexpected arguments {unexpected} for the {PIPELINE_TASK} pipeline.")
+        self._check_options(kwargs.get("inference_mode"), kwargs.get("output_saliency"))
+        labels, tokens = self._vocabulary(candidate_labels)
+        if isinstance(image, (list, tuple)) and not image:
+            return []  # transformers' Pipeline.__call__ would index the empty list
+        with torch.no_grad():
+            # one encoding per call, shared by every batch of images and every sliding-window view (the model keeps
+            # no cache)
+            text_embeds = self.model.get_text_embeddings(tokens["input_ids"].to(self.device),
+                                                         tokens["attention_mask"].to(self.device))
+        return super().__call__(image, _labels=labels, _text_embeds=text_embeds, **kwargs)
 
-    def _sanitize_parameters(self, candidate_labels=None, timeout=None, inference_mode=None, output_saliency=None,
-                             **kwargs):
+    def _vocabulary(self, candidate_labels):
+        """(label names, prompt tokens) of `candidate_labels`, or of the model's default vocabulary."""
+        if candidate_labels is not None:
+            labels = check_candidate_labels(candidate_labels)
+            return labels, self.processor.tokenize_class_names(labels, return_tensors="pt")
+        config = self.model.config
+        if not getattr(config, "label_token_ids", None):
+            raise ValueError(
+                "pass candidate_labels=[...]: this model has no stored default vocabulary (config.label_token_ids)."
+            )
+        id2label = getattr(config, "id2label", None) or {}
+        input_ids, attention_mask = self.model.default_vocabulary_tokens()
+        return [id2label[i] for i in sorted(id2label, key=int)], {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _check_options(self, inference_mode, output_saliency) -> None:
+        if inference_mode is not None and inference_mode not in INFERENCE_MODES:
+            raise ValueError(f"inference_mode must be one of {INFERENCE_MODES}, got {inference_mode!r}.")
+        if output_saliency and not getattr(self.model.config, "use_sdm", False):
+            raise ValueError("output_saliency=True needs a model with the saliency module (config.use_sdm=True).")
+
+    def _sanitize_parameters(self, _labels=None, _text_embeds=None, timeout=None, inference_mode=None,
+                             output_saliency=None, **kwargs):
+        # `_labels` / `_text_embeds` come from `__call__` (validated labels and their embeddings for this call)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)} for the {PIPELINE_TASK} pipeline.")
+        self._check_options(inference_mode, output_saliency)
         preprocess_params = {"timeout": timeout}
-        forward_params = {}
+        forward_params = {} if _text_embeds is None else {"text_embeds": _text_embeds}
         if inference_mode is not None:
-            if inference_mode not in INFERENCE_MODES:
-                raise ValueError(f"inference_mode must be one of {INFERENCE_MODES}, got {inference_mode!r}.")
             preprocess_params["inference_mode"] = forward_params["inference_mode"] = inference_mode
         if output_saliency is not None:
-            if output_saliency and not getattr(self.model.config, "use_sdm", False):
-                raise ValueError("output_saliency=True needs a model with the saliency module (config.use_sdm=True).")
             forward_params["output_saliency"] = bool(output_saliency)
-        if candidate_labels is None:
-            # Checked in `preprocess`: this also runs when the pipeline is built, where no labels are needed yet.
-            id2label = getattr(self.model.config, "id2label", None) or {}
-            has_default = bool(getattr(self.model.config, "label_token_ids", None))
-            preprocess_params["candidate_labels"] = None
-            preprocess_params["default_labels"] = [id2label[i] for i in sorted(id2label, key=int)] if has_default else None
-        else:
-            preprocess_params["candidate_labels"] = check_candidate_labels(candidate_labels)
-        return preprocess_params, forward_params, {}
+        postprocess_params = {} if _labels is None else {"labels": _labels}
+        return preprocess_params, forward_params, postprocess_params
 
     def sliding_window_geometry(self) -> dict:
         """`warp_size`, `window_size`, `stride` of sliding-window inference for this processor's view size."""
@@ -199,11 +237,7 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             raise ValueError(f"sliding-window inference needs square views, the image processor's size is {size}.")
         return sliding_window_geometry(int(size["height"]))
 
-    def preprocess(self, image, candidate_labels=None, default_labels=None, timeout=None, inference_mode="whole"):
-        if candidate_labels is None and default_labels is None:
-            raise ValueError(
-                "pass candidate_labels=[...]: this model has no stored default vocabulary (config.label_token_ids)."
-            )
+    def preprocess(self, image, timeout=None, inference_mode="whole"):
         image = load_pipeline_image(image, timeout=timeout)
         height, width = _image_size(image)
         resize = {}
@@ -212,30 +246,13 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             warp = self.sliding_window_geometry()["warp_size"]
             resize = {"size": {"height": warp, "width": warp}}
         inputs = self.processor.image_processor(images=image, return_tensors="pt", **resize)
-        return {
-            "pixel_values": inputs["pixel_values"].to(self.dtype),
-            "target_size": torch.tensor([[height, width]]),
-            "labels_spec": [(tuple(candidate_labels) if candidate_labels is not None else None,
-                             tuple(default_labels) if default_labels is not None else None)],
-        }
+        return {"pixel_values": inputs["pixel_values"].to(self.dtype), "target_size": torch.tensor([[height, width]])}
 
-    def _forward(self, model_inputs, inference_mode="whole", output_saliency=False):
-        specs = model_inputs.pop("labels_spec")
-        # batch_size=1: the item's own list; batched: one list per item (equal within a call).
-        flat = [spec for item in specs for spec in (item if isinstance(item, list) else [item])]
-        if len(set(flat)) != 1:
-            raise ValueError("all images of a batch must share the same candidate_labels.")
-        candidate, default = flat[0]
-        text = {}
-        if candidate is not None:
-            tokens = self.processor.tokenize_class_names(list(candidate), return_tensors="pt")
-            text = {"input_ids": tokens["input_ids"].to(self.device),
-                    "attention_mask": tokens["attention_mask"].to(self.device)}
-        labels = list(candidate if candidate is not None else default)
+    def _forward(self, model_inputs, text_embeds=None, inference_mode="whole", output_saliency=False):
         pixel_values = model_inputs["pixel_values"]
         batch = pixel_values.shape[0]
-        result = {"target_size": model_inputs["target_size"], "labels": [labels] * batch}
-        model_kwargs = dict(text, output_saliency=output_saliency)
+        result = {"target_size": model_inputs["target_size"]}
+        model_kwargs = {"output_saliency": output_saliency}
         if inference_mode == "sliding":
             calls = []
 
@@ -243,14 +260,15 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
                 calls.append(self.model(**inputs))
                 return calls[-1]
 
-            # batch_size=None: every view of the batch in one forward pass, so one text encoding
-            result["probabilities"] = sliding_window_probs(model_call, pixel_values, **self.sliding_window_geometry(),
-                                                           **model_kwargs)
+            # batch_size=None: every view of the batch in one forward pass, all with this call's text embeddings;
+            # CAT-Seg's sliding-window order (logits resized to the view size, then the sigmoid)
+            result["probabilities"] = sliding_window_probs(model_call, pixel_values, text_embeds,
+                                                           **self.sliding_window_geometry(), **model_kwargs)
             (outputs,) = calls
             views = outputs.logits.shape[0] // batch
             image_view = slice(views - 1, None, views)  # views are image-major; the global view comes last
         else:
-            outputs = self.model(pixel_values=pixel_values, **model_kwargs)
+            outputs = self.model(pixel_values=pixel_values, text_embeds=text_embeds, **model_kwargs)
             result["logits"] = outputs.logits
             image_view = slice(None)
         if output_saliency:
@@ -258,10 +276,7 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             result["foreground_mask"] = outputs.foreground_mask[image_view]
         return result
 
-    def postprocess(self, model_outputs):
-        labels = model_outputs["labels"]
-        if labels and isinstance(labels[0], list):
-            labels = labels[0]
+    def postprocess(self, model_outputs, labels=None):
         target_size = model_outputs["target_size"].reshape(-1)[:2].tolist()
         if "probabilities" in model_outputs:
             results = segments_from_probabilities(model_outputs["probabilities"][0].detach().cpu(), target_size, labels)

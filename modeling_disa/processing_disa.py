@@ -1,9 +1,21 @@
 """DiSa processor: the image processor plus a CLIP tokenizer that turns a class vocabulary into prompts."""
 
-from transformers.processing_utils import ProcessorMixin
+import os
+
+from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.tokenization_utils_base import BatchEncoding
+from transformers.utils import cached_file
 
 from .configuration_disa import DEFAULT_PROMPT_TEMPLATE, format_prompts
+from .image_processing_disa import DiSaImageProcessorKwargs
+
+# Files from which a CLIP tokenizer can be built: the `tokenizers` serialisation, or the slow tokenizer's vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+class DiSaProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: DiSaImageProcessorKwargs
 
 
 class DiSaProcessor(ProcessorMixin):
@@ -14,37 +26,113 @@ class DiSaProcessor(ProcessorMixin):
     `pixel_values` `(batch, 3, S, S)`, `input_ids` / `attention_mask` `(T * P, L)` (one row per class and prompt
     template, padded to the longest prompt) and, with maps, `labels`. `text` is the class vocabulary shared by
     every image of the batch; names with synonyms (`"building, edifice"`) are prompted with the first one.
+
+    Keyword arguments are routed as by transformers' processors (`ProcessorMixin._merge_kwargs` with the
+    `DiSaProcessorKwargs` TypedDict): tokenizer options (`padding=`, `max_length=`, `truncation=`, ...) go to the
+    tokenizer, image options (`size=`, `do_reduce_labels=`, ...) to the image processor, or explicitly per modality
+    with `text_kwargs={...}`, `images_kwargs={...}`, `common_kwargs={...}`. Default: `padding="longest"`.
     """
+
+    valid_processor_kwargs = DiSaProcessorKwargs
+    # lowest-priority defaults of `_merge_kwargs` (processor class attributes, the 5.x convention)
+    text_kwargs = {"padding": "longest", "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
 
     def __init__(self, image_processor=None, tokenizer=None, prompt_templates=None, **kwargs):
         self.prompt_templates = list(prompt_templates or [DEFAULT_PROMPT_TEMPLATE])
         super().__init__(image_processor, tokenizer, **kwargs)
 
-    def tokenize_class_names(self, class_names, return_tensors="pt") -> BatchEncoding:
-        """Prompts for `class_names` (class-major, P templates each) tokenized and padded to the longest."""
-        prompts = format_prompts(class_names, self.prompt_templates)
-        return self.tokenizer(prompts, padding="longest", return_tensors=return_tensors)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`; a folder or repo without tokenizer files gets an error naming them
+        (the tokenizer loader's own error is about sentencepiece, which is not the problem)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if _has_tokenizer_files(pretrained_model_name_or_path, kwargs):
+                raise
+            raise OSError(
+                f"{pretrained_model_name_or_path} has no tokenizer.json (nor a slow tokenizer's vocab.json): the "
+                "DiSa processor needs the CLIP tokenizer. Save it there with `processor.save_pretrained(folder)` "
+                "(or `tokenizer.save_pretrained(folder)`), or build the processor from a tokenizer: "
+                "`DiSaProcessor(DiSaImageProcessor(), CLIPTokenizer.from_pretrained(clip_id))`."
+            ) from error
 
-    def __call__(self, images=None, text=None, segmentation_maps=None, return_tensors="pt", **kwargs):
+    def tokenize_class_names(
+        self, class_names, return_tensors="pt", allow_shared_prompts: bool = False, **text_kwargs
+    ) -> BatchEncoding:
+        """Prompts for `class_names` (class-major, P templates each), tokenized (padded to the longest by default;
+        `text_kwargs` go to the tokenizer). `allow_shared_prompts`: see `configuration_disa.format_prompts`."""
+        prompts = format_prompts(class_names, self.prompt_templates, allow_shared_prompts=allow_shared_prompts)
+        text_kwargs = {"padding": "longest", **text_kwargs}
+        return self.tokenizer(prompts, return_tensors=return_tensors, **text_kwargs)
+
+    def __call__(self, images=None, text=None, segmentation_maps=None, allow_shared_prompts: bool = False, **kwargs):
+        """
+        Args:
+            images: one image or a list (see `DiSaImageProcessor`).
+            text (`list[str]`): the class vocabulary.
+            segmentation_maps: optional class-id maps, one per image (returned as `labels`).
+            allow_shared_prompts (`bool`): accept class lists in which two classes get the same prompt (see
+                `format_prompts`); only for reproducing a benchmark protocol.
+            kwargs: tokenizer / image-processor options, routed by `ProcessorMixin._merge_kwargs`;
+                `return_tensors` defaults to `"pt"`.
+        """
         if images is None and text is None:
             raise ValueError("pass `images`, `text` (the class names) or both.")
-        data = {}
-        if images is not None:
-            data.update(self.image_processor(images, segmentation_maps=segmentation_maps, return_tensors=return_tensors, **kwargs))
-        elif segmentation_maps is not None:
+        if images is None and segmentation_maps is not None:
             raise ValueError("`segmentation_maps` need their `images`.")
+        output_kwargs = self._merge_kwargs(
+            DiSaProcessorKwargs,
+            tokenizer_init_kwargs=self.tokenizer.init_kwargs if self.tokenizer is not None else None,
+            **kwargs,
+        )
+        data = {}
+        return_tensors = None
+        if images is not None:
+            images_kwargs = output_kwargs["images_kwargs"]
+            return_tensors = images_kwargs.get("return_tensors")
+            data.update(self.image_processor(images, segmentation_maps=segmentation_maps, **images_kwargs))
         if text is not None:
-            data.update(self.tokenize_class_names(text, return_tensors=return_tensors))
-        return BatchEncoding(data=data, tensor_type=return_tensors)
+            text_kwargs = dict(output_kwargs["text_kwargs"])
+            return_tensors = text_kwargs.pop("return_tensors", return_tensors)
+            data.update(
+                self.tokenize_class_names(
+                    text, return_tensors=return_tensors, allow_shared_prompts=allow_shared_prompts, **text_kwargs
+                )
+            )
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes=None):
-        return self.image_processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None, **kwargs):
+        """See `DiSaImageProcessor.post_process_semantic_segmentation`."""
+        return self.image_processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes, **kwargs)
 
     @property
     def model_input_names(self):
         return ["pixel_values", "input_ids", "attention_mask"]
 
 
+def _has_tokenizer_files(path, kwargs) -> bool:
+    subfolder = kwargs.get("subfolder", "") or ""
+    if os.path.isdir(path):
+        return any(os.path.isfile(os.path.join(path, subfolder, name)) for name in TOKENIZER_FILES)
+    lookup = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    for name in TOKENIZER_FILES:
+        try:
+            if cached_file(
+                path,
+                name,
+                subfolder=subfolder,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **lookup,
+            ):
+                return True
+        except Exception:  # noqa: BLE001 - an unreachable repo is reported by the original error
+            return True
+    return False
+
+
 DiSaProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["DiSaProcessor"]
+__all__ = ["DiSaProcessor", "DiSaProcessorKwargs"]

@@ -5,8 +5,8 @@ As in CAT-Seg there is no relative-position bias; the shifted-window mask uses -
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .routing import as_route, per_branch
 
@@ -39,18 +39,44 @@ def shifted_window_mask(grid: int, window: int, shift: int, masked_value: float)
     return mask.masked_fill(mask != 0, masked_value).masked_fill(mask == 0, 0.0)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit-matmul attention, the `"eager"` implementation (same contract as
+    `transformers.models.clip.modeling_clip.eager_attention_forward`): `(N, heads, L, d)` inputs, an additive
+    `attention_mask`, returns `(N, L, heads, d)` and the attention weights."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class DiSaWindowAttention(nn.Module):
     """Multi-head window self-attention whose queries and keys also see the guidance features.
 
-    The projections are per token (`project`, `output`); `attend` mixes tokens inside windows.
+    The projections are per token (`project`, `output`); `attend` mixes tokens inside windows. The attention kernel
+    is chosen at every call from `config._attn_implementation` through transformers' attention interface
+    (`ALL_ATTENTION_FUNCTIONS`, as `CLIPAttention` in `models/clip/modeling_clip.py` does), so
+    `from_pretrained(..., attn_implementation=...)` and `set_attn_implementation(...)` reach it.
     """
 
-    def __init__(self, hidden_dim: int, guidance_dim: int, num_heads: int, use_sdpa: bool = True):
+    def __init__(self, config, hidden_dim: int, guidance_dim: int, num_heads: int):
         super().__init__()
+        self.config = config
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
         self.head_dim = hidden_dim // num_heads
-        self.use_sdpa = use_sdpa
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         self.q = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.v = nn.Linear(hidden_dim, hidden_dim)
@@ -68,7 +94,8 @@ class DiSaWindowAttention(nn.Module):
         n, windows, length, _ = q.shape
         heads, head_dim = self.num_heads, self.head_dim
         q, k, v = (t.view(n, windows, length, heads, head_dim).transpose(2, 3) for t in (q, k, v))
-        if bias is not None and bias.ndim == 5:
+        per_row_bias = bias is not None and bias.ndim == 5
+        if per_row_bias:
             # a bias per row and window (SDM groups): batch (row, window) pairs, broadcast over heads
             q, k, v = (t.reshape(n * windows, heads, length, head_dim) for t in (q, k, v))
             bias = bias.reshape(n * windows, 1, length, length)
@@ -78,15 +105,13 @@ class DiSaWindowAttention(nn.Module):
             q, k, v = (t.reshape(n, windows * heads, length, head_dim) for t in (q, k, v))
             if bias is not None:
                 bias = bias.expand(windows, heads, length, length).reshape(1, windows * heads, length, length)
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            # Explicit matmuls, so that torch.utils.flop_counter counts the attention on every device.
-            scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)
-            if bias is not None:
-                scores = scores + bias
-            out = scores.softmax(dim=-1) @ v
-        return out.reshape(n, windows, heads, length, head_dim).transpose(2, 3).reshape(n, windows, length, -1)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention_interface(self, q, k, v, bias, scaling=self.scaling, dropout=0.0)
+        if not per_row_bias:  # (n, tokens, windows * heads, head_dim) -> (n, windows, tokens, ...)
+            out = out.view(n, length, windows, heads * head_dim).transpose(1, 2)
+        return out.reshape(n, windows, length, -1)
 
 
 class DiSaSwinMLP(nn.Module):
@@ -123,10 +148,9 @@ class DiSaSwinBlock(nn.Module):
         # A window covering the whole map cannot be shifted (CAT-Seg/Swin rule).
         self.shift = shift if grid > window else 0
         self.restrict_to_branch = config.branch_attention == "restricted"
-        use_sdpa = getattr(config, "_attn_implementation", None) != "eager"
         self.norm1 = nn.LayerNorm(config.hidden_dim)
         self.attn = DiSaWindowAttention(
-            config.hidden_dim, config.appearance_guidance_dim, config.num_attention_heads, use_sdpa
+            config, config.hidden_dim, config.appearance_guidance_dim, config.num_attention_heads
         )
         self.norm2 = nn.LayerNorm(config.hidden_dim)
         self.mlp = DiSaSwinMLP(config.hidden_dim, config.mlp_ratio)

@@ -15,6 +15,29 @@ if str(REPO) not in sys.path:
 
 TINY = REPO / "configuration" / "models" / "disa-tiny"
 PRESETS = REPO / "configuration" / "models"
+PRESET_NAMES = sorted(p.name for p in PRESETS.iterdir() if (p / "config.json").is_file())
+
+
+def tiny_variant(preset: str, **overrides):
+    """The `preset`'s architecture switches (SDM, HRM, branch mode, fusion, residual and fine-tuning modes, prompt
+    templates, whether the class axis is padded) on the tiny preset's CLIP towers and widths, so that every preset's
+    code paths run in a CPU test."""
+    from modeling_disa import DiSaConfig
+
+    def values(config):
+        out = config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+            out.pop(key, None)
+        return out
+
+    tiny, source = values(DiSaConfig.from_pretrained(TINY)), values(DiSaConfig.from_pretrained(PRESETS / preset))
+    switches = {k: v for k, v in source.items() if isinstance(v, (bool, str)) or k in ("hrm_stages", "prompt_templates")}
+    tiny.update(switches)
+    tiny["class_cap"] = tiny["class_cap"] if source["class_cap"] > 0 else 0
+    if len(source["prompt_templates"]) != 1:
+        tiny.pop("label_token_ids", None)
+    tiny.update(overrides)
+    return DiSaConfig(**tiny)
 
 
 @pytest.fixture(scope="session")

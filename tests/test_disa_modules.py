@@ -213,8 +213,15 @@ def test_saliency_outputs_have_documented_shapes(tiny_processor):
     assert plain.saliency is None and plain.foreground_mask is None and plain.itm_logits.shape == (2, len(NAMES))
     assert out.saliency.shape == (2, len(NAMES), 8, 8) and out.saliency.dtype == torch.float32
     assert out.foreground_mask.shape == (2, len(NAMES), 8, 8) and out.foreground_mask.dtype == torch.bool
-    assert torch.all(out.foreground_mask.sum((-2, -1)) == round(64 / 6))
+    # presence-aware routing (the default): classes predicted absent get no foreground token, the others top-k
+    present = out.itm_logits.sigmoid() >= model.config.presence_threshold
+    expected = torch.where(present, round(64 / 6), 0)
+    assert torch.equal(out.foreground_mask.sum((-2, -1)), expected)
     torch.testing.assert_close(out.logits, plain.logits)
+    unrouted = build(use_sdm=True, presence_threshold=None).eval()
+    with torch.no_grad():
+        out = unrouted(**inputs, output_saliency=True)
+    assert torch.all(out.foreground_mask.sum((-2, -1)) == round(64 / 6))
 
 
 def test_saliency_with_class_cap_scatters_back(tiny_processor):

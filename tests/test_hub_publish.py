@@ -160,7 +160,8 @@ def test_remote_code_from_the_stub_in_a_fresh_process(hub, tiny_model, tiny_proc
         """
     )
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
+           "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float rounding as the expected logits
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -233,3 +234,38 @@ def test_bad_publish_arguments(hub, tiny_model, tiny_processor):
     with pytest.raises(FileNotFoundError):
         publish_to_hub(tiny_model, tiny_processor, REPO_ID, "missing-results.json", token=TOKEN)
     assert REPO_ID not in hub.repos  # nothing was created before the checks
+
+
+def test_standard_push_to_hub_uploads_the_complete_repo(hub, tiny_model, tiny_processor, tmp_path, monkeypatch):
+    """`model.push_to_hub` / `save_pretrained(push_to_hub=True)`, transformers' own entry points, give the same
+    complete repository as `publish_to_hub`: pipeline declared, its code, a DiSa model card."""
+    tiny_model.add_model_tags(["my-tag"])
+    tiny_model.push_to_hub(REPO_ID, processor=tiny_processor, token=TOKEN, commit_message="standard push")
+    files = hub.files(REPO_ID)
+    assert {"README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+            "modeling_disa.py", "pipeline_disa.py"} <= set(files)
+    config = json.loads(files["config.json"])
+    assert PIPELINE_TASK in config["custom_pipelines"]
+    card = files["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["pipeline_tag"] == "image-segmentation" and meta["library_name"] == "transformers"
+    assert {"open-vocabulary-segmentation", "my-tag"} <= set(meta["tags"])
+    assert "automatically generated" not in card  # not transformers' placeholder card
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    # importing the repo's pipeline_disa.py registers its class for the task: restore the package's afterwards
+    monkeypatch.setitem(PIPELINE_REGISTRY.supported_tasks, PIPELINE_TASK, PIPELINE_REGISTRY.supported_tasks[PIPELINE_TASK])
+    segmenter = pipeline(model=REPO_ID, trust_remote_code=True)
+    assert type(segmenter).__module__.startswith("transformers_modules")
+    image = make_image(11)
+    assert_same_segments(segmenter(image, candidate_labels=LABELS),
+                         reference_segments(tiny_model, tiny_processor, image, LABELS), image)
+
+    # save_pretrained(push_to_hub=True) goes the same way; without a processor it says what is missing
+    with pytest.warns(UserWarning, match="without a processor"):
+        tiny_model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="tester/model-only", token=TOKEN)
+    assert (tmp_path / "local" / "model.safetensors").is_file()
+    files = hub.files("tester/model-only")
+    assert {"README.md", "config.json", "model.safetensors", "pipeline_disa.py"} <= set(files)
+    assert "processor_config.json" not in files
+    assert PIPELINE_TASK in json.loads(files["config.json"])["custom_pipelines"]

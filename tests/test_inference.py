@@ -147,3 +147,51 @@ def test_bf16_autocast_close_to_fp32():
     b = sliding_window_probs(model, img, None, warp_size=40, window_size=24, stride=16, autocast_dtype=torch.bfloat16)
     assert b.dtype == torch.float32
     torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
+
+
+class CoarseStub:
+    """Logits at a quarter of the view's resolution (as DiSa's): channel 0 average-pooled 4x4, scaled per class."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __call__(self, pixel_values, text_embeds=None):
+        x = F.avg_pool2d(pixel_values[:, :1].float(), 4)
+        return SimpleNamespace(logits=4 * x * torch.linspace(-1, 1, self.t).view(1, -1, 1, 1))
+
+
+def test_whole_image_orders_match_direct_computations():
+    """Default: CAT-Seg's whole-image order (sigmoid at the logits' resolution, then one resize to the output);
+    `upsample="logits"`: resize the logits, then the sigmoid."""
+    torch.manual_seed(4)
+    img = torch.randn(1, 3, 37, 53)
+    stub = CoarseStub(5)
+    view = F.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
+    logits = stub(view).logits  # (1, 5, 8, 8)
+    expected = F.interpolate(logits.sigmoid(), size=(37, 53), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(whole_image_probs(stub, img, torch.zeros(5, 2), input_size=32), expected)
+    other = F.interpolate(logits, size=(37, 53), mode="bilinear", align_corners=False).sigmoid()
+    got = whole_image_probs(stub, img, torch.zeros(5, 2), input_size=32, upsample="logits")
+    torch.testing.assert_close(got, other)
+    assert (expected.argmax(1) != other.argmax(1)).any()  # the orders are distinguishable here
+    seg = predict_segmentation(stub, img, torch.zeros(5, 2), mode="whole", short_side=None, input_size=32)
+    assert torch.equal(seg, expected.argmax(1))
+    with pytest.raises(ValueError, match="upsample"):
+        whole_image_probs(stub, img, torch.zeros(5, 2), input_size=32, upsample="nearest")
+
+
+def test_sliding_window_encodes_the_vocabulary_once(tiny_model, tiny_processor):
+    tokens = dict(tiny_processor.tokenize_class_names(["cat", "sky", "road"]))
+    calls = []
+    handle = tiny_model.clip.text_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        image = torch.randn(1, 3, 96, 80)
+        kwargs = dict(warp_size=160, window_size=128, stride=32, batch_size=2)  # 4 crops + global: 3 model calls
+        from_ids = sliding_window_probs(tiny_model, image, **kwargs, **tokens)
+        assert len(calls) == 1
+        with torch.no_grad():
+            embeds = tiny_model.get_text_embeddings(**tokens)
+        from_embeds = sliding_window_probs(tiny_model, image, embeds, **kwargs)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(from_ids, from_embeds)

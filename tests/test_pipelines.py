@@ -1,7 +1,8 @@
 """Pipelines: the registered `open-vocabulary-segmentation` task and the built-in `image-segmentation` one.
 
-References are computed here from the model's logits with the image processor's own post-processing (argmax of the
-bilinearly resized logits) and an inline sigmoid mean, not with the pipeline's helper.
+References are computed here from the model's logits directly (CAT-Seg's order: per-class sigmoid at the logits'
+resolution, bilinear resize, argmax; a class's score is the mean probability over its mask), checked against the image
+processor's own post-processing, not with the pipeline's helper.
 """
 
 import subprocess
@@ -34,8 +35,10 @@ def reference_segments(model, processor, image, labels=None):
         logits = model(**inputs).logits
     names = labels or [model.config.id2label[i] for i in range(len(model.config.id2label))]
     size = (image.height, image.width)
-    segmentation = processor.post_process_semantic_segmentation(SimpleNamespace(logits=logits), target_sizes=[size])[0]
-    probabilities = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].sigmoid()
+    probabilities = F.interpolate(logits.sigmoid(), size=size, mode="bilinear", align_corners=False)[0]
+    segmentation = probabilities.argmax(0)
+    processed = processor.post_process_semantic_segmentation(SimpleNamespace(logits=logits), target_sizes=[size])[0]
+    assert torch.equal(processed, segmentation)
     out = {}
     for class_id in np.unique(segmentation.numpy()):
         mask = segmentation.numpy() == class_id
@@ -198,8 +201,9 @@ def test_saved_folder_pipelines_in_a_fresh_process_without_the_package(tiny_mode
         print("OK", type(seg.model).__module__)
         """
     )
+    # same thread count as here, so that float reductions (and so near-tied pixels) round the same way
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -238,7 +242,7 @@ def test_sliding_window_matches_the_protocol_run_view_by_view(sdm_segmenter, tin
 
 def test_saliency_entries_are_the_models_maps_and_text_is_encoded_once(sdm_segmenter, tiny_processor):
     model, image = sdm_segmenter.model, make_image(10)
-    labels = ["saliency test one", "saliency test two", "saliency test three"]  # not in the text cache yet
+    labels = ["saliency test one", "saliency test two", "saliency test three"]
     encodings, per_call = [], []
     hook = model.clip.text_model.register_forward_hook(lambda *args: encodings.append(1))
     try:
@@ -268,3 +272,80 @@ def test_bad_options(segmenter, sdm_segmenter):
         sdm_segmenter(make_image(0), candidate_labels=["cat"], inference_mode="tiles")
     with pytest.raises(ValueError, match="use_sdm=True"):
         segmenter(make_image(0), candidate_labels=["cat"], output_saliency=True)
+
+
+class TextEncoderCalls:
+    """Counts forward passes of the model's CLIP text tower."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.clip.text_model.register_forward_hook(self.hook)
+
+    def hook(self, *args):
+        self.count += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        self.handle.remove()
+
+
+def test_one_text_encoding_per_call_and_nothing_goes_stale(segmenter, tiny_model, tiny_processor):
+    images = [make_image(7), make_image(8), make_image(9)]
+    with TextEncoderCalls(tiny_model) as calls:
+        segmenter(images, candidate_labels=LABELS, batch_size=2)  # two forward passes, one encoding
+        assert calls.count == 1
+        before = segmenter(images[0], candidate_labels=LABELS)
+        assert calls.count == 2  # no state kept between calls
+    # the text weights edited in place (no version bump): the next call uses them
+    with torch.no_grad():
+        for param in tiny_model.clip.text_projection.parameters():
+            param.data.mul_(-1)
+    after = segmenter(images[0], candidate_labels=LABELS)
+    assert_same_segments(after, reference_segments(tiny_model, tiny_processor, images[0], LABELS), images[0])
+    changed = {label: entry for label, entry in as_dict(after).items()}
+    assert changed.keys() != as_dict(before).keys() or any(
+        not np.array_equal(mask, as_dict(before)[label][0]) for label, (mask, _) in changed.items()
+    )
+
+
+def exif_rotated_jpeg(path, size=(120, 80)):
+    """A JPEG stored at `size` (width, height) with EXIF orientation 6 (displayed rotated by 90 degrees)."""
+    stored = make_image(10, size=(size[1], size[0]))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_applied_for_every_input_form(segmenter, tmp_path):
+    from PIL import ImageOps
+
+    path = exif_rotated_jpeg(tmp_path / "rotated.jpg")
+    upright = ImageOps.exif_transpose(Image.open(path))
+    assert upright.size == (80, 120)  # displayed size (width, height)
+    by_path = segmenter(str(path), candidate_labels=LABELS)
+    by_pil = segmenter(Image.open(path), candidate_labels=LABELS)
+    by_upright = segmenter(upright, candidate_labels=LABELS)
+    builtin = pipeline("image-segmentation", model=segmenter.model, image_processor=segmenter.processor.image_processor)
+    for result in (by_path, by_pil, by_upright, builtin(Image.open(path))):
+        assert {entry["mask"].size for entry in result} == {(80, 120)}
+    assert as_dict(by_pil).keys() == as_dict(by_path).keys() == as_dict(by_upright).keys()
+    for label, (mask, score) in as_dict(by_path).items():
+        np.testing.assert_array_equal(as_dict(by_pil)[label][0], mask)
+        np.testing.assert_array_equal(as_dict(by_upright)[label][0], mask)
+
+
+def test_empty_image_list_gives_an_empty_list(segmenter):
+    assert segmenter([], candidate_labels=LABELS) == []
+    assert segmenter([]) == []  # default vocabulary
+    with pytest.raises(ValueError, match="duplicate"):
+        segmenter([], candidate_labels=["cat", "cat"])  # arguments are still checked
+
+
+def test_labels_sharing_a_prompt_are_refused(segmenter):
+    with pytest.raises(ValueError, match=r"\['building, edifice', 'building, house'\]"):
+        segmenter(make_image(0), candidate_labels=["building, edifice", "building, house"])
+    with pytest.raises(ValueError, match="empty first synonym"):
+        segmenter(make_image(0), candidate_labels=["sky", ", cat"])

@@ -101,9 +101,84 @@ def test_post_process_sizes_and_argmax(image_processor):
     )
     assert [r.shape for r in results] == [(30, 40), (17, 9)]
     native = image_processor.post_process_semantic_segmentation(DiSaSegmentationOutput(logits=logits))
-    assert torch.equal(native[1], logits[1].argmax(0))
-    up = torch.nn.functional.interpolate(logits[:1], size=(30, 40), mode="bilinear", align_corners=False)
-    assert torch.equal(results[0], up[0].argmax(0))
+    assert torch.equal(native[1], logits[1].argmax(0))  # the sigmoid is monotonic: same argmax at native size
+
+
+def test_post_process_orders_match_direct_computations(image_processor):
+    """Default: CAT-Seg's order (sigmoid at the logits' resolution, then resize); option: resize the logits."""
+    torch.manual_seed(0)
+    logits = 4 * torch.randn(2, 5, 8, 8)
+    sizes = [(61, 47), (30, 90)]
+    default = image_processor.post_process_semantic_segmentation(DiSaSegmentationOutput(logits=logits), sizes)
+    resized_logits = image_processor.post_process_semantic_segmentation(
+        DiSaSegmentationOutput(logits=logits), sizes, upsample="logits"
+    )
+    differ = 0
+    for index, size in enumerate(sizes):
+        probabilities = torch.nn.functional.interpolate(logits[index : index + 1].sigmoid(), size=size,
+                                                        mode="bilinear", align_corners=False)[0]
+        up = torch.nn.functional.interpolate(logits[index : index + 1], size=size, mode="bilinear",
+                                             align_corners=False)[0]
+        assert torch.equal(default[index], probabilities.argmax(0))
+        assert torch.equal(resized_logits[index], up.argmax(0))
+        differ += int((probabilities.argmax(0) != up.argmax(0)).sum())
+    assert differ > 0  # the two orders are distinguishable on these logits
+    with pytest.raises(ValueError, match="upsample"):
+        image_processor.post_process_semantic_segmentation(DiSaSegmentationOutput(logits=logits), upsample="nearest")
+
+
+def test_post_process_returns_segmentation_scores(image_processor, tiny_processor):
+    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 8, 8)
+    outputs = DiSaSegmentationOutput(logits=logits)
+    results = image_processor.post_process_semantic_segmentation(outputs, [(20, 24), (8, 8)],
+                                                                 return_segmentation_scores=True)
+    plain = image_processor.post_process_semantic_segmentation(outputs, [(20, 24), (8, 8)])
+    for index, (result, size) in enumerate(zip(results, [(20, 24), (8, 8)])):
+        assert isinstance(result, SemanticSegmentationPostProcessorOutput)
+        expected = torch.nn.functional.interpolate(logits[index : index + 1].sigmoid(), size=size, mode="bilinear",
+                                                   align_corners=False)[0]
+        torch.testing.assert_close(result.segmentation_scores, expected)
+        assert result.segmentation_scores.shape == (3, *size)
+        assert torch.equal(result.segmentation, plain[index])
+    # the processor forwards the option, as transformers' processors do
+    via_processor = tiny_processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)
+    torch.testing.assert_close(via_processor[0].segmentation_scores, logits[0].sigmoid())
+
+
+def test_float_images_follow_one_rule_whatever_the_container(image_processor):
+    """PIL "F" images and float arrays: values in [0, 1] are rescaled (x255), others taken as 0-255."""
+    gray = np.random.default_rng(2).integers(0, 256, (32, 32)).astype(np.uint8)
+    reference = image_processor(gray, return_tensors="pt")["pixel_values"]
+    unit = gray.astype(np.float32) / 255.0
+    for variant in (Image.fromarray(unit, mode="F"), unit, torch.from_numpy(unit),
+                    Image.fromarray(gray.astype(np.float32), mode="F"), gray.astype(np.float64)):
+        got = image_processor(variant, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_routes_keyword_arguments_like_transformers_processors(tiny_processor):
+    names = ["cat", "building", "sky"]
+    prompts = [f"A photo of a {n} in the scene" for n in names]
+    tokenizer = tiny_processor.tokenizer
+    # default: pad to the longest prompt
+    out = tiny_processor(text=names)
+    assert torch.equal(out["input_ids"], tokenizer(prompts, padding="longest", return_tensors="pt")["input_ids"])
+    # flat tokenizer kwargs
+    out = tiny_processor(text=names, padding="max_length", max_length=77)
+    expected = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+    assert out["input_ids"].shape == (3, 77) and torch.equal(out["input_ids"], expected["input_ids"])
+    # per-modality dictionaries and common kwargs
+    image = np.zeros((40, 50, 3), np.uint8)
+    out = tiny_processor(images=image, text=names, text_kwargs={"padding": "max_length", "max_length": 60},
+                         images_kwargs={"size": {"height": 32, "width": 48}})
+    assert out["input_ids"].shape == (3, 60) and out["pixel_values"].shape == (1, 3, 32, 48)
+    out = tiny_processor(images=image, text=names, common_kwargs={"return_tensors": "np"})
+    assert isinstance(out["input_ids"], np.ndarray) and isinstance(out["pixel_values"], np.ndarray)
+    with pytest.raises(ValueError, match="passed two times"):
+        tiny_processor(text=names, padding="longest", text_kwargs={"padding": "max_length"})
 
 
 def test_processor_builds_prompts_with_first_synonym(tiny_processor):
@@ -117,11 +192,44 @@ def test_processor_builds_prompts_with_first_synonym(tiny_processor):
 
 @pytest.mark.parametrize(
     "text, error, message",
-    [([], ValueError, "empty"), (["cat", "cat"], ValueError, "duplicate"), (["cat", 3], TypeError, "strings"), ("cat", TypeError, "list")],
+    [
+        ([], ValueError, "empty"),
+        (["cat", "cat"], ValueError, "duplicate"),
+        (["cat", 3], TypeError, "strings"),
+        ("cat", TypeError, "list"),
+        # two classes prompted alike would get identical logits; an empty first synonym prompts nothing
+        (["building, edifice", "cat", "building, house"], ValueError,
+         r"\['building, edifice', 'building, house'\] are all prompted as 'building'"),
+        (["dog", ", cat"], ValueError, r"\[', cat'\] have an empty first synonym"),
+    ],
 )
 def test_processor_rejects_bad_vocabularies(tiny_processor, text, error, message):
     with pytest.raises(error, match=message):
         tiny_processor(text=text)
+
+
+def test_benchmark_protocol_may_share_prompts(tiny_processor):
+    from modeling_disa.benchmarks import load_benchmark
+
+    names = load_benchmark("ade847").prompt_names  # CAT-Seg's list: three classes are prompted as "bag"
+    with pytest.raises(ValueError, match="duplicate class names"):
+        tiny_processor(text=names)
+    out = tiny_processor(text=names, allow_shared_prompts=True)
+    assert out["input_ids"].shape[0] == 847
+    with pytest.raises(ValueError, match="empty first synonym"):
+        tiny_processor(text=["cat", ", dog"], allow_shared_prompts=True)
+
+
+def test_folder_without_tokenizer_files_names_them(tmp_path, tiny_processor):
+    from transformers import AutoProcessor
+
+    tiny_processor.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    for loader in (DiSaProcessor, AutoProcessor):
+        with pytest.raises(OSError, match="has no tokenizer.json") as info:
+            loader.from_pretrained(tmp_path)
+        assert "sentencepiece" not in str(info.value)
 
 
 def test_processor_output_feeds_the_model(tiny_model, tiny_processor):

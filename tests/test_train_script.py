@@ -309,3 +309,55 @@ def test_push_to_hub_uploads_the_complete_repo(hub, tmp_path):  # noqa: F811
     config = json.loads(files["config.json"])
     assert "open-vocabulary-segmentation" in config["custom_pipelines"]
     assert [config["id2label"][str(i)] for i in range(len(CLASSES))] == CLASSES
+
+
+PROBE = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from accelerate import Accelerator
+from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
+accelerator = Accelerator()
+model = DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained({preset!r}))
+model = accelerator.prepare(model)
+# one file per rank: the ranks share stdout, and their prints can interleave mid-line
+with open(f"{out}/probe-{{accelerator.process_index}}.txt", "w") as handle:
+    handle.write(" ".join(map(str, ["PROBE", accelerator.process_index, accelerator.num_processes,
+                                    accelerator.distributed_type.value, type(model).__name__])))
+"""
+
+
+def test_fsdp_config_runs_as_ddp_on_cpu(tmp_path):
+    """configuration/accelerate/fsdp.yaml says accelerate (1.15) cannot run FSDP on CPU; this checks that claim on
+    the installed version: launched on 2 CPU processes it gives DDP over gloo, not FSDP. If accelerate starts
+    supporting FSDP on CPU, this fails: then launch the training script with the config here instead."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE.format(repo=REPO, preset=os.path.join(REPO, "configuration", "models", "disa-tiny"),
+                                  out=str(tmp_path)))
+    e = env()
+    e["ACCELERATE_USE_CPU"] = "true"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "configuration", "accelerate", "fsdp.yaml"), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), str(probe)]
+    proc = subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(path.read_text().split()[1:] for path in tmp_path.glob("probe-*.txt"))
+    assert lines == [["0", "2", "MULTI_CPU", "DistributedDataParallel"], ["1", "2", "MULTI_CPU", "DistributedDataParallel"]]
+
+
+def test_run_failing_before_its_first_step_leaves_nothing_behind(tmp_path):
+    from training import data as D
+
+    good = make_split(4, 5)
+    out = tmp_path / "out"
+    # checked before anything is written
+    with pytest.raises(D.DataError, match="missing column"):
+        main_in_process(["--class_names", *CLASSES, "--label_column", "annotation"], tmp_path, good)
+    assert not out.exists()
+    # found in the first batch, after the folder was prepared: what the run wrote is removed again
+    with pytest.raises(D.BadSampleError, match=r"outside \[0, 2\)"):
+        main_in_process(["--class_names", "red", "green"], tmp_path, good)
+    assert not out.exists()
+    # the corrected rerun into the same folder is not "another run"
+    res = main_in_process(["--class_names", *CLASSES], tmp_path, good)
+    assert res["completed_steps"] == 2 and (out / "recipe.yaml").is_file()

@@ -65,8 +65,10 @@ def to_pixel_values(image, mean, std, device) -> torch.Tensor:
 
 
 def evaluate_benchmark(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> Dict:
+    # CAT-Seg's protocol prompts every class by its first synonym, even where classes share one (ADE-847 has three
+    # "bag" classes): reproduce it rather than refuse the list as a user vocabulary would be refused
     names = bench.prompt_names
-    tok = processor.tokenize_class_names(names) if hasattr(processor, "tokenize_class_names") else processor(text=names)
+    tok = processor(text=names, allow_shared_prompts=True)
     with torch.no_grad():
         text_embeds = model.get_text_embeddings(tok["input_ids"].to(device), tok["attention_mask"].to(device))
     mean = getattr(processor.image_processor, "image_mean", [0.48145466, 0.4578275, 0.40821073])

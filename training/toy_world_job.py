@@ -194,7 +194,9 @@ def make_report(r, s, info, runs: dict) -> dict:
     for name, folder in runs.items():
         model = DiSaForOpenVocabSegmentation.from_pretrained(folder).eval()
         models[name] = model
-        pred = _predict(lambda pv, m=model: m(pixel_values=pv, **text).logits, images, bs, size)
+        with torch.no_grad():  # the vocabulary is encoded once for all test batches
+            embeds = model.get_text_embeddings(text["input_ids"], text["attention_mask"])
+        pred = _predict(lambda pv, m=model, e=embeds: m(pixel_values=pv, text_embeds=e).logits, images, bs, size)
         results[name] = subset_scores(pred, labels)
     clip = CLIPModel.from_pretrained(info["clip_dir"]).eval()
     clip_res = models["DiSa"].config.clip_resolution

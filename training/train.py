@@ -115,8 +115,10 @@ class TrainingRecipe:
     mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate autocast).")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on CUDA (CAT-Seg: set_float32_matmul_precision('high')).")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in CLIP and the aggregator.")
-    ddp_find_unused_parameters: bool = _f(True, "DDP find_unused_parameters (the dense last CLIP layer never uses its "
-                                                "trainable Q weight).")
+    ddp_find_unused_parameters: bool = _f(False, "DDP find_unused_parameters. Off (accelerate's default): every "
+                                                 "trainable parameter gets a gradient each step (unused ones are "
+                                                 "frozen). Set it when the vocabulary has class_cap or more classes "
+                                                 "(the class-padding tokens are then unused).")
     seed: int = _f(42, "Seed of the model init, the shuffle and the augmentation.")
     # ---- checkpoints, validation, logging, output
     output_dir: typing.Optional[str] = _f(None, "Where checkpoints/, logs and the final model go.")
@@ -516,20 +518,24 @@ def build_datasets(r: TrainingRecipe, image_mean, image_std, num_processes: int,
 
 
 def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_index: int) -> dict:
-    """Whole-image validation: logits upsampled (bilinear) to the label size, argmax; predictions and labels are
-    gathered with `gather_for_metrics` (which drops the samples duplicated to even out the last batch), so every
-    process holds the same confusion matrix and the result does not depend on the number of processes."""
+    """Whole-image validation in CAT-Seg's order: per-class sigmoid at the logits' resolution, probabilities
+    upsampled (bilinear) to the label size, argmax; predictions and labels are gathered with `gather_for_metrics`
+    (which drops the samples duplicated to even out the last batch), so every process holds the same confusion matrix
+    and the result does not depend on the number of processes. The vocabulary is encoded once: the first batch's
+    output `text_embeds` go to every later batch (through the wrapped model's forward, so DDP/FSDP see a normal call)."""
     from modeling_disa.metrics import SegmentationConfusionMatrix
 
     model.eval()
     cm = SegmentationConfusionMatrix(num_classes, ignore_index=ignore_index, device="cpu")
+    text = dict(text_inputs)
     with torch.no_grad():
         for batch in loader:
-            out = model(pixel_values=batch["pixel_values"], **text_inputs)
-            logits = torch.nn.functional.interpolate(
-                out.logits.float(), size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False
+            out = model(pixel_values=batch["pixel_values"], **text)
+            text = {"text_embeds": out.text_embeds}
+            probabilities = torch.nn.functional.interpolate(
+                out.logits.float().sigmoid(), size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False
             )
-            preds = logits.argmax(1).to(torch.int32)
+            preds = probabilities.argmax(1).to(torch.int32)
             preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(torch.int32)))
             cm.update(preds.cpu(), labels.cpu())
     model.train()
@@ -571,8 +577,45 @@ def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
     return train(r, train_dataset, eval_dataset)
 
 
+class _RunFiles:
+    """What a run writes into output_dir, so that a run failing before its first optimiser step can remove it and a
+    corrected rerun into the same folder is not refused as "another run". Only entries created by this run go."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.existed = os.path.isdir(output_dir)
+        self.before = set(os.listdir(output_dir)) if self.existed else set()
+        self.started = False  # set once a step completed (or a checkpoint was resumed): from then on files stay
+        self.main_process = True
+
+    def remove_unstarted(self) -> None:
+        if self.started or not self.main_process or not os.path.isdir(self.output_dir):
+            return
+        for name in sorted(set(os.listdir(self.output_dir)) - self.before):
+            path = os.path.join(self.output_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+        if not self.existed and not os.listdir(self.output_dir):
+            os.rmdir(self.output_dir)
+
+
 def train(r: TrainingRecipe, train_dataset=None, eval_dataset=None) -> dict:
-    """One training run of a parsed recipe (section 6); returns the final results dict."""
+    """One training run of a parsed recipe (section 6); returns the final results dict.
+
+    Everything that can be checked (recipe, output folder, model, processor, data, class names) is checked before
+    anything is written; if the run still fails before its first optimiser step (a bad first batch, say), the files
+    it wrote are removed again."""
+    run = _RunFiles(r.output_dir)
+    try:
+        return _train(r, train_dataset, eval_dataset, run)
+    except BaseException:
+        run.remove_unstarted()
+        raise
+
+
+def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> dict:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -598,21 +641,11 @@ def train(r: TrainingRecipe, train_dataset=None, eval_dataset=None) -> dict:
     if r.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    run.main_process = accelerator.is_main_process
+    # read-only checks first: nothing is written until the model, the data and the optimiser are set up
     check_output_dir(r)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        prepare_output_dir(r)
-    accelerator.wait_for_everyone()
     resume_path = resolve_resume(r)
-    if accelerator.is_main_process and not resume_path:
-        with open(os.path.join(r.output_dir, "recipe.yaml"), "w") as fh:
-            yaml.safe_dump(dataclasses.asdict(r), fh, sort_keys=False)
-    hub_api = None
-    if r.push_to_hub and accelerator.is_main_process:
-        from huggingface_hub import HfApi
-
-        hub_api = HfApi(token=r.hub_token)
-        hub_api.create_repo(r.hub_model_id, exist_ok=True)
+    run.started = bool(resume_path)
 
     # ---- model, processor (same init on every process; DDP also broadcasts rank 0's weights)
     set_seed(r.seed)
@@ -662,6 +695,20 @@ def train(r: TrainingRecipe, train_dataset=None, eval_dataset=None) -> dict:
                                  num_training_steps=max_train_steps)
     lr_scheduler = accelerator.prepare(lr_scheduler)
 
+    # ---- everything checked: now write the output folder
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_output_dir(r)
+        if not resume_path:
+            with open(os.path.join(r.output_dir, "recipe.yaml"), "w") as fh:
+                yaml.safe_dump(dataclasses.asdict(r), fh, sort_keys=False)
+    accelerator.wait_for_everyone()
+    hub_api = None
+    if r.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import HfApi
+
+        hub_api = HfApi(token=r.hub_token)
+        hub_api.create_repo(r.hub_model_id, exist_ok=True)
     if trackers:
         accelerator.init_trackers(r.project_name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                           for k, v in dataclasses.asdict(r).items()})
@@ -746,6 +793,7 @@ def train(r: TrainingRecipe, train_dataset=None, eval_dataset=None) -> dict:
                 continue
             lr_scheduler.step()
             completed_steps += 1
+            run.started = True
             progress.update(1)
             if r.logging_steps and completed_steps % r.logging_steps == 0:
                 mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
