@@ -33,7 +33,7 @@ def build(**overrides):
 @pytest.mark.parametrize("target", ["predicted_logit", "predicted_probability"])
 def test_closed_form_gradient_equals_autograd_gradcam(target):
     torch.manual_seed(0)
-    config = tiny(use_sdm=True, saliency_target=target)
+    config = tiny(use_sdm=True, saliency_source="gradcam", saliency_target=target)
     block = DiSaITMCrossAttention(config).double()
     queries = torch.randn(2, 5, config.projection_dim, dtype=torch.double)
     tokens = torch.randn(2, 64, config.vision_config.hidden_size, dtype=torch.double)
@@ -54,7 +54,7 @@ def test_closed_form_gradient_equals_autograd_gradcam(target):
 
 
 def test_model_saliency_equals_autograd_gradcam_and_runs_in_inference_mode(tiny_processor):
-    model = build(use_sdm=True, use_hrm=True).eval()
+    model = build(use_sdm=True, use_hrm=True, saliency_source="gradcam").eval()
     inputs = dict(tiny_processor(images=torch.zeros(3, 128, 128, dtype=torch.uint8), text=NAMES))
     with torch.inference_mode():
         out = model(**inputs, output_saliency=True)
@@ -76,7 +76,7 @@ def test_model_saliency_equals_autograd_gradcam_and_runs_in_inference_mode(tiny_
 
 
 def test_fixed_split_has_k_tokens_and_partitions_the_grid():
-    config = tiny(use_sdm=True)
+    config = tiny(use_sdm=True, foreground_topk_mode="fixed")
     saliency = torch.rand(3, 4, 64)
     mask, k = foreground_split(saliency, config)
     expected_k = round(64 * 96 / 576)
@@ -89,7 +89,7 @@ def test_fixed_split_has_k_tokens_and_partitions_the_grid():
 
 
 def test_explicit_k_of_96_on_the_full_grid():
-    config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-b-16")
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-b-16", foreground_topk_mode="fixed")
     mask, k = foreground_split(torch.rand(1, 2, 576), config)
     assert torch.all(mask.sum(-1) == 96)
 
@@ -155,9 +155,11 @@ def test_all_switches_off_is_exactly_the_catseg_core():
 @pytest.mark.parametrize(
     "overrides, prefix",
     [
-        (dict(use_sdm=True, fusion="sum"), ("sdm.itm.", "sdm.background_aggregator.")),
-        (dict(use_sdm=True, fusion="weighted"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.gate.")),
-        (dict(use_sdm=True, fusion="concat"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.projection.")),
+        (dict(use_sdm=True), ("sdm.cost_saliency.", "sdm.background_aggregator.")),
+        (dict(use_sdm=True, fusion="residual"), ("sdm.cost_saliency.", "sdm.background_aggregator.", "sdm.fusion.context.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="sum"), ("sdm.itm.", "sdm.background_aggregator.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.gate.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.projection.")),
         (dict(use_hrm=True, hrm_stages=["pixel"]), ("hrm.aggregation.0.pixel.", "hrm.aggregation.1.pixel.", "hrm.decoder.0.pixel.", "hrm.decoder.1.pixel.")),
         (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False), ("hrm.aggregation.0.category.", "hrm.aggregation.1.category.")),
         (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False), ("hrm.decoder.0.channel.", "hrm.decoder.1.channel.")),
@@ -179,7 +181,11 @@ def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
     "overrides",
     [
         dict(use_sdm=True, use_hrm=True),
-        dict(use_sdm=True, use_hrm=True, branch_mode="masked", fusion="concat"),
+        dict(use_sdm=True, use_hrm=True, branch_mode="masked", fusion="concat", saliency_source="gradcam",
+             foreground_topk_mode="fixed", presence_threshold=None, sdm_background_init="independent"),
+        dict(use_sdm=True, use_hrm=True, saliency_source="gradcam", fusion="weighted", foreground_topk_mode="fixed",
+             presence_threshold=None, branch_attention="restricted", sdm_background_init="independent",
+             sdm_input_gradient_scale=1.0),
         dict(use_sdm=True, foreground_topk_mode="adaptive", saliency_source="attention", fusion="sum"),
     ],
 )
@@ -215,10 +221,11 @@ def test_saliency_outputs_have_documented_shapes(tiny_processor):
     assert out.foreground_mask.shape == (2, len(NAMES), 8, 8) and out.foreground_mask.dtype == torch.bool
     # presence-aware routing (the default): classes predicted absent get no foreground token, the others top-k
     present = out.itm_logits.sigmoid() >= model.config.presence_threshold
-    expected = torch.where(present, round(64 / 6), 0)
+    _, adaptive_k = foreground_split(out.saliency.flatten(2), model.config)  # the k of every class, ungated
+    expected = torch.where(present, adaptive_k, 0)
     assert torch.equal(out.foreground_mask.sum((-2, -1)), expected)
     torch.testing.assert_close(out.logits, plain.logits)
-    unrouted = build(use_sdm=True, presence_threshold=None).eval()
+    unrouted = build(use_sdm=True, presence_threshold=None, foreground_topk_mode="fixed").eval()
     with torch.no_grad():
         out = unrouted(**inputs, output_saliency=True)
     assert torch.all(out.foreground_mask.sum((-2, -1)) == round(64 / 6))

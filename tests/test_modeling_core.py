@@ -310,13 +310,19 @@ def test_full_size_parameter_counts(preset, total, trainable):
     assert math.isclose(count, approx[0], rel_tol=0.01) and math.isclose(train + last_q, approx[1], rel_tol=0.01)
 
 
-def test_disa_vit_l_preset_is_within_3_percent_of_the_paper():
-    config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-l-14-336")
-    with torch.device("meta"):
-        model = DiSaForOpenVocabSegmentation(config)
-    count = sum(p.numel() for p in model.parameters())
-    assert count == 449_594_011
-    assert abs(count - 456.2e6) / 456.2e6 < 0.03  # the paper reports 456.2 M
+def test_disa_vit_l_parameter_counts_against_the_paper():
+    """The paper reports 456.2 M parameters for DiSa (ViT-L). The first-design SDM block at CLIP width lands within
+    3 %; the shipped design (presence head over the 128-wide cost volume) is CAT-Seg-L plus about 1.4 M."""
+    def count(**overrides):
+        config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-l-14-336", **overrides)
+        with torch.device("meta"):
+            model = DiSaForOpenVocabSegmentation(config)
+        return sum(p.numel() for p in model.parameters())
+
+    first_design = count(saliency_source="gradcam")
+    assert first_design == 449_544_603
+    assert abs(first_design - 456.2e6) / 456.2e6 < 0.03
+    assert count() == 435_143_836
 
 
 def test_from_clip_pretrained_loads_clip_weights_and_sets_up_qv_finetuning(tmp_path, tiny_config):
