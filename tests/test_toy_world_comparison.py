@@ -27,7 +27,9 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
             "--work_dir", str(tmp_path / "work"), "--output", str(out), "--cache_dir", str(tmp_path / "cache")]
     assert script.main(argv) == 0
     result = json.loads(out.read_text())
-    assert set(result) >= {"machine", "steps", "rows", "summary"} and result["steps"] == 3
+    assert set(result) >= {"machine", "steps", "rows", "summary", "baselines"} and result["steps"] == 3
+    assert set(result["baselines"]) == {"unbiased", "foreground_biased"}
+    assert 0 <= result["baselines"]["unbiased"]["dense_clip"]["stuff"] <= 100
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["torch"]
     rows = result["rows"]
     assert {(r["world"], r["model"], r["seed"]) for r in rows} == {
@@ -62,7 +64,7 @@ def test_readme_and_model_card_quote_the_committed_comparison():
     script = _load_script()
     result = json.loads((REPO_PATH / "benchmarks" / "results" / "toy_world_comparison.json").read_text())
     assert not result["smoke"] and len({r["seed"] for r in result["rows"]}) >= 3
-    table = script.headline_table(result["summary"], result["steps"])
+    table = script.headline_table(result["summary"], result["steps"], result["baselines"])
     for doc in ("README.md", "model_card.md"):
         text = (REPO_PATH / doc).read_text()
         block = text.split(script.README_START, 1)[1].split(script.README_END, 1)[0]
