@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
 TRAIN = ["accelerate>=1.10", "datasets>=4.0", "pyyaml>=6", "tqdm>=4.66"]
 EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10"]  # scipy: Pascal Context .mat files
 DEMO = ["gradio>=6,<7"]  # space/app.py
+BENCH = ["matplotlib>=3.8"]  # benchmarks/: plots of the comparison and cost figures
 # gradio_client drives the demo over HTTP, selenium drives it in headless Chromium (Debian: chromium, chromium-driver)
 DEMO_TESTS = ["gradio_client>=2", "selenium>=4.20"]
 
@@ -32,6 +33,7 @@ setup(
         "train": TRAIN,
         "eval": EVAL,
         "demo": DEMO,
-        "test": sorted(set(TRAIN + EVAL + DEMO + DEMO_TESTS + ["pytest>=8"])),
+        "bench": TRAIN + BENCH,
+        "test": sorted(set(TRAIN + EVAL + DEMO + DEMO_TESTS + BENCH + ["pytest>=8"])),
     },
 )
