@@ -338,7 +338,7 @@ def bar_chart(summary: list[dict], path: str) -> None:
         ax.set_title(world)
         ax.set_ylabel("test mIoU %")
         ax.set_ylim(0, 100)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
