@@ -50,44 +50,27 @@ FIRST_WAVE = {"use_sdm": True, "use_hrm": True, "saliency_source": "gradcam", "s
               "sdm_background_init": "independent"}
 CATSEG_PRESET = "configuration/models/catseg-toy"
 DISA_PRESET = "configuration/models/disa-toy"
+# each fix on top of the one before, as the ablation added them
+DETACHED = {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0}
+OWN = {**DETACHED, "fusion": "own"}
+PRESENCE = {**OWN, "presence_threshold": 0.5, "foreground_topk_mode": "adaptive"}
+COST = {**PRESENCE, "saliency_source": "cost"}
+SHARED = {**COST, "branch_attention": "shared"}
 MODELS = {
     "catseg": (CATSEG_PRESET, {}),
     "disa": (DISA_PRESET, {}),  # the shipped DiSa defaults
     "disa-first-wave": (DISA_PRESET, FIRST_WAVE),
-    # one fix at a time on top of the first wave
-    "fw+detach": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0}),
-    "fw+detach+own": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "own"}),
-    "fw+detach+residual": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "residual"}),
-    "fw+detach+own+presence": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "own",
-                                             "presence_threshold": 0.5, "foreground_topk_mode": "adaptive"}),
-    "cost-saliency+own+presence": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0, "fusion": "own",
-                                                 "presence_threshold": 0.5, "foreground_topk_mode": "adaptive",
-                                                 "saliency_source": "cost"}),
-    "cost-saliency+residual+presence": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
-                                                      "fusion": "residual", "presence_threshold": 0.5,
-                                                      "foreground_topk_mode": "adaptive", "saliency_source": "cost"}),
-    "cost-saliency+own+presence+extent": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
-                                                        "fusion": "own", "presence_threshold": 0.5,
-                                                        "foreground_topk_mode": "adaptive", "saliency_source": "cost",
-                                                        "adaptive_max_ratio": 0.9}),
-    "cost-saliency+own+presence+shared": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
-                                                        "fusion": "own", "presence_threshold": 0.5,
-                                                        "foreground_topk_mode": "adaptive", "saliency_source": "cost",
-                                                        "branch_attention": "shared"}),
-    "cost-saliency+own+presence+shared+copy": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
-                                                             "fusion": "own", "presence_threshold": 0.5,
-                                                             "foreground_topk_mode": "adaptive",
-                                                             "saliency_source": "cost", "branch_attention": "shared",
-                                                             "sdm_background_init": "copy"}),
-    "cost-saliency+own+presence+copy": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
-                                                      "fusion": "own", "presence_threshold": 0.5,
-                                                      "foreground_topk_mode": "adaptive", "saliency_source": "cost",
-                                                      "sdm_background_init": "copy"}),
-    "cost-saliency+own+presence+shared+mass0.9": (DISA_PRESET, {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0,
-                                                                "fusion": "own", "presence_threshold": 0.5,
-                                                                "foreground_topk_mode": "adaptive",
-                                                                "saliency_source": "cost", "branch_attention": "shared",
-                                                                "adaptive_saliency_mass": 0.9,
+    "fw+detach": (DISA_PRESET, DETACHED),
+    "fw+detach+own": (DISA_PRESET, OWN),
+    "fw+detach+residual": (DISA_PRESET, {**DETACHED, "fusion": "residual"}),
+    "fw+detach+own+presence": (DISA_PRESET, PRESENCE),
+    "cost-saliency+own+presence": (DISA_PRESET, COST),
+    "cost-saliency+residual+presence": (DISA_PRESET, {**COST, "fusion": "residual"}),
+    "cost-saliency+own+presence+extent": (DISA_PRESET, {**COST, "adaptive_max_ratio": 0.9}),
+    "cost-saliency+own+presence+shared": (DISA_PRESET, SHARED),
+    "cost-saliency+own+presence+shared+copy": (DISA_PRESET, {**SHARED, "sdm_background_init": "copy"}),
+    "cost-saliency+own+presence+copy": (DISA_PRESET, {**COST, "sdm_background_init": "copy"}),
+    "cost-saliency+own+presence+shared+mass0.9": (DISA_PRESET, {**SHARED, "adaptive_saliency_mass": 0.9,
                                                                 "adaptive_max_ratio": 0.9}),
 }
 DEFAULT_MODELS = ("catseg", "disa", "disa-first-wave")

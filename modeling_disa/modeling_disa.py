@@ -208,7 +208,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.sdm = DiSaSaliencyDisentanglement(config, DiSaCostAggregator) if config.use_sdm else None
         self.hrm = DiSaHierarchicalRefinement(config) if config.use_hrm else None
         self.post_init()
-        if self.sdm is not None and config.sdm_background_init == "copy" and not self.aggregator.layers[0].spatial.block_1.norm1.weight.is_meta:
+        # (skipped on the meta device, where from_pretrained builds the model before loading both branches)
+        if self.sdm is not None and config.sdm_background_init == "copy" and not next(self.aggregator.parameters()).is_meta:
             # The background branch starts as the host's aggregator: the routing, which keeps moving while the
             # presence head learns, then never sends a token to weights that have not been trained for it.
             self.sdm.background_aggregator.load_state_dict(self.aggregator.state_dict())
