@@ -26,8 +26,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["modeling_disa"],
-    package_data={"modeling_disa": ["hub_metric/*/*.py"]},
+    packages=["modeling_disa", "modeling_disa.model", "modeling_disa.evaluation", "modeling_disa.hub"],
+    package_data={
+        "modeling_disa.evaluation": ["definitions/*.json", "disa_mean_iou/*.py"],
+        "modeling_disa.hub": ["model_card.md"],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "train": TRAIN,

@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from disa_efficiency import machine  # noqa: E402
-from modeling_disa import toy_world as world  # noqa: E402
+import toy_world as world  # noqa: E402
 
 
 def load_app():

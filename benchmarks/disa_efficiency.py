@@ -26,7 +26,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation  # noqa: E402
 
 PRESETS = REPO / "configuration" / "models"

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_disa.metrics import SegmentationConfusionMatrix  # noqa: E402
+from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix  # noqa: E402
 
 K, N, S, IGNORE = 847, 100, 512, 65535
 

@@ -6,7 +6,7 @@ The model keeps no text-embedding cache; the callers that run one vocabulary man
 disa-tiny preset (random weights), for each such caller, against passing the prompt tokens to every forward pass:
 
 - the `open-vocabulary-segmentation` pipeline: 8 images, `batch_size=2` (4 forward passes), the same labels;
-- sliding-window inference (`modeling_disa.inference`): 2 images of 5 views each, 1 view per forward pass;
+- sliding-window inference (`modeling_disa.model.inference`): 2 images of 5 views each, 1 view per forward pass;
 - the training script's validation loop (`training/train.py:evaluate`): 6 images, batch 2.
 
 It also times the ViT-B/16 text tower (`disa-vit-b-16` preset, random weights) on 150 prompts, which is what each
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_disa import PIPELINE_TASK, DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor  # noqa: E402
-from modeling_disa.inference import sliding_window_probs  # noqa: E402
+from modeling_disa.model.inference import sliding_window_probs  # noqa: E402
 
 PRESETS = REPO / "configuration" / "models"
 LABELS = ["cat", "dog", "grass", "sky", "road", "tree", "water", "car"]
@@ -115,7 +114,7 @@ def sliding_counts(model, processor, calls) -> dict:
 def evaluation_counts(model, processor, calls) -> dict:
     from accelerate import Accelerator
 
-    from training.train import evaluate
+    from train import evaluate
 
     class Loader(list):
         pass

@@ -13,11 +13,23 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_disa import DEFAULT_PROMPT_TEMPLATE, DiSaConfig, format_prompts, validate_class_names
-from .image_processing_disa import DiSaImageProcessor
-from .modeling_disa import DiSaForOpenVocabSegmentation, DiSaPreTrainedModel, DiSaSegmentationOutput
-from .pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline  # registers the pipeline task
-from .processing_disa import DiSaProcessor
+from . import model
+from .model import (  # importing the pipeline module registers the pipeline task
+    DEFAULT_PROMPT_TEMPLATE,
+    PIPELINE_TASK,
+    DenseCLIPFeatures,
+    DiSaConfig,
+    DiSaForOpenVocabSegmentation,
+    DiSaImageProcessor,
+    DiSaOpenVocabSegmentationPipeline,
+    DiSaPreTrainedModel,
+    DiSaProcessor,
+    DiSaSegmentationOutput,
+    cosine_cost_volume,
+    dense_clip_features,
+    format_prompts,
+    validate_class_names,
+)
 
 AutoConfig.register(DiSaConfig.model_type, DiSaConfig, exist_ok=True)
 AutoModel.register(DiSaConfig, DiSaForOpenVocabSegmentation, exist_ok=True)
@@ -25,16 +37,5 @@ AutoModelForSemanticSegmentation.register(DiSaConfig, DiSaForOpenVocabSegmentati
 AutoImageProcessor.register(DiSaConfig, slow_image_processor_class=DiSaImageProcessor, exist_ok=True)
 AutoProcessor.register(DiSaConfig, DiSaProcessor, exist_ok=True)
 
-__all__ = [
-    "DEFAULT_PROMPT_TEMPLATE",
-    "DiSaConfig",
-    "DiSaForOpenVocabSegmentation",
-    "DiSaImageProcessor",
-    "DiSaOpenVocabSegmentationPipeline",
-    "DiSaPreTrainedModel",
-    "DiSaProcessor",
-    "DiSaSegmentationOutput",
-    "PIPELINE_TASK",
-    "format_prompts",
-    "validate_class_names",
-]
+# the public API is the model folder's (the registrations above are the only thing this level adds)
+__all__ = list(model.__all__)

@@ -268,8 +268,8 @@ def convert_catseg_checkpoint(
     `strict=True` also fails on unmatched checkpoint keys (they are only reported otherwise).
     Returns `(model, report)`.
     """
-    from .configuration_disa import DiSaConfig
-    from .modeling_disa import DiSaForOpenVocabSegmentation
+    from .model.configuration_disa import DiSaConfig
+    from .model.modeling_disa import DiSaForOpenVocabSegmentation
 
     state = load_catseg_checkpoint(checkpoint_path)
     config = preset if isinstance(preset, DiSaConfig) else DiSaConfig.from_pretrained(preset)
@@ -296,8 +296,8 @@ def convert_catseg_checkpoint(
 
 
 def _processor_for(preset, tokenizer, config):
-    from .image_processing_disa import DiSaImageProcessor
-    from .processing_disa import DiSaProcessor
+    from .model.image_processing_disa import DiSaImageProcessor
+    from .model.processing_disa import DiSaProcessor
 
     if tokenizer is not None:
         from transformers import AutoTokenizer

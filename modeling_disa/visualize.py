@@ -224,8 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
 
-    from .modeling_disa import DiSaForOpenVocabSegmentation
-    from .processing_disa import DiSaProcessor
+    from .model.modeling_disa import DiSaForOpenVocabSegmentation
+    from .model.processing_disa import DiSaProcessor
 
     model = DiSaForOpenVocabSegmentation.from_pretrained(args.model).eval()
     processor = DiSaProcessor.from_pretrained(args.model)

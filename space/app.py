@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from transformers import AutoModel, AutoProcessor, pipeline
 
 from modeling_disa import PIPELINE_TASK
-from modeling_disa import toy_world as world
+import toy_world as world
 from modeling_disa.visualize import palette, render_saliency
 
 APP_DIR = Path(__file__).resolve().parent

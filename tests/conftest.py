@@ -10,8 +10,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 TINY = REPO / "configuration" / "models" / "disa-tiny"
 PRESETS = REPO / "configuration" / "models"

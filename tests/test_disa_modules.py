@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
-from modeling_disa.class_aggregation import linear_attention
-from modeling_disa.losses import itm_loss
-from modeling_disa.routing import per_branch
-from modeling_disa.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
+from modeling_disa.model.class_aggregation import linear_attention
+from modeling_disa.model.losses import itm_loss
+from modeling_disa.model.routing import per_branch
+from modeling_disa.model.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
 from conftest import PRESETS, REPO
 
 NAMES = ["cat", "dog", "grass", "sky", "road", "tree"]
@@ -62,7 +62,7 @@ def test_model_saliency_equals_autograd_gradcam_and_runs_in_inference_mode(tiny_
     # reference Grad-CAM with autograd on the same model
     with torch.no_grad():
         text = model.get_text_embeddings(inputs["input_ids"], inputs["attention_mask"])
-        from modeling_disa.clip_dense_features import dense_clip_features
+        from modeling_disa.model.clip_dense_features import dense_clip_features
 
         feats = dense_clip_features(model.clip, inputs["pixel_values"], 128, [1, 2])
         queries = F.normalize(F.normalize(text, dim=-1).mean(dim=1), dim=-1).unsqueeze(0)
@@ -269,7 +269,7 @@ def test_ablation_table_configs_build(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- SDM, second design
-from modeling_disa.saliency_disentanglement import DiSaCostSaliency, scale_gradient  # noqa: E402
+from modeling_disa.model.saliency_disentanglement import DiSaCostSaliency, scale_gradient  # noqa: E402
 
 
 @pytest.mark.parametrize("target", ["predicted_logit", "predicted_probability"])

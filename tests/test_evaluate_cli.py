@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "training"))
-import evaluate_benchmarks as cli  # noqa: E402
+import run_evaluation as cli  # noqa: E402
 import prepare_datasets as prep  # noqa: E402
 
 TINY = ROOT / "configuration" / "models" / "disa-tiny"
@@ -61,12 +60,12 @@ def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_pat
     assert "model-index" in (tmp_path / "mi.yaml").read_text()
     # independent recomputation for voc20: NumPy confusion counts over the predictions of the same pipeline
     from modeling_disa import DiSaProcessor
-    from modeling_disa.benchmarks import load_benchmark
-    from modeling_disa.inference import predict_segmentation
+    from modeling_disa.evaluation.dataset_definitions import load_evaluation_dataset
+    from modeling_disa.model.inference import predict_segmentation
 
     proc = DiSaProcessor.from_pretrained(model_dir)
     m = type(model).from_pretrained(model_dir).eval()
-    tok = proc.tokenize_class_names(load_benchmark("voc20").prompt_names)
+    tok = proc.tokenize_class_names(load_evaluation_dataset("voc20").prompt_names)
     te = m.get_text_embeddings(tok["input_ids"], tok["attention_mask"])
     ds = prep.load_prepared(voc_data, "voc20")["validation"]
     inter = np.zeros(20); union = np.zeros(20); gt_any = np.zeros(20, bool)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import PRESET_NAMES, tiny_variant
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
-from modeling_disa.spatial_aggregation import DiSaWindowAttention
+from modeling_disa.model.spatial_aggregation import DiSaWindowAttention
 from transformers.models.clip.modeling_clip import CLIPAttention
 
 NAMES = ["cat", "dog", "grass", "sky", "road", "tree"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_disa.inference import (
+from modeling_disa.model.inference import (
     predict_segmentation,
     short_side_size,
     sliding_window_geometry,

@@ -8,9 +8,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 
-from modeling_disa.metrics import SegmentationConfusionMatrix, metrics_from_confusion_matrix  # noqa: E402
+from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix, metrics_from_confusion_matrix  # noqa: E402
 
-METRIC_DIR = os.path.join(os.path.dirname(__file__), "..", "modeling_disa", "hub_metric", "disa_mean_iou")
+METRIC_DIR = os.path.join(os.path.dirname(__file__), "..", "modeling_disa", "evaluation", "disa_mean_iou")
 
 
 def ref_counts(preds, gts, k, ignore):

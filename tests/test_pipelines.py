@@ -220,7 +220,7 @@ def sdm_segmenter(tiny_path, tiny_processor):
 
 
 def test_sliding_window_matches_the_protocol_run_view_by_view(sdm_segmenter, tiny_processor):
-    from modeling_disa.inference import sliding_window_geometry, sliding_window_probs
+    from modeling_disa.model.inference import sliding_window_geometry, sliding_window_probs
 
     model, image = sdm_segmenter.model, make_image(9)
     geometry = sliding_window_geometry(tiny_processor.image_processor.size["height"])

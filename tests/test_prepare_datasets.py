@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
 import prepare_datasets as prep  # noqa: E402
-from modeling_disa.benchmarks import load_benchmark  # noqa: E402
+from modeling_disa.evaluation.dataset_definitions import load_evaluation_dataset  # noqa: E402
 
 
 def jpg(path, h=6, w=8, seed=0):
@@ -51,7 +50,7 @@ def test_ade150(tmp_path):
 
 def test_ade847_full_index_mapping_16bit_and_resize(tmp_path):
     raw = tmp_path / "ADE20K_2021_17_01"
-    src = load_benchmark("ade847").raw["source_ids"]
+    src = load_evaluation_dataset("ade847").raw["source_ids"]
     folder = "ADE20K_2021_17_01/images/ADE/validation/abbey"
     ids = np.array([[src[0], src[846], 0], [src[5], 3, src[846]]])  # 3 is not one of the 847 -> ignore
     seg = np.zeros((2, 3, 3), dtype=np.uint8)
@@ -142,7 +141,7 @@ def test_pc459_from_mat(tmp_path):
     lab = labels["2008_000002"]
     assert lab.dtype == np.uint16
     np.testing.assert_array_equal(lab, [[0, 458, 1], [430, 4, 4]])
-    assert load_benchmark("pc459").class_names[430] == "unknown"
+    assert load_evaluation_dataset("pc459").class_names[430] == "unknown"
 
 
 @pytest.mark.parametrize("name,bg", [("voc20", 255), ("voc20b", 20)])

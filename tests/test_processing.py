@@ -7,7 +7,7 @@ from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from modeling_disa import DiSaImageProcessor, DiSaProcessor
-from modeling_disa.modeling_disa import DiSaSegmentationOutput
+from modeling_disa.model.modeling_disa import DiSaSegmentationOutput
 
 
 @pytest.fixture
@@ -208,10 +208,10 @@ def test_processor_rejects_bad_vocabularies(tiny_processor, text, error, message
         tiny_processor(text=text)
 
 
-def test_benchmark_protocol_may_share_prompts(tiny_processor):
-    from modeling_disa.benchmarks import load_benchmark
+def test_dataset_protocol_may_share_prompts(tiny_processor):
+    from modeling_disa.evaluation.dataset_definitions import load_evaluation_dataset
 
-    names = load_benchmark("ade847").prompt_names  # CAT-Seg's list: three classes are prompted as "bag"
+    names = load_evaluation_dataset("ade847").prompt_names  # CAT-Seg's list: three classes are prompted as "bag"
     with pytest.raises(ValueError, match="duplicate class names"):
         tiny_processor(text=names)
     out = tiny_processor(text=names, allow_shared_prompts=True)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from hub_stub import repo_key
 from modeling_disa import PIPELINE_TASK, DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
-from modeling_disa import toy_world as world
+import toy_world as world
 from test_hub_publish import TOKEN, front_matter, hub  # noqa: F401 - `hub` is the loopback-stub fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,8 +317,9 @@ def test_space_command_uploads_the_app_to_the_stub(hub, model_dir, tmp_path):  #
         assert files[name] == (SPACE / name).read_bytes()
     package = REPO / "modeling_disa"
     assert {name for name in files if name.startswith("modeling_disa/")} == {
-        f"modeling_disa/{path.name}" for path in package.glob("*.py")}
-    assert files["modeling_disa/pipeline_disa.py"] == (package / "pipeline_disa.py").read_bytes()
+        f"modeling_disa/{path.relative_to(package).as_posix()}" for path in package.rglob("*")
+        if path.suffix in (".py", ".json", ".md") and "__pycache__" not in path.parts}
+    assert files["modeling_disa/model/pipeline_disa.py"] == (package / "model" / "pipeline_disa.py").read_bytes()
     assert not any(name.endswith((".png", ".jpg", ".safetensors")) or "examples/" in name for name in files)
     meta = front_matter(files["README.md"].decode())
     assert meta["sdk"] == "gradio" and meta["app_file"] in files and meta["models"] == ["tester/disa-model"]

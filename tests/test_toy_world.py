@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from modeling_disa import toy_world as W  # noqa: E402
+import toy_world as W  # noqa: E402
 
 
 def test_vocabulary_split_is_compositional():
@@ -61,7 +60,7 @@ def test_dataset_features_and_tokenizer():
 
 
 def test_default_recipe_is_the_toy_world():
-    from training import train
+    import train
 
     r = train.parse_args([])
     assert r.dataset_name == "toy-world" and r.model_preset.endswith("disa-toy") and r.output_dir

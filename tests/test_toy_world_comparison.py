@@ -1,4 +1,4 @@
-"""`benchmarks/toy_world_comparison.py --smoke`: the DiSa vs CAT-Seg-mode sweep on a tiny world, a few steps. Checks
+"""`training/toy_world_comparison.py --smoke`: the DiSa vs CAT-Seg-mode sweep on a tiny world, a few steps. Checks
 the result file's schema, the summary arithmetic, and that a rerun resumes instead of retraining."""
 
 import importlib.util
@@ -13,11 +13,9 @@ REPO_PATH = Path(REPO)
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("toy_world_comparison",
-                                                  os.path.join(REPO, "benchmarks", "toy_world_comparison.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import toy_world_comparison
+
+    return toy_world_comparison
 
 
 def test_smoke_sweep_schema_summary_and_resume(tmp_path):
@@ -68,7 +66,7 @@ def test_readme_and_model_card_quote_the_committed_comparison():
     for doc in ("README.md", "model_card.md"):
         text = (REPO_PATH / doc).read_text()
         block = text.split(script.README_START, 1)[1].split(script.README_END, 1)[0]
-        assert block.strip() == table.strip(), f"{doc}: run `python benchmarks/toy_world_comparison.py --update_docs`"
+        assert block.strip() == table.strip(), f"{doc}: run `python training/toy_world_comparison.py --update_docs`"
     # and the summary is the mean of the rows it was computed from
     recomputed = script.summarise(result["rows"], "test")
     for entry, again in zip([e for e in result["summary"] if e["split"] == "test"], recomputed):

@@ -22,7 +22,6 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import datasets  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -202,7 +201,7 @@ def test_two_process_cpu_run_matches_one_process(parquet_dir, tmp_path):
 
 
 def main_in_process(args, tmp_path, train_ds, eval_ds=None):
-    from training import train
+    import train
 
     argv = ["--config", TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
             "--checkpointing_steps", "0", *args]
@@ -210,7 +209,7 @@ def main_in_process(args, tmp_path, train_ds, eval_ds=None):
 
 
 def test_in_memory_dataset_and_skip_counting(tmp_path):
-    from training import data as D
+    import data as D
 
     ds = make_split(6, 3)
     rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
@@ -226,7 +225,7 @@ def test_in_memory_dataset_and_skip_counting(tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
-    from training import data as D
+    import data as D
 
     good = make_split(4, 5)
     with pytest.raises(D.DataError, match=r"missing column\(s\) \['annotation'\]"):
@@ -254,7 +253,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     # unknown recipe keys and bad values are rejected before anything runs
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("learning_rte: 1.0\n")
-    from training import train
+    import train
 
     with pytest.raises(SystemExit, match="unknown recipe field"):
         train.parse_args(["--config", str(bad_yaml), "--output_dir", str(tmp_path)])
@@ -265,7 +264,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 def test_streaming_from_save_to_disk_folder(tmp_path):
     folder = str(tmp_path / "disk")
     datasets.DatasetDict({"train": make_split(6, 7), "validation": make_split(3, 8)}).save_to_disk(folder)
-    from training import train
+    import train
 
     res = train.main(["--config", TINY, "--output_dir", str(tmp_path / "out"), "--dataset_name", folder,
                       "--streaming", "--max_train_steps", "4", "--checkpointing_steps", "2", "--class_names", *CLASSES])
@@ -273,7 +272,7 @@ def test_streaming_from_save_to_disk_folder(tmp_path):
 
 
 def test_recipes_parse_and_cli_overrides(tmp_path):
-    from training import train
+    import train
 
     for name in ("catseg_coco_stuff_vitb", "catseg_coco_stuff_vitl", "tiny_test"):
         r = train.parse_args(["--config", os.path.join(REPO, "configuration", "training", f"{name}.yaml"),
@@ -313,7 +312,6 @@ def test_push_to_hub_uploads_the_complete_repo(hub, tmp_path):  # noqa: F811
 
 PROBE = """
 import sys
-sys.path.insert(0, {repo!r})
 import torch
 from accelerate import Accelerator
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
@@ -346,7 +344,7 @@ def test_fsdp_config_runs_as_ddp_on_cpu(tmp_path):
 
 
 def test_run_failing_before_its_first_step_leaves_nothing_behind(tmp_path):
-    from training import data as D
+    import data as D
 
     good = make_split(4, 5)
     out = tmp_path / "out"

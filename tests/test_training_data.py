@@ -13,11 +13,10 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 
-from training import data as D  # noqa: E402
+import data as D  # noqa: E402
 
 # 8 well-separated colours; class k is painted with PALETTE[k]
 PALETTE = np.array(

@@ -201,7 +201,7 @@ def class_names_from_features(ds, label_column: str, class_names_feature: str | 
 
 def read_class_names(spec) -> list[str] | None:
     """Recipe value -> list of names. Accepts a list, a path to a JSON list / id2label dict / a dict with
-    "class_names" (configuration/benchmarks/*.json) or "classes", or a text file with one name per line."""
+    "class_names" (modeling_disa/evaluation/definitions/*.json) or "classes", or a text file with one name per line."""
     if spec is None or spec == [] or spec == "":
         return None
     if isinstance(spec, (list, tuple)):

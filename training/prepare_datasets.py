@@ -16,7 +16,7 @@ Output layout (a Hub dataset repo, one config per benchmark)::
 
 Every config is written into a temporary folder next to its destination and renamed into place (atomic per
 config). ``--push-to-hub REPO`` uploads the config with ``DatasetDict.push_to_hub(REPO, config_name=...)``.
-Label conventions follow CAT-Seg's detectron2 preparation scripts (see configuration/benchmarks/*.json, "raw").
+Label conventions follow CAT-Seg's detectron2 preparation scripts (see modeling_disa/evaluation/definitions/*.json, "raw").
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_disa.benchmarks import BenchmarkDefinition, load_benchmark  # noqa: E402
+from modeling_disa.evaluation.dataset_definitions import DatasetDefinition, load_evaluation_dataset  # noqa: E402
 
 Example = Dict[str, object]
 
@@ -61,7 +60,7 @@ def _read_palette_indices(path: Path) -> np.ndarray:
     return np.array(img)
 
 
-def _label_image(label: np.ndarray, bench: BenchmarkDefinition) -> Image.Image:
+def _label_image(label: np.ndarray, bench: DatasetDefinition) -> Image.Image:
     arr = label.astype(bench.numpy_label_dtype, copy=False)
     return Image.fromarray(arr)  # uint8 -> "L", uint16 -> "I;16" (PNG keeps 16 bits)
 
@@ -107,7 +106,7 @@ def rle_decode(segmentation: Dict[str, object]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- converters
-def iter_ade150(root: Path, bench: BenchmarkDefinition) -> Iterator[Tuple[str, Example]]:
+def iter_ade150(root: Path, bench: DatasetDefinition) -> Iterator[Tuple[str, Example]]:
     img_dir, ann_dir = root / "images" / "validation", root / "annotations" / "validation"
     if not ann_dir.is_dir():
         raise FileNotFoundError(f"{ann_dir} not found: --raw-root must be the ADEChallengeData2016 folder.")
@@ -142,7 +141,7 @@ def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) ->
     return img, lab
 
 
-def iter_ade847(root: Path, bench: BenchmarkDefinition) -> Iterator[Tuple[str, Example]]:
+def iter_ade847(root: Path, bench: DatasetDefinition) -> Iterator[Tuple[str, Example]]:
     # The release's index_ade20k.pkl is a pickle; the validation images are found by walking the folder instead,
     # so no pickle is ever loaded.
     val_root = root / "images" / "ADE" / "validation"
@@ -172,7 +171,7 @@ def _voc2010(root: Path) -> Path:
     raise FileNotFoundError(f"No VOC2010 folder with JPEGImages/ under {root}.")
 
 
-def iter_pc59(root: Path, bench: BenchmarkDefinition, annotations: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
+def iter_pc59(root: Path, bench: DatasetDefinition, annotations: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
     voc = _voc2010(root)
     ann_file = annotations or voc / "trainval_merged.json"
     if not ann_file.is_file():
@@ -193,7 +192,7 @@ def iter_pc59(root: Path, bench: BenchmarkDefinition, annotations: Optional[Path
                              "label": _label_image(lut[full], bench), "image_id": Path(info["file_name"]).stem}
 
 
-def iter_pc459(root: Path, bench: BenchmarkDefinition, val_list: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
+def iter_pc459(root: Path, bench: DatasetDefinition, val_list: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
     try:
         import scipy.io
     except ImportError as e:  # pragma: no cover
@@ -213,7 +212,7 @@ def iter_pc459(root: Path, bench: BenchmarkDefinition, val_list: Optional[Path] 
                              "label": _label_image(label_map - 1, bench), "image_id": line}
 
 
-def _iter_voc(root: Path, bench: BenchmarkDefinition, background: Optional[int]) -> Iterator[Tuple[str, Example]]:
+def _iter_voc(root: Path, bench: DatasetDefinition, background: Optional[int]) -> Iterator[Tuple[str, Example]]:
     voc = next((c for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012") if (c / "JPEGImages").is_dir()), None)
     if voc is None:
         raise FileNotFoundError(f"No VOC2012 folder with JPEGImages/ under {root}.")
@@ -240,7 +239,7 @@ def iter_voc20b(root, bench):
     return _iter_voc(root, bench, 20)
 
 
-def iter_coco_stuff171(root: Path, bench: BenchmarkDefinition, splits=("train", "validation")) -> Iterator[Tuple[str, Example]]:
+def iter_coco_stuff171(root: Path, bench: DatasetDefinition, splits=("train", "validation")) -> Iterator[Tuple[str, Example]]:
     lut = _lut({sid: i for i, sid in enumerate(bench.raw["source_ids"])}, 256, bench.ignore_index, np.uint8)
     for split, sub in (("train", "train2017"), ("validation", "val2017")):
         if split not in splits:
@@ -260,7 +259,7 @@ CONVERTERS: Dict[str, Callable] = {
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def features_for(bench: BenchmarkDefinition):
+def features_for(bench: DatasetDefinition):
     import datasets
 
     return datasets.Features({"image": datasets.Image(), "label": datasets.Image(), "image_id": datasets.Value("string")})
@@ -287,7 +286,7 @@ def convert(name: str, raw_root: Path, output: Path, max_images: Optional[int] =
             push_to_hub: Optional[str] = None, **kwargs) -> Path:
     import datasets
 
-    bench = load_benchmark(name)
+    bench = load_evaluation_dataset(name)
     raw_root, output = Path(raw_root), Path(output)
     (output / "data").mkdir(parents=True, exist_ok=True)
     final = output / "data" / bench.hub_config
@@ -350,7 +349,7 @@ def load_prepared(output: Path, name: str):
     """Load a prepared config back as a ``DatasetDict`` (offline, from the local folder)."""
     import datasets
 
-    bench = load_benchmark(name)
+    bench = load_evaluation_dataset(name)
     folder = Path(output) / "data" / bench.hub_config
     meta = json.loads((folder / "metadata.json").read_text())
     files = {s: sorted(str(p) for p in folder.glob(f"{s}-*.parquet")) for s in meta["splits"]}

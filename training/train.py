@@ -36,13 +36,11 @@ import typing
 from dataclasses import dataclass, field
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from training import data as D  # noqa: E402
+import data as D  # noqa: E402
 
 # ======================================================================================================================
 # 1. Recipe
@@ -134,7 +132,7 @@ class TrainingRecipe:
     push_to_hub: bool = _f(False, "Upload output_dir to the Hub at the end.")
     hub_model_id: typing.Optional[str] = _f(None, "Hub repo id for push_to_hub.")
     hub_token: typing.Optional[str] = _f(None, "Hub token (default: the cached login).")
-    # ---- offline toy world (dataset_name: toy-world; see training/toy_world_job.py)
+    # ---- offline toy world (dataset_name: toy-world; see training/toy_world/job.py)
     toy_world: typing.Optional[dict] = _f(None, "Toy-world settings (yaml mapping; on the command line a yaml/JSON "
                                                 "string such as '{num_train: 64}'): world size, seed, toy CLIP "
                                                 "pretraining, comparison runs. Used when dataset_name is toy-world.")
@@ -523,7 +521,7 @@ def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_i
     (which drops the samples duplicated to even out the last batch), so every process holds the same confusion matrix
     and the result does not depend on the number of processes. The vocabulary is encoded once: the first batch's
     output `text_embeds` go to every later batch (through the wrapped model's forward, so DDP/FSDP see a normal call)."""
-    from modeling_disa.metrics import SegmentationConfusionMatrix
+    from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix
 
     model.eval()
     cm = SegmentationConfusionMatrix(num_classes, ignore_index=ignore_index, device="cpu")
@@ -571,7 +569,7 @@ TOY_WORLD = "toy-world"
 def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
     r = parse_args(argv)
     if r.dataset_name == TOY_WORLD and train_dataset is None:
-        from training import toy_world_job
+        from toy_world import job as toy_world_job
 
         return toy_world_job.run(r, train)
     return train(r, train_dataset, eval_dataset)

@@ -478,8 +478,7 @@ def dense_clip_logits(clip_model, pixel_values, input_ids, attention_mask, clip_
     class prompt embeddings, no trained head. -> (batch, T, grid, grid)."""
     import torch
 
-    from .clip_dense_features import dense_clip_features
-    from .cost_volume import cosine_cost_volume
+    from modeling_disa.model import cosine_cost_volume, dense_clip_features
 
     with torch.no_grad():
         features = dense_clip_features(clip_model, pixel_values, clip_resolution, [], "cls")

@@ -3,7 +3,7 @@
 Load it offline from its folder::
 
     import evaluate
-    metric = evaluate.load("modeling_disa/hub_metric/disa_mean_iou")
+    metric = evaluate.load("modeling_disa/evaluation/disa_mean_iou")
     metric.compute(predictions=preds, references=labels, num_labels=150, ignore_index=255)
 
 Same arguments and outputs as ``evaluate-metric/mean_iou``; the core accumulates one ``(K, K)`` confusion
@@ -45,7 +45,7 @@ Returns:
     (arrays of shape (num_labels,)).
 Examples:
     >>> import numpy as np, evaluate
-    >>> metric = evaluate.load("modeling_disa/hub_metric/disa_mean_iou")
+    >>> metric = evaluate.load("modeling_disa/evaluation/disa_mean_iou")
     >>> pred = [np.array([[0, 1], [1, 1]])]
     >>> gt = [np.array([[0, 1], [255, 0]])]
     >>> r = metric.compute(predictions=pred, references=gt, num_labels=2, ignore_index=255)

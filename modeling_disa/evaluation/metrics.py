@@ -138,8 +138,8 @@ class SegmentationConfusionMatrix:
             self.reset()
 
     @classmethod
-    def from_benchmark(cls, benchmark, device=None) -> "SegmentationConfusionMatrix":
-        """Build from a :class:`modeling_disa.benchmarks.BenchmarkDefinition` (fold and ignore value included)."""
+    def from_dataset_definition(cls, benchmark, device=None) -> "SegmentationConfusionMatrix":
+        """Build from a :class:`modeling_disa.evaluation.dataset_definitions.DatasetDefinition` (fold and ignore value included)."""
         return cls(benchmark.num_scored_classes, benchmark.ignore_index, benchmark.prediction_fold,
                    benchmark.num_classes, device=device)
 

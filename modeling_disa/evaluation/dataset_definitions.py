@@ -1,6 +1,6 @@
 """Benchmark definitions for open-vocabulary semantic segmentation (data, not code).
 
-The definitions live in ``configuration/benchmarks/<name>.json`` (class names exactly as CAT-Seg's
+The definitions live in ``modeling_disa/evaluation/definitions/<name>.json`` (class names exactly as CAT-Seg's
 ``datasets/*.json``, label dtype, ignore value, evaluation rules, Hub config name, raw-release mapping).
 This module only loads them and applies the two rules that are not plain data:
 
@@ -22,9 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 # The six open-vocabulary benchmarks in the column order of the published tables.
-EVAL_BENCHMARKS: Tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
-TRAIN_BENCHMARKS: Tuple[str, ...] = ("coco_stuff171",)
-ALL_BENCHMARKS: Tuple[str, ...] = EVAL_BENCHMARKS + TRAIN_BENCHMARKS
+EVALUATION_DATASETS: Tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
+TRAINING_DATASETS: Tuple[str, ...] = ("coco_stuff171",)
+ALL_DATASETS: Tuple[str, ...] = EVALUATION_DATASETS + TRAINING_DATASETS
 
 _ALIASES = {
     "a847": "ade847", "ade20k847": "ade847", "ade847": "ade847",
@@ -38,7 +38,7 @@ _ALIASES = {
 }
 
 
-class UnknownBenchmarkError(KeyError):
+class UnknownDatasetError(KeyError):
     """Raised for a benchmark name that is not defined."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
@@ -49,12 +49,12 @@ class ClassListMismatchError(ValueError):
     """Raised when a class list does not match the benchmark (or dataset) it is used with."""
 
 
-def benchmarks_dir() -> Path:
-    """Folder holding the ``<name>.json`` definitions (``$DISA_BENCHMARKS_DIR`` overrides)."""
-    env = os.environ.get("DISA_BENCHMARKS_DIR")
+def definitions_dir() -> Path:
+    """Folder holding the ``<name>.json`` definitions (``$DISA_DATASET_DEFINITIONS_DIR`` overrides)."""
+    env = os.environ.get("DISA_DATASET_DEFINITIONS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "configuration" / "benchmarks"
+    return Path(__file__).resolve().parent / "definitions"
 
 
 def first_synonym(name: str, separator: str = ",") -> str:
@@ -67,14 +67,14 @@ def canonical_name(name: str) -> str:
     key = "".join(ch for ch in str(name).lower() if ch.isalnum())
     if key in _ALIASES:
         return _ALIASES[key]
-    raise UnknownBenchmarkError(
-        f"Unknown benchmark {name!r}. Known benchmarks: {', '.join(ALL_BENCHMARKS)} "
+    raise UnknownDatasetError(
+        f"Unknown benchmark {name!r}. Known benchmarks: {', '.join(ALL_DATASETS)} "
         f"(aliases such as 'A-847', 'PC-459', 'A-150', 'PC-59', 'PAS-20', 'PAS-20b', 'coco-stuff' also work)."
     )
 
 
 @dataclass(frozen=True)
-class BenchmarkDefinition:
+class DatasetDefinition:
     name: str
     display_name: str
     short_name: str
@@ -169,12 +169,12 @@ class BenchmarkDefinition:
         }
 
 
-def _from_json(data: Dict[str, Any]) -> BenchmarkDefinition:
+def _from_json(data: Dict[str, Any]) -> DatasetDefinition:
     ev = data.get("eval") or {}
     fold = ev.get("prediction_fold")
     prompt = data.get("prompt") or {}
     sep = (prompt.get("synonym_separator") or ",").strip() or ","
-    definition = BenchmarkDefinition(
+    definition = DatasetDefinition(
         name=data["name"],
         display_name=data.get("display_name", data["name"]),
         short_name=data.get("short_name", data["name"]),
@@ -203,32 +203,32 @@ def _from_json(data: Dict[str, Any]) -> BenchmarkDefinition:
     return definition
 
 
-_CACHE: Dict[str, BenchmarkDefinition] = {}
+_CACHE: Dict[str, DatasetDefinition] = {}
 
 
-def load_benchmark(name_or_path: Union[str, os.PathLike]) -> BenchmarkDefinition:
+def load_evaluation_dataset(name_or_path: Union[str, os.PathLike]) -> DatasetDefinition:
     """Load a definition by name/alias (``"ade847"``, ``"A-847"``) or from a ``.json`` path."""
     path = Path(name_or_path)
     if str(name_or_path).endswith(".json") and path.is_file():
         with open(path, encoding="utf-8") as f:
             return _from_json(json.load(f))
     name = canonical_name(str(name_or_path))
-    key = f"{benchmarks_dir()}::{name}"
+    key = f"{definitions_dir()}::{name}"
     if key not in _CACHE:
-        file = benchmarks_dir() / f"{name}.json"
+        file = definitions_dir() / f"{name}.json"
         if not file.is_file():
-            raise UnknownBenchmarkError(f"Benchmark {name!r} has no definition file at {file}.")
+            raise UnknownDatasetError(f"Benchmark {name!r} has no definition file at {file}.")
         with open(file, encoding="utf-8") as f:
             _CACHE[key] = _from_json(json.load(f))
     return _CACHE[key]
 
 
-def list_benchmarks() -> List[str]:
-    return list(ALL_BENCHMARKS)
+def list_evaluation_datasets() -> List[str]:
+    return list(ALL_DATASETS)
 
 
 __all__ = [
-    "ALL_BENCHMARKS", "EVAL_BENCHMARKS", "TRAIN_BENCHMARKS", "BenchmarkDefinition", "ClassListMismatchError",
-    "UnknownBenchmarkError", "benchmarks_dir", "canonical_name", "first_synonym", "list_benchmarks",
-    "load_benchmark",
+    "ALL_DATASETS", "EVALUATION_DATASETS", "TRAINING_DATASETS", "DatasetDefinition", "ClassListMismatchError",
+    "UnknownDatasetError", "definitions_dir", "canonical_name", "first_synonym", "list_evaluation_datasets",
+    "load_evaluation_dataset",
 ]

@@ -2,7 +2,7 @@
 `configuration/training/toy_world.yaml`, `dataset_name: toy-world`):
 
   1. prepare: generate the procedural world as a `save_to_disk` DatasetDict and pretrain (or load) the tiny CLIP,
-     both cached by a hash of their settings (`modeling_disa.toy_world`);
+     both cached by a hash of their settings (`toy_world`);
   2. train DiSa on the seen classes with the ordinary training loop (`train_fn`, i.e. `train.train`);
   3. train the same head in CAT-Seg mode (use_sdm / use_hrm off, preset `toy_world.catseg_preset`);
   4. report: on the test split (all 24 classes, seen + unseen), mIoU over seen / unseen / stuff / things classes for
@@ -53,7 +53,7 @@ def settings_from_recipe(r) -> dict:
 
 def prepare(r, repo_path=lambda p: p):
     """-> (recipe pointing at the generated dataset and the cached toy CLIP, info dict)."""
-    from modeling_disa import toy_world as W
+    import toy_world as W
 
     s = settings_from_recipe(r)
     cache = s["cache_dir"] or W.default_cache_root()
@@ -129,7 +129,7 @@ def _train_majority_class(world_dir: str) -> int:
     """Most frequent labelled class of the training split, as a global class id."""
     import datasets
 
-    from modeling_disa import toy_world as W
+    import toy_world as W
 
     train = datasets.load_from_disk(world_dir)["train"]
     counts = np.zeros(len(W.SEEN_IDS), np.int64)
@@ -140,7 +140,7 @@ def _train_majority_class(world_dir: str) -> int:
 
 
 def _predict(fn, images: np.ndarray, batch_size: int, size: int) -> np.ndarray:
-    from modeling_disa.toy_world import normalize_images
+    from toy_world import normalize_images
 
     preds = []
     with torch.no_grad():
@@ -154,8 +154,8 @@ def _predict(fn, images: np.ndarray, batch_size: int, size: int) -> np.ndarray:
 def subset_scores(pred: np.ndarray, labels: np.ndarray) -> dict:
     """mIoU (%) over the classes present in the test ground truth, for all / seen / unseen / stuff / things classes,
     pixel accuracy, and the harmonic mean of seen and unseen mIoU (the usual generalised zero-shot summary)."""
-    from modeling_disa import toy_world as W
-    from modeling_disa.metrics import SegmentationConfusionMatrix
+    import toy_world as W
+    from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix
 
     cm = SegmentationConfusionMatrix(len(W.CLASS_NAMES), ignore_index=255, device="cpu")
     cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(labels))
@@ -182,7 +182,7 @@ def make_report(r, s, info, runs: dict) -> dict:
     from transformers import CLIPModel
 
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
-    from modeling_disa import toy_world as W
+    import toy_world as W
 
     test, images, labels = _load_test(info["world_dir"])
     size = labels.shape[-1]
@@ -219,7 +219,8 @@ def make_pictures(output_dir, test, images, model, processor, index: int) -> dic
     from PIL import Image
     from transformers import pipeline
 
-    from modeling_disa import PIPELINE_TASK, toy_world as W
+    import toy_world as W
+    from modeling_disa import PIPELINE_TASK
     from modeling_disa.visualize import overlay_segmentation, render_saliency, segmentation_from_pipeline
 
     index = index % len(images)

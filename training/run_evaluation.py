@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a DiSa model on the open-vocabulary benchmarks (CAT-Seg protocol) -> JSON + Markdown (+ model-index).
 
-    python training/evaluate_benchmarks.py --model org/disa-vit-b-16 \
+    python training/run_evaluation.py --model org/disa-vit-b-16 \
         --benchmarks ade847 pc459 ade150 pc59 voc20 voc20b --data-dir /data/disa-benchmarks \
         --output results/disa-b.json --markdown results/disa-b.md --model-index results/model-index.yaml
 
@@ -27,10 +27,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_disa.benchmarks import EVAL_BENCHMARKS, ClassListMismatchError, load_benchmark  # noqa: E402
-from modeling_disa.inference import predict_segmentation  # noqa: E402
-from modeling_disa.metrics import RULES, SegmentationConfusionMatrix, results_table_row  # noqa: E402
+from modeling_disa.evaluation.dataset_definitions import EVALUATION_DATASETS, ClassListMismatchError, load_evaluation_dataset  # noqa: E402
+from modeling_disa.model.inference import predict_segmentation  # noqa: E402
+from modeling_disa.evaluation.metrics import RULES, SegmentationConfusionMatrix, results_table_row  # noqa: E402
 
 
 def load_split(bench, data_dir: Optional[Path], hub_dataset: Optional[str], split: Optional[str]):
@@ -64,7 +63,7 @@ def to_pixel_values(image, mean, std, device) -> torch.Tensor:
     return x[None].to(device)
 
 
-def evaluate_benchmark(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> Dict:
+def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> Dict:
     # CAT-Seg's protocol prompts every class by its first synonym, even where classes share one (ADE-847 has three
     # "bag" classes): reproduce it rather than refuse the list as a user vocabulary would be refused
     names = bench.prompt_names
@@ -73,7 +72,7 @@ def evaluate_benchmark(model, processor, bench, ds, args, device, rank=0, world=
         text_embeds = model.get_text_embeddings(tok["input_ids"].to(device), tok["attention_mask"].to(device))
     mean = getattr(processor.image_processor, "image_mean", [0.48145466, 0.4578275, 0.40821073])
     std = getattr(processor.image_processor, "image_std", [0.26862954, 0.26130258, 0.27577711])
-    cm = SegmentationConfusionMatrix.from_benchmark(bench, device=device)
+    cm = SegmentationConfusionMatrix.from_dataset_definition(bench, device=device)
     n = len(ds) if args.max_images is None else min(len(ds), args.max_images)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     start = time.perf_counter()
@@ -117,7 +116,7 @@ def model_index(model_name: str, rows: List[Dict], dataset_repo: Optional[str]) 
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder or Hub id")
-    p.add_argument("--benchmarks", nargs="+", default=list(EVAL_BENCHMARKS))
+    p.add_argument("--benchmarks", nargs="+", default=list(EVALUATION_DATASETS))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", type=Path, help="folder written by training/prepare_datasets.py")
     src.add_argument("--hub-dataset", help="Hub dataset repo with one config per benchmark")
@@ -137,7 +136,7 @@ def main(argv=None) -> Dict:
     p.add_argument("--model-index", type=Path, default=None, help="write model-index results (JSON or .yaml)")
     args = p.parse_args(argv)
 
-    benches = [load_benchmark(b) for b in args.benchmarks]  # unknown names fail here, before loading anything
+    benches = [load_evaluation_dataset(b) for b in args.benchmarks]  # unknown names fail here, before loading anything
 
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
@@ -162,7 +161,7 @@ def main(argv=None) -> Dict:
     rows = []
     for bench in benches:
         ds = load_split(bench, args.data_dir, args.hub_dataset, args.split)
-        row = evaluate_benchmark(model, processor, bench, ds, args, device, rank, world, reduce_fn)
+        row = evaluate_dataset(model, processor, bench, ds, args, device, rank, world, reduce_fn)
         rows.append(row)
         if rank == 0:
             print(f"{bench.display_name}: mIoU {row['mIoU']:.2f} ({row['num_images']} images, {row['seconds']} s)")

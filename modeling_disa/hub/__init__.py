@@ -50,10 +50,10 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, SpaceCard
 from huggingface_hub import constants as hub_constants
 from transformers.dynamic_module_utils import custom_object_save
 
-from .pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
+from ..model.pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
-PACKAGE_DIR = Path(__file__).resolve().parent
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card.md"  # a link to the project's model_card.md; a file in a wheel
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SPACE_DIR = PACKAGE_DIR.parent / "space"
 SPACE_FILE_SUFFIXES = (".py", ".txt", ".md")  # the app's own files; examples/ is rendered by the app at start-up
 SPACE_SDK = "gradio"
@@ -101,17 +101,17 @@ METRIC_KEYS = {
     "frequency_weighted_iou": ("frequency_weighted_iou", "fwIoU"),
 }
 METRIC_ORDER = ("mIoU", "mAcc", "pAcc", "fwIoU")
-BENCHMARK_KEYS = ("benchmark", "dataset", "name")
+DATASET_KEYS = ("benchmark", "dataset", "name")
 
 
 # ---------------------------------------------------------------------------------------------------- eval results
-def _benchmark_info(name: str) -> dict:
-    """Display name / split / config of a benchmark from `configuration/benchmarks`, or the name itself."""
+def _dataset_info(name: str) -> dict:
+    """Display name / split / config of a benchmark from `modeling_disa/evaluation/definitions`, or the name itself."""
     info = {"name": name, "display_name": name, "split": None, "config": None}
     try:
-        from .benchmarks import load_benchmark
+        from ..evaluation.dataset_definitions import load_evaluation_dataset
 
-        definition = load_benchmark(name)
+        definition = load_evaluation_dataset(name)
     except Exception:  # noqa: BLE001 - unknown benchmark names are published as given
         return info
     info.update(name=definition.name, display_name=definition.display_name, split=definition.split,
@@ -137,9 +137,9 @@ def load_eval_results(source) -> dict[str, dict[str, float]]:
     entries: list[tuple[str, object]] = []
     if isinstance(source, list):
         for item in source:
-            if not isinstance(item, dict) or not any(isinstance(item.get(k), str) for k in BENCHMARK_KEYS):
+            if not isinstance(item, dict) or not any(isinstance(item.get(k), str) for k in DATASET_KEYS):
                 raise ValueError(f"each evaluation result entry needs a 'benchmark' name, got {item!r}.")
-            name = next(item[k] for k in BENCHMARK_KEYS if isinstance(item.get(k), str))
+            name = next(item[k] for k in DATASET_KEYS if isinstance(item.get(k), str))
             entries.append((name, item))
     elif isinstance(source, dict):
         entries = list(source.items())
@@ -171,7 +171,7 @@ def eval_results_to_model_index(results: dict[str, dict[str, float]], dataset_re
     display_to_type = {name: type_ for type_, name in METRIC_KEYS.values()}
     entries = []
     for benchmark, metrics in results.items():
-        info = _benchmark_info(benchmark)
+        info = _dataset_info(benchmark)
         for metric in sorted(metrics, key=lambda m: METRIC_ORDER.index(m) if m in METRIC_ORDER else 99):
             entries.append(
                 EvalResult(
@@ -197,7 +197,7 @@ def eval_results_markdown(results: dict[str, dict[str, float]] | None) -> str:
     lines = ["| benchmark | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for benchmark, metrics in results.items():
         cells = [f"{metrics[c]:.1f}" if c in metrics else "-" for c in columns]
-        lines.append(f"| {_benchmark_info(benchmark)['display_name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_dataset_info(benchmark)['display_name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -404,8 +404,11 @@ def save_space(save_directory: str | os.PathLike, model_repo: str, *, space_dir:
     # The Space cannot pip-install this package from a registry, so the app's import finds a copy beside it.
     package = folder / PACKAGE_DIR.name
     package.mkdir(exist_ok=True)
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
-        shutil.copy2(path, package / path.name)
+    for path in sorted(PACKAGE_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".json", ".md") and "__pycache__" not in path.parts:
+            target = package / path.relative_to(PACKAGE_DIR)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     card.data.models = [model_repo]
     card.save(folder / "README.md")
     return folder
@@ -476,8 +479,8 @@ def main(argv=None) -> int:
     parser.add_argument("--commit_message", default="Upload DiSa model")
     args = parser.parse_args(argv)
 
-    from .modeling_disa import DiSaForOpenVocabSegmentation
-    from .processing_disa import DiSaProcessor
+    from ..model.modeling_disa import DiSaForOpenVocabSegmentation
+    from ..model.processing_disa import DiSaProcessor
 
     model = DiSaForOpenVocabSegmentation.from_pretrained(args.model_dir)
     processor = DiSaProcessor.from_pretrained(args.model_dir)

@@ -1,4 +1,4 @@
-"""Writes the model presets in this folder (run from the repository root: `python configuration/models/make_presets.py`).
+"""Writes the model presets in this folder (run from the repository root: `python training/make_presets.py`).
 
 - `disa-vit-b-16`: openai/clip-vit-base-patch16 geometry, CLIP input 384, DiSa (SDM + HRM on).
 - `disa-vit-l-14-336`: openai/clip-vit-large-patch14-336 geometry, CLIP input 336, DiSa (SDM + HRM on).
@@ -18,8 +18,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
+PRESETS = Path(__file__).resolve().parent.parent / "configuration" / "models"
 
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaImageProcessor, DiSaProcessor  # noqa: E402
 
@@ -96,7 +95,7 @@ def tiny_config(tokenizer: CLIPTokenizer) -> DiSaConfig:
 def toy_config(use_disa: bool) -> DiSaConfig:
     """Head for the toy world's tiny CLIP (64 px, patch 8: an 8x8 grid, 64-d towers; the tower configs below are
     placeholders replaced by `from_clip_pretrained`). No class cap: the toy vocabulary has 16 / 24 classes."""
-    from modeling_disa.toy_world import build_tokenizer
+    from toy_world import build_tokenizer
 
     tokenizer = build_tokenizer()
     return DiSaConfig(
@@ -130,11 +129,11 @@ def strip_remote_code(folder: Path) -> None:
 
 def main() -> None:
     for name, values in (("vit-b-16", VIT_B_16), ("vit-l-14-336", VIT_L_14_336)):
-        DiSaConfig(**values).save_pretrained(HERE / f"catseg-{name}")
-        DiSaConfig(**values, use_sdm=True, use_hrm=True).save_pretrained(HERE / f"disa-{name}")
+        DiSaConfig(**values).save_pretrained(PRESETS / f"catseg-{name}")
+        DiSaConfig(**values, use_sdm=True, use_hrm=True).save_pretrained(PRESETS / f"disa-{name}")
 
-    toy_config(True).save_pretrained(HERE / "disa-toy")
-    toy_config(False).save_pretrained(HERE / "catseg-toy")
+    toy_config(True).save_pretrained(PRESETS / "disa-toy")
+    toy_config(False).save_pretrained(PRESETS / "catseg-toy")
 
     tokenizer = char_level_clip_tokenizer()
     config = tiny_config(tokenizer)
@@ -145,16 +144,16 @@ def main() -> None:
     with torch.device("meta"):
         model = DiSaForOpenVocabSegmentation(config)
     model.set_default_vocabulary(TINY_VOCABULARY, tokenizer)
-    model.config.save_pretrained(HERE / "disa-tiny")
+    model.config.save_pretrained(PRESETS / "disa-tiny")
     processor = DiSaProcessor(
         image_processor=DiSaImageProcessor(size={"height": 128, "width": 128}, patch_size=16),
         tokenizer=tokenizer,
         prompt_templates=list(config.prompt_templates),
     )
-    processor.save_pretrained(HERE / "disa-tiny")
+    processor.save_pretrained(PRESETS / "disa-tiny")
     for folder in ("catseg-vit-b-16", "catseg-vit-l-14-336", "disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny",
                    "disa-toy", "catseg-toy"):
-        strip_remote_code(HERE / folder)
+        strip_remote_code(PRESETS / folder)
 
 
 if __name__ == "__main__":

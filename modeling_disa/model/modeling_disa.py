@@ -385,7 +385,21 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
 
         Returns the `CommitInfo` of the upload. `modeling_disa.hub.publish_to_hub` is the same with more card options.
         """
-        from .hub import publish_to_hub
+        # The Hub tooling is not part of this remote-code folder; without the installed package this is
+        # transformers' upload (weights, config, code).
+        try:
+            from modeling_disa.hub import publish_to_hub
+        except ImportError:
+            warnings.warn(
+                "the modeling_disa package is not installed: uploading with PreTrainedModel.push_to_hub (no pipeline "
+                "code, no DiSa model card); `pip install modeling-disa` for the complete repository.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return super().push_to_hub(
+                repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+                token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
+            )
 
         return publish_to_hub(
             self,
@@ -418,7 +432,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             `(T, P, projection_dim)`, computed by the text encoder on every call (the model keeps no cache). To run
             several forward passes on one vocabulary (batches of images, sliding-window views, an evaluation loop),
             compute this once and pass it as `forward(..., text_embeds=...)`, as the pipeline and
-            `modeling_disa.inference` do.
+            `modeling_disa.model.inference` do.
         """
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be (num_classes * num_prompts, length) with >= 1 row, got {tuple(input_ids.shape)}.")
