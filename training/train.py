@@ -5,8 +5,10 @@
         --dataset_name <hub id | parquet/arrow folder | save_to_disk folder> --output_dir runs/vitb
 
 Every recipe field (see `TrainingRecipe` below, or `--help`) can be set in the yaml given by `--config` and
-overridden on the command line; precedence: dataclass default < yaml < command line. Without `--config` the recipe
-is the offline toy world (`configuration/training/toy_world.yaml`).
+overridden on the command line (`--field_name value`; booleans also bare, `--flag`, or `--no_flag` for those on by
+default; mapping fields as a yaml/JSON string); precedence: dataclass default < yaml < command line. A value the
+yaml sets cannot be emptied from the command line (argparse has no null): set it to null in a copy of the yaml.
+Without `--config` the recipe is the offline toy world (`configuration/training/toy_world.yaml`).
 
 The script reads top to bottom in the order it runs:
   1. recipe and argument parsing  (`TrainingRecipe`, `parse_args`: `transformers.HfArgumentParser`)
