@@ -11,7 +11,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "pillow>=10",
 ]
-TRAIN = ["accelerate>=1.10", "datasets>=4.0", "pyyaml>=6", "tqdm>=4.66"]
+TRAIN = ["accelerate>=1.10", "albumentations>=2.0.8", "datasets>=4.0", "opencv-python-headless>=4.9", "pyyaml>=6",
+         "tqdm>=4.66"]  # albumentations: SSD colour jitter; cv2 (its dependency) is also imported directly
 EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10"]  # scipy: Pascal Context .mat files
 DEMO = ["gradio>=6,<7"]  # space/app.py
 BENCH = ["matplotlib>=3.8"]  # benchmarks/: plots of the comparison and cost figures

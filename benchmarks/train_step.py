@@ -27,13 +27,23 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+
+def _training_module(name: str):
+    """A module of training/ (a folder of scripts, not an installed package), loaded by file path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "training", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Dense tensor-core peaks (FLOP/s), from the vendors' datasheets (SXM parts; no sparsity).
 PEAK_FLOPS = {
@@ -111,7 +121,7 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    groups = model.optimizer_param_groups(2e-4, 0.01, 1e-4)
+    groups = _training_module("optimization").optimizer_param_groups(model, 2e-4, 0.01, 1e-4)
     optimizer = torch.optim.AdamW(groups, lr=2e-4)
     trainable = [p for p in model.parameters() if p.requires_grad]
 

@@ -1,6 +1,5 @@
 """End-to-end CLI on a random disa-tiny model and a prepared synthetic benchmark folder; bad inputs."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +47,11 @@ def voc_data(tmp_path_factory):
 
 def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_path):
     model_dir, model = tiny_model
-    args = ["--model", str(model_dir), "--benchmarks", "voc20", "PAS-20b", "--data-dir", str(voc_data),
-            "--warp-size", "64", "--window-size", "48", "--stride", "16", "--short-side", "0",
+    args = ["--model", str(model_dir), "--benchmarks", "voc20", "PAS-20b", "--data_dir", str(voc_data),
+            "--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0",
             "--output", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
-            "--model-index", str(tmp_path / "mi.yaml")]
-    out = cli.main(args)
+            "--model_index", str(tmp_path / "mi.yaml")]
+    cli.main(args)
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     assert set(res) == {"voc20", "voc20b"} and 0 <= res["voc20"]["mIoU"] <= 100
     assert len(res["voc20b"]["per_class_iou"]) == 21 and "background" in res["voc20b"]["per_class_iou"]
@@ -71,7 +70,7 @@ def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_pat
     inter = np.zeros(20); union = np.zeros(20); gt_any = np.zeros(20, bool)
     for ex in ds:
         lab = np.array(ex["label"]).astype(np.int64)
-        pix = cli.to_pixel_values(ex["image"], proc.image_processor.image_mean, proc.image_processor.image_std, "cpu")
+        pix = proc.image_processor(images=ex["image"], do_resize=False, return_tensors="pt")["pixel_values"]
         pred = predict_segmentation(m, pix, te, short_side=None, warp_size=64, window_size=48, stride=16)[0].numpy()
         v = lab != 255
         for c in range(20):
@@ -84,7 +83,7 @@ def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_pat
 def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
     model_dir, _ = tiny_model
     with pytest.raises(KeyError, match="Unknown benchmark"):
-        cli.main(["--model", str(model_dir), "--benchmarks", "ade-9000", "--data-dir", str(voc_data)])
+        cli.main(["--model", str(model_dir), "--benchmarks", "ade-9000", "--data_dir", str(voc_data)])
     # a dataset whose recorded class list does not match the benchmark
     meta_file = voc_data / "data/voc20/metadata.json"
     meta = json.loads(meta_file.read_text()); saved = dict(meta)
@@ -92,9 +91,9 @@ def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
     meta_file.write_text(json.dumps(meta))
     try:
         with pytest.raises(ValueError, match="does not match benchmark"):
-            cli.main(["--model", str(model_dir), "--benchmarks", "voc20", "--data-dir", str(voc_data),
-                      "--warp-size", "64", "--window-size", "48", "--stride", "16", "--short-side", "0"])
+            cli.main(["--model", str(model_dir), "--benchmarks", "voc20", "--data_dir", str(voc_data),
+                      "--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0"])
     finally:
         meta_file.write_text(json.dumps(saved))
     with pytest.raises(FileNotFoundError, match="prepare_datasets"):
-        cli.main(["--model", str(model_dir), "--benchmarks", "ade150", "--data-dir", str(voc_data)])
+        cli.main(["--model", str(model_dir), "--benchmarks", "ade150", "--data_dir", str(voc_data)])

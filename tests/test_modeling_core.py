@@ -285,7 +285,9 @@ def test_qv_trainable_parameter_count_is_exact(tiny_model):
     assert f"vision_model.encoder.layers.{vision.num_hidden_layers - 1}.self_attn.q_proj.weight" not in clip_trainable
     head = sum(p.numel() for n, p in tiny_model.named_parameters() if not n.startswith("clip."))
     assert all(p.requires_grad for n, p in tiny_model.named_parameters() if not n.startswith("clip."))
-    groups = tiny_model.optimizer_param_groups(2e-4)
+    from optimization import optimizer_param_groups
+
+    groups = optimizer_param_groups(tiny_model, 2e-4)
     by_name = {g["name"]: g for g in groups}
     assert by_name["clip"]["lr"] == pytest.approx(2e-6) and by_name["head"]["lr"] == pytest.approx(2e-4)
     assert by_name["head_no_decay"]["weight_decay"] == 0.0 and by_name["head"]["weight_decay"] == 1e-4

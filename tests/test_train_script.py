@@ -6,7 +6,8 @@
 - a run SIGKILLed mid-epoch (and one killed while writing a checkpoint) and resumed with
   `--resume_from_checkpoint latest` ends bit-identical to an uninterrupted run;
 - a 2-process CPU run (`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`) gives the same validation metrics as
-  a 1-process run with the same global batch.
+  a 1-process run with the same global batch;
+- accelerate's own checkpoint rotation is not crash-atomic (why training/checkpointing.py publishes by rename).
 """
 
 import json
@@ -218,13 +219,14 @@ def test_in_memory_dataset_and_skip_counting(tmp_path):
         {"image": datasets.Image(decode=False), "label": datasets.Image()}))
     with pytest.raises(D.BadSampleError, match="image cannot be decoded"):
         main_in_process(["--class_names", *CLASSES], tmp_path / "a", broken)
-    res = main_in_process(["--class_names", *CLASSES, "--on_bad_sample", "skip",
+    # a full epoch (3 steps of 2), so that the broken row is read whatever accelerate's sampler order
+    res = main_in_process(["--class_names", *CLASSES, "--on_bad_sample", "skip", "--max_train_steps", "3",
                            "--max_bad_sample_fraction", "0.5"], tmp_path / "b", broken, make_split(3, 4))
-    assert res["completed_steps"] == 2 and res["skipped_samples"] >= 1
+    assert res["completed_steps"] == 3 and res["skipped_samples"] >= 1
     assert 0 < res["eval_num_pixels"] < 3 * 64 * 64
 
 
-def test_bad_inputs_give_clear_errors(tmp_path):
+def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     import data as D
 
     good = make_split(4, 5)
@@ -257,8 +259,12 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown recipe field"):
         train.parse_args(["--config", str(bad_yaml), "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="mixed_precision"):
+    with pytest.raises(SystemExit):  # argparse's choices (HfArgumentParser: Literal fields)
         train.parse_args(["--config", TINY, "--output_dir", str(tmp_path), "--mixed_precision", "fp8"])
+    assert "argument --mixed_precision/--mixed-precision: invalid choice: 'fp8'" in capsys.readouterr().err
+    bad_yaml.write_text("mixed_precision: fp8\n")  # yaml values bypass argparse's choices: checked by the recipe
+    with pytest.raises(SystemExit, match="mixed_precision must be one of"):
+        train.parse_args(["--config", str(bad_yaml), "--output_dir", str(tmp_path)])
 
 
 def test_streaming_from_save_to_disk_folder(tmp_path):
@@ -279,7 +285,7 @@ def test_recipes_parse_and_cli_overrides(tmp_path):
                               "--output_dir", str(tmp_path)])
         assert r.learning_rate == 2e-4 and r.clip_lr_multiplier == 0.01 and r.max_grad_norm == 0.01
     r = train.parse_args(["--config", TINY, "--output_dir", str(tmp_path), "--learning_rate", "1e-3",
-                          "--photometric_distortion", "false", "--class_names", "a", "b", "--max_eval_samples", "none"])
+                          "--photometric_distortion", "false", "--class_names", "a", "b"])
     assert r.learning_rate == 1e-3 and r.photometric_distortion is False and r.class_names == ["a", "b"]
     vitb = train.parse_args(["--config", os.path.join(REPO, "configuration", "training", "catseg_coco_stuff_vitb.yaml"),
                              "--output_dir", str(tmp_path)])
@@ -359,3 +365,30 @@ def test_run_failing_before_its_first_step_leaves_nothing_behind(tmp_path):
     # the corrected rerun into the same folder is not "another run"
     res = main_in_process(["--class_names", *CLASSES], tmp_path, good)
     assert res["completed_steps"] == 2 and (out / "recipe.yaml").is_file()
+
+
+def test_accelerate_rotation_is_not_crash_atomic(tmp_path):
+    """Why training/checkpointing.py publishes checkpoints itself: accelerate's rotation
+    (`ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=K)`) deletes the oldest checkpoint before it
+    writes the new one, into its final folder name. A save that dies midway (here: a save hook raising before the
+    files are written) leaves one complete checkpoint fewer and a half-written folder that looks like a checkpoint.
+    If accelerate makes its rotation atomic, this fails: then its rotation can replace ours."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(
+        project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2))
+    accelerator.prepare(torch.nn.Linear(2, 2))  # something for save_state to write
+    accelerator.save_state()
+    accelerator.save_state()
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == ["checkpoint_0", "checkpoint_1"]
+
+    def crash(models, weights, output_dir):
+        raise RuntimeError("simulated crash during save_state")
+
+    accelerator.register_save_state_pre_hook(crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        accelerator.save_state()
+    assert sorted(os.listdir(root)) == ["checkpoint_1", "checkpoint_2"]  # checkpoint_0 is gone already
+    assert not (root / "checkpoint_2" / "model.safetensors").exists()  # ... for a folder without weights

@@ -1,15 +1,21 @@
 """Tests of training/data.py: augmentation keeps image and label aligned, ignore values survive, the photometric
-distortion behaves, datasets loading (in memory, parquet, save_to_disk) and bad-input errors."""
+distortion matches CAT-Seg's SSD colour augmentation (against a direct NumPy/OpenCV implementation of its rules),
+normalisation is the model's image processor, datasets loading (in memory, parquet, save_to_disk) and bad-input
+errors."""
 
 import io
 import json
 import os
-import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import ks_2samp
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from modeling_disa import DiSaImageProcessor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -39,7 +45,10 @@ def paint(label, ignore):
     return np.ascontiguousarray(img)
 
 
-def denorm(pixel_values, mean=D.OPENAI_CLIP_MEAN, std=D.OPENAI_CLIP_STD):
+PROC = DiSaImageProcessor()
+
+
+def denorm(pixel_values, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
     arr = pixel_values.numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
     return arr * 255.0
 
@@ -62,7 +71,7 @@ def test_train_transform_keeps_image_and_label_aligned(ignore, dtype, seed):
     h, w = 150, 230  # not square, short side resized up to 96 then cropped to 64 (random offset + flip)
     label = blocky_label(h, w, 20, 7, seed, ignore=ignore, dtype=dtype)
     image = paint(label, ignore)
-    tf = D.TrainTransform(crop_size=64, resize_short_side=96, max_long_side=1333, photometric=False,
+    tf = D.TrainTransform(PROC, crop_size=64, resize_short_side=96, max_long_side=1333, photometric=False,
                           hflip_prob=0.5, ignore_index=ignore)
     for k in range(6):
         rng = np.random.default_rng([seed, k])
@@ -90,11 +99,11 @@ def test_train_transform_keeps_image_and_label_aligned(ignore, dtype, seed):
 def test_flip_and_crop_really_happen():
     label = blocky_label(100, 100, 10, 7, 0)
     image = paint(label, 255)
-    tf = D.TrainTransform(crop_size=50, resize_short_side=100, photometric=False, hflip_prob=0.5)
+    tf = D.TrainTransform(PROC, crop_size=50, resize_short_side=100, photometric=False, hflip_prob=0.5)
     crops = {tf(image, label, np.random.default_rng(s))[1].numpy().tobytes() for s in range(10)}
     assert len(crops) > 5  # different offsets / flips
-    tf_noflip = D.TrainTransform(crop_size=50, resize_short_side=100, photometric=False, hflip_prob=0.0)
-    tf_flip = D.TrainTransform(crop_size=50, resize_short_side=100, photometric=False, hflip_prob=1.0)
+    tf_noflip = D.TrainTransform(PROC, crop_size=50, resize_short_side=100, photometric=False, hflip_prob=0.0)
+    tf_flip = D.TrainTransform(PROC, crop_size=50, resize_short_side=100, photometric=False, hflip_prob=1.0)
     # with the same rng stream, the crop offset is the same; flip=1 must mirror it exactly
     a = tf_noflip(image, label, np.random.default_rng(5))
     b = tf_flip(image, label, np.random.default_rng(5))
@@ -105,7 +114,7 @@ def test_small_image_is_padded_with_ignore():
     label = blocky_label(40, 300, 8, 7, 0)
     image = paint(label, 255)
     # short side 40 -> 48, long side capped at 100 -> scale by 100/300: 13 x 100; crop 64 -> pad
-    tf = D.TrainTransform(crop_size=64, resize_short_side=48, max_long_side=100, photometric=False, hflip_prob=0)
+    tf = D.TrainTransform(PROC, crop_size=64, resize_short_side=48, max_long_side=100, photometric=False, hflip_prob=0)
     pv, lab = tf(image, label, np.random.default_rng(0))
     assert pv.shape == (3, 64, 64) and lab.shape == (64, 64)
     assert (lab[13:, :] == 255).all() and (lab[:, :] != 255).any()
@@ -117,35 +126,163 @@ def test_short_side_arithmetic_matches_detectron2():
     assert D.short_side_size(100, 2000, 384, 1333) == (67, 1333)
 
 
-def test_photometric_distortion_ranges_and_label_untouched():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+def ssd_reference(img, rng):
+    """MaskFormer / CAT-Seg `ColorAugSSDTransform.apply_image` on an RGB uint8 image, written from its rules with
+    NumPy and OpenCV (the reference converts to BGR first; RGB2HSV of RGB is the same HSV image)."""
+
+    def convert(a, alpha=1.0, beta=0.0):
+        return np.clip(a.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(a):
+        return convert(a, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else a
+
+    def saturation(a):
+        if rng.random() < 0.5:
+            hsv = cv2.cvtColor(a, cv2.COLOR_RGB2HSV)
+            hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+            return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        return a
+
+    def hue(a):
+        if rng.random() < 0.5:
+            hsv = cv2.cvtColor(a, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = (hsv[..., 0].astype(int) + int(rng.integers(-18, 19))) % 180
+            return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        return a
+
+    if rng.random() < 0.5:
+        img = convert(img, beta=rng.uniform(-32, 32))
+    if rng.random() < 0.5:
+        return hue(saturation(contrast(img)))
+    return contrast(hue(saturation(img)))
+
+
+def test_ssd_pipeline_uses_the_reference_ranges_and_order():
+    pipeline = D.ssd_colour_distortion()
+    brightness, order = pipeline.transforms
+    assert brightness.brightness_limit == pytest.approx((-32 / 255, 32 / 255)) and brightness.p == 0.5
+    assert brightness.contrast_limit == (0.0, 0.0) and brightness.brightness_by_max
+    first, last = order.transforms  # OneOf: contrast first or last, chosen with equal probability
+    assert [type(t).__name__ for t in first.transforms] == ["RandomBrightnessContrast", "ScaleSaturation",
+                                                           "HueSaturationValue"]
+    assert [type(t).__name__ for t in last.transforms] == ["ScaleSaturation", "HueSaturationValue",
+                                                          "RandomBrightnessContrast"]
+    assert first.p == last.p and order.p == 1.0
+    for seq in (first, last):
+        contrast = [t for t in seq.transforms if isinstance(t, D.A.RandomBrightnessContrast)][0]
+        saturation = [t for t in seq.transforms if isinstance(t, D.ScaleSaturation)][0]
+        hue = [t for t in seq.transforms if isinstance(t, D.A.HueSaturationValue)][0]
+        assert contrast.contrast_limit == pytest.approx((-0.5, 0.5)) and contrast.brightness_limit == (0.0, 0.0)
+        assert saturation.saturation_range == (0.5, 1.5)
+        assert hue.hue_shift_limit == (-18, 18) and hue.sat_shift_limit == (0, 0) and hue.val_shift_limit == (0, 0)
+        assert contrast.p == saturation.p == hue.p == 0.5
+
+
+def test_ssd_steps_match_the_reference_formulas():
+    img = np.random.default_rng(0).integers(0, 256, size=(24, 40, 3), dtype=np.uint8)
+    brightness, order = D.ssd_colour_distortion().transforms
+    contrast, saturation, hue = order.transforms[0].transforms
+    for delta in (-32.0, -7.3, 20.5, 32.0):  # brightness: + delta, clipped (rounding vs truncation: 1 level)
+        out = brightness.apply(img, alpha=1.0, beta=delta)
+        expect = np.clip(img.astype(np.float32) + delta, 0, 255)
+        assert np.abs(out.astype(np.float32) - expect).max() <= 1.0
+    for alpha in (0.5, 0.83, 1.5):  # contrast: x alpha, clipped
+        out = contrast.apply(img, alpha=alpha, beta=0.0)
+        expect = np.clip(img.astype(np.float32) * alpha, 0, 255)
+        assert np.abs(out.astype(np.float32) - expect).max() <= 1.0
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    for alpha in (0.5, 1.27, 1.5):  # saturation: HSV S x alpha, clipped, truncated to uint8 (exact)
+        expect = hsv.copy()
+        expect[..., 1] = np.clip(hsv[..., 1].astype(np.float32) * alpha, 0, 255).astype(np.uint8)
+        assert np.array_equal(saturation.apply(img, alpha=alpha), cv2.cvtColor(expect, cv2.COLOR_HSV2RGB))
+    for shift in (-18, -5, 11, 18):  # hue: + shift modulo 180 in OpenCV units (exact for whole shifts)
+        expect = hsv.copy()
+        expect[..., 0] = (hsv[..., 0].astype(int) + shift) % 180
+        out = hue.apply(img, hue_shift=shift, sat_shift=0, val_shift=0)
+        assert np.array_equal(out, cv2.cvtColor(expect, cv2.COLOR_HSV2RGB))
+
+
+def _draws(fn, img, n, seed):
+    return [fn(img, np.random.default_rng([seed, k])) for k in range(n)]
+
+
+def test_ssd_pipeline_distribution_matches_the_reference():
+    """Same statistics as the reference over many draws: two-sample KS tests on per-image features."""
+    n = 3000
+    pipeline = D.ssd_colour_distortion()
+
+    def ours(img, rng):
+        return D.photometric_distortion(img, rng, pipeline)
+
+    # a uniform grey image: only brightness and contrast act; the output stays uniform
+    grey = np.full((8, 8, 3), 128, np.uint8)
+    a = np.array([o[0, 0, 0] for o in _draws(ours, grey, n, 0)], np.float64)
+    b = np.array([o[0, 0, 0] for o in _draws(ssd_reference, grey, n, 1)], np.float64)
+    assert ks_2samp(a, b).pvalue > 1e-3
+    assert abs((a == 128).mean() - 0.25) < 0.05 and abs((b == 128).mean() - 0.25) < 0.05  # neither step: 1/4
+    assert a.min() >= (128 - 32) * 0.5 - 1 and a.max() <= (128 + 32) * 1.5 + 1
+    # a dark saturated red (no channel reaches 255 under brightness and contrast, so clipping does not move the hue):
+    # the hue shift (circular, OpenCV units) is 0 half of the time, else uniform in [-18, 18]
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 120
+    red[..., 1:] = 30
+
+    def hue_shift(outs):
+        h = np.array([int(cv2.cvtColor(o, cv2.COLOR_RGB2HSV)[0, 0, 0]) for o in outs])
+        return np.where(h > 90, h - 180, h).astype(np.float64)
+
+    ha, hb = hue_shift(_draws(ours, red, n, 2)), hue_shift(_draws(ssd_reference, red, n, 3))
+    assert np.abs(ha).max() <= 19 and np.abs(hb).max() <= 18
+    assert abs((ha != 0).mean() - (hb != 0).mean()) < 0.06
+    assert ks_2samp(ha[ha != 0], hb[hb != 0]).pvalue > 1e-3
+    # a random colour image: mean of each RGB channel and of the HSV saturation
+    img = np.random.default_rng(4).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+
+    def features(outs):
+        return np.array([[*o.reshape(-1, 3).mean(0), cv2.cvtColor(o, cv2.COLOR_RGB2HSV)[..., 1].mean()]
+                         for o in outs])
+
+    fa, fb = features(_draws(ours, img, n, 5)), features(_draws(ssd_reference, img, n, 6))
+    for k in range(fa.shape[1]):
+        assert ks_2samp(fa[:, k], fb[:, k]).pvalue > 1e-3, k
+
+
+def test_photometric_distortion_is_seeded_and_leaves_the_label_alone():
+    img = np.random.default_rng(0).integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
     outs = [D.photometric_distortion(img, np.random.default_rng(s)) for s in range(40)]
     assert all(o.dtype == np.uint8 and o.shape == img.shape for o in outs)
     changed = sum(not np.array_equal(o, img) for o in outs)
     assert 30 <= changed <= 40  # P(no op at all) = 1/16
-    # brightness only: the mean moves by at most 32
-    only_b = D.photometric_distortion(img, np.random.default_rng(1), contrast_range=(1, 1),
-                                      saturation_range=(1, 1), hue_delta=0, prob=1.0)
-    assert abs(only_b.astype(float).mean() - img.astype(float).mean()) <= 32.5
-    # HSV round trip is the identity
-    f = img.astype(np.float64)
-    assert np.allclose(D.hsv_to_rgb(D.rgb_to_hsv(f)), f, atol=1e-6)
-    # a hue shift of a full turn is the identity; gray pixels have no hue
-    hsv = D.rgb_to_hsv(f)
-    hsv[..., 0] += 360
-    assert np.allclose(D.hsv_to_rgb(hsv), f, atol=1e-6)
-    # label is never passed to the photometric step: with photometric on, labels equal the photometric-off labels
+    again = D.photometric_distortion(img, np.random.default_rng(7))
+    assert np.array_equal(again, outs[7])  # same generator state, same draw
     label = blocky_label(32, 48, 8, 7, 0)
-    a = D.TrainTransform(crop_size=24, resize_short_side=32, photometric=True)(img, label, np.random.default_rng(3))
-    b = D.TrainTransform(crop_size=24, resize_short_side=32, photometric=False)(img, label, np.random.default_rng(3))
-    assert a[1].shape == b[1].shape
+    a = D.TrainTransform(PROC, crop_size=24, resize_short_side=32, photometric=True, hflip_prob=0.0)(
+        img, label, np.random.default_rng(3))
+    b = D.TrainTransform(PROC, crop_size=24, resize_short_side=32, photometric=False, hflip_prob=0.0)(
+        img, label, np.random.default_rng(3))
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
+
+
+def test_normalisation_is_the_image_processor():
+    """The training and validation transforms normalise with the model's processor (one preprocessing path)."""
+    img = np.random.default_rng(1).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)
+    label = blocky_label(48, 48, 8, 7, 0)
+    tf = D.TrainTransform(PROC, crop_size=48, resize_short_side=48, photometric=False, hflip_prob=0.0)
+    pv, _ = tf(img, label, np.random.default_rng(0))
+    expect = PROC(images=img, do_resize=False, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(pv, expect)
+    independent = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
+                   ) / torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    assert torch.allclose(pv, independent, atol=1e-5)
+    pv, lab = D.EvalTransform(PROC, size=32)(img, label)
+    out = PROC(images=img, segmentation_maps=label, size={"height": 32, "width": 32}, return_tensors="pt")
+    assert torch.equal(pv, out["pixel_values"][0]) and torch.equal(lab, out["labels"][0])
 
 
 def test_eval_transform_and_reduce_labels():
     label = blocky_label(50, 70, 10, 7, 0, ignore=255)
     image = paint(label, 255)
-    pv, lab = D.EvalTransform(size=32)(image, label)
+    pv, lab = D.EvalTransform(PROC, size=32)(image, label)
     assert pv.shape == (3, 32, 32) and lab.shape == (32, 32)
     red = D.reduce_label_values(np.array([[0, 1, 2, 255]]), 255)
     assert red.tolist() == [[255, 0, 1, 255]]
@@ -170,20 +307,19 @@ def make_ds(n=6, size=(40, 56), num_classes=5, ignore=255, label_dtype=np.uint8,
 
 def preparer(num_classes=5, ignore=255, transform=None, **kw):
     return D.SamplePreparer("image", "annotation", num_classes, ignore,
-                            transform or D.EvalTransform(size=32), **kw)
+                            transform or D.EvalTransform(PROC, size=32), **kw)
 
 
-def test_dataset_wrapper_is_deterministic_and_shuffles_per_epoch():
+def test_dataset_wrapper_augmentation_is_keyed_by_seed_epoch_and_row():
     ds = D.disable_image_decoding(make_ds(8), ["image", "annotation"])
-    tf = D.TrainTransform(crop_size=24, resize_short_side=32)
-    w = D.SegmentationDataset(ds, preparer(transform=tf), seed=3, shuffle=True)
-    a = [w[i]["labels"] for i in range(8)]
-    w2 = D.SegmentationDataset(ds, preparer(transform=tf), seed=3, shuffle=True)
-    b = [w2[i]["labels"] for i in reversed(range(8))][::-1]  # access order does not matter
+    tf = D.TrainTransform(PROC, crop_size=24, resize_short_side=32)
+    w = D.SegmentationDataset(ds, preparer(transform=tf), seed=3)
+    a = [w[i]["pixel_values"] for i in range(8)]
+    w2 = D.SegmentationDataset(ds, preparer(transform=tf), seed=3)
+    b = [w2[i]["pixel_values"] for i in reversed(range(8))][::-1]  # access order does not matter
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    perm0 = w._perm.copy()
     w.set_epoch(1)
-    assert not np.array_equal(perm0, w._perm)
+    assert sum(not torch.equal(w[i]["pixel_values"], a[i]) for i in range(8)) >= 6  # a new draw per epoch
     batch = D.collate_segmentation([w[0], w[1]])
     assert batch["pixel_values"].shape == (2, 3, 24, 24) and batch["num_skipped"].tolist() == [0, 0]
 
@@ -270,7 +406,8 @@ def test_colour_label_and_size_mismatch_are_bad_samples():
     with pytest.raises(D.BadSampleError, match="colour image"):
         D.decode_label(lab_rgb, 0)
     p = preparer()
-    row = {"image": Image.fromarray(np.zeros((8, 8, 3), np.uint8)), "annotation": Image.fromarray(np.zeros((9, 8), np.uint8))}
+    row = {"image": Image.fromarray(np.zeros((8, 8, 3), np.uint8)),
+           "annotation": Image.fromarray(np.zeros((9, 8), np.uint8))}
     with pytest.raises(D.BadSampleError, match="label map is"):
         p(row, 0, np.random.default_rng(0))
 

@@ -1,6 +1,8 @@
 """Data pipeline for DiSa training: loading with `datasets`, column and class checks, CAT-Seg augmentation.
 
-Everything here is PIL / NumPy / torch only (no torchvision, no OpenCV), and nothing here imports `modeling_disa`.
+Images are decoded with PIL; the colour jitter is albumentations (OpenCV); normalisation is the model's own
+`DiSaImageProcessor`, passed in by the training script, so that training, validation, evaluation and inference share
+one preprocessing path.
 
 Order of use (as in `training/train.py`):
 1. `load_raw_splits`      - a Hub dataset id, a local parquet/arrow folder, or a `save_to_disk` folder.
@@ -9,7 +11,7 @@ Order of use (as in `training/train.py`):
 4. `TrainTransform` / `EvalTransform` - CAT-Seg augmentation (short-side resize, random crop, SSD photometric
    distortion, horizontal flip) and the fast whole-image eval resize; labels are always resized nearest.
 5. `SegmentationDataset` / `StreamingSegmentationDataset` - per-sample deterministic randomness
-   (seed, epoch, position), a per-epoch shuffle that is a pure function of (seed, epoch), and the bad-sample policy.
+   (seed, epoch, row index) and the bad-sample policy; the shuffle is accelerate's seedable sampler.
 6. `collate_segmentation` - stacks a batch and sums the number of skipped bad samples.
 
 Bad samples (undecodable image, label map of another size, colour label map, label value >= number of classes
@@ -22,18 +24,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
+import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
+import albumentations as A
+import cv2
 import numpy as np
 import torch
 from PIL import Image
-
-# OpenAI CLIP normalisation (0-1 units). The training script passes the processor's own values when it has them.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class DataError(ValueError):
@@ -189,10 +189,14 @@ def class_names_from_features(ds, label_column: str, class_names_feature: str | 
         return None
     if class_names_feature:
         if class_names_feature not in features:
-            raise DataError(f"--class_names_feature {class_names_feature!r} is not a column; columns: {list(features)}")
+            raise DataError(
+                f"--class_names_feature {class_names_feature!r} is not a column; columns: {list(features)}"
+            )
         names = _find_class_label(features[class_names_feature])
         if names is None:
-            raise DataError(f"column {class_names_feature!r} is not a ClassLabel feature: {features[class_names_feature]}")
+            raise DataError(
+                f"column {class_names_feature!r} is not a ClassLabel feature: {features[class_names_feature]}"
+            )
         return names
     if label_column in features:
         return _find_class_label(features[label_column])
@@ -373,100 +377,101 @@ def short_side_size(h: int, w: int, short_side: int, max_long_side: int | None) 
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """float RGB in [0,255] -> H in [0,360), S in [0,1], V in [0,255]."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    maxc = rgb.max(-1)
-    minc = rgb.min(-1)
-    delta = maxc - minc
-    s = np.where(maxc > 0, delta / np.maximum(maxc, 1e-12), 0.0)
-    safe = np.maximum(delta, 1e-12)
-    h = np.where(
-        maxc == r, ((g - b) / safe) % 6.0, np.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
-    )
-    h = np.where(delta > 0, h * 60.0, 0.0)
-    return np.stack([h, s, maxc], axis=-1)
+class ScaleSaturation(A.ImageOnlyTransform):
+    """Multiply the HSV saturation of a uint8 RGB image by `alpha ~ uniform(*saturation_range)`, as SSD does.
+
+    albumentations has no multiplicative HSV saturation: `HueSaturationValue` shifts S additively and
+    `ColorJitter` blends with the grey image (torchvision's rule), so this one step of CAT-Seg's
+    `ColorAugSSDTransform` is written out with OpenCV's HSV conversion (its own)."""
+
+    def __init__(self, saturation_range: tuple[float, float] = (0.5, 1.5), p: float = 0.5):
+        super().__init__(p=p)
+        self.saturation_range = tuple(saturation_range)
+
+    def get_params(self) -> dict:
+        return {"alpha": self.py_random.uniform(*self.saturation_range)}
+
+    def apply(self, img: np.ndarray, alpha: float = 1.0, **params) -> np.ndarray:
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = np.clip(hsv[..., 1].astype(np.float32) * alpha, 0, 255).astype(np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("saturation_range",)
 
 
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    h, s, v = hsv[..., 0] % 360.0, hsv[..., 1], hsv[..., 2]
-    c = v * s
-    hp = h / 60.0
-    x = c * (1 - np.abs(hp % 2 - 1))
-    m = v - c
-    z = np.zeros_like(h)
-    sector = np.floor(hp).astype(np.int64) % 6
-    choices_r = [c, x, z, z, x, c]
-    choices_g = [x, c, c, x, z, z]
-    choices_b = [z, z, x, c, c, x]
-    r = np.choose(sector, choices_r)
-    g = np.choose(sector, choices_g)
-    b = np.choose(sector, choices_b)
-    return np.stack([r + m, g + m, b + m], axis=-1)
-
-
-def photometric_distortion(
-    img: np.ndarray,
-    rng: np.random.Generator,
+def ssd_colour_distortion(
     brightness_delta: float = 32,
     contrast_range: tuple[float, float] = (0.5, 1.5),
     saturation_range: tuple[float, float] = (0.5, 1.5),
     hue_delta: float = 18,
     prob: float = 0.5,
-) -> np.ndarray:
-    """SSD-style colour jitter as in mmseg `PhotoMetricDistortion` / MaskFormer `ColorAugSSDTransform`.
+) -> A.Compose:
+    """CAT-Seg's `ColorAugSSDTransform` (MaskFormer's, from SSD) as an albumentations pipeline on uint8 RGB.
 
-    Brightness (+-32), then contrast (x0.5-1.5) either first or last (random order), saturation (x0.5-1.5) and hue
-    (+-18 in OpenCV's 0-180 hue units = +-36 degrees) in HSV; each applied with probability `prob`; values are
-    clipped to [0, 255] after every step, as the uint8 reference implementations do. uint8 in, uint8 out."""
-    out = img.astype(np.float32)
+    Brightness `+ uniform(-brightness_delta, brightness_delta)` (0-255 units), then in random order either contrast,
+    saturation, hue or saturation, hue, contrast; contrast `x uniform(*contrast_range)`, saturation (HSV)
+    `x uniform(*saturation_range)`, hue `+ uniform(-hue_delta, hue_delta)` in OpenCV's 0-180 hue units; each step
+    with probability `prob`, values clipped to 0-255 after each. Differences from the reference, all within one
+    grey level or one hue unit: albumentations rounds where the reference truncates to uint8, and draws the hue
+    shift from a continuous uniform where the reference draws an integer."""
 
-    def clip(a):
-        return np.clip(a, 0, 255)
+    def contrast():
+        return A.RandomBrightnessContrast(brightness_limit=(0.0, 0.0),
+                                          contrast_limit=(contrast_range[0] - 1.0, contrast_range[1] - 1.0), p=prob)
 
-    if rng.random() < prob:
-        out = clip(out + rng.uniform(-brightness_delta, brightness_delta))
-    contrast_first = rng.random() < 0.5
-    if contrast_first and rng.random() < prob:
-        out = clip(out * rng.uniform(*contrast_range))
-    do_sat = rng.random() < prob
-    sat = rng.uniform(*saturation_range) if do_sat else 1.0
-    do_hue = rng.random() < prob
-    hue = rng.uniform(-hue_delta, hue_delta) * 2.0 if do_hue else 0.0
-    if do_sat or do_hue:
-        hsv = rgb_to_hsv(out)
-        hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0.0, 1.0)
-        hsv[..., 0] = (hsv[..., 0] + hue) % 360.0
-        out = clip(hsv_to_rgb(hsv))
-    if not contrast_first and rng.random() < prob:
-        out = clip(out * rng.uniform(*contrast_range))
-    return np.rint(out).astype(np.uint8)
+    def saturation_hue():
+        return [ScaleSaturation(saturation_range, p=prob),
+                A.HueSaturationValue(hue_shift_limit=(-hue_delta, hue_delta), sat_shift_limit=(0, 0),
+                                     val_shift_limit=(0, 0), p=prob)]
+
+    brightness = A.RandomBrightnessContrast(brightness_limit=(-brightness_delta / 255.0, brightness_delta / 255.0),
+                                            contrast_limit=(0.0, 0.0), brightness_by_max=True, p=prob)
+    return A.Compose([
+        brightness,
+        A.OneOf([A.Sequential([contrast(), *saturation_hue()]), A.Sequential([*saturation_hue(), contrast()])], p=1.0),
+    ])
 
 
-def normalize_to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 HWC -> float32 CHW, (x/255 - mean) / std."""
-    arr = img.astype(np.float32) / 255.0
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+def photometric_distortion(img: np.ndarray, rng: np.random.Generator, pipeline: A.Compose | None = None) -> np.ndarray:
+    """Apply `pipeline` (default: `ssd_colour_distortion()`) to a uint8 RGB image, its randomness drawn from `rng`.
+
+    albumentations keeps its own generators; they are replaced, for every image, by one pair seeded from `rng` and
+    shared by all steps (`set_random_state`). `Compose.set_random_seed` would give every step its own generator
+    with the same seed, so that all the "apply with probability p" draws of one image would be the same number."""
+    pipeline = pipeline or ssd_colour_distortion()
+    seed = int(rng.integers(2**32))
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return pipeline(image=np.ascontiguousarray(img))["image"]
+
+
+def to_pixel_values(image_processor, img: np.ndarray) -> torch.Tensor:
+    """uint8 `(H, W, 3)` -> float32 `(3, H, W)`, normalised by the model's image processor at its current size.
+    `patch_size=1` lifts the processor's one-patch minimum: a crop of a small image is padded to the crop size
+    afterwards."""
+    return image_processor(images=img, do_resize=False, patch_size=1, return_tensors="pt")["pixel_values"][0]
 
 
 @dataclass
 class TrainTransform:
-    """CAT-Seg training augmentation. `__call__(image uint8 HWC, label int HW, rng)` ->
+    """CAT-Seg training augmentation. `__call__(image uint8 (H, W, 3), label int (H, W), rng)` ->
     (pixel_values float32 (3, crop, crop), labels int64 (crop, crop)).
 
     Short-side resize (`resize_short_side`, long side capped at `max_long_side`), random crop of
     `crop_size` x `crop_size` (padding with the mean colour / ignore when the resized image is smaller), photometric
-    distortion, horizontal flip; labels resized by nearest neighbour."""
+    distortion (`ssd_colour_distortion`), horizontal flip; labels resized by nearest neighbour; normalisation by
+    `image_processor` (a `DiSaImageProcessor`)."""
 
+    image_processor: Any
     crop_size: int = 384
     resize_short_side: int = 384
     max_long_side: int | None = 1333
     photometric: bool = True
     hflip_prob: float = 0.5
     ignore_index: int = 255
-    image_mean: Sequence[float] = OPENAI_CLIP_MEAN
-    image_std: Sequence[float] = OPENAI_CLIP_STD
+
+    def __post_init__(self):
+        self.colour = ssd_colour_distortion() if self.photometric else None
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         h, w = label.shape
@@ -479,12 +484,12 @@ class TrainTransform:
         left = int(rng.integers(0, nw - cw + 1))
         image = image[top : top + ch, left : left + cw]
         label = label[top : top + ch, left : left + cw]
-        if self.photometric:
-            image = photometric_distortion(image, rng)
+        if self.colour is not None:
+            image = photometric_distortion(image, rng, self.colour)
         if rng.random() < self.hflip_prob:
             image = image[:, ::-1]
             label = label[:, ::-1]
-        pixel_values = normalize_to_tensor(image, self.image_mean, self.image_std)
+        pixel_values = to_pixel_values(self.image_processor, np.ascontiguousarray(image))
         labels = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
         if ch < self.crop_size or cw < self.crop_size:  # pad: zeros = the mean colour after normalisation
             pad = (0, self.crop_size - cw, 0, self.crop_size - ch)
@@ -495,21 +500,17 @@ class TrainTransform:
 
 @dataclass
 class EvalTransform:
-    """Fast whole-image validation: the image and its label are both resized to `size` x `size` (bilinear /
-    nearest), so that batches stack. Metrics are therefore computed at that resolution (an approximation of the
-    full-resolution protocol, which is fine for periodic validation)."""
+    """Fast whole-image validation: `image_processor` resizes the image and its label to `size` x `size` (bilinear /
+    nearest) and normalises the image, so that batches stack. Metrics are therefore computed at that resolution
+    (an approximation of the full-resolution protocol, which is fine for periodic validation)."""
 
+    image_processor: Any
     size: int = 384
-    image_mean: Sequence[float] = OPENAI_CLIP_MEAN
-    image_std: Sequence[float] = OPENAI_CLIP_STD
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng=None):
-        image = resize_image(image, self.size, self.size)
-        label = resize_label_nearest(label, self.size, self.size)
-        return (
-            normalize_to_tensor(image, self.image_mean, self.image_std),
-            torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
-        )
+        out = self.image_processor(images=image, segmentation_maps=label, size={"height": self.size,
+                                   "width": self.size}, return_tensors="pt")
+        return out["pixel_values"][0], out["labels"][0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,12 +544,11 @@ class SamplePreparer:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Map-style wrapper around a `datasets.Dataset`.
+    """Map-style wrapper around a `datasets.Dataset`; the order is the DataLoader sampler's (accelerate's seedable
+    sampler in training: a pure function of (seed, epoch), so a resumed run sees the same order).
 
-    - `shuffle=True`: position i of epoch e reads row perm_e[i], with perm_e a pure function of (seed, e), so a
-      resumed run sees exactly the same order (use a sequential sampler; call `set_epoch` each epoch).
-    - The augmentation RNG of position i in epoch e is `np.random.default_rng([seed, e, i])`: independent of the
-      process count, worker count, and of whatever ran before.
+    - The augmentation RNG of row i in epoch e is `np.random.default_rng([seed, e, i])`: independent of the
+      process count, worker count, and of whatever ran before (`set_epoch` is called by accelerate's DataLoader).
     - Bad samples: `on_bad_sample="error"` raises; `"skip"` takes the next row (up to `max_consecutive_skips`),
       and the item carries `num_skipped` so the loop can count skips."""
 
@@ -557,7 +557,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         hf_dataset,
         preparer: SamplePreparer,
         seed: int = 0,
-        shuffle: bool = False,
         on_bad_sample: str = "error",
         max_consecutive_skips: int = 16,
     ):
@@ -566,32 +565,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.ds = hf_dataset
         self.preparer = preparer
         self.seed = int(seed)
-        self.shuffle = shuffle
         self.on_bad_sample = on_bad_sample
         self.max_consecutive_skips = max_consecutive_skips
         self.epoch = 0
-        self._perm = None
-        self.set_epoch(0)
 
     def __len__(self):
         return len(self.ds)
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
-        if self.shuffle:
-            self._perm = np.random.default_rng([self.seed, self.epoch, 7919]).permutation(len(self.ds))
-        else:
-            self._perm = None
-
-    def _row_index(self, position: int) -> int:
-        return int(self._perm[position]) if self._perm is not None else int(position)
 
     def __getitem__(self, position: int):
         rng = np.random.default_rng([self.seed, self.epoch, int(position)])
         n = len(self.ds)
         skipped = 0
         while True:
-            index = self._row_index((position + skipped) % n)
+            index = (int(position) + skipped) % n
             try:
                 pixel_values, labels = self.preparer(self.ds[index], index, rng)
                 return {"pixel_values": pixel_values, "labels": labels, "num_skipped": skipped}

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Convert the official raw releases of the OVSS benchmarks into `datasets` parquet, one config per benchmark.
 
-    python training/prepare_datasets.py ade150 --raw-root /data/ADEChallengeData2016 --output /data/disa-benchmarks
-    python training/prepare_datasets.py ade847 --raw-root /data/ADE20K_2021_17_01 --output ...
-    python training/prepare_datasets.py pc59   --raw-root /data/VOCdevkit/VOC2010  --output ...   (trainval_merged.json)
-    python training/prepare_datasets.py pc459  --raw-root /data/VOCdevkit/VOC2010  --output ...   (trainval/*.mat, scipy)
-    python training/prepare_datasets.py voc20  --raw-root /data/VOCdevkit/VOC2012  --output ...   (also voc20b)
-    python training/prepare_datasets.py coco_stuff171 --raw-root /data/coco-stuff --output ...
+    python training/prepare_datasets.py ade150 --raw_root /data/ADEChallengeData2016 --output /data/disa-benchmarks
+    python training/prepare_datasets.py ade847 --raw_root /data/ADE20K_2021_17_01 --output ...
+    python training/prepare_datasets.py pc59   --raw_root /data/VOCdevkit/VOC2010  --output ...  (trainval_merged.json)
+    python training/prepare_datasets.py pc459  --raw_root /data/VOCdevkit/VOC2010  --output ... (trainval/*.mat, scipy)
+    python training/prepare_datasets.py voc20  --raw_root /data/VOCdevkit/VOC2012  --output ...   (also voc20b)
+    python training/prepare_datasets.py coco_stuff171 --raw_root /data/coco-stuff --output ...
 
 Output layout (a Hub dataset repo, one config per benchmark)::
 
@@ -15,8 +15,9 @@ Output layout (a Hub dataset repo, one config per benchmark)::
     <output>/data/<config>/metadata.json                  label conventions (dtype, ignore value, class names, rules)
 
 Every config is written into a temporary folder next to its destination and renamed into place (atomic per
-config). ``--push-to-hub REPO`` uploads the config with ``DatasetDict.push_to_hub(REPO, config_name=...)``.
-Label conventions follow CAT-Seg's detectron2 preparation scripts (see modeling_disa/evaluation/definitions/*.json, "raw").
+config). ``--push_to_hub REPO`` uploads the config with ``DatasetDict.push_to_hub(REPO, config_name=...)``.
+Label conventions follow CAT-Seg's detectron2 preparation scripts (see modeling_disa/evaluation/definitions/*.json,
+"raw").
 """
 
 from __future__ import annotations
@@ -24,28 +25,26 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from modeling_disa.evaluation.dataset_definitions import DatasetDefinition, load_evaluation_dataset  # noqa: E402
 
-Example = Dict[str, object]
+Example = dict[str, object]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _file_image(path: Path) -> Dict[str, object]:
+def _file_image(path: Path) -> dict[str, object]:
     """Original encoded bytes (no re-encoding of JPEGs)."""
     return {"bytes": Path(path).read_bytes(), "path": None}
 
 
-def _lut(mapping: Dict[int, int], size: int, default: int, dtype) -> np.ndarray:
+def _lut(mapping: dict[int, int], size: int, default: int, dtype) -> np.ndarray:
     lut = np.full(size, default, dtype=dtype)
     for src, dst in mapping.items():
         if 0 <= src < size:
@@ -66,9 +65,9 @@ def _label_image(label: np.ndarray, bench: DatasetDefinition) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------- COCO RLE
-def rle_counts_from_string(s: str) -> List[int]:
+def rle_counts_from_string(s: str) -> list[int]:
     """Decode COCO's compressed RLE string (5-bit groups with continuation bit, deltas after the 2nd count)."""
-    counts: List[int] = []
+    counts: list[int] = []
     pos = 0
     data = s.encode("ascii") if isinstance(s, str) else s
     while pos < len(data):
@@ -87,7 +86,7 @@ def rle_counts_from_string(s: str) -> List[int]:
     return counts
 
 
-def rle_decode(segmentation: Dict[str, object]) -> np.ndarray:
+def rle_decode(segmentation: dict[str, object]) -> np.ndarray:
     """COCO RLE (compressed string or list counts) -> (H, W) uint8 mask. Runs are column-major, starting with 0s."""
     h, w = segmentation["size"]
     counts = segmentation["counts"]
@@ -106,10 +105,10 @@ def rle_decode(segmentation: Dict[str, object]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- converters
-def iter_ade150(root: Path, bench: DatasetDefinition) -> Iterator[Tuple[str, Example]]:
+def iter_ade150(root: Path, bench: DatasetDefinition) -> Iterator[tuple[str, Example]]:
     img_dir, ann_dir = root / "images" / "validation", root / "annotations" / "validation"
     if not ann_dir.is_dir():
-        raise FileNotFoundError(f"{ann_dir} not found: --raw-root must be the ADEChallengeData2016 folder.")
+        raise FileNotFoundError(f"{ann_dir} not found: --raw_root must be the ADEChallengeData2016 folder.")
     for ann in sorted(ann_dir.glob("*.png")):
         raw = np.array(Image.open(ann))
         if raw.dtype != np.uint8:
@@ -120,7 +119,7 @@ def iter_ade150(root: Path, bench: DatasetDefinition) -> Iterator[Tuple[str, Exa
                              "image_id": ann.stem}
 
 
-def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) -> Tuple[np.ndarray, np.ndarray]:
+def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """detectron2/Mask2Former ADE-full rule: short side > max_size -> max_size; image bilinear (cv2 INTER_LINEAR
     equivalent: half-pixel centres, no antialias), label nearest (floor(dst * scale), as cv2 INTER_NEAREST)."""
     import torch
@@ -141,12 +140,12 @@ def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) ->
     return img, lab
 
 
-def iter_ade847(root: Path, bench: DatasetDefinition) -> Iterator[Tuple[str, Example]]:
+def iter_ade847(root: Path, bench: DatasetDefinition) -> Iterator[tuple[str, Example]]:
     # The release's index_ade20k.pkl is a pickle; the validation images are found by walking the folder instead,
     # so no pickle is ever loaded.
     val_root = root / "images" / "ADE" / "validation"
     if not val_root.is_dir():
-        raise FileNotFoundError(f"{val_root} not found: --raw-root must be the ADE20K_2021_17_01 folder.")
+        raise FileNotFoundError(f"{val_root} not found: --raw_root must be the ADE20K_2021_17_01 folder.")
     source_ids = bench.raw["source_ids"]
     lut = _lut({sid: i for i, sid in enumerate(source_ids)}, 1 << 16, bench.ignore_index, np.uint16)
     images = sorted(val_root.rglob("ADE_val_*.jpg"))
@@ -171,14 +170,14 @@ def _voc2010(root: Path) -> Path:
     raise FileNotFoundError(f"No VOC2010 folder with JPEGImages/ under {root}.")
 
 
-def iter_pc59(root: Path, bench: DatasetDefinition, annotations: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
+def iter_pc59(root: Path, bench: DatasetDefinition, annotations: Path | None = None) -> Iterator[tuple[str, Example]]:
     voc = _voc2010(root)
     ann_file = annotations or voc / "trainval_merged.json"
     if not ann_file.is_file():
         raise FileNotFoundError(f"{ann_file} not found (the Pascal Context 59 'trainval_merged.json').")
     data = json.loads(ann_file.read_text())
     images = {d["image_id"]: d for d in data["images"] if d.get("phase") == "val"}
-    annos: Dict[int, list] = {}
+    annos: dict[int, list] = {}
     for a in data["annos_segmentation"]:
         if a["image_id"] in images:
             annos.setdefault(a["image_id"], []).append(a)
@@ -192,7 +191,7 @@ def iter_pc59(root: Path, bench: DatasetDefinition, annotations: Optional[Path] 
                              "label": _label_image(lut[full], bench), "image_id": Path(info["file_name"]).stem}
 
 
-def iter_pc459(root: Path, bench: DatasetDefinition, val_list: Optional[Path] = None) -> Iterator[Tuple[str, Example]]:
+def iter_pc459(root: Path, bench: DatasetDefinition, val_list: Path | None = None) -> Iterator[tuple[str, Example]]:
     try:
         import scipy.io
     except ImportError as e:  # pragma: no cover
@@ -212,8 +211,9 @@ def iter_pc459(root: Path, bench: DatasetDefinition, val_list: Optional[Path] = 
                              "label": _label_image(label_map - 1, bench), "image_id": line}
 
 
-def _iter_voc(root: Path, bench: DatasetDefinition, background: Optional[int]) -> Iterator[Tuple[str, Example]]:
-    voc = next((c for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012") if (c / "JPEGImages").is_dir()), None)
+def _iter_voc(root: Path, bench: DatasetDefinition, background: int | None) -> Iterator[tuple[str, Example]]:
+    candidates = (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")
+    voc = next((c for c in candidates if (c / "JPEGImages").is_dir()), None)
     if voc is None:
         raise FileNotFoundError(f"No VOC2012 folder with JPEGImages/ under {root}.")
     ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
@@ -227,8 +227,8 @@ def _iter_voc(root: Path, bench: DatasetDefinition, background: Optional[int]) -
         label = lut[_read_palette_indices(ann)]
         if np.all(label == bench.ignore_index):
             continue  # CAT-Seg drops maps without a scored pixel
-        yield "validation", {"image": _file_image(voc / "JPEGImages" / f"{i}.jpg"), "label": _label_image(label, bench),
-                             "image_id": i}
+        image = _file_image(voc / "JPEGImages" / f"{i}.jpg")
+        yield "validation", {"image": image, "label": _label_image(label, bench), "image_id": i}
 
 
 def iter_voc20(root, bench):
@@ -239,7 +239,9 @@ def iter_voc20b(root, bench):
     return _iter_voc(root, bench, 20)
 
 
-def iter_coco_stuff171(root: Path, bench: DatasetDefinition, splits=("train", "validation")) -> Iterator[Tuple[str, Example]]:
+def iter_coco_stuff171(
+    root: Path, bench: DatasetDefinition, splits=("train", "validation")
+) -> Iterator[tuple[str, Example]]:
     lut = _lut({sid: i for i, sid in enumerate(bench.raw["source_ids"])}, 256, bench.ignore_index, np.uint8)
     for split, sub in (("train", "train2017"), ("validation", "val2017")):
         if split not in splits:
@@ -252,7 +254,7 @@ def iter_coco_stuff171(root: Path, bench: DatasetDefinition, splits=("train", "v
                           "label": _label_image(lut[np.array(Image.open(ann))], bench), "image_id": ann.stem}
 
 
-CONVERTERS: Dict[str, Callable] = {
+CONVERTERS: dict[str, Callable] = {
     "ade150": iter_ade150, "ade847": iter_ade847, "pc59": iter_pc59, "pc459": iter_pc459,
     "voc20": iter_voc20, "voc20b": iter_voc20b, "coco_stuff171": iter_coco_stuff171,
 }
@@ -262,7 +264,9 @@ CONVERTERS: Dict[str, Callable] = {
 def features_for(bench: DatasetDefinition):
     import datasets
 
-    return datasets.Features({"image": datasets.Image(), "label": datasets.Image(), "image_id": datasets.Value("string")})
+    return datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Image(), "image_id": datasets.Value("string")}
+    )
 
 
 def _write_readme(output: Path) -> None:
@@ -282,8 +286,8 @@ def _write_readme(output: Path) -> None:
     (output / "README.md").write_text("\n".join(lines + ["---"] + body) + "\n")
 
 
-def convert(name: str, raw_root: Path, output: Path, max_images: Optional[int] = None, shard_size: int = 1000,
-            push_to_hub: Optional[str] = None, **kwargs) -> Path:
+def convert(name: str, raw_root: Path, output: Path, max_images: int | None = None, shard_size: int = 1000,
+            push_to_hub: str | None = None, **kwargs) -> Path:
     import datasets
 
     bench = load_evaluation_dataset(name)
@@ -292,9 +296,9 @@ def convert(name: str, raw_root: Path, output: Path, max_images: Optional[int] =
     final = output / "data" / bench.hub_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{bench.hub_config}-", dir=output / "data"))
     try:
-        by_split: Dict[str, List[Example]] = {}
-        counts: Dict[str, int] = {}
-        written: Dict[str, List[Path]] = {}
+        by_split: dict[str, list[Example]] = {}
+        counts: dict[str, int] = {}
+        written: dict[str, list[Path]] = {}
 
         def flush(split: str, final_flush: bool = False) -> None:
             rows = by_split.get(split) or []
@@ -360,15 +364,17 @@ def load_prepared(output: Path, name: str):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=sorted(CONVERTERS) + ["all"])
-    parser.add_argument("--raw-root", type=Path, required=True,
-                        help="raw release folder (for 'all': a folder holding ADEChallengeData2016, ADE20K_2021_17_01, "
+    parser.add_argument("--raw_root", type=Path, required=True,
+                        help="raw release folder (for 'all': a folder holding ADEChallengeData2016, "
+                             "ADE20K_2021_17_01, "
                              "VOCdevkit/VOC2010, VOCdevkit/VOC2012, coco-stuff)")
     parser.add_argument("--output", type=Path, required=True, help="dataset repo folder to write")
-    parser.add_argument("--max-images", type=int, default=None, help="per split, for quick checks")
-    parser.add_argument("--shard-size", type=int, default=1000, help="images per parquet file")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the config(s) to this repo")
-    parser.add_argument("--pc59-annotations", type=Path, default=None, help="trainval_merged.json (default VOC2010/)")
-    parser.add_argument("--pc459-val-list", type=Path, default=None, help="pascalcontext_val.txt (default VOC2010/)")
+    parser.add_argument("--max_images", type=int, default=None, help="per split, for quick checks")
+    parser.add_argument("--shard_size", type=int, default=1000, help="images per parquet file")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                        help="also upload the config(s) to this repo")
+    parser.add_argument("--pc59_annotations", type=Path, default=None, help="trainval_merged.json (default VOC2010/)")
+    parser.add_argument("--pc459_val_list", type=Path, default=None, help="pascalcontext_val.txt (default VOC2010/)")
     args = parser.parse_args(argv)
     names = sorted(CONVERTERS) if args.benchmark == "all" else [args.benchmark]
     sub = {"ade150": "ADEChallengeData2016", "ade847": "ADE20K_2021_17_01", "pc59": "VOCdevkit/VOC2010",

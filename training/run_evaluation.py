@@ -2,14 +2,14 @@
 """Evaluate a DiSa model on the open-vocabulary benchmarks (CAT-Seg protocol) -> JSON + Markdown (+ model-index).
 
     python training/run_evaluation.py --model org/disa-vit-b-16 \
-        --benchmarks ade847 pc459 ade150 pc59 voc20 voc20b --data-dir /data/disa-benchmarks \
-        --output results/disa-b.json --markdown results/disa-b.md --model-index results/model-index.yaml
+        --benchmarks ade847 pc459 ade150 pc59 voc20 voc20b --data_dir /data/disa-benchmarks \
+        --output results/disa-b.json --markdown results/disa-b.md --model_index results/model-index.yaml
 
-Data source: ``--data-dir`` (a folder written by training/prepare_datasets.py) or ``--hub-dataset REPO`` (the same
+Data source: ``--data_dir`` (a folder written by training/prepare_datasets.py) or ``--hub_dataset REPO`` (the same
 layout on the Hub, one config per benchmark). Inference: ``--mode sliding`` (published protocol: warp 640,
 384 windows, stride 256, global view) or ``whole``; ``--dtype bf16`` runs the model under autocast. mIoU uses one
 confusion matrix over the whole split, averaged over classes present in the ground truth
-(``--miou-rule present_in_gt_or_pred`` for the other rule). Under ``accelerate launch`` each process takes every
+(``--miou_rule present_in_gt_or_pred`` for the other rule). Under ``accelerate launch`` each process takes every
 n-th image and the matrices are summed.
 """
 
@@ -19,20 +19,22 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from modeling_disa.evaluation.dataset_definitions import EVALUATION_DATASETS, ClassListMismatchError, load_evaluation_dataset  # noqa: E402
-from modeling_disa.model.inference import predict_segmentation  # noqa: E402
-from modeling_disa.evaluation.metrics import RULES, SegmentationConfusionMatrix, results_table_row  # noqa: E402
+from modeling_disa.evaluation.dataset_definitions import (
+    EVALUATION_DATASETS,
+    ClassListMismatchError,
+    load_evaluation_dataset,
+)
+from modeling_disa.evaluation.metrics import RULES, SegmentationConfusionMatrix, results_table_row
+from modeling_disa.model.inference import predict_segmentation
 
 
-def load_split(bench, data_dir: Optional[Path], hub_dataset: Optional[str], split: Optional[str]):
+def load_split(bench, data_dir: Path | None, hub_dataset: str | None, split: str | None):
     import datasets
 
     split = split or ("validation" if bench.split != "train+validation" else "validation")
@@ -40,7 +42,9 @@ def load_split(bench, data_dir: Optional[Path], hub_dataset: Optional[str], spli
         folder = Path(data_dir) / "data" / bench.hub_config
         meta_file = folder / "metadata.json"
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file} not found: prepare it with training/prepare_datasets.py {bench.name}.")
+            raise FileNotFoundError(
+                f"{meta_file} not found: prepare it with training/prepare_datasets.py {bench.name}."
+            )
         meta = json.loads(meta_file.read_text())
         files = sorted(str(p) for p in folder.glob(f"{split}-*.parquet"))
         if not files:
@@ -52,26 +56,25 @@ def load_split(bench, data_dir: Optional[Path], hub_dataset: Optional[str], spli
     if meta is not None:
         bench.check_class_names(meta["class_names"], what=f"dataset {bench.hub_config} class list")
         if int(meta["ignore_index"]) != bench.ignore_index:
-            raise ClassListMismatchError(f"dataset ignore value {meta['ignore_index']} != benchmark {bench.ignore_index}")
+            raise ClassListMismatchError(
+                f"dataset ignore value {meta['ignore_index']} != benchmark {bench.ignore_index}"
+            )
     return ds
 
 
-def to_pixel_values(image, mean, std, device) -> torch.Tensor:
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    return x[None].to(device)
+def to_pixel_values(image_processor, image, device) -> torch.Tensor:
+    """One image at its own size -> `(1, 3, H, W)`, normalised by the model's `DiSaImageProcessor` (the resizing of the
+    protocol happens in `predict_segmentation`)."""
+    return image_processor(images=image, do_resize=False, return_tensors="pt")["pixel_values"].to(device)
 
 
-def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> Dict:
+def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> dict:
     # CAT-Seg's protocol prompts every class by its first synonym, even where classes share one (ADE-847 has three
     # "bag" classes): reproduce it rather than refuse the list as a user vocabulary would be refused
     names = bench.prompt_names
     tok = processor(text=names, allow_shared_prompts=True)
     with torch.no_grad():
         text_embeds = model.get_text_embeddings(tok["input_ids"].to(device), tok["attention_mask"].to(device))
-    mean = getattr(processor.image_processor, "image_mean", [0.48145466, 0.4578275, 0.40821073])
-    std = getattr(processor.image_processor, "image_std", [0.26862954, 0.26130258, 0.27577711])
     cm = SegmentationConfusionMatrix.from_dataset_definition(bench, device=device)
     n = len(ds) if args.max_images is None else min(len(ds), args.max_images)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -79,7 +82,7 @@ def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1,
     for i in range(rank, n, world):
         ex = ds[i]
         label = torch.from_numpy(np.array(ex["label"]).astype(np.int64)).to(device)
-        pix = to_pixel_values(ex["image"], mean, std, device)
+        pix = to_pixel_values(processor.image_processor, ex["image"], device)
         seg = predict_segmentation(model, pix, text_embeds, mode=args.mode, short_side=args.short_side or None,
                                    output_size=tuple(label.shape), warp_size=args.warp_size,
                                    window_size=args.window_size, stride=args.stride, batch_size=args.views_per_batch,
@@ -94,14 +97,14 @@ def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1,
     return row
 
 
-def markdown_table(model_name: str, rows: List[Dict]) -> str:
+def markdown_table(model_name: str, rows: list[dict]) -> str:
     head = "| model | " + " | ".join(r["short_name"] for r in rows) + " |"
     sep = "|---|" + "---|" * len(rows)
     vals = f"| {model_name} | " + " | ".join(f"{r['mIoU']:.1f}" for r in rows) + " |"
     return "\n".join([head, sep, vals]) + "\n"
 
 
-def model_index(model_name: str, rows: List[Dict], dataset_repo: Optional[str]) -> List[Dict]:
+def model_index(model_name: str, rows: list[dict], dataset_repo: str | None) -> list[dict]:
     results = []
     for r in rows:
         results.append({
@@ -113,34 +116,33 @@ def model_index(model_name: str, rows: List[Dict], dataset_repo: Optional[str]) 
     return [{"name": model_name, "results": results}]
 
 
-def main(argv=None) -> Dict:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder or Hub id")
     p.add_argument("--benchmarks", nargs="+", default=list(EVALUATION_DATASETS))
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-dir", type=Path, help="folder written by training/prepare_datasets.py")
-    src.add_argument("--hub-dataset", help="Hub dataset repo with one config per benchmark")
+    src.add_argument("--data_dir", type=Path, help="folder written by training/prepare_datasets.py")
+    src.add_argument("--hub_dataset", help="Hub dataset repo with one config per benchmark")
     p.add_argument("--split", default=None)
     p.add_argument("--mode", choices=["sliding", "whole"], default="sliding")
-    p.add_argument("--short-side", type=int, default=640, help="0 disables the test-mapper resize")
-    p.add_argument("--warp-size", type=int, default=640)
-    p.add_argument("--window-size", type=int, default=384)
+    p.add_argument("--short_side", type=int, default=640, help="0 disables the test-mapper resize")
+    p.add_argument("--warp_size", type=int, default=640)
+    p.add_argument("--window_size", type=int, default=384)
     p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--views-per-batch", type=int, default=None, help="model batch size in views (default: all 5)")
+    p.add_argument("--views_per_batch", type=int, default=None, help="model batch size in views (default: all 5)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default=None)
-    p.add_argument("--miou-rule", choices=list(RULES), default="present_in_gt")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--miou_rule", choices=list(RULES), default="present_in_gt")
+    p.add_argument("--max_images", type=int, default=None)
     p.add_argument("--output", type=Path, default=None, help="JSON results")
     p.add_argument("--markdown", type=Path, default=None, help="Markdown table")
-    p.add_argument("--model-index", type=Path, default=None, help="write model-index results (JSON or .yaml)")
+    p.add_argument("--model_index", type=Path, default=None, help="write model-index results (JSON or .yaml)")
     args = p.parse_args(argv)
 
     benches = [load_evaluation_dataset(b) for b in args.benchmarks]  # unknown names fail here, before loading anything
 
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
-    accelerator = None
     try:
         from accelerate import PartialState
 
@@ -165,11 +167,12 @@ def main(argv=None) -> Dict:
         rows.append(row)
         if rank == 0:
             print(f"{bench.display_name}: mIoU {row['mIoU']:.2f} ({row['num_images']} images, {row['seconds']} s)")
-    out = {"model": args.model, "protocol": {"mode": args.mode, "short_side": args.short_side, "warp_size": args.warp_size,
-                                             "window_size": args.window_size, "stride": args.stride, "dtype": args.dtype,
-                                             "miou_rule": args.miou_rule},
-           "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                       "device": str(device), "world_size": world},
+    out = {"model": args.model,
+           "protocol": {"mode": args.mode, "short_side": args.short_side, "warp_size": args.warp_size,
+                        "window_size": args.window_size, "stride": args.stride, "dtype": args.dtype,
+                        "miou_rule": args.miou_rule},
+           "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                       "torch": torch.__version__, "device": str(device), "world_size": world},
            "results": {r["benchmark"]: r for r in rows}}
     if rank == 0:
         table = markdown_table(Path(args.model).name if os.path.isdir(args.model) else args.model, rows)

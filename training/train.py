@@ -5,93 +5,97 @@
         --dataset_name <hub id | parquet/arrow folder | save_to_disk folder> --output_dir runs/vitb
 
 Every recipe field (see `TrainingRecipe` below, or `--help`) can be set in the yaml given by `--config` and
-overridden on the command line; precedence: dataclass default < yaml < command line.
+overridden on the command line (`--field_name value`; booleans also bare, `--flag`, or `--no_flag` for those on by
+default; mapping fields as a yaml/JSON string); precedence: dataclass default < yaml < command line. A value the
+yaml sets cannot be emptied from the command line (argparse has no null): set it to null in a copy of the yaml.
+Without `--config` the recipe is the offline toy world (`configuration/training/toy_world.yaml`).
 
 The script reads top to bottom in the order it runs:
-  1. recipe and argument parsing          (`TrainingRecipe`, `parse_args`)
-  2. output folder and checkpoint helpers (atomic `save_state`, keep the last K, `latest` lookup)
-  3. model + processor                    (`build_model_and_processor`)
-  4. data                                 (`build_datasets`, see `training/data.py`)
-  5. validation                           (`evaluate`: whole-image, confusion matrix gathered across processes)
-  6. `main`: accelerator, optimiser, schedule, resume, training loop, checkpoints, final `save_pretrained`, push.
-
-Test-only hook: the environment variable `DISA_TRAIN_FAULT=kill_after_step:N` (SIGKILL right after optimiser step N
-and its checkpoint) or `kill_during_save:N` (SIGKILL after `save_state` of step N wrote its files, before the
-checkpoint is published) simulates a crash; `tests/test_train_script.py` uses it to prove resume bit-identity and
-checkpoint atomicity.
+  1. recipe and argument parsing  (`TrainingRecipe`, `parse_args`: `transformers.HfArgumentParser`)
+  2. model + processor            (`build_model_and_processor`)
+  3. data                         (`build_datasets`, see `training/data.py`)
+  4. validation                   (`evaluate`: whole-image, confusion matrix gathered across processes)
+  5. `main`: accelerator, optimiser (`training/optimization.py`), schedule, resume, training loop, checkpoints
+     (`training/checkpointing.py`), final `save_pretrained`, push.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import yaml
+from transformers import HfArgumentParser, SchedulerType
+
+import checkpointing as C
+import data as D
+from optimization import optimizer_param_groups
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configuration", "training", "toy_world.yaml")
+MAPPING_FIELDS = ("model_config_overrides", "toy_world")
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-import data as D  # noqa: E402
-
-# ======================================================================================================================
+# =====================================================================================================================
 # 1. Recipe
-# ======================================================================================================================
+# =====================================================================================================================
 
 
-def _f(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainingRecipe:
     # ---- model
-    model_name_or_path: typing.Optional[str] = _f(None, "A saved DiSa folder (save_pretrained) to start from. "
-                                                         "Overrides model_preset / clip_model_name_or_path.")
-    model_preset: typing.Optional[str] = _f("configuration/models/disa-vit-b-16",
-                                            "DiSaConfig preset folder (relative to the repo root or absolute).")
-    clip_model_name_or_path: typing.Optional[str] = _f(None, "Pretrained HF CLIP (Hub id or folder) for the preset; "
-                                                             "empty = random CLIP (tests only).")
-    processor_name_or_path: typing.Optional[str] = _f(None, "Where to load the DiSaProcessor from (default: the "
-                                                            "model folder, then the preset, then the CLIP tokenizer).")
-    model_config_overrides: typing.Optional[dict] = _f(None, "DiSaConfig values that replace the preset's (yaml "
-                                                             "mapping; on the command line e.g. '{fusion: own}').")
-    clip_finetune: str = _f("qv", "CLIP parameters to train: qv (CAT-Seg: Q/V projection weights), none, full.")
+    model_name_or_path: str | None = _f(None, "A saved DiSa folder (save_pretrained) to start from. "
+                                                 "Overrides model_preset / clip_model_name_or_path.")
+    model_preset: str | None = _f("configuration/models/disa-vit-b-16",
+                                     "DiSaConfig preset folder (relative to the repo root or absolute).")
+    clip_model_name_or_path: str | None = _f(None, "Pretrained HF CLIP (Hub id or folder) for the preset; "
+                                                      "empty = random CLIP (tests only).")
+    processor_name_or_path: str | None = _f(None, "Where to load the DiSaProcessor from (default: the model "
+                                                     "folder, then the preset, then the CLIP tokenizer).")
+    model_config_overrides: dict | str | None = _f(None, "DiSaConfig values that replace the preset's (yaml mapping; "
+                                                         "on the command line e.g. '{fusion: own}').")
+    clip_finetune: Literal["qv", "none", "full"] = _f("qv", "CLIP parameters to train: qv (CAT-Seg: Q/V projection "
+                                                            "weights), none, full.")
     # ---- data
-    dataset_name: typing.Optional[str] = _f(None, "Hub dataset id, local parquet/arrow folder, or save_to_disk folder.")
-    dataset_config_name: typing.Optional[str] = _f(None, "datasets config name.")
+    dataset_name: str | None = _f(None, "Hub dataset id, local parquet/arrow folder, or save_to_disk folder.")
+    dataset_config_name: str | None = _f(None, "datasets config name.")
     train_split: str = _f("train", "Training split name.")
-    validation_split: typing.Optional[str] = _f("validation", "Validation split name (empty: no validation).")
+    validation_split: str | None = _f("validation", "Validation split name (empty: no validation).")
     validation_fraction: float = _f(0.0, "If the validation split is missing, carve this fraction out of train.")
     image_column: str = _f("image", "Image column.")
     label_column: str = _f("label", "Label-map column (single-channel class ids).")
-    class_names: typing.Optional[typing.List[str]] = _f(None, "Class names (list, or one JSON/text file); default: "
-                                                              "the dataset's ClassLabel feature.")
-    class_names_feature: typing.Optional[str] = _f(None, "Column whose ClassLabel feature holds the class names.")
+    class_names: list[str] | None = _f(None, "Class names (list, or one JSON/text file); default: the dataset's "
+                                                "ClassLabel feature.")
+    class_names_feature: str | None = _f(None, "Column whose ClassLabel feature holds the class names.")
     ignore_index: int = _f(255, "Label value to ignore (255 for 8-bit label maps, 65535 for 16-bit).")
     reduce_labels: bool = _f(False, "ADE-style labels: 0 -> ignore, k -> k-1.")
     streaming: bool = _f(False, "Stream the data (datasets IterableDataset); needs max_train_steps.")
     shuffle_buffer_size: int = _f(1000, "Shuffle buffer for streaming.")
-    max_train_samples: typing.Optional[int] = _f(None, "Truncate the training split (debugging).")
-    max_eval_samples: typing.Optional[int] = _f(None, "Truncate the validation split.")
-    on_bad_sample: str = _f("error", "Bad sample (undecodable image, label out of range, size mismatch): "
-                                     "'error' stops with its index; 'skip' replaces it by the next sample and counts it.")
+    max_train_samples: int | None = _f(None, "Truncate the training split (debugging).")
+    max_eval_samples: int | None = _f(None, "Truncate the validation split.")
+    on_bad_sample: Literal["error", "skip"] = _f("error", "Bad sample (undecodable image, label out of range, size "
+                                                          "mismatch): 'error' stops with its index; 'skip' replaces "
+                                                          "it by the next sample and counts it.")
     max_bad_sample_fraction: float = _f(0.01, "With on_bad_sample=skip: stop when more than this fraction is bad.")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
-    cache_dir: typing.Optional[str] = _f(None, "datasets cache folder.")
+    cache_dir: str | None = _f(None, "datasets cache folder.")
     # ---- augmentation (CAT-Seg)
     crop_size: int = _f(384, "Random crop size (square).")
     resize_short_side: int = _f(384, "Training short-side resize (ResizeShortestEdge).")
     max_long_side: int = _f(1333, "Cap of the long side after the short-side resize.")
-    photometric_distortion: bool = _f(True, "SSD colour jitter (brightness +-32, contrast/saturation 0.5-1.5, hue +-18).")
+    photometric_distortion: bool = _f(True, "SSD colour jitter (brightness +-32, contrast/saturation 0.5-1.5, "
+                                            "hue +-18).")
     hflip_prob: float = _f(0.5, "Horizontal flip probability.")
     eval_size: int = _f(384, "Validation: images and labels resized to eval_size x eval_size (whole-image, fast).")
     # ---- optimisation (CAT-Seg: AdamW 2e-4, CLIP x0.01, wd 1e-4 (0 on norms), cosine to 0, no warmup, clip 0.01)
@@ -102,15 +106,16 @@ class TrainingRecipe:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    lr_scheduler_type: str = _f("cosine", "transformers.get_scheduler name (cosine, linear, polynomial, constant...).")
+    lr_scheduler_type: Literal[tuple(s.value for s in SchedulerType)] = _f("cosine", "transformers.get_scheduler "
+                                                                                     "schedule.")
     num_warmup_steps: int = _f(0, "Warmup optimiser steps.")
-    max_train_steps: typing.Optional[int] = _f(80000, "Optimiser steps (overrides num_train_epochs).")
-    num_train_epochs: typing.Optional[float] = _f(None, "Epochs, used when max_train_steps is empty.")
+    max_train_steps: int | None = _f(80000, "Optimiser steps (overrides num_train_epochs).")
+    num_train_epochs: float | None = _f(None, "Epochs, used when max_train_steps is empty.")
     per_device_train_batch_size: int = _f(1, "Batch per process (CAT-Seg: 4 GPUs x 1 = 4).")
     per_device_eval_batch_size: int = _f(4, "Validation batch per process.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step.")
     max_grad_norm: float = _f(0.01, "Full-model L2 gradient clipping (0 = off).")
-    mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate autocast).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate autocast.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on CUDA (CAT-Seg: set_float32_matmul_precision('high')).")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in CLIP and the aggregator.")
     ddp_find_unused_parameters: bool = _f(False, "DDP find_unused_parameters. Off (accelerate's default): every "
@@ -119,51 +124,41 @@ class TrainingRecipe:
                                                  "(the class-padding tokens are then unused).")
     seed: int = _f(42, "Seed of the model init, the shuffle and the augmentation.")
     # ---- checkpoints, validation, logging, output
-    output_dir: typing.Optional[str] = _f(None, "Where checkpoints/, logs and the final model go.")
+    output_dir: str | None = _f(None, "Where checkpoints/, logs and the final model go.")
     overwrite_output_dir: bool = _f(False, "Allow an output_dir that holds another run (its checkpoints/ is removed).")
     checkpointing_steps: int = _f(5000, "save_state every N optimiser steps (0 = never).")
     checkpoints_total_limit: int = _f(3, "Keep the last K checkpoints (0 = keep all).")
-    resume_from_checkpoint: typing.Optional[str] = _f(None, "'latest' or a checkpoint folder.")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder.")
     eval_steps: int = _f(5000, "Validate every N optimiser steps (0 = only at the end).")
     eval_before_training: bool = _f(False, "Also validate before the first step.")
     logging_steps: int = _f(20, "Log the training loss every N optimiser steps.")
-    report_to: str = _f("auto", "accelerate trackers: auto (tensorboard if installed), none, all, tensorboard, wandb...")
+    report_to: str = _f("auto", "accelerate trackers: auto (tensorboard if installed), none, all, tensorboard, "
+                                "wandb...")
     project_name: str = _f("disa", "Tracker project name.")
     push_to_hub: bool = _f(False, "Upload output_dir to the Hub at the end.")
-    hub_model_id: typing.Optional[str] = _f(None, "Hub repo id for push_to_hub.")
-    hub_token: typing.Optional[str] = _f(None, "Hub token (default: the cached login).")
+    hub_model_id: str | None = _f(None, "Hub repo id for push_to_hub.")
+    hub_token: str | None = _f(None, "Hub token (default: the cached login).")
     # ---- offline toy world (dataset_name: toy-world; see training/toy_world/job.py)
-    toy_world: typing.Optional[dict] = _f(None, "Toy-world settings (yaml mapping; on the command line a yaml/JSON "
-                                                "string such as '{num_train: 64}'): world size, seed, toy CLIP "
-                                                "pretraining, comparison runs. Used when dataset_name is toy-world.")
+    toy_world: dict | str | None = _f(None, "Toy-world settings (yaml mapping; on the command line a yaml/JSON "
+                                            "string such as '{num_train: 64}', merged into the recipe's mapping): "
+                                            "world size, seed, toy CLIP pretraining, comparison runs. Used when "
+                                            "dataset_name is toy-world.")
+
+    def __post_init__(self):
+        # mapping fields arrive as yaml/JSON strings from the command line (as TrainingArguments' dict fields do)
+        for name in MAPPING_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+                if not isinstance(value, dict):
+                    raise SystemExit(f"--{name} must be a yaml/JSON mapping, got {getattr(self, name)!r}")
+                setattr(self, name, value)
+        if isinstance(self.class_names, str):
+            self.class_names = [self.class_names]
+        check_recipe(self)
 
 
 RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(TrainingRecipe)}
-RECIPE_TYPES = typing.get_type_hints(TrainingRecipe)
-
-
-def _bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "y", "on"):
-        return True
-    if low in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
-def _optional(convert):
-    def parse(text):
-        return None if str(text).lower() in ("", "none", "null") else convert(text)
-
-    parse.__name__ = getattr(convert, "__name__", "value")
-    return parse
-
-
-def _mapping(text: str) -> dict:
-    value = yaml.safe_load(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a yaml/JSON mapping, got {text!r}")
-    return value
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -173,94 +168,45 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _unwrap_optional(tp):
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union and type(None) in args:
-        return [a for a in args if a is not type(None)][0], True
-    return tp, False
-
-
-def _coerce(name: str, value):
-    """yaml value -> field type (so that '2e-4' strings, ints for floats, etc. are accepted)."""
-    tp, optional = _unwrap_optional(RECIPE_TYPES[name])
-    if value is None:
-        if not optional:
-            raise ValueError(f"recipe field {name!r} cannot be empty")
-        return None
-    if typing.get_origin(tp) in (list, typing.List):
-        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-    if tp is bool:
-        return value if isinstance(value, bool) else _bool(value)
-    return tp(value)
-
-
-def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train DiSa with accelerate (CAT-Seg recipe). Every recipe field below can be set in the "
-        "--config yaml and overridden here.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(TrainingRecipe, description="Train DiSa with accelerate (CAT-Seg recipe). Every "
+                              "recipe field below can be set in the --config yaml and overridden here.")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="Recipe yaml (configuration/training/*.yaml; "
                         "default: the offline toy world, toy_world.yaml).")
-    for name, f in RECIPE_FIELDS.items():
-        tp, optional = _unwrap_optional(RECIPE_TYPES[name])
-        kwargs = {"default": argparse.SUPPRESS, "dest": name}
-        if typing.get_origin(tp) in (list, typing.List):
-            kwargs["nargs"] = "*"
-            kwargs["metavar"] = "NAME"
-        elif tp is dict:
-            kwargs["type"] = _optional(_mapping)
-            kwargs["metavar"] = "YAML"
-        elif tp is bool:
-            kwargs["type"] = _bool
-            kwargs["nargs"] = "?"
-            kwargs["const"] = True
-            kwargs["metavar"] = "BOOL"
-        else:
-            kwargs["type"] = _optional(tp) if optional else tp
-            kwargs["metavar"] = tp.__name__.upper()
-        kwargs["help"] = f"{f.metadata['help']} (default: {defaults.get(name, f.default)!r})"
-        parser.add_argument(f"--{name}", **kwargs)
     return parser
 
 
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configuration", "training", "toy_world.yaml")
-
-
-def parse_args(argv=None) -> TrainingRecipe:
-    """Without `--config`, the default recipe is the offline toy world (`configuration/training/toy_world.yaml`)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=DEFAULT_CONFIG)
-    known, _ = pre.parse_known_args(argv)
-    values = {name: f.default for name, f in RECIPE_FIELDS.items()}
-    if known.config:
-        with open(known.config, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
+def parse_args(argv: list[str] | None = None) -> TrainingRecipe:
+    """Recipe from the `--config` yaml, then the command line. As TRL's `TrlParser` does, the yaml values become the
+    parser's defaults, so `HfArgumentParser` applies the command line on top of them; a mapping field given on the
+    command line is merged into the yaml's mapping."""
+    parser = build_parser()
+    config = parser.parse_known_args(argv)[0].config
+    loaded = {}
+    if config:
+        with open(config, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
         unknown = sorted(set(loaded) - set(RECIPE_FIELDS))
         if unknown:
-            raise SystemExit(f"{known.config}: unknown recipe field(s) {unknown}")
-        values.update({k: _coerce(k, v) for k, v in loaded.items()})
-    args = build_parser(values).parse_args(argv)
-    for k, v in vars(args).items():
-        if k in RECIPE_FIELDS:  # a mapping given on the command line updates the recipe's mapping
-            values[k] = _merge(values[k], v) if isinstance(v, dict) and isinstance(values[k], dict) else v
-    if values.get("class_names") == []:
-        values["class_names"] = None
-    recipe = TrainingRecipe(**values)
-    check_recipe(recipe)
+            raise SystemExit(f"{config}: unknown recipe field(s) {unknown}")
+        parser.set_defaults(**loaded)
+    recipe, _ = parser.parse_args_into_dataclasses(args=argv)
+    for name in MAPPING_FIELDS:
+        base, value = loaded.get(name), getattr(recipe, name)
+        if isinstance(base, dict) and isinstance(value, dict) and value is not base:
+            setattr(recipe, name, _merge(base, value))
     return recipe
 
 
 def check_recipe(r: TrainingRecipe) -> None:
+    """Checks argparse cannot make: yaml values bypass its `choices`, and some fields depend on each other."""
     problems = []
+    for name, f in RECIPE_FIELDS.items():
+        choices = getattr(f.type, "__args__", None) if getattr(f.type, "__origin__", None) is Literal else None
+        if choices and getattr(r, name) not in choices:
+            problems.append(f"{name} must be one of {list(choices)}, got {getattr(r, name)!r}")
     if not r.output_dir:
         problems.append("--output_dir is required")
-    if r.mixed_precision not in ("no", "fp16", "bf16"):
-        problems.append(f"mixed_precision must be no|fp16|bf16, got {r.mixed_precision!r}")
-    if r.on_bad_sample not in ("error", "skip"):
-        problems.append(f"on_bad_sample must be error|skip, got {r.on_bad_sample!r}")
-    if r.clip_finetune not in ("qv", "none", "full"):
-        problems.append(f"clip_finetune must be qv|none|full, got {r.clip_finetune!r}")
     if r.max_train_steps is None and r.num_train_epochs is None:
         problems.append("set max_train_steps or num_train_epochs")
     if r.streaming and r.max_train_steps is None:
@@ -281,121 +227,9 @@ def _repo_path(path: str | None) -> str | None:
     return path
 
 
-# ======================================================================================================================
-# 2. Output folder and checkpoints
-# ======================================================================================================================
-
-CHECKPOINT_PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
-STATE_FILE = "training_state.json"
-
-
-def checkpoint_root(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints (published by rename, so they hold STATE_FILE), oldest first."""
-    root = checkpoint_root(output_dir)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() and os.path.isfile(
-            os.path.join(path, STATE_FILE)
-        ):
-            found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
-    return [p for _, p in sorted(found)]
-
-
-def check_output_dir(r: TrainingRecipe) -> None:
-    """Refuse an output_dir that holds another run, unless resuming or overwrite_output_dir. Runs on every process
-    before anyone writes, so all processes take the same decision."""
-    out = r.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not r.resume_from_checkpoint and not r.overwrite_output_dir:
-        raise SystemExit(
-            f"output_dir {out!r} is not empty ({sorted(os.listdir(out))[:6]}...): it holds another run. "
-            "Use --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
-            "or another --output_dir."
-        )
-
-
-def prepare_output_dir(r: TrainingRecipe) -> None:
-    """Main process only: with overwrite_output_dir, drop the other run's checkpoints; drop the leftovers of
-    checkpoints that a crash interrupted (they were never published)."""
-    out = r.output_dir
-    if r.overwrite_output_dir and not r.resume_from_checkpoint and os.path.isdir(checkpoint_root(out)):
-        shutil.rmtree(checkpoint_root(out))
-    os.makedirs(checkpoint_root(out), exist_ok=True)
-    for name in os.listdir(checkpoint_root(out)):
-        if name.startswith(TMP_PREFIX):
-            shutil.rmtree(os.path.join(checkpoint_root(out), name), ignore_errors=True)
-
-
-def resolve_resume(r: TrainingRecipe) -> str | None:
-    if not r.resume_from_checkpoint:
-        return None
-    if r.resume_from_checkpoint == "latest":
-        found = list_checkpoints(r.output_dir)
-        return found[-1] if found else None  # nothing saved yet: start from scratch
-    path = r.resume_from_checkpoint
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise SystemExit(f"{path!r} is not a complete checkpoint (no {STATE_FILE})")
-    return path
-
-
-def _fault(kind: str, step: int) -> None:
-    spec = os.environ.get("DISA_TRAIN_FAULT", "")
-    if spec == f"{kind}:{step}":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def save_checkpoint(accelerator, r: TrainingRecipe, step: int, state: dict) -> str:
-    """`save_state` into a hidden temporary folder, write the loop state, then publish with one atomic rename;
-    prune to the last `checkpoints_total_limit`. A crash at any point leaves either the old set or the new one."""
-    root = checkpoint_root(r.output_dir)
-    tmp = os.path.join(root, f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}")
-    final = os.path.join(root, f"{CHECKPOINT_PREFIX}{step}")
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    _fault("kill_during_save", step)
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, STATE_FILE), "w") as fh:
-            json.dump(state, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # re-saving the same step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if r.checkpoints_total_limit > 0:
-            for old in list_checkpoints(r.output_dir)[: -r.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-# ======================================================================================================================
-# 3. Model and processor
-# ======================================================================================================================
+# =====================================================================================================================
+# 2. Model and processor
+# =====================================================================================================================
 
 
 def build_model_and_processor(r: TrainingRecipe):
@@ -444,15 +278,15 @@ def tokenize_classes(processor, class_names: list[str]) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
 
 
-# ======================================================================================================================
-# 4. Data
-# ======================================================================================================================
+# =====================================================================================================================
+# 3. Data
+# =====================================================================================================================
 
 
-def build_datasets(r: TrainingRecipe, image_mean, image_std, num_processes: int, train_dataset=None,
-                   eval_dataset=None):
-    """-> (train torch dataset, eval torch dataset or None, class names). In-memory `datasets` objects may be
-    passed instead of `dataset_name` (used by tests and notebooks)."""
+def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_dataset=None):
+    """-> (train torch dataset, eval torch dataset or None, class names). Images are normalised by the model's
+    `image_processor`. In-memory `datasets` objects may be passed instead of `dataset_name` (used by tests and
+    notebooks)."""
     if train_dataset is None:
         if not r.dataset_name:
             raise SystemExit("--dataset_name is required")
@@ -489,20 +323,20 @@ def build_datasets(r: TrainingRecipe, image_mean, image_std, num_processes: int,
 
     num_classes = len(class_names)
     train_tf = D.TrainTransform(
+        image_processor,
         crop_size=r.crop_size, resize_short_side=r.resize_short_side, max_long_side=r.max_long_side,
         photometric=r.photometric_distortion, hflip_prob=r.hflip_prob, ignore_index=r.ignore_index,
-        image_mean=image_mean, image_std=image_std,
     )
     prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, r.ignore_index, train_tf, r.reduce_labels)
     if r.streaming:
         stream = train_dataset.shuffle(seed=r.seed, buffer_size=r.shuffle_buffer_size)
         train = D.StreamingSegmentationDataset(stream, prep, seed=r.seed, on_bad_sample=r.on_bad_sample)
     else:
-        train = D.SegmentationDataset(train_dataset, prep, seed=r.seed, shuffle=True, on_bad_sample=r.on_bad_sample)
+        train = D.SegmentationDataset(train_dataset, prep, seed=r.seed, on_bad_sample=r.on_bad_sample)
     evaluation = None
     if eval_dataset is not None:
         eval_prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, r.ignore_index,
-                                     D.EvalTransform(r.eval_size, image_mean, image_std), r.reduce_labels)
+                                     D.EvalTransform(image_processor, r.eval_size), r.reduce_labels)
         if r.streaming:
             evaluation = D.StreamingSegmentationDataset(eval_dataset, eval_prep, seed=r.seed, on_bad_sample="error")
         else:
@@ -510,9 +344,9 @@ def build_datasets(r: TrainingRecipe, image_mean, image_std, num_processes: int,
     return train, evaluation, class_names
 
 
-# ======================================================================================================================
-# 5. Validation
-# ======================================================================================================================
+# =====================================================================================================================
+# 4. Validation
+# =====================================================================================================================
 
 
 def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_index: int) -> dict:
@@ -520,7 +354,8 @@ def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_i
     upsampled (bilinear) to the label size, argmax; predictions and labels are gathered with `gather_for_metrics`
     (which drops the samples duplicated to even out the last batch), so every process holds the same confusion matrix
     and the result does not depend on the number of processes. The vocabulary is encoded once: the first batch's
-    output `text_embeds` go to every later batch (through the wrapped model's forward, so DDP/FSDP see a normal call)."""
+    output `text_embeds` go to every later batch (through the wrapped model's forward, so DDP/FSDP see a normal
+    call)."""
     from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix
 
     model.eval()
@@ -547,9 +382,9 @@ def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_i
     }
 
 
-# ======================================================================================================================
-# 6. Main
-# ======================================================================================================================
+# =====================================================================================================================
+# 5. Main
+# =====================================================================================================================
 
 
 def _trackers(report_to: str):
@@ -632,7 +467,8 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
         mixed_precision=r.mixed_precision,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=r.output_dir, logging_dir=os.path.join(r.output_dir, "logs")),
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        # the seedable sampler draws each epoch's order from (seed, epoch): a resumed run sees the same order
+        dataloader_config=DataLoaderConfiguration(even_batches=True, use_seedable_sampler=True, data_seed=r.seed),
         step_scheduler_with_optimizer=False,  # the schedule counts optimiser steps; stepped in the loop
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=r.ddp_find_unused_parameters)],
     )
@@ -641,8 +477,8 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
         torch.backends.cudnn.allow_tf32 = True
     run.main_process = accelerator.is_main_process
     # read-only checks first: nothing is written until the model, the data and the optimiser are set up
-    check_output_dir(r)
-    resume_path = resolve_resume(r)
+    C.check_output_dir(r.output_dir, r.resume_from_checkpoint, r.overwrite_output_dir)
+    resume_path = C.resolve_resume(r.output_dir, r.resume_from_checkpoint)
     run.started = bool(resume_path)
 
     # ---- model, processor (same init on every process; DDP also broadcasts rank 0's weights)
@@ -653,19 +489,16 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    image_processor = getattr(processor, "image_processor", None)
-    image_mean = getattr(image_processor, "image_mean", None) or D.OPENAI_CLIP_MEAN
-    image_std = getattr(image_processor, "image_std", None) or D.OPENAI_CLIP_STD
 
     # ---- data
     with accelerator.main_process_first():
         train_set, eval_set, class_names = build_datasets(
-            r, image_mean, image_std, accelerator.num_processes, train_dataset, eval_dataset
+            r, processor.image_processor, train_dataset, eval_dataset
         )
     text_inputs = {k: v.to(accelerator.device) for k, v in tokenize_classes(processor, class_names).items()
                    if v is not None}
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=r.per_device_train_batch_size, shuffle=False,  # order: SegmentationDataset.set_epoch
+        train_set, batch_size=r.per_device_train_batch_size, shuffle=not r.streaming,
         collate_fn=D.collate_segmentation, num_workers=r.dataloader_num_workers, drop_last=False,
     )
     eval_loader = None
@@ -676,7 +509,7 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
         )
 
     # ---- optimiser and schedule
-    groups = model.optimizer_param_groups(r.learning_rate, r.clip_lr_multiplier, r.weight_decay, r.weight_decay_norm)
+    groups = optimizer_param_groups(model, r.learning_rate, r.clip_lr_multiplier, r.weight_decay, r.weight_decay_norm)
     optimizer = torch.optim.AdamW(groups, lr=r.learning_rate, betas=(r.adam_beta1, r.adam_beta2), eps=r.adam_epsilon)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
@@ -696,7 +529,7 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     # ---- everything checked: now write the output folder
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        prepare_output_dir(r)
+        C.prepare_output_dir(r.output_dir, r.resume_from_checkpoint, r.overwrite_output_dir)
         if not resume_path:
             with open(os.path.join(r.output_dir, "recipe.yaml"), "w") as fh:
                 yaml.safe_dump(dataclasses.asdict(r), fh, sort_keys=False)
@@ -716,18 +549,24 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
                 main_process_only=True)
 
     # ---- resume
+    progress_state = C.TrainingProgress(num_processes=accelerator.num_processes,
+                                        per_device_train_batch_size=r.per_device_train_batch_size,
+                                        gradient_accumulation_steps=r.gradient_accumulation_steps)
+    C.register_progress(accelerator, progress_state)
     completed_steps, start_epoch, resume_batches = 0, 0, 0
     skipped_total, seen_total = 0, 0
     if resume_path:
-        accelerator.load_state(resume_path)
-        with open(os.path.join(resume_path, STATE_FILE)) as fh:
-            st = json.load(fh)
-        if st["num_processes"] != accelerator.num_processes or st["per_device_train_batch_size"] != \
-                r.per_device_train_batch_size:
+        accelerator.load_state(resume_path)  # also restores progress_state
+        st = progress_state
+        if (st.num_processes, st.per_device_train_batch_size) != (accelerator.num_processes,
+                                                                   r.per_device_train_batch_size):
             logger.warning("resuming with another process count / batch size: the data order will differ")
-        completed_steps, start_epoch, resume_batches = st["completed_steps"], st["epoch"], st["batches_in_epoch"]
-        if accelerator.is_main_process:
-            skipped_total, seen_total = st["skipped_samples"], st["seen_samples"]
+        completed_steps, start_epoch, resume_batches = st.completed_steps, st.epoch, st.batches_in_epoch
+        if accelerator.is_main_process:  # totals over processes; restored on rank 0 only
+            skipped_total, seen_total = st.skipped_samples, st.seen_samples
+        progress_state.num_processes = accelerator.num_processes
+        progress_state.per_device_train_batch_size = r.per_device_train_batch_size
+        progress_state.gradient_accumulation_steps = r.gradient_accumulation_steps
         if steps_per_epoch is not None and resume_batches >= len(train_loader):
             start_epoch, resume_batches = start_epoch + 1, 0
         logger.info(f"resumed from {resume_path} at step {completed_steps} (epoch {start_epoch}, "
@@ -806,17 +645,15 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
                 step_start = time.perf_counter()
             if r.checkpointing_steps and completed_steps % r.checkpointing_steps == 0:
                 counts = accelerator.reduce(torch.tensor([skipped_total, seen_total], device=accelerator.device),
-                                            "sum").tolist()  # totals over processes; restored on rank 0 only
-                save_checkpoint(accelerator, r, completed_steps, {
+                                            "sum").tolist()
+                progress_state.load_state_dict({
                     "completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                     "skipped_samples": counts[0], "seen_samples": counts[1],
-                    "num_processes": accelerator.num_processes,
-                    "per_device_train_batch_size": r.per_device_train_batch_size,
-                    "gradient_accumulation_steps": r.gradient_accumulation_steps,
                 })
+                C.save_checkpoint(accelerator, r.output_dir, completed_steps, r.checkpoints_total_limit)
             if r.eval_steps and completed_steps % r.eval_steps == 0 and completed_steps < max_train_steps:
                 metrics = run_eval(completed_steps)
-            _fault("kill_after_step", completed_steps)
+            C.fault("kill_after_step", completed_steps)
             if completed_steps >= max_train_steps:
                 break
     progress.close()

@@ -258,38 +258,6 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             ]
         return names
 
-    def optimizer_param_groups(
-        self,
-        learning_rate: float,
-        clip_lr_multiplier: float = 0.01,
-        weight_decay: float = 1e-4,
-        weight_decay_norm: float = 0.0,
-    ) -> list[dict]:
-        """AdamW parameter groups of the CAT-Seg recipe: CLIP at `learning_rate * clip_lr_multiplier`, the head at
-        `learning_rate`; LayerNorm/GroupNorm parameters (and CLIP embeddings) at `weight_decay_norm`."""
-        no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
-        no_decay = {
-            id(p) for m in self.modules() if isinstance(m, no_decay_types) for p in m.parameters(recurse=False)
-        }
-        groups = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            part = "clip" if name.startswith("clip.") else "head"
-            decay = id(param) not in no_decay
-            key = part if decay else f"{part}_no_decay"
-            group = groups.setdefault(
-                key,
-                {
-                    "name": key,
-                    "params": [],
-                    "lr": learning_rate * (clip_lr_multiplier if part == "clip" else 1.0),
-                    "weight_decay": weight_decay if decay else weight_decay_norm,
-                },
-            )
-            group["params"].append(param)
-        return list(groups.values())
-
     @classmethod
     def from_clip_pretrained(
         cls, clip_name_or_path: str | os.PathLike, config: DiSaConfig | str | os.PathLike | None = None, **kwargs
