@@ -6,8 +6,8 @@
   `AutoModelForSemanticSegmentation`, and `custom_pipelines` for the `open-vocabulary-segmentation` task);
 - `processor_config.json`, `preprocessor_config.json`, `tokenizer.json`, `tokenizer_config.json`;
 - the code files (`configuration_disa.py`, `modeling_disa.py`, ..., `pipeline_disa.py`) so that
-  `AutoModel.from_pretrained(repo, trust_remote_code=True)` and `pipeline(..., trust_remote_code=True)` work without the
-  package installed;
+  `AutoModel.from_pretrained(repo, trust_remote_code=True)` and `pipeline(..., trust_remote_code=True)` work without
+  the package installed;
 - `README.md`: the model card rendered from `model_card.md` (placeholders `{model_name}`, `{repo_id}`,
   `{eval_results}`; any other brace text such as the prompt template `"A photo of a {} in the scene"` is left alone),
   with metadata (`library_name: transformers`, `pipeline_tag: image-segmentation`, datasets, metrics) and a
@@ -21,8 +21,9 @@ repo (if needed) and uploads the folder in one commit. The standard `model.push_
     python -m modeling_disa.hub --model_dir out/disa-vitb --repo_id org/disa-vitb --output_dir staged/  # no upload
 
 The demo Space (the Gradio app in the repository's `space/` folder): `publish_space(repo_id, model_repo)` writes the
-app, its requirements, its README with `models: [model_repo]` (the model the app serves) and a copy of this package
-(which the app imports), creates the Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
+app, its requirements, its example images (`examples/*.png` and `examples/examples.json`), its README with
+`models: [model_repo]` (the model the app serves) and a copy of this package (which the app imports), creates the
+Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
 
     python -m modeling_disa.hub space --repo_id org/disa-demo --model_repo org/disa-vitb [--output_dir staged/]
 
@@ -55,7 +56,8 @@ from ..model.pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeli
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card.md"  # a link to the project's model_card.md; a file in a wheel
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SPACE_DIR = PACKAGE_DIR.parent / "space"
-SPACE_FILE_SUFFIXES = (".py", ".txt", ".md")  # the app's own files; examples/ is rendered by the app at start-up
+SPACE_FILE_SUFFIXES = (".py", ".txt", ".md")  # the app's own files (not its README screenshot)
+SPACE_EXAMPLE_FILES = ("*.png", "examples.json")  # examples/: the example images and the manifest naming them
 SPACE_SDK = "gradio"
 PLACEHOLDERS = ("model_name", "repo_id", "eval_results")
 
@@ -166,7 +168,9 @@ def load_eval_results(source) -> dict[str, dict[str, float]]:
     return results
 
 
-def eval_results_to_model_index(results: dict[str, dict[str, float]], dataset_repo: str | None = None) -> list[EvalResult]:
+def eval_results_to_model_index(
+    results: dict[str, dict[str, float]], dataset_repo: str | None = None
+) -> list[EvalResult]:
     """One `EvalResult` per (benchmark, metric), task type `image-segmentation`."""
     display_to_type = {name: type_ for type_, name in METRIC_KEYS.values()}
     entries = []
@@ -377,7 +381,9 @@ def _check_repo_id(repo_id, name: str = "repo_id") -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- demo Space
-def save_space(save_directory: str | os.PathLike, model_repo: str, *, space_dir: str | os.PathLike | None = None) -> Path:
+def save_space(
+    save_directory: str | os.PathLike, model_repo: str, *, space_dir: str | os.PathLike | None = None
+) -> Path:
     """
     Write the demo Space repository into `save_directory`; returns the folder.
 
@@ -394,13 +400,18 @@ def save_space(save_directory: str | os.PathLike, model_repo: str, *, space_dir:
                                 "pointing at the repository's space/ folder.")
     card = SpaceCard.load(source / "README.md")
     if card.data.get("sdk") != SPACE_SDK or not (source / str(card.data.get("app_file"))).is_file():
-        raise ValueError(f"{source / 'README.md'} must declare sdk: {SPACE_SDK} and an app_file present in the folder, "
-                         f"got sdk={card.data.get('sdk')!r}, app_file={card.data.get('app_file')!r}.")
+        raise ValueError(f"{source / 'README.md'} must declare sdk: {SPACE_SDK} and an app_file present in the "
+                         f"folder, got sdk={card.data.get('sdk')!r}, app_file={card.data.get('app_file')!r}.")
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.suffix in SPACE_FILE_SUFFIXES:
             shutil.copy2(path, folder / path.name)
+    examples = sorted({path for pattern in SPACE_EXAMPLE_FILES for path in (source / "examples").glob(pattern)})
+    if examples:
+        (folder / "examples").mkdir(exist_ok=True)
+    for path in examples:
+        shutil.copy2(path, folder / "examples" / path.name)
     # The Space cannot pip-install this package from a registry, so the app's import finds a copy beside it.
     package = folder / PACKAGE_DIR.name
     package.mkdir(exist_ok=True)
@@ -464,7 +475,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["space"]:  # a subcommand in front of the model-publishing options, which keep their form
         return space_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="The demo Space: python -m modeling_disa.hub space --help")
     parser.add_argument("--model_dir", required=True, help="folder with the saved model and processor")
     parser.add_argument("--repo_id", required=True, help="target repo, 'org/name'")
