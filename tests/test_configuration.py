@@ -81,3 +81,16 @@ def test_foreground_k_scales_with_grid():
     config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-b-16")
     assert config.foreground_k(576) == 96
     assert config.foreground_k(64) == round(64 / 6)
+
+
+def test_packaged_tiny_preset_is_the_configuration_preset():
+    """modeling_disa/presets/disa-tiny (package data read by `python -m modeling_disa.demo`) is the copy that
+    `python training/make_presets.py` writes of configuration/models/disa-tiny: the same files, byte for byte."""
+    from importlib.resources import files
+
+    packaged = files("modeling_disa").joinpath("presets", "disa-tiny")
+    source = PRESETS / "disa-tiny"
+    names = sorted(p.name for p in source.iterdir())
+    assert sorted(p.name for p in packaged.iterdir()) == names and "config.json" in names
+    for name in names:
+        assert packaged.joinpath(name).read_bytes() == (source / name).read_bytes(), name

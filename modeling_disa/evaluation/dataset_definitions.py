@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -49,12 +51,13 @@ class ClassListMismatchError(ValueError):
     """Raised when a class list does not match the benchmark (or dataset) it is used with."""
 
 
-def definitions_dir() -> Path:
-    """Folder holding the ``<name>.json`` definitions (``$DISA_DATASET_DEFINITIONS_DIR`` overrides)."""
+def definitions_dir() -> Traversable:
+    """Folder holding the ``<name>.json`` definitions: the package data ``definitions/`` (read through
+    `importlib.resources`, so it works from any install), or ``$DISA_DATASET_DEFINITIONS_DIR``."""
     env = os.environ.get("DISA_DATASET_DEFINITIONS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "definitions"
+    return files(__package__).joinpath("definitions")
 
 
 def first_synonym(name: str, separator: str = ",") -> str:
@@ -217,9 +220,8 @@ def load_evaluation_dataset(name_or_path: Union[str, os.PathLike]) -> DatasetDef
     if key not in _CACHE:
         file = definitions_dir() / f"{name}.json"
         if not file.is_file():
-            raise UnknownDatasetError(f"Benchmark {name!r} has no definition file at {file}.")
-        with open(file, encoding="utf-8") as f:
-            _CACHE[key] = _from_json(json.load(f))
+            raise UnknownDatasetError(f"Evaluation dataset {name!r} has no definition file at {file}.")
+        _CACHE[key] = _from_json(json.loads(file.read_text(encoding="utf-8")))
     return _CACHE[key]
 
 

@@ -45,6 +45,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, SpaceCard
@@ -53,42 +54,14 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from ..model.pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
 
-TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card.md"  # a link to the project's model_card.md; a file in a wheel
+# The card template, package data (in the repository a link to the top-level model_card.md; a file in a wheel).
+TEMPLATE = files(__package__).joinpath("model_card.md")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-SPACE_DIR = PACKAGE_DIR.parent / "space"
+SPACE_DIR = PACKAGE_DIR.parent / "space"  # the app folder, when the package runs from a repository checkout
 SPACE_FILE_SUFFIXES = (".py", ".txt", ".md")  # the app's own files (not its README screenshot)
 SPACE_EXAMPLE_FILES = ("*.png", "examples.json")  # examples/: the example images and the manifest naming them
 SPACE_SDK = "gradio"
 PLACEHOLDERS = ("model_name", "repo_id", "eval_results")
-
-# Minimal card used when model_card.md is not available (e.g. a non-editable install of the package).
-FALLBACK_TEMPLATE = """---
-library_name: transformers
-pipeline_tag: image-segmentation
-license: mit
-tags:
-  - open-vocabulary-segmentation
-  - semantic-segmentation
-datasets:
-  - coco-stuff
-metrics:
-  - mean_iou
----
-
-# {model_name}
-
-DiSa / CAT-Seg open-vocabulary semantic segmentation on CLIP.
-
-```python
-from transformers import pipeline
-segmenter = pipeline("open-vocabulary-segmentation", model="{repo_id}", trust_remote_code=True)
-segmenter("image.jpg", candidate_labels=["cat", "grass", "sky"])
-```
-
-## Evaluation
-
-{eval_results}
-"""
 
 # metric key in the results JSON -> (model-index metric type, display name)
 METRIC_KEYS = {
@@ -230,7 +203,7 @@ def render_model_card(
         repo_id: `"org/name"`; used in the usage snippet and (its last part) as the default `model_name`.
         eval_results: results dict / list / JSON path (see module docstring); fills the `{eval_results}` table and
             the `model-index`.
-        template: a card template path (default: the repository's `model_card.md`, else a built-in minimal one).
+        template: a card template path (default: the package's `model_card.md`, the project's card).
         base_model, datasets, tags, license: metadata merged into the template's front matter.
         dataset_repo: Hub dataset id used as `dataset.type` in the model-index (default: the benchmark name).
     """
@@ -242,7 +215,7 @@ def render_model_card(
             raise FileNotFoundError(f"model card template {str(path)!r} does not exist.")
         text = path.read_text(encoding="utf-8")
     else:
-        text = TEMPLATE_PATH.read_text(encoding="utf-8") if TEMPLATE_PATH.is_file() else FALLBACK_TEMPLATE
+        text = TEMPLATE.read_text(encoding="utf-8")
     text = render_template(
         text, {"model_name": model_name, "repo_id": repo_id, "eval_results": eval_results_markdown(results)}
     )
@@ -389,10 +362,14 @@ def save_space(
 
     Args:
         model_repo: `"org/name"` of the model the app serves, written to the README metadata (`models:`).
-        space_dir: the app folder (`app.py`, `requirements.txt`, `README.md` with `sdk: gradio` and `app_file`);
-            default: the repository's `space/`.
+        space_dir: the app folder (`app.py`, `requirements.txt`, `README.md` with `sdk: gradio` and `app_file`,
+            optional `examples/`); default: the `space/` folder of the repository checkout the package runs from
+            (an installed package has none: pass it).
     """
     _check_repo_id(model_repo, "model_repo")
+    if space_dir is None and not (PACKAGE_DIR.parent / "setup.py").is_file():
+        raise FileNotFoundError("the demo app is not part of the installed package: pass space_dir= (--space_dir) "
+                                "pointing at the repository's space/ folder.")
     source = Path(space_dir) if space_dir is not None else SPACE_DIR
     missing = [name for name in ("app.py", "requirements.txt", "README.md") if not (source / name).is_file()]
     if missing:
