@@ -9,7 +9,8 @@ Key layout of the official checkpoint (detectron2 stores `{"model": state_dict, 
 - `sem_seg_head.predictor.clip_model.*`: OpenAI CLIP names (CAT-Seg's vendored copy). Attention projections are
   split (`attn.q_proj_weight`, `attn.k_proj_weight`, `attn.v_proj_weight`) or fused (`attn.in_proj_weight`), the
   bias is always fused (`attn.in_proj_bias`); `visual.proj` and `text_projection` are `(in, out)` matrices and are
-  transposed into HF's `nn.Linear` weights. The mapping is `catseg-protocol.md` section 6.8.
+  transposed into HF's `nn.Linear` weights. The name mapping is `_BLOCK_NAMES` / `_CLIP_NAMES` / `_AGGREGATOR_RULES`
+  below.
 - `sem_seg_head.predictor.transformer.*`: the aggregator (`conv1`, `guidance_projection.0`,
   `text_guidance_projection.0`, `decoder_guidance_projection.{0,1}.0`, `layers.i.swin_block.*`,
   `layers.i.attention.*`, `decoder1`, `decoder2`, `head`).

@@ -1,4 +1,4 @@
-"""Benchmark definitions: counts, label conventions, cross-consistency of the lists, prompt and fold rules."""
+"""Evaluation-dataset definitions: counts, label conventions, cross-consistency of the lists, prompt and fold rules."""
 import json
 
 import numpy as np
@@ -58,7 +58,7 @@ def test_prompt_handling_first_synonym():
 def test_aliases_and_unknown_names():
     assert load_evaluation_dataset("A-847").name == "ade847" and load_evaluation_dataset("PAS-20b").name == "voc20b"
     assert load_evaluation_dataset("PC-59").name == "pc59" and load_evaluation_dataset("coco-stuff").name == "coco_stuff171"
-    with pytest.raises(UnknownDatasetError, match="Known benchmarks"):
+    with pytest.raises(UnknownDatasetError, match="Known datasets"):
         load_evaluation_dataset("ade20000")
     assert EVALUATION_DATASETS == ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
 

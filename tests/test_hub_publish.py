@@ -193,7 +193,7 @@ def test_offline_mode_errors_do_not_hang(tiny_model, tiny_processor):
 
 def test_save_for_hub_and_card_rendering(tiny_model, tiny_processor, tmp_path):
     results_file = tmp_path / "results.json"
-    results_file.write_text(json.dumps({"results": [{"benchmark": "voc20", "mIoU": 93.7, "pAcc": 97.0},
+    results_file.write_text(json.dumps({"results": [{"dataset": "voc20", "mIoU": 93.7, "pAcc": 97.0},
                                                     {"benchmark": "my-set", "mean_iou": 41.0}]}))
     folder = save_for_hub(tiny_model, tiny_processor, tmp_path / "repo", repo_id="org/x", eval_results=results_file,
                           base_model="openai/clip-vit-base-patch16", datasets=["org/coco-stuff-171"])
@@ -213,7 +213,7 @@ def test_save_for_hub_and_card_rendering(tiny_model, tiny_processor, tmp_path):
     template = tmp_path / "card.md"
     template.write_text("---\nlicense: apache-2.0\n---\n# {model_name} at {repo_id}\n{eval_results}\n{other}\n")
     card = render_model_card("org/y", {"ade847": 11.0}, template=template)
-    assert card.text.startswith("# y at org/y\n| benchmark | mIoU |") and "{other}" in card.text
+    assert card.text.startswith("# y at org/y\n| dataset | mIoU |") and "{other}" in card.text
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "image-segmentation"
 
 

@@ -134,7 +134,7 @@ def test_bad_inputs():
     cm = SegmentationConfusionMatrix(10, 255)
     with pytest.raises(ValueError, match="not the ignore value"):
         cm.update(np.zeros((2, 2), int), np.array([[1, 12], [255, 0]]))
-    with pytest.raises(ValueError, match="not the ignore value"):  # 16-bit ignore given to an 8-bit benchmark
+    with pytest.raises(ValueError, match="not the ignore value"):  # 16-bit ignore given to an 8-bit dataset
         cm.update(np.zeros((1, 2), int), np.array([[65535, 0]]))
     with pytest.raises(ValueError, match="not the ignore value"):
         cm.update(np.zeros((1, 2), int), np.array([[-1, 0]]))
@@ -195,7 +195,7 @@ def test_evaluate_module_matches_mean_iou_formulas(hub_metric):
     assert r["overall_accuracy"] == pytest.approx(oacc)
     np.testing.assert_allclose(r["per_category_iou"], iou, equal_nan=True)
     np.testing.assert_allclose(r["per_category_accuracy"], acc, equal_nan=True)
-    # the benchmark rule agrees with the torch accumulator
+    # the published rule agrees with the torch accumulator
     r2 = hub_metric.compute(predictions=preds, references=gts, num_labels=11, ignore_index=255, miou_rule="present_in_gt")
     cm = SegmentationConfusionMatrix(11, 255)
     for p, g in zip(preds, gts):

@@ -1,4 +1,4 @@
-"""Benchmark definitions for open-vocabulary semantic segmentation (data, not code).
+"""Evaluation-dataset definitions for open-vocabulary semantic segmentation (data, not code).
 
 The definitions live in ``modeling_disa/evaluation/definitions/<name>.json`` (class names exactly as CAT-Seg's
 ``datasets/*.json``, label dtype, ignore value, evaluation rules, Hub config name, raw-release mapping).
@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-# The six open-vocabulary benchmarks in the column order of the published tables.
+# The six open-vocabulary evaluation datasets in the column order of the published tables.
 EVALUATION_DATASETS: Tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
 TRAINING_DATASETS: Tuple[str, ...] = ("coco_stuff171",)
 ALL_DATASETS: Tuple[str, ...] = EVALUATION_DATASETS + TRAINING_DATASETS
@@ -41,14 +41,14 @@ _ALIASES = {
 
 
 class UnknownDatasetError(KeyError):
-    """Raised for a benchmark name that is not defined."""
+    """Raised for a dataset name that is not defined."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
 
 
 class ClassListMismatchError(ValueError):
-    """Raised when a class list does not match the benchmark (or dataset) it is used with."""
+    """Raised when a class list does not match the dataset definition it is used with."""
 
 
 def definitions_dir() -> Traversable:
@@ -66,12 +66,12 @@ def first_synonym(name: str, separator: str = ",") -> str:
 
 
 def canonical_name(name: str) -> str:
-    """Map a user-facing benchmark name (``"A-847"``, ``"PAS-20b"``, ``"pc_59"``...) to its definition name."""
+    """Map a user-facing dataset name (``"A-847"``, ``"PAS-20b"``, ``"pc_59"``...) to its definition name."""
     key = "".join(ch for ch in str(name).lower() if ch.isalnum())
     if key in _ALIASES:
         return _ALIASES[key]
     raise UnknownDatasetError(
-        f"Unknown benchmark {name!r}. Known benchmarks: {', '.join(ALL_DATASETS)} "
+        f"Unknown evaluation dataset {name!r}. Known datasets: {', '.join(ALL_DATASETS)} "
         f"(aliases such as 'A-847', 'PC-459', 'A-150', 'PC-59', 'PAS-20', 'PAS-20b', 'coco-stuff' also work)."
     )
 
@@ -136,7 +136,7 @@ class DatasetDefinition:
         return torch.where(pred >= start, torch.as_tensor(to, dtype=pred.dtype, device=pred.device), pred)
 
     def check_class_names(self, names: Sequence[str], what: str = "class list") -> None:
-        """Raise :class:`ClassListMismatchError` unless ``names`` equals this benchmark's class list.
+        """Raise :class:`ClassListMismatchError` unless ``names`` equals this dataset's class list.
 
         Entries may be given either verbatim (with synonyms) or as prompt names (first synonym).
         """
@@ -145,13 +145,13 @@ class DatasetDefinition:
             return
         if len(names) != self.num_classes:
             raise ClassListMismatchError(
-                f"{what} has {len(names)} classes but benchmark {self.name!r} has {self.num_classes}."
+                f"{what} has {len(names)} classes but dataset {self.name!r} has {self.num_classes}."
             )
         mine = self.prompt_names
         bad = [(i, n, m) for i, (n, m) in enumerate(zip(names, mine)) if first_synonym(n) != m]
         shown = ", ".join(f"#{i}: {n!r} != {m!r}" for i, n, m in bad[:5])
         raise ClassListMismatchError(
-            f"{what} does not match benchmark {self.name!r}: {len(bad)} of {len(names)} names differ ({shown}"
+            f"{what} does not match dataset {self.name!r}: {len(bad)} of {len(names)} names differ ({shown}"
             f"{', ...' if len(bad) > 5 else ''})."
         )
 
@@ -196,12 +196,12 @@ def _from_json(data: Dict[str, Any]) -> DatasetDefinition:
     )
     if "num_classes" in data and int(data["num_classes"]) != definition.num_classes:
         raise ValueError(
-            f"Benchmark file for {definition.name!r} says num_classes={data['num_classes']} "
+            f"Definition file for {definition.name!r} says num_classes={data['num_classes']} "
             f"but lists {definition.num_classes} class names."
         )
     info = np.iinfo(definition.numpy_label_dtype)
     if not (definition.num_scored_classes <= definition.ignore_index <= info.max):
-        raise ValueError(f"Benchmark {definition.name!r}: ignore_index {definition.ignore_index} is not a free "
+        raise ValueError(f"Dataset {definition.name!r}: ignore_index {definition.ignore_index} is not a free "
                          f"{definition.label_dtype} value above the class ids.")
     return definition
 

@@ -138,10 +138,11 @@ class SegmentationConfusionMatrix:
             self.reset()
 
     @classmethod
-    def from_dataset_definition(cls, benchmark, device=None) -> "SegmentationConfusionMatrix":
-        """Build from a :class:`modeling_disa.evaluation.dataset_definitions.DatasetDefinition` (fold and ignore value included)."""
-        return cls(benchmark.num_scored_classes, benchmark.ignore_index, benchmark.prediction_fold,
-                   benchmark.num_classes, device=device)
+    def from_dataset_definition(cls, definition, device=None) -> "SegmentationConfusionMatrix":
+        """Build from a :class:`modeling_disa.evaluation.dataset_definitions.DatasetDefinition` (fold and ignore
+        value included)."""
+        return cls(definition.num_scored_classes, definition.ignore_index, definition.prediction_fold,
+                   definition.num_classes, device=device)
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
@@ -173,7 +174,7 @@ class SegmentationConfusionMatrix:
         vals = torch.unique(t[bad])[:10].tolist()
         raise ValueError(
             f"Ground truth holds values {vals} outside [0, {k}) that are not the ignore value "
-            f"{self.ignore_index}. Wrong ignore_index, or a label map from another benchmark?")
+            f"{self.ignore_index}. Wrong ignore_index, or a label map from another dataset?")
 
     @torch.no_grad()
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:

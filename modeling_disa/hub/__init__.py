@@ -29,7 +29,8 @@ Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
 
 Evaluation results (a dict or a JSON file) may be any of:
 `{"ade150": {"mIoU": 31.5, "mAcc": 50.1}, ...}`, the same under a `"results"` key, a list of
-`{"benchmark": "ade150", "mIoU": 31.5, ...}` entries, or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
+`{"dataset": "ade150", "mIoU": 31.5, ...}` entries (the name also under `"benchmark"`, as training/run_evaluation.py
+writes it, or `"name"`), or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
 `mAcc`/`mean_accuracy`, `pAcc`/`pixel_accuracy`/`overall_accuracy`, `fwIoU`/`frequency_weighted_iou`; values are
 written as given (the project's evaluation writes percentages). Other keys are ignored.
 """
@@ -76,18 +77,18 @@ METRIC_KEYS = {
     "frequency_weighted_iou": ("frequency_weighted_iou", "fwIoU"),
 }
 METRIC_ORDER = ("mIoU", "mAcc", "pAcc", "fwIoU")
-DATASET_KEYS = ("benchmark", "dataset", "name")
+DATASET_KEYS = ("dataset", "benchmark", "name")  # the evaluation dataset of a results entry
 
 
 # ---------------------------------------------------------------------------------------------------- eval results
 def _dataset_info(name: str) -> dict:
-    """Display name / split / config of a benchmark from `modeling_disa/evaluation/definitions`, or the name itself."""
+    """Display name / split / config of an evaluation dataset from `modeling_disa/evaluation/definitions`, or the name itself."""
     info = {"name": name, "display_name": name, "split": None, "config": None}
     try:
         from ..evaluation.dataset_definitions import load_evaluation_dataset
 
         definition = load_evaluation_dataset(name)
-    except Exception:  # noqa: BLE001 - unknown benchmark names are published as given
+    except Exception:  # noqa: BLE001 - unknown dataset names are published as given
         return info
     info.update(name=definition.name, display_name=definition.display_name, split=definition.split,
                 config=definition.hub_config)
@@ -95,7 +96,7 @@ def _dataset_info(name: str) -> dict:
 
 
 def load_eval_results(source) -> dict[str, dict[str, float]]:
-    """Normalise evaluation results to `{benchmark: {"mIoU": value, ...}}` (see the module docstring).
+    """Normalise evaluation results to `{dataset: {"mIoU": value, ...}}` (see the module docstring).
 
     `source` is a dict, a list, or a path to a JSON file.
     """
@@ -113,7 +114,7 @@ def load_eval_results(source) -> dict[str, dict[str, float]]:
     if isinstance(source, list):
         for item in source:
             if not isinstance(item, dict) or not any(isinstance(item.get(k), str) for k in DATASET_KEYS):
-                raise ValueError(f"each evaluation result entry needs a 'benchmark' name, got {item!r}.")
+                raise ValueError(f"each evaluation result entry needs a 'dataset' name, got {item!r}.")
             name = next(item[k] for k in DATASET_KEYS if isinstance(item.get(k), str))
             entries.append((name, item))
     elif isinstance(source, dict):
@@ -144,11 +145,11 @@ def load_eval_results(source) -> dict[str, dict[str, float]]:
 def eval_results_to_model_index(
     results: dict[str, dict[str, float]], dataset_repo: str | None = None
 ) -> list[EvalResult]:
-    """One `EvalResult` per (benchmark, metric), task type `image-segmentation`."""
+    """One `EvalResult` per (evaluation dataset, metric), task type `image-segmentation`."""
     display_to_type = {name: type_ for type_, name in METRIC_KEYS.values()}
     entries = []
-    for benchmark, metrics in results.items():
-        info = _dataset_info(benchmark)
+    for dataset, metrics in results.items():
+        info = _dataset_info(dataset)
         for metric in sorted(metrics, key=lambda m: METRIC_ORDER.index(m) if m in METRIC_ORDER else 99):
             entries.append(
                 EvalResult(
@@ -171,10 +172,10 @@ def eval_results_markdown(results: dict[str, dict[str, float]] | None) -> str:
     if not results:
         return "No evaluation results have been published for this checkpoint yet."
     columns = [m for m in METRIC_ORDER if any(m in v for v in results.values())]
-    lines = ["| benchmark | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for benchmark, metrics in results.items():
+    lines = ["| dataset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for dataset, metrics in results.items():
         cells = [f"{metrics[c]:.1f}" if c in metrics else "-" for c in columns]
-        lines.append(f"| {_dataset_info(benchmark)['display_name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_dataset_info(dataset)['display_name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -205,7 +206,7 @@ def render_model_card(
             the `model-index`.
         template: a card template path (default: the package's `model_card.md`, the project's card).
         base_model, datasets, tags, license: metadata merged into the template's front matter.
-        dataset_repo: Hub dataset id used as `dataset.type` in the model-index (default: the benchmark name).
+        dataset_repo: Hub dataset id used as `dataset.type` in the model-index (default: the evaluation dataset's name).
     """
     results = load_eval_results(eval_results) if eval_results is not None else None
     model_name = model_name or repo_id.split("/")[-1]

@@ -28,14 +28,14 @@ import numpy as np
 
 _DESCRIPTION = """Mean Intersection-over-Union for semantic segmentation, computed from a dataset-wide confusion
 matrix. Interface-compatible with `mean_iou`; adds the `miou_rule` option for the classes-present-in-ground-truth
-averaging used by open-vocabulary segmentation benchmarks (CAT-Seg, DiSa)."""
+averaging used in open-vocabulary segmentation evaluation (CAT-Seg, DiSa)."""
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`List[ndarray]`): predicted label maps, each `(height, width)`; sizes may differ between maps.
     references (`List[ndarray]`): ground-truth label maps, same sizes as the predictions.
     num_labels (`int`): number of classes.
-    ignore_index (`int`): ground-truth value that is not scored (e.g. 255, or 65535 for 16-bit benchmarks).
+    ignore_index (`int`): ground-truth value that is not scored (e.g. 255, or 65535 for 16-bit label maps).
     nan_to_num (`float`, optional): replaces NaN in the results.
     label_map (`dict`, optional): old id -> new id, applied to the references.
     reduce_labels (`bool`, optional, default False): references 0 -> 255, others minus 1 (255 stays 255).
