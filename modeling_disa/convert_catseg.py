@@ -2,7 +2,8 @@
 model in CAT-Seg mode (`use_sdm=False`, `use_hrm=False`, `class_residual="catseg"`), saved as safetensors.
 
     python -m modeling_disa.convert_catseg --checkpoint model_base.pth \
-        --preset configuration/models/disa-vit-b-16 --output_dir disa-catseg-vitb [--tokenizer openai/clip-vit-base-patch16]
+        --preset configuration/models/disa-vit-b-16 --output_dir disa-catseg-vitb \
+        [--tokenizer openai/clip-vit-base-patch16]
 
 Key layout of the official checkpoint (detectron2 stores `{"model": state_dict, ...}`):
 
@@ -317,7 +318,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="CAT-Seg .pth (detectron2 format)")
     parser.add_argument("--preset", required=True, help="DiSa config folder, e.g. configuration/models/disa-vit-b-16")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer to save beside (e.g. openai/clip-vit-base-patch16)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="CLIP tokenizer to save beside (e.g. openai/clip-vit-base-patch16)")
     parser.add_argument("--strict", action="store_true", help="fail on unmatched checkpoint keys")
     args = parser.parse_args(argv)
     try:

@@ -2,9 +2,9 @@ import json
 
 import pytest
 from huggingface_hub.errors import StrictDataclassError
+from tiny_configs import PRESETS
 
 from modeling_disa import DiSaConfig
-from conftest import PRESETS
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,8 @@ def test_presets_load_with_catseg_geometry(name, resolution, patch, guidance, pr
     assert config.projection_dim == proj
     if name != "disa-tiny":
         assert config.grid_size == 24
-        assert (config.hidden_dim, config.window_size, config.num_aggregation_layers, config.class_cap) == (128, 12, 2, 256)
+        head = (config.hidden_dim, config.window_size, config.num_aggregation_layers, config.class_cap)
+        assert head == (128, 12, 2, 256)
         assert list(config.prompt_templates) == ["A photo of a {} in the scene"]
         disa = name.startswith("disa-")
         assert config.use_sdm == disa and config.use_hrm == disa

@@ -54,6 +54,9 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return t.to(device=device, non_blocking=True)
 
 
+# Checked copy: `metrics_from_confusion` in modeling_disa/evaluation/disa_mean_iou/disa_mean_iou.py is "Copied from"
+# this function (the `evaluate` module must stay self-contained). Change both;
+# tests/test_metrics.py::test_evaluate_module_arithmetic_is_the_package_copy checks that they agree.
 def metrics_from_confusion_matrix(
     confusion: ArrayLike, rule: str = "present_in_gt", nan_to_num: Optional[float] = None
 ) -> Dict[str, object]:
@@ -232,7 +235,9 @@ class SegmentationConfusionMatrix:
         self._flat.scatter_add_(0, idx, self._ones[:n])
 
     # ---------------------------------------------------------------- distributed
-    def reduce(self, reduce_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> "SegmentationConfusionMatrix":
+    def reduce(
+        self, reduce_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ) -> "SegmentationConfusionMatrix":
         """Sum the matrix over processes, in place.
 
         ``reduce_fn`` receives the local matrix and returns the summed one, e.g.

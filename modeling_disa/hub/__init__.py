@@ -82,7 +82,7 @@ DATASET_KEYS = ("dataset", "benchmark", "name")  # the evaluation dataset of a r
 
 # ---------------------------------------------------------------------------------------------------- eval results
 def _dataset_info(name: str) -> dict:
-    """Display name / split / config of an evaluation dataset from `modeling_disa/evaluation/definitions`, or the name itself."""
+    """Display name / split / config of an evaluation dataset from its definition, or the name itself."""
     info = {"name": name, "display_name": name, "split": None, "config": None}
     try:
         from ..evaluation.dataset_definitions import load_evaluation_dataset
@@ -206,7 +206,7 @@ def render_model_card(
             the `model-index`.
         template: a card template path (default: the package's `model_card.md`, the project's card).
         base_model, datasets, tags, license: metadata merged into the template's front matter.
-        dataset_repo: Hub dataset id used as `dataset.type` in the model-index (default: the evaluation dataset's name).
+        dataset_repo: Hub dataset id used as `dataset.type` in the model-index (default: the dataset's name).
     """
     results = load_eval_results(eval_results) if eval_results is not None else None
     model_name = model_name or repo_id.split("/")[-1]
