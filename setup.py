@@ -11,9 +11,16 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "pillow>=10",
 ]
-TRAIN = ["accelerate>=1.10", "albumentations>=2.0.8", "datasets>=4.0", "opencv-python-headless>=4.9", "pyyaml>=6",
-         "tqdm>=4.66"]  # albumentations: SSD colour jitter; cv2 (its dependency) is also imported directly
-EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10"]  # scipy: Pascal Context .mat files
+TRAIN = [
+    "accelerate>=1.10",
+    "albumentations>=2.0.8",  # SSD colour jitter; cv2 (its dependency) is also imported directly
+    "datasets>=4.0",
+    "opencv-python-headless>=4.9",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+]
+# scipy: Pascal Context .mat files
+EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10"]
 DEMO = ["gradio>=6,<7"]  # space/app.py
 BENCH = ["matplotlib>=3.8"]  # benchmarks/: plots of the comparison and cost figures
 # gradio_client drives the demo over HTTP, selenium drives it in headless Chromium (Debian: chromium, chromium-driver)
@@ -28,9 +35,11 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=["modeling_disa", "modeling_disa.model", "modeling_disa.evaluation", "modeling_disa.hub"],
+    # Everything the package reads at run time is inside it (tests/test_wheel_install.py checks an installed wheel).
     package_data={
+        "modeling_disa": ["presets/disa-tiny/*.json"],  # the offline demo's preset (a copy by make_presets.py)
         "modeling_disa.evaluation": ["definitions/*.json", "disa_mean_iou/*.py"],
-        "modeling_disa.hub": ["model_card.md"],
+        "modeling_disa.hub": ["model_card.md"],  # a link to the top-level card: the wheel gets the file
     },
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -2,7 +2,8 @@
 """Wall time of one request to the demo app (space/app.py), as a user's client sees it (figure script, not a test).
 
 The app is launched on 127.0.0.1 with its own settings and the model of the default job (`runs/toy-world`, or
-`--model`); a `gradio_client` sends a toy-world example with the full 24-class vocabulary, SDM saliency on, in each
+`--model`); a `gradio_client` sends the app's first example (space/examples/, a toy-world test scene) with the full
+24-class vocabulary of its world, SDM saliency on, in each
 inference mode. One request = upload, the pipeline call, the overlay / legend / saliency panels, download of the
 results. Reports the median and minimum over `--rounds` after `--warmup` requests, and the pipeline's share as the
 app measured it; the machine's load average is recorded beside them (a busy CPU slows every figure).
@@ -32,8 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from disa_efficiency import machine  # noqa: E402
-import toy_world as world  # noqa: E402
+from disa_efficiency import machine  # noqa: E402 - after the environment it reads
 
 
 def load_app():
@@ -59,21 +59,24 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     app = load_app()
     with tempfile.TemporaryDirectory() as tmp:
-        examples = app.write_examples(Path(tmp) / "examples")
+        examples, example_world = app.load_examples()
         segmenter = app.load_segmenter(args.model)
-        demo = app.build_demo(segmenter, args.model, "the benchmark", examples)
-        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_options(Path(tmp)))
+        demo = app.build_demo(segmenter, args.model, "the benchmark", examples, example_world)
+        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_options())
         try:
             client = Client(demo.local_url, verbose=False, download_files=str(Path(tmp) / "client"))
-            labels = app.format_labels(world.CLASS_NAMES)
-            results = {"command": " ".join(sys.argv), "model": args.model, "image": "toy-world test scene 0, 256 x 256",
-                       "classes": len(world.CLASS_NAMES), "saliency": True, "load_average_before": os.getloadavg(),
+            labels = app.format_labels(example_world)
+            image = examples[0]
+            size = "{} x {}".format(*app.Image.open(image).size)
+            results = {"command": " ".join(sys.argv), "model": args.model,
+                       "image": f"space/examples/{image.name}, {size}",
+                       "classes": len(example_world), "saliency": True, "load_average_before": os.getloadavg(),
                        "machine": machine("cpu"), "modes": {}}
             for mode in app.MODES:
                 walls, pipeline = [], []
                 for round_ in range(args.warmup + args.rounds):
                     start = time.perf_counter()
-                    *_, timing = client.predict(handle_file(str(examples[0])), labels, mode, True, api_name="/segment")
+                    *_, timing = client.predict(handle_file(str(image)), labels, mode, True, api_name="/segment")
                     if round_ >= args.warmup:
                         walls.append(time.perf_counter() - start)
                         pipeline.append(float(re.match(r"Pipeline: ([0-9.]+) s", timing).group(1)))

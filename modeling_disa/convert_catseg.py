@@ -2,14 +2,16 @@
 model in CAT-Seg mode (`use_sdm=False`, `use_hrm=False`, `class_residual="catseg"`), saved as safetensors.
 
     python -m modeling_disa.convert_catseg --checkpoint model_base.pth \
-        --preset configuration/models/disa-vit-b-16 --output_dir disa-catseg-vitb [--tokenizer openai/clip-vit-base-patch16]
+        --preset configuration/models/disa-vit-b-16 --output_dir disa-catseg-vitb \
+        [--tokenizer openai/clip-vit-base-patch16]
 
 Key layout of the official checkpoint (detectron2 stores `{"model": state_dict, ...}`):
 
 - `sem_seg_head.predictor.clip_model.*`: OpenAI CLIP names (CAT-Seg's vendored copy). Attention projections are
   split (`attn.q_proj_weight`, `attn.k_proj_weight`, `attn.v_proj_weight`) or fused (`attn.in_proj_weight`), the
   bias is always fused (`attn.in_proj_bias`); `visual.proj` and `text_projection` are `(in, out)` matrices and are
-  transposed into HF's `nn.Linear` weights. The mapping is `catseg-protocol.md` section 6.8.
+  transposed into HF's `nn.Linear` weights. The name mapping is `_BLOCK_NAMES` / `_CLIP_NAMES` / `_AGGREGATOR_RULES`
+  below.
 - `sem_seg_head.predictor.transformer.*`: the aggregator (`conv1`, `guidance_projection.0`,
   `text_guidance_projection.0`, `decoder_guidance_projection.{0,1}.0`, `layers.i.swin_block.*`,
   `layers.i.attention.*`, `decoder1`, `decoder2`, `head`).
@@ -316,7 +318,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="CAT-Seg .pth (detectron2 format)")
     parser.add_argument("--preset", required=True, help="DiSa config folder, e.g. configuration/models/disa-vit-b-16")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer to save beside (e.g. openai/clip-vit-base-patch16)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="CLIP tokenizer to save beside (e.g. openai/clip-vit-base-patch16)")
     parser.add_argument("--strict", action="store_true", help="fail on unmatched checkpoint keys")
     args = parser.parse_args(argv)
     try:

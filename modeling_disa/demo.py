@@ -8,6 +8,7 @@ the weights are random.
 
 import argparse
 import json
+from importlib.resources import as_file, files
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from transformers import AutoModel, AutoProcessor
 
 from . import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
 
-PRESET = Path(__file__).resolve().parents[1] / "configuration" / "models" / "disa-tiny"
+# The `disa-tiny` preset (configuration/models/disa-tiny in the repository) ships as package data, so the demo runs
+# from an installed wheel too.
+PRESET = files(__package__).joinpath("presets", "disa-tiny")
 
 
 def demo_image(seed: int, size: int = 160) -> Image.Image:
@@ -34,15 +37,17 @@ def demo_image(seed: int, size: int = 160) -> Image.Image:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=str(PRESET), help="preset folder with config, tokenizer and processor")
+    parser.add_argument("--preset", default=None, help="preset folder with config, tokenizer and processor "
+                        "(default: the packaged disa-tiny)")
     parser.add_argument("--labels", nargs="+", default=["sky", "grass", "red ball"], help="the open vocabulary")
     parser.add_argument("--output_dir", default="outputs/demo", help="where the model, processor and PNG go")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    model = DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained(args.preset)).eval()
-    processor = DiSaProcessor.from_pretrained(args.preset)
+    with as_file(PRESET if args.preset is None else Path(args.preset)) as preset:
+        model = DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained(preset)).eval()
+        processor = DiSaProcessor.from_pretrained(preset)
     image = demo_image(args.seed)
 
     inputs = processor(images=image, text=args.labels, return_tensors="pt")

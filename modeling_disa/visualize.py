@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,7 +205,8 @@ def render_saliency(
             mask = _resize_nearest(fg[class_id].astype(np.uint8), (height, width)).astype(bool)[..., None]
             tinted = (1 - FOREGROUND_TINT_WEIGHT) * base + FOREGROUND_TINT_WEIGHT * np.asarray(FOREGROUND_TINT, float)
             split = np.where(mask, tinted, BACKGROUND_DIM * base)
-            canvas.paste(Image.fromarray(np.clip(np.rint(split), 0, 255).astype(np.uint8)), (width, top + TITLE_HEIGHT))
+            split = Image.fromarray(np.clip(np.rint(split), 0, 255).astype(np.uint8))
+            canvas.paste(split, (width, top + TITLE_HEIGHT))
             caption += f"  foreground {int(fg[class_id].sum())}/{fg[class_id].size} tokens"
         draw.text((2, top + 2), caption, fill="black", font=font)
     return canvas

@@ -10,17 +10,18 @@ Hub is reachable), else the default job's output folder; with none of them the a
 
 Each request is one call of the `open-vocabulary-segmentation` pipeline (whole image or CAT-Seg's sliding window,
 optionally with the SDM saliency maps), so the class names are encoded by the text tower once per request. Models
-load through the package's own classes (no remote code is run). The example images are toy-world test scenes the
-app renders itself at start-up (no image files in the repository).
+load through the package's own classes (no remote code is run). The example images are the toy-world test scenes
+in `examples/` (written by `python training/write_space_examples.py`, with `examples.json` naming them and the world's
+24 classes), so the app needs none of the training code.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,18 +34,16 @@ from PIL import Image, ImageOps
 from transformers import AutoModel, AutoProcessor, pipeline
 
 from modeling_disa import PIPELINE_TASK
-import toy_world as world
 from modeling_disa.visualize import palette, render_saliency
 
 APP_DIR = Path(__file__).resolve().parent
 MODEL_ENV = "DISA_DEMO_MODEL"
-EXAMPLES_ENV = "DISA_DEMO_EXAMPLES"
+EXAMPLES_DIR = APP_DIR / "examples"
+EXAMPLES_MANIFEST = "examples.json"  # {"images": [file names], "labels": [the toy world's class names]}
 DEFAULT_JOB_OUTPUT = Path("runs") / "toy-world"  # output_dir of configuration/training/toy_world.yaml
 DEFAULT_JOB_COMMAND = "accelerate launch training/train.py"
 MAX_IMAGE_PIXELS = 2048 * 2048  # the pipeline upsamples every class's probabilities to the image size
 MAX_UPLOAD_SIZE = "25mb"
-NUM_EXAMPLES = 4
-EXAMPLE_SIZE = 256  # toy-world scenes are 64 px; shown enlarged (nearest neighbour) like the job's sample picture
 SALIENCY_PANEL_SIZE = 192
 MODES = {"whole image": "whole", "sliding window": "sliding"}
 VIEWS = {"whole": "1 view", "sliding": "4 crops + global view"}
@@ -194,8 +193,8 @@ def segment(segmenter, image_path, labels_text, mode_name, show_saliency, max_pi
     color_map = {name: "#%02x%02x%02x" % tuple(int(c) for c in colors[i]) for i, name in enumerate(labels)}
     masks = [(np.asarray(entry["mask"]) > 127, entry) for entry in results]
     annotations = [(mask.astype(np.float32), entry["label"]) for mask, entry in masks]
-    legend = sorted(([entry["label"], round(100.0 * mask.mean(), 2), round(entry["score"], 4)] for mask, entry in masks),
-                    key=lambda row: -row[1])
+    rows = ([entry["label"], round(100.0 * mask.mean(), 2), round(entry["score"], 4)] for mask, entry in masks)
+    legend = sorted(rows, key=lambda row: -row[1])
     gallery = saliency_panels(image, results) if saliency else []
     timing = (f"Pipeline: {seconds:.2f} s ({mode_name}, {VIEWS[mode]}, {len(labels)} classes, "
               f"{image.width} x {image.height} px); whole request: {time.perf_counter() - start:.2f} s.")
@@ -215,42 +214,37 @@ def saliency_panels(image: Image.Image, results) -> list[tuple[Image.Image, str]
 
 
 # ---------------------------------------------------------------------------------------------------- examples
-def write_examples(folder: Path, num: int = NUM_EXAMPLES) -> list[Path]:
-    """The first `num` toy-world test scenes as PNGs in `folder` (rendered here, deterministic by seed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    scenes = world.generate_split(world.WorldSettings(), "test", num=num)
-    paths = []
-    for index, array in enumerate(scenes["image"]):
-        path = folder / f"toy_world_test_{index}.png"
-        if not path.is_file():
-            partial = path.with_suffix(".tmp.png")
-            Image.fromarray(array).resize((EXAMPLE_SIZE, EXAMPLE_SIZE), Image.NEAREST).save(partial)
-            os.replace(partial, path)  # atomic: a crash leaves no half-written example
-        paths.append(path)
-    return paths
+def load_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[Path], list[str]]:
+    """-> (the example PNGs, the class names of the world they come from), from `examples.json` in `folder`; none
+    when the folder has no manifest (the app then runs without examples)."""
+    manifest = folder / EXAMPLES_MANIFEST
+    if not manifest.is_file():
+        return [], []
+    entries = json.loads(manifest.read_text(encoding="utf-8"))
+    paths = [folder / name for name in entries["images"]]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{manifest} lists missing images {missing}: rerun "
+                                "`python training/write_space_examples.py`.")
+    return paths, list(entries["labels"])
 
 
-def examples_folder() -> Path:
-    if os.environ.get(EXAMPLES_ENV):
-        return Path(os.environ[EXAMPLES_ENV])
-    folder = APP_DIR / "examples"
-    return folder if os.access(APP_DIR, os.W_OK) else Path(tempfile.gettempdir()) / "disa-demo-examples"
-
-
-def example_labels(vocabulary: list[str]) -> str:
-    """A toy-world model gets the full 24-class world vocabulary (its 8 unseen classes included)."""
-    if vocabulary and set(vocabulary) <= set(world.CLASS_NAMES):
-        return format_labels(world.CLASS_NAMES)
+def example_labels(vocabulary: list[str], world_labels: list[str]) -> str:
+    """A model of the examples' world gets that world's full vocabulary (for the toy world, its 8 unseen classes
+    included); any other model its own default vocabulary."""
+    if vocabulary and world_labels and set(vocabulary) <= set(world_labels):
+        return format_labels(world_labels)
     return format_labels(vocabulary)
 
 
 # ---------------------------------------------------------------------------------------------------- UI
-def build_demo(segmenter, source: str, origin: str = "", examples: list[Path] = (),
+def build_demo(segmenter, source: str, origin: str = "", examples: list[Path] = (), example_world: list[str] = (),
                max_pixels: int = MAX_IMAGE_PIXELS) -> gr.Blocks:
     config = segmenter.model.config
     has_sdm = bool(getattr(config, "use_sdm", False))
     vocabulary = default_vocabulary(config)
-    kind = "DiSa (SDM + HRM)" if has_sdm and getattr(config, "use_hrm", False) else ("DiSa (SDM)" if has_sdm else "CAT-Seg mode")
+    kind = "DiSa (SDM)" if has_sdm else "CAT-Seg mode"
+    kind = "DiSa (SDM + HRM)" if has_sdm and getattr(config, "use_hrm", False) else kind
     with gr.Blocks(title="DiSa open-vocabulary segmentation", analytics_enabled=False) as demo:
         gr.Markdown(
             "# DiSa open-vocabulary segmentation\n"
@@ -270,7 +264,8 @@ def build_demo(segmenter, source: str, origin: str = "", examples: list[Path] = 
                                            info=None if has_sdm else "this model has no SDM (config.use_sdm=False)")
                 run = gr.Button("Segment", variant="primary", elem_id="run")
                 if examples:
-                    gr.Examples([[str(path), example_labels(vocabulary)] for path in examples], inputs=[image, labels],
+                    example_text = example_labels(vocabulary, list(example_world))
+                    gr.Examples([[str(path), example_text] for path in examples], inputs=[image, labels],
                                 label="Toy-world test scenes")
             with gr.Column():
                 overlay = gr.AnnotatedImage(label="Segmentation", elem_id="overlay", format="png",
@@ -300,13 +295,13 @@ def main(argv=None) -> int:
     except ModelNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    folder = examples_folder()
-    demo = build_demo(segmenter, source, origin, write_examples(folder), args.max_image_pixels)
-    demo.launch(server_name=args.host, server_port=args.port, **launch_options(folder))
+    examples, example_world = load_examples()
+    demo = build_demo(segmenter, source, origin, examples, example_world, args.max_image_pixels)
+    demo.launch(server_name=args.host, server_port=args.port, **launch_options())
     return 0
 
 
-def launch_options(examples: Path) -> dict:
+def launch_options(examples: Path = EXAMPLES_DIR) -> dict:
     """`Blocks.launch` settings of the app (the tests launch with the same)."""
     return {"theme": THEME, "css": CSS, "show_error": True, "max_file_size": MAX_UPLOAD_SIZE,
             "allowed_paths": [str(examples)]}

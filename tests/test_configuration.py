@@ -2,9 +2,9 @@ import json
 
 import pytest
 from huggingface_hub.errors import StrictDataclassError
+from tiny_configs import PRESETS
 
 from modeling_disa import DiSaConfig
-from conftest import PRESETS
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,8 @@ def test_presets_load_with_catseg_geometry(name, resolution, patch, guidance, pr
     assert config.projection_dim == proj
     if name != "disa-tiny":
         assert config.grid_size == 24
-        assert (config.hidden_dim, config.window_size, config.num_aggregation_layers, config.class_cap) == (128, 12, 2, 256)
+        head = (config.hidden_dim, config.window_size, config.num_aggregation_layers, config.class_cap)
+        assert head == (128, 12, 2, 256)
         assert list(config.prompt_templates) == ["A photo of a {} in the scene"]
         disa = name.startswith("disa-")
         assert config.use_sdm == disa and config.use_hrm == disa
@@ -81,3 +82,16 @@ def test_foreground_k_scales_with_grid():
     config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-b-16")
     assert config.foreground_k(576) == 96
     assert config.foreground_k(64) == round(64 / 6)
+
+
+def test_packaged_tiny_preset_is_the_configuration_preset():
+    """modeling_disa/presets/disa-tiny (package data read by `python -m modeling_disa.demo`) is the copy that
+    `python training/make_presets.py` writes of configuration/models/disa-tiny: the same files, byte for byte."""
+    from importlib.resources import files
+
+    packaged = files("modeling_disa").joinpath("presets", "disa-tiny")
+    source = PRESETS / "disa-tiny"
+    names = sorted(p.name for p in source.iterdir())
+    assert sorted(p.name for p in packaged.iterdir()) == names and "config.json" in names
+    for name in names:
+        assert packaged.joinpath(name).read_bytes() == (source / name).read_bytes(), name

@@ -1,12 +1,18 @@
-"""Benchmark definitions: counts, label conventions, cross-consistency of the lists, prompt and fold rules."""
+"""Evaluation-dataset definitions: counts, label conventions, cross-consistency of the lists, prompt and fold rules."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from modeling_disa.evaluation.dataset_definitions import (EVALUATION_DATASETS, ClassListMismatchError, UnknownDatasetError, definitions_dir,
-                                      first_synonym, load_evaluation_dataset)
+from modeling_disa.evaluation.dataset_definitions import (
+    EVALUATION_DATASETS,
+    ClassListMismatchError,
+    UnknownDatasetError,
+    definitions_dir,
+    first_synonym,
+    load_evaluation_dataset,
+)
 
 EXPECTED = {  # name: (prompted classes, scored classes, dtype, ignore)
     "ade847": (847, 847, "uint16", 65535), "pc459": (459, 459, "uint16", 65535), "ade150": (150, 150, "uint8", 255),
@@ -57,8 +63,9 @@ def test_prompt_handling_first_synonym():
 
 def test_aliases_and_unknown_names():
     assert load_evaluation_dataset("A-847").name == "ade847" and load_evaluation_dataset("PAS-20b").name == "voc20b"
-    assert load_evaluation_dataset("PC-59").name == "pc59" and load_evaluation_dataset("coco-stuff").name == "coco_stuff171"
-    with pytest.raises(UnknownDatasetError, match="Known benchmarks"):
+    assert load_evaluation_dataset("PC-59").name == "pc59"
+    assert load_evaluation_dataset("coco-stuff").name == "coco_stuff171"
+    with pytest.raises(UnknownDatasetError, match="Known datasets"):
         load_evaluation_dataset("ade20000")
     assert EVALUATION_DATASETS == ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
 
@@ -76,7 +83,9 @@ def test_class_list_check():
     b.check_class_names(list(b.class_names))
     with pytest.raises(ClassListMismatchError, match="has 58 classes"):
         b.check_class_names(list(b.class_names)[:-1])
-    wrong = list(b.class_names); wrong[3] = "duvet"
+    wrong = list(b.class_names)
+    wrong[3] = "duvet"
     with pytest.raises(ClassListMismatchError, match="#3"):
         b.check_class_names(wrong)
-    load_evaluation_dataset("ade847").check_class_names(load_evaluation_dataset("ade847").prompt_names)  # first synonyms accepted
+    ade847 = load_evaluation_dataset("ade847")
+    ade847.check_class_names(ade847.prompt_names)  # first synonyms accepted

@@ -12,7 +12,7 @@ from modeling_disa.model.class_aggregation import linear_attention
 from modeling_disa.model.losses import itm_loss
 from modeling_disa.model.routing import per_branch
 from modeling_disa.model.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
-from conftest import PRESETS, REPO
+from tiny_configs import PRESETS, REPO
 
 NAMES = ["cat", "dog", "grass", "sky", "road", "tree"]
 

@@ -82,7 +82,7 @@ def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_pat
 
 def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
     model_dir, _ = tiny_model
-    with pytest.raises(KeyError, match="Unknown benchmark"):
+    with pytest.raises(KeyError, match="Unknown evaluation dataset"):
         cli.main(["--model", str(model_dir), "--benchmarks", "ade-9000", "--data_dir", str(voc_data)])
     # a dataset whose recorded class list does not match the benchmark
     meta_file = voc_data / "data/voc20/metadata.json"
@@ -90,7 +90,7 @@ def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
     meta["class_names"] = meta["class_names"][::-1]
     meta_file.write_text(json.dumps(meta))
     try:
-        with pytest.raises(ValueError, match="does not match benchmark"):
+        with pytest.raises(ValueError, match="does not match dataset"):
             cli.main(["--model", str(model_dir), "--benchmarks", "voc20", "--data_dir", str(voc_data),
                       "--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0"])
     finally:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import PRESET_NAMES, tiny_variant
+from tiny_configs import PRESET_NAMES, tiny_variant
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.spatial_aggregation import DiSaWindowAttention
 from transformers.models.clip.modeling_clip import CLIPAttention

@@ -1,23 +1,21 @@
 """Publishing round trip against the loopback Hub stub (tests/hub_stub.py), model card rendering, bad input."""
 
-import io
 import json
 import subprocess
 import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from hub_stub import HubStub
 from safetensors.torch import load as load_safetensors
+from test_pipelines import LABELS, assert_same_segments, make_image, reference_segments
 from transformers import AutoModel, AutoProcessor, pipeline
 
-from hub_stub import HubStub
-from modeling_disa import DiSaForOpenVocabSegmentation, DiSaOpenVocabSegmentationPipeline, DiSaProcessor, PIPELINE_TASK
+from modeling_disa import PIPELINE_TASK, DiSaForOpenVocabSegmentation, DiSaOpenVocabSegmentationPipeline, DiSaProcessor
 from modeling_disa.hub import load_eval_results, publish_to_hub, render_model_card, save_for_hub
-from test_pipelines import LABELS, assert_same_segments, make_image, reference_segments
 
 REPO_ID = "tester/disa-tiny"
 EVAL = {"ade150": {"mIoU": 12.5, "mAcc": 20.25, "per_class_iou": {"wall": 1.0}}, "pc59": {"mIoU": 30.0}}
@@ -193,7 +191,7 @@ def test_offline_mode_errors_do_not_hang(tiny_model, tiny_processor):
 
 def test_save_for_hub_and_card_rendering(tiny_model, tiny_processor, tmp_path):
     results_file = tmp_path / "results.json"
-    results_file.write_text(json.dumps({"results": [{"benchmark": "voc20", "mIoU": 93.7, "pAcc": 97.0},
+    results_file.write_text(json.dumps({"results": [{"dataset": "voc20", "mIoU": 93.7, "pAcc": 97.0},
                                                     {"benchmark": "my-set", "mean_iou": 41.0}]}))
     folder = save_for_hub(tiny_model, tiny_processor, tmp_path / "repo", repo_id="org/x", eval_results=results_file,
                           base_model="openai/clip-vit-base-patch16", datasets=["org/coco-stuff-171"])
@@ -202,7 +200,8 @@ def test_save_for_hub_and_card_rendering(tiny_model, tiny_processor, tmp_path):
     assert meta["datasets"] == ["coco-stuff", "org/coco-stuff-171"]
     results = meta["model-index"][0]["results"]
     got = {(r["dataset"]["name"], m["type"]): m["value"] for r in results for m in r["metrics"]}
-    assert got == {("Pascal VOC-20", "mean_iou"): 93.7, ("Pascal VOC-20", "accuracy"): 97.0, ("my-set", "mean_iou"): 41.0}
+    assert got == {("Pascal VOC-20", "mean_iou"): 93.7, ("Pascal VOC-20", "accuracy"): 97.0,
+                   ("my-set", "mean_iou"): 41.0}
     voc = next(r for r in results if r["dataset"]["type"] == "voc20")
     assert voc["dataset"]["split"] == "validation" and voc["dataset"]["config"] == "voc20"
 
@@ -213,7 +212,7 @@ def test_save_for_hub_and_card_rendering(tiny_model, tiny_processor, tmp_path):
     template = tmp_path / "card.md"
     template.write_text("---\nlicense: apache-2.0\n---\n# {model_name} at {repo_id}\n{eval_results}\n{other}\n")
     card = render_model_card("org/y", {"ade847": 11.0}, template=template)
-    assert card.text.startswith("# y at org/y\n| benchmark | mIoU |") and "{other}" in card.text
+    assert card.text.startswith("# y at org/y\n| dataset | mIoU |") and "{other}" in card.text
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "image-segmentation"
 
 
@@ -254,7 +253,8 @@ def test_standard_push_to_hub_uploads_the_complete_repo(hub, tiny_model, tiny_pr
     from transformers.pipelines import PIPELINE_REGISTRY
 
     # importing the repo's pipeline_disa.py registers its class for the task: restore the package's afterwards
-    monkeypatch.setitem(PIPELINE_REGISTRY.supported_tasks, PIPELINE_TASK, PIPELINE_REGISTRY.supported_tasks[PIPELINE_TASK])
+    tasks = PIPELINE_REGISTRY.supported_tasks
+    monkeypatch.setitem(tasks, PIPELINE_TASK, tasks[PIPELINE_TASK])
     segmenter = pipeline(model=REPO_ID, trust_remote_code=True)
     assert type(segmenter).__module__.startswith("transformers_modules")
     image = make_image(11)

@@ -15,13 +15,17 @@ METRIC_DIR = os.path.join(os.path.dirname(__file__), "..", "modeling_disa", "eva
 
 def ref_counts(preds, gts, k, ignore):
     """Per-class intersection / prediction area / label area with per-class boolean loops (no confusion matrix)."""
-    inter = np.zeros(k); parea = np.zeros(k); larea = np.zeros(k)
+    inter = np.zeros(k)
+    parea = np.zeros(k)
+    larea = np.zeros(k)
     for p, g in zip(preds, gts):
         m = g != ignore
         p, g = p[m].astype(np.int64), g[m].astype(np.int64)
         for c in range(k):
             pc, gc = p == c, g == c
-            inter[c] += np.sum(pc & gc); parea[c] += pc.sum(); larea[c] += gc.sum()
+            inter[c] += np.sum(pc & gc)
+            parea[c] += pc.sum()
+            larea[c] += gc.sum()
     return inter, parea, larea
 
 
@@ -42,7 +46,8 @@ def random_maps(rng, n, k, ignore, shape=(17, 23), absent=()):
             g[g == a] = (a + 1) % k
         g[rng.random(shape) < 0.15] = ignore
         p = np.where(rng.random(shape) < 0.6, np.where(g == ignore, 0, g), rng.integers(0, k, shape))
-        preds.append(p); gts.append(g)
+        preds.append(p)
+        gts.append(g)
     return preds, gts
 
 
@@ -73,7 +78,9 @@ def test_matches_numpy_reference(rule, k, ignore):
 
 def test_rules_differ_as_documented():
     # GT: all class 0; prediction: half class 0, half class 1 -> present_in_gt: IoU_0 = 0.5 ; gt_or_pred: (0.5+0)/2
-    g = np.zeros((4, 4), dtype=np.int64); p = g.copy(); p[:, 2:] = 1
+    g = np.zeros((4, 4), dtype=np.int64)
+    p = g.copy()
+    p[:, 2:] = 1
     cm = SegmentationConfusionMatrix(3, 255)
     cm.update(p, g)
     assert cm.compute("present_in_gt")["mean_iou"] == pytest.approx(0.5)
@@ -97,7 +104,9 @@ def test_batched_numpy_uint16_and_dataset_accumulation_equal_per_image():
     # dataset-wide mIoU is not the mean of per-image mIoUs
     per_image = []
     for p, g in zip(preds, gts):
-        c = SegmentationConfusionMatrix(12, 65535); c.update(p, g); per_image.append(c.compute()["mean_iou"])
+        c = SegmentationConfusionMatrix(12, 65535)
+        c.update(p, g)
+        per_image.append(c.compute()["mean_iou"])
     assert a.compute()["mean_iou"] != pytest.approx(np.mean(per_image), abs=1e-9)
 
 
@@ -118,12 +127,15 @@ def test_reduce_across_processes_sums():
     assert torch.equal(parts[0].confusion, whole.confusion)
     assert parts[0].compute()["mean_iou"] == whole.compute()["mean_iou"]
     # no reduce_fn and no process group -> unchanged
-    before = whole.confusion.clone(); whole.reduce(); assert torch.equal(before, whole.confusion)
+    before = whole.confusion.clone()
+    whole.reduce()
+    assert torch.equal(before, whole.confusion)
 
 
 def test_voc20b_fold():
     cm = SegmentationConfusionMatrix(21, 255, prediction_fold=(20, 20), num_pred_classes=59)
-    g = np.array([[20, 20, 3, 255]]); p = np.array([[45, 20, 3, 58]])
+    g = np.array([[20, 20, 3, 255]])
+    p = np.array([[45, 20, 3, 58]])
     cm.update(p, g)
     assert int(cm.confusion[20, 20]) == 2 and int(cm.confusion[3, 3]) == 1 and int(cm.confusion.sum()) == 3
     with pytest.raises(ValueError, match="outside"):
@@ -134,7 +146,7 @@ def test_bad_inputs():
     cm = SegmentationConfusionMatrix(10, 255)
     with pytest.raises(ValueError, match="not the ignore value"):
         cm.update(np.zeros((2, 2), int), np.array([[1, 12], [255, 0]]))
-    with pytest.raises(ValueError, match="not the ignore value"):  # 16-bit ignore given to an 8-bit benchmark
+    with pytest.raises(ValueError, match="not the ignore value"):  # 16-bit ignore given to an 8-bit dataset
         cm.update(np.zeros((1, 2), int), np.array([[65535, 0]]))
     with pytest.raises(ValueError, match="not the ignore value"):
         cm.update(np.zeros((1, 2), int), np.array([[-1, 0]]))
@@ -167,7 +179,9 @@ def test_metrics_from_confusion_matrix_direct():
 # ------------------------------------------------------------------ evaluate module
 def histogram_mean_iou(preds, gts, k, ignore):
     """mean_iou's formulas (histograms per map, nanmean over classes with union > 0), written independently."""
-    ti = np.zeros(k); tp = np.zeros(k); tl = np.zeros(k)
+    ti = np.zeros(k)
+    tp = np.zeros(k)
+    tl = np.zeros(k)
     for p, g in zip(preds, gts):
         m = g != ignore
         p, g = p[m], g[m]
@@ -175,7 +189,8 @@ def histogram_mean_iou(preds, gts, k, ignore):
         tp += np.histogram(p, bins=k, range=(0, k - 1))[0]
         tl += np.histogram(g, bins=k, range=(0, k - 1))[0]
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = ti / (tp + tl - ti); acc = ti / tl
+        iou = ti / (tp + tl - ti)
+        acc = ti / tl
     return np.nanmean(iou), np.nanmean(acc), ti.sum() / tl.sum(), iou, acc
 
 
@@ -188,24 +203,69 @@ def hub_metric():
 def test_evaluate_module_matches_mean_iou_formulas(hub_metric):
     rng = np.random.default_rng(3)
     preds, gts = random_maps(rng, 3, 11, 255, shape=(9, 13), absent=(4,))
-    gts += [rng.integers(0, 11, (5, 7))]; preds += [rng.integers(0, 11, (5, 7))]  # sizes differ between maps
+    gts += [rng.integers(0, 11, (5, 7))]
+    preds += [rng.integers(0, 11, (5, 7))]  # sizes differ between maps
     r = hub_metric.compute(predictions=preds, references=gts, num_labels=11, ignore_index=255)
     miou, macc, oacc, iou, acc = histogram_mean_iou(preds, gts, 11, 255)
     assert r["mean_iou"] == pytest.approx(miou) and r["mean_accuracy"] == pytest.approx(macc)
     assert r["overall_accuracy"] == pytest.approx(oacc)
     np.testing.assert_allclose(r["per_category_iou"], iou, equal_nan=True)
     np.testing.assert_allclose(r["per_category_accuracy"], acc, equal_nan=True)
-    # the benchmark rule agrees with the torch accumulator
-    r2 = hub_metric.compute(predictions=preds, references=gts, num_labels=11, ignore_index=255, miou_rule="present_in_gt")
+    # the published rule agrees with the torch accumulator
+    r2 = hub_metric.compute(predictions=preds, references=gts, num_labels=11, ignore_index=255,
+                            miou_rule="present_in_gt")
     cm = SegmentationConfusionMatrix(11, 255)
     for p, g in zip(preds, gts):
         cm.update(p, g)
     assert r2["mean_iou"] == pytest.approx(cm.compute()["mean_iou"])
 
 
+def load_evaluate_module_file():
+    """The evaluate module's source file as a plain module (what `evaluate.load(path)` executes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("disa_mean_iou_copy", os.path.join(METRIC_DIR, "disa_mean_iou.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("rule", ["present_in_gt", "present_in_gt_or_pred"])
+@pytest.mark.parametrize("nan_to_num", [None, -1.0])
+def test_evaluate_module_arithmetic_is_the_package_copy(rule, nan_to_num):
+    """disa_mean_iou.py carries a copy of metrics.py's confusion-matrix arithmetic (it must stay self-contained): on
+    random confusion matrices with absent, predicted-only and empty classes, and on random label maps, the two give
+    the same confusion matrices and the same metrics."""
+    copy = load_evaluate_module_file()
+    rng = np.random.default_rng(11)
+    for k in (1, 5, 23):
+        cm = rng.integers(0, 50, (k, k))
+        cm[rng.random((k, k)) < 0.3] = 0
+        cm[rng.integers(0, k)] = 0  # a class absent from the ground truth (predicted, perhaps)
+        if k > 2:
+            cm[:, rng.integers(0, k)] = 0  # a class never predicted
+        ours = metrics_from_confusion_matrix(cm, rule=rule, nan_to_num=nan_to_num)
+        theirs = copy.metrics_from_confusion(cm, rule=rule, nan_to_num=nan_to_num)
+        for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
+            np.testing.assert_allclose(theirs[key], ours[key], rtol=1e-12, equal_nan=True, err_msg=key)
+        for key in ("per_category_iou", "per_category_accuracy"):
+            np.testing.assert_allclose(theirs[key], ours[key], rtol=1e-12, equal_nan=True, err_msg=key)
+    np.testing.assert_array_equal(copy.metrics_from_confusion(np.zeros((3, 3)))["per_category_iou"],
+                                  metrics_from_confusion_matrix(np.zeros((3, 3)), rule="present_in_gt_or_pred")[
+                                      "per_category_iou"])
+    preds, gts = random_maps(rng, 4, 9, 255, absent=(2,))
+    accumulated = SegmentationConfusionMatrix(9, 255)
+    total = np.zeros((9, 9), np.int64)
+    for p, g in zip(preds, gts):
+        accumulated.update(p, g)
+        total += copy.confusion_matrix(p, g, 9, 255)
+    np.testing.assert_array_equal(total, accumulated.confusion.numpy())
+
+
 def test_evaluate_module_16bit_reduce_labels_label_map_nan_to_num(hub_metric):
     g = np.array([[846, 0], [65535, 3]], dtype=np.uint16)
-    r = hub_metric.compute(predictions=[np.array([[846, 0], [7, 2]])], references=[g], num_labels=847, ignore_index=65535)
+    r = hub_metric.compute(predictions=[np.array([[846, 0], [7, 2]])], references=[g], num_labels=847,
+                           ignore_index=65535)
     assert r["mean_iou"] == pytest.approx((1 + 1 + 0 + 0) / 4)  # classes 846, 0 hit; 3 missed; 2 predicted only
     # reduce_labels: 0 -> ignore, k -> k-1 (ADE-150 raw annotations)
     raw = np.array([[0, 1], [2, 150]], dtype=np.uint8)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.clip_dense_features import dense_clip_features
 from modeling_disa.model.losses import segmentation_loss
-from conftest import PRESETS
+from tiny_configs import PRESETS
 
 NAMES = ["cat", "dog", "grass", "sky", "road", "tree", "water"]
 

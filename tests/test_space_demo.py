@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from hub_stub import repo_key
-from modeling_disa import PIPELINE_TASK, DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
-import toy_world as world
+from PIL import Image
 from test_hub_publish import TOKEN, front_matter, hub  # noqa: F401 - `hub` is the loopback-stub fixture
+
+import toy_world as world
+from modeling_disa import PIPELINE_TASK, DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = REPO / "space"
@@ -74,10 +74,10 @@ def served(app, model_dir, tmp_path_factory):
         patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
         patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         segmenter = app.load_segmenter(str(model_dir))
-        examples = app.write_examples(root / "examples")
+        examples, example_world = app.load_examples()
         origin = "$DISA_DEMO_TEST_MODEL" if os.environ.get("DISA_DEMO_TEST_MODEL") else "the test"
-        demo = app.build_demo(segmenter, str(model_dir), origin, examples)
-        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_options(root / "examples"))
+        demo = app.build_demo(segmenter, str(model_dir), origin, examples, example_world)
+        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_options())
         try:
             yield {"url": demo.local_url, "segmenter": segmenter, "examples": examples, "root": root}
         finally:
@@ -262,7 +262,8 @@ def test_model_source_order_and_the_missing_model_message(app, model_dir, tmp_pa
     assert "accelerate launch training/train.py" in err and "Traceback" not in err
 
     shutil.copytree(model_dir, tmp_path / "runs" / "toy-world")
-    assert app.resolve_model_source(None, readme) == (str(tmp_path / "runs" / "toy-world"), "the default toy-world job")
+    expected = (str(tmp_path / "runs" / "toy-world"), "the default toy-world job")
+    assert app.resolve_model_source(None, readme) == expected
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert app.resolve_model_source(None, readme)[0] == "org/linked"  # online: the Space's linked model
     monkeypatch.setenv(app.MODEL_ENV, "org/from-env")
@@ -278,21 +279,35 @@ def test_label_parsing_and_default_vocabulary(app, model_dir):
     assert app.parse_labels(app.format_labels(world.CLASS_NAMES)) == world.CLASS_NAMES
     config = DiSaConfig.from_pretrained(model_dir)
     assert app.default_vocabulary(config) == [config.id2label[i] for i in range(len(config.id2label))]
-    assert app.example_labels(world.CLASS_NAMES[:6]) == app.format_labels(world.CLASS_NAMES)
-    assert app.example_labels(names) == app.format_labels(names)
+    _, example_world = app.load_examples()
+    assert app.example_labels(world.CLASS_NAMES[:6], example_world) == app.format_labels(world.CLASS_NAMES)
+    assert app.example_labels(names, example_world) == app.format_labels(names)
 
 
-def test_examples_are_the_toy_world_test_scenes(app, tmp_path):
-    paths = app.write_examples(tmp_path / "examples", num=2)
-    scenes = world.generate_split(world.WorldSettings(), "test", num=2)["image"]
+def test_examples_are_the_committed_toy_world_test_scenes(app, tmp_path):
+    """space/examples/ holds what `python training/write_space_examples.py` writes (deterministic): the first
+    toy-world test scenes, enlarged by nearest neighbour, and the world's class names."""
+    import write_space_examples
+
+    paths, labels = app.load_examples()
+    assert labels == world.CLASS_NAMES
+    scenes = world.generate_split(world.WorldSettings(), "test", num=len(paths))["image"]
+    assert len(paths) == write_space_examples.NUM_EXAMPLES
     for path, scene in zip(paths, scenes, strict=True):
         picture = np.asarray(Image.open(path))
-        assert picture.shape == (app.EXAMPLE_SIZE, app.EXAMPLE_SIZE, 3)
-        step = app.EXAMPLE_SIZE // scene.shape[0]
+        assert picture.shape == (write_space_examples.EXAMPLE_SIZE, write_space_examples.EXAMPLE_SIZE, 3)
+        step = write_space_examples.EXAMPLE_SIZE // scene.shape[0]
         np.testing.assert_array_equal(picture[::step, ::step], scene)  # nearest-neighbour enlargement
-    stamp = paths[0].stat().st_mtime_ns
-    assert app.write_examples(tmp_path / "examples", num=2) == paths and paths[0].stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == [p.name for p in paths]  # no leftovers
+    fresh = write_space_examples.write_space_examples(tmp_path / "examples")
+    assert [p.name for p in fresh] == [p.name for p in paths]
+    for name in [p.name for p in paths] + [app.EXAMPLES_MANIFEST]:
+        assert (tmp_path / "examples" / name).read_bytes() == (app.EXAMPLES_DIR / name).read_bytes(), name
+    written = sorted(p.name for p in (tmp_path / "examples").iterdir())
+    assert written == sorted(p.name for p in app.EXAMPLES_DIR.iterdir())  # nothing else, no leftovers
+    assert app.load_examples(tmp_path / "nowhere") == ([], [])
+    (tmp_path / "examples" / paths[0].name).unlink()
+    with pytest.raises(FileNotFoundError, match="write_space_examples"):
+        app.load_examples(tmp_path / "examples")
 
 
 def test_space_requirements_match_the_package():
@@ -320,7 +335,10 @@ def test_space_command_uploads_the_app_to_the_stub(hub, model_dir, tmp_path):  #
         f"modeling_disa/{path.relative_to(package).as_posix()}" for path in package.rglob("*")
         if path.suffix in (".py", ".json", ".md") and "__pycache__" not in path.parts}
     assert files["modeling_disa/model/pipeline_disa.py"] == (package / "model" / "pipeline_disa.py").read_bytes()
-    assert not any(name.endswith((".png", ".jpg", ".safetensors")) or "examples/" in name for name in files)
+    examples = sorted(f"examples/{p.name}" for p in (SPACE / "examples").iterdir() if p.suffix in (".png", ".json"))
+    assert [name for name in files if name.startswith("examples/")] == examples and len(examples) == 5
+    assert all(files[name] == (SPACE / name).read_bytes() for name in examples)
+    assert not any(name.endswith((".jpg", ".safetensors")) or name == "screenshot.png" for name in files)
     meta = front_matter(files["README.md"].decode())
     assert meta["sdk"] == "gradio" and meta["app_file"] in files and meta["models"] == ["tester/disa-model"]
     assert meta["sdk_version"] and files["README.md"].decode().split("---\n", 2)[2].strip()

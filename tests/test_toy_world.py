@@ -1,4 +1,4 @@
-"""The offline toy world (modeling_disa/toy_world.py) and the default training job on it (training/train.py with
+"""The offline toy world (the training/toy_world package) and the default training job on it (training/train.py with
 configuration/training/toy_world.yaml), shortened: a small world, a few CLIP and DiSa steps."""
 
 import json
@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
+
+import toy_world as W
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import toy_world as W  # noqa: E402
 
 
 def test_vocabulary_split_is_compositional():
@@ -57,6 +56,20 @@ def test_dataset_features_and_tokenizer():
         assert len(tok.tokenize(word)) == 1, word
     ids = tok("A photo of a green triangle in the scene")["input_ids"]
     assert tok.unk_token_id not in ids[1:-1]
+
+
+def test_normalize_images_is_clip_normalisation_through_the_image_processor():
+    """The one preprocessing path (`DiSaImageProcessor`, no resize) gives exactly the float32 arithmetic the toy CLIP
+    was pretrained with: x / 255, minus OpenAI CLIP's mean, over its std (committed toy-world results rely on it)."""
+    import torch
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    images, _ = W.pretraining_batch(np.random.default_rng(0), 8, 64)
+    x = torch.from_numpy(images).float().div_(255).permute(0, 3, 1, 2)
+    reference = (x - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    out = W.normalize_images(images)
+    assert out.dtype == torch.float32 and out.shape == (8, 3, 64, 64)
+    assert torch.equal(out, reference)
 
 
 def test_default_recipe_is_the_toy_world():

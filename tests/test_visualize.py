@@ -7,10 +7,10 @@ from PIL import Image
 
 from modeling_disa.visualize import (
     BACKGROUND_DIM,
-    LEGEND_PAD,
-    LEGEND_ROW,
     FOREGROUND_TINT,
     FOREGROUND_TINT_WEIGHT,
+    LEGEND_PAD,
+    LEGEND_ROW,
     TITLE_HEIGHT,
     main,
     overlay_segmentation,

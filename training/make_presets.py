@@ -1,26 +1,32 @@
-"""Writes the model presets in this folder (run from the repository root: `python training/make_presets.py`).
+"""Writes the model presets in configuration/models/ (`python training/make_presets.py`).
 
 - `disa-vit-b-16`: openai/clip-vit-base-patch16 geometry, CLIP input 384, DiSa (SDM + HRM on).
 - `disa-vit-l-14-336`: openai/clip-vit-large-patch14-336 geometry, CLIP input 336, DiSa (SDM + HRM on).
 - `catseg-vit-b-16`, `catseg-vit-l-14-336`: the same with every DiSa switch off, i.e. exactly CAT-Seg.
-- `disa-toy`, `catseg-toy`: the head of the offline toy world (`modeling_disa/toy_world.py`, recipe
+- `disa-toy`, `catseg-toy`: the head of the offline toy world (the `training/toy_world` package, recipe
   `configuration/training/toy_world.yaml`); the CLIP towers come from the pretrained toy CLIP.
 - `disa-tiny`: a tiny CLIP for tests and the offline demo, with a character-level CLIP tokenizer built locally and
-  a processor saved beside the config, so `DiSaProcessor.from_pretrained` works offline.
+  a processor saved beside the config, so `DiSaProcessor.from_pretrained` works offline. A copy goes to the
+  package data `modeling_disa/presets/disa-tiny/` for `python -m modeling_disa.demo`, which must work from an
+  installed wheel (no repository around it); tests/test_configuration.py checks that the copy equals this preset.
 
 The presets hold configurations only; weights come from `DiSaForOpenVocabSegmentation.from_clip_pretrained` (or
 random initialisation). The files are committed, this script documents and reproduces them.
 """
 
 import json
-import sys
+import shutil
 from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-PRESETS = Path(__file__).resolve().parent.parent / "configuration" / "models"
+from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaImageProcessor, DiSaProcessor
 
-from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaImageProcessor, DiSaProcessor  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = REPO / "configuration" / "models"
+# The tiny preset as package data: the offline demo reads it from the installed package.
+PACKAGED_PRESETS = REPO / "modeling_disa" / "presets"
+PACKAGED = ("disa-tiny",)
 
 OPENAI_TEXT_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
 
@@ -49,7 +55,7 @@ TINY_VOCABULARY = ["cat", "dog", "grass", "sky", "road", "building, edifice"]
 
 def char_level_clip_tokenizer() -> CLIPTokenizer:
     """CLIP's byte-level BPE with an empty merge list: every character is a token (514 tokens)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -154,6 +160,9 @@ def main() -> None:
     for folder in ("catseg-vit-b-16", "catseg-vit-l-14-336", "disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny",
                    "disa-toy", "catseg-toy"):
         strip_remote_code(PRESETS / folder)
+    for name in PACKAGED:
+        shutil.rmtree(PACKAGED_PRESETS / name, ignore_errors=True)
+        shutil.copytree(PRESETS / name, PACKAGED_PRESETS / name)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark definitions for open-vocabulary semantic segmentation (data, not code).
+"""Evaluation-dataset definitions for open-vocabulary semantic segmentation (data, not code).
 
 The definitions live in ``modeling_disa/evaluation/definitions/<name>.json`` (class names exactly as CAT-Seg's
 ``datasets/*.json``, label dtype, ignore value, evaluation rules, Hub config name, raw-release mapping).
@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-# The six open-vocabulary benchmarks in the column order of the published tables.
+# The six open-vocabulary evaluation datasets in the column order of the published tables.
 EVALUATION_DATASETS: Tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
 TRAINING_DATASETS: Tuple[str, ...] = ("coco_stuff171",)
 ALL_DATASETS: Tuple[str, ...] = EVALUATION_DATASETS + TRAINING_DATASETS
@@ -39,22 +41,23 @@ _ALIASES = {
 
 
 class UnknownDatasetError(KeyError):
-    """Raised for a benchmark name that is not defined."""
+    """Raised for a dataset name that is not defined."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
 
 
 class ClassListMismatchError(ValueError):
-    """Raised when a class list does not match the benchmark (or dataset) it is used with."""
+    """Raised when a class list does not match the dataset definition it is used with."""
 
 
-def definitions_dir() -> Path:
-    """Folder holding the ``<name>.json`` definitions (``$DISA_DATASET_DEFINITIONS_DIR`` overrides)."""
+def definitions_dir() -> Traversable:
+    """Folder holding the ``<name>.json`` definitions: the package data ``definitions/`` (read through
+    `importlib.resources`, so it works from any install), or ``$DISA_DATASET_DEFINITIONS_DIR``."""
     env = os.environ.get("DISA_DATASET_DEFINITIONS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "definitions"
+    return files(__package__).joinpath("definitions")
 
 
 def first_synonym(name: str, separator: str = ",") -> str:
@@ -63,12 +66,12 @@ def first_synonym(name: str, separator: str = ",") -> str:
 
 
 def canonical_name(name: str) -> str:
-    """Map a user-facing benchmark name (``"A-847"``, ``"PAS-20b"``, ``"pc_59"``...) to its definition name."""
+    """Map a user-facing dataset name (``"A-847"``, ``"PAS-20b"``, ``"pc_59"``...) to its definition name."""
     key = "".join(ch for ch in str(name).lower() if ch.isalnum())
     if key in _ALIASES:
         return _ALIASES[key]
     raise UnknownDatasetError(
-        f"Unknown benchmark {name!r}. Known benchmarks: {', '.join(ALL_DATASETS)} "
+        f"Unknown evaluation dataset {name!r}. Known datasets: {', '.join(ALL_DATASETS)} "
         f"(aliases such as 'A-847', 'PC-459', 'A-150', 'PC-59', 'PAS-20', 'PAS-20b', 'coco-stuff' also work)."
     )
 
@@ -133,7 +136,7 @@ class DatasetDefinition:
         return torch.where(pred >= start, torch.as_tensor(to, dtype=pred.dtype, device=pred.device), pred)
 
     def check_class_names(self, names: Sequence[str], what: str = "class list") -> None:
-        """Raise :class:`ClassListMismatchError` unless ``names`` equals this benchmark's class list.
+        """Raise :class:`ClassListMismatchError` unless ``names`` equals this dataset's class list.
 
         Entries may be given either verbatim (with synonyms) or as prompt names (first synonym).
         """
@@ -142,13 +145,13 @@ class DatasetDefinition:
             return
         if len(names) != self.num_classes:
             raise ClassListMismatchError(
-                f"{what} has {len(names)} classes but benchmark {self.name!r} has {self.num_classes}."
+                f"{what} has {len(names)} classes but dataset {self.name!r} has {self.num_classes}."
             )
         mine = self.prompt_names
         bad = [(i, n, m) for i, (n, m) in enumerate(zip(names, mine)) if first_synonym(n) != m]
         shown = ", ".join(f"#{i}: {n!r} != {m!r}" for i, n, m in bad[:5])
         raise ClassListMismatchError(
-            f"{what} does not match benchmark {self.name!r}: {len(bad)} of {len(names)} names differ ({shown}"
+            f"{what} does not match dataset {self.name!r}: {len(bad)} of {len(names)} names differ ({shown}"
             f"{', ...' if len(bad) > 5 else ''})."
         )
 
@@ -193,12 +196,12 @@ def _from_json(data: Dict[str, Any]) -> DatasetDefinition:
     )
     if "num_classes" in data and int(data["num_classes"]) != definition.num_classes:
         raise ValueError(
-            f"Benchmark file for {definition.name!r} says num_classes={data['num_classes']} "
+            f"Definition file for {definition.name!r} says num_classes={data['num_classes']} "
             f"but lists {definition.num_classes} class names."
         )
     info = np.iinfo(definition.numpy_label_dtype)
     if not (definition.num_scored_classes <= definition.ignore_index <= info.max):
-        raise ValueError(f"Benchmark {definition.name!r}: ignore_index {definition.ignore_index} is not a free "
+        raise ValueError(f"Dataset {definition.name!r}: ignore_index {definition.ignore_index} is not a free "
                          f"{definition.label_dtype} value above the class ids.")
     return definition
 
@@ -217,9 +220,8 @@ def load_evaluation_dataset(name_or_path: Union[str, os.PathLike]) -> DatasetDef
     if key not in _CACHE:
         file = definitions_dir() / f"{name}.json"
         if not file.is_file():
-            raise UnknownDatasetError(f"Benchmark {name!r} has no definition file at {file}.")
-        with open(file, encoding="utf-8") as f:
-            _CACHE[key] = _from_json(json.load(f))
+            raise UnknownDatasetError(f"Evaluation dataset {name!r} has no definition file at {file}.")
+        _CACHE[key] = _from_json(json.loads(file.read_text(encoding="utf-8")))
     return _CACHE[key]
 
 

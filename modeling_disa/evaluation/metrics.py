@@ -54,6 +54,9 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return t.to(device=device, non_blocking=True)
 
 
+# Checked copy: `metrics_from_confusion` in modeling_disa/evaluation/disa_mean_iou/disa_mean_iou.py is "Copied from"
+# this function (the `evaluate` module must stay self-contained). Change both;
+# tests/test_metrics.py::test_evaluate_module_arithmetic_is_the_package_copy checks that they agree.
 def metrics_from_confusion_matrix(
     confusion: ArrayLike, rule: str = "present_in_gt", nan_to_num: Optional[float] = None
 ) -> Dict[str, object]:
@@ -138,10 +141,11 @@ class SegmentationConfusionMatrix:
             self.reset()
 
     @classmethod
-    def from_dataset_definition(cls, benchmark, device=None) -> "SegmentationConfusionMatrix":
-        """Build from a :class:`modeling_disa.evaluation.dataset_definitions.DatasetDefinition` (fold and ignore value included)."""
-        return cls(benchmark.num_scored_classes, benchmark.ignore_index, benchmark.prediction_fold,
-                   benchmark.num_classes, device=device)
+    def from_dataset_definition(cls, definition, device=None) -> "SegmentationConfusionMatrix":
+        """Build from a :class:`modeling_disa.evaluation.dataset_definitions.DatasetDefinition` (fold and ignore
+        value included)."""
+        return cls(definition.num_scored_classes, definition.ignore_index, definition.prediction_fold,
+                   definition.num_classes, device=device)
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
@@ -173,7 +177,7 @@ class SegmentationConfusionMatrix:
         vals = torch.unique(t[bad])[:10].tolist()
         raise ValueError(
             f"Ground truth holds values {vals} outside [0, {k}) that are not the ignore value "
-            f"{self.ignore_index}. Wrong ignore_index, or a label map from another benchmark?")
+            f"{self.ignore_index}. Wrong ignore_index, or a label map from another dataset?")
 
     @torch.no_grad()
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
@@ -231,7 +235,9 @@ class SegmentationConfusionMatrix:
         self._flat.scatter_add_(0, idx, self._ones[:n])
 
     # ---------------------------------------------------------------- distributed
-    def reduce(self, reduce_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> "SegmentationConfusionMatrix":
+    def reduce(
+        self, reduce_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ) -> "SegmentationConfusionMatrix":
         """Sum the matrix over processes, in place.
 
         ``reduce_fn`` receives the local matrix and returns the summed one, e.g.

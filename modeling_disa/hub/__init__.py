@@ -6,8 +6,8 @@
   `AutoModelForSemanticSegmentation`, and `custom_pipelines` for the `open-vocabulary-segmentation` task);
 - `processor_config.json`, `preprocessor_config.json`, `tokenizer.json`, `tokenizer_config.json`;
 - the code files (`configuration_disa.py`, `modeling_disa.py`, ..., `pipeline_disa.py`) so that
-  `AutoModel.from_pretrained(repo, trust_remote_code=True)` and `pipeline(..., trust_remote_code=True)` work without the
-  package installed;
+  `AutoModel.from_pretrained(repo, trust_remote_code=True)` and `pipeline(..., trust_remote_code=True)` work without
+  the package installed;
 - `README.md`: the model card rendered from `model_card.md` (placeholders `{model_name}`, `{repo_id}`,
   `{eval_results}`; any other brace text such as the prompt template `"A photo of a {} in the scene"` is left alone),
   with metadata (`library_name: transformers`, `pipeline_tag: image-segmentation`, datasets, metrics) and a
@@ -21,14 +21,16 @@ repo (if needed) and uploads the folder in one commit. The standard `model.push_
     python -m modeling_disa.hub --model_dir out/disa-vitb --repo_id org/disa-vitb --output_dir staged/  # no upload
 
 The demo Space (the Gradio app in the repository's `space/` folder): `publish_space(repo_id, model_repo)` writes the
-app, its requirements, its README with `models: [model_repo]` (the model the app serves) and a copy of this package
-(which the app imports), creates the Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
+app, its requirements, its example images (`examples/*.png` and `examples/examples.json`), its README with
+`models: [model_repo]` (the model the app serves) and a copy of this package (which the app imports), creates the
+Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
 
     python -m modeling_disa.hub space --repo_id org/disa-demo --model_repo org/disa-vitb [--output_dir staged/]
 
 Evaluation results (a dict or a JSON file) may be any of:
 `{"ade150": {"mIoU": 31.5, "mAcc": 50.1}, ...}`, the same under a `"results"` key, a list of
-`{"benchmark": "ade150", "mIoU": 31.5, ...}` entries, or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
+`{"dataset": "ade150", "mIoU": 31.5, ...}` entries (the name also under `"benchmark"`, as training/run_evaluation.py
+writes it, or `"name"`), or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
 `mAcc`/`mean_accuracy`, `pAcc`/`pixel_accuracy`/`overall_accuracy`, `fwIoU`/`frequency_weighted_iou`; values are
 written as given (the project's evaluation writes percentages). Other keys are ignored.
 """
@@ -44,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, SpaceCard
@@ -52,41 +55,14 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from ..model.pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
 
-TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card.md"  # a link to the project's model_card.md; a file in a wheel
+# The card template, package data (in the repository a link to the top-level model_card.md; a file in a wheel).
+TEMPLATE = files(__package__).joinpath("model_card.md")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-SPACE_DIR = PACKAGE_DIR.parent / "space"
-SPACE_FILE_SUFFIXES = (".py", ".txt", ".md")  # the app's own files; examples/ is rendered by the app at start-up
+SPACE_DIR = PACKAGE_DIR.parent / "space"  # the app folder, when the package runs from a repository checkout
+SPACE_FILE_SUFFIXES = (".py", ".txt", ".md")  # the app's own files (not its README screenshot)
+SPACE_EXAMPLE_FILES = ("*.png", "examples.json")  # examples/: the example images and the manifest naming them
 SPACE_SDK = "gradio"
 PLACEHOLDERS = ("model_name", "repo_id", "eval_results")
-
-# Minimal card used when model_card.md is not available (e.g. a non-editable install of the package).
-FALLBACK_TEMPLATE = """---
-library_name: transformers
-pipeline_tag: image-segmentation
-license: mit
-tags:
-  - open-vocabulary-segmentation
-  - semantic-segmentation
-datasets:
-  - coco-stuff
-metrics:
-  - mean_iou
----
-
-# {model_name}
-
-DiSa / CAT-Seg open-vocabulary semantic segmentation on CLIP.
-
-```python
-from transformers import pipeline
-segmenter = pipeline("open-vocabulary-segmentation", model="{repo_id}", trust_remote_code=True)
-segmenter("image.jpg", candidate_labels=["cat", "grass", "sky"])
-```
-
-## Evaluation
-
-{eval_results}
-"""
 
 # metric key in the results JSON -> (model-index metric type, display name)
 METRIC_KEYS = {
@@ -101,18 +77,18 @@ METRIC_KEYS = {
     "frequency_weighted_iou": ("frequency_weighted_iou", "fwIoU"),
 }
 METRIC_ORDER = ("mIoU", "mAcc", "pAcc", "fwIoU")
-DATASET_KEYS = ("benchmark", "dataset", "name")
+DATASET_KEYS = ("dataset", "benchmark", "name")  # the evaluation dataset of a results entry
 
 
 # ---------------------------------------------------------------------------------------------------- eval results
 def _dataset_info(name: str) -> dict:
-    """Display name / split / config of a benchmark from `modeling_disa/evaluation/definitions`, or the name itself."""
+    """Display name / split / config of an evaluation dataset from its definition, or the name itself."""
     info = {"name": name, "display_name": name, "split": None, "config": None}
     try:
         from ..evaluation.dataset_definitions import load_evaluation_dataset
 
         definition = load_evaluation_dataset(name)
-    except Exception:  # noqa: BLE001 - unknown benchmark names are published as given
+    except Exception:  # noqa: BLE001 - unknown dataset names are published as given
         return info
     info.update(name=definition.name, display_name=definition.display_name, split=definition.split,
                 config=definition.hub_config)
@@ -120,7 +96,7 @@ def _dataset_info(name: str) -> dict:
 
 
 def load_eval_results(source) -> dict[str, dict[str, float]]:
-    """Normalise evaluation results to `{benchmark: {"mIoU": value, ...}}` (see the module docstring).
+    """Normalise evaluation results to `{dataset: {"mIoU": value, ...}}` (see the module docstring).
 
     `source` is a dict, a list, or a path to a JSON file.
     """
@@ -138,7 +114,7 @@ def load_eval_results(source) -> dict[str, dict[str, float]]:
     if isinstance(source, list):
         for item in source:
             if not isinstance(item, dict) or not any(isinstance(item.get(k), str) for k in DATASET_KEYS):
-                raise ValueError(f"each evaluation result entry needs a 'benchmark' name, got {item!r}.")
+                raise ValueError(f"each evaluation result entry needs a 'dataset' name, got {item!r}.")
             name = next(item[k] for k in DATASET_KEYS if isinstance(item.get(k), str))
             entries.append((name, item))
     elif isinstance(source, dict):
@@ -166,12 +142,14 @@ def load_eval_results(source) -> dict[str, dict[str, float]]:
     return results
 
 
-def eval_results_to_model_index(results: dict[str, dict[str, float]], dataset_repo: str | None = None) -> list[EvalResult]:
-    """One `EvalResult` per (benchmark, metric), task type `image-segmentation`."""
+def eval_results_to_model_index(
+    results: dict[str, dict[str, float]], dataset_repo: str | None = None
+) -> list[EvalResult]:
+    """One `EvalResult` per (evaluation dataset, metric), task type `image-segmentation`."""
     display_to_type = {name: type_ for type_, name in METRIC_KEYS.values()}
     entries = []
-    for benchmark, metrics in results.items():
-        info = _dataset_info(benchmark)
+    for dataset, metrics in results.items():
+        info = _dataset_info(dataset)
         for metric in sorted(metrics, key=lambda m: METRIC_ORDER.index(m) if m in METRIC_ORDER else 99):
             entries.append(
                 EvalResult(
@@ -194,10 +172,10 @@ def eval_results_markdown(results: dict[str, dict[str, float]] | None) -> str:
     if not results:
         return "No evaluation results have been published for this checkpoint yet."
     columns = [m for m in METRIC_ORDER if any(m in v for v in results.values())]
-    lines = ["| benchmark | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for benchmark, metrics in results.items():
+    lines = ["| dataset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for dataset, metrics in results.items():
         cells = [f"{metrics[c]:.1f}" if c in metrics else "-" for c in columns]
-        lines.append(f"| {_dataset_info(benchmark)['display_name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_dataset_info(dataset)['display_name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -226,9 +204,9 @@ def render_model_card(
         repo_id: `"org/name"`; used in the usage snippet and (its last part) as the default `model_name`.
         eval_results: results dict / list / JSON path (see module docstring); fills the `{eval_results}` table and
             the `model-index`.
-        template: a card template path (default: the repository's `model_card.md`, else a built-in minimal one).
+        template: a card template path (default: the package's `model_card.md`, the project's card).
         base_model, datasets, tags, license: metadata merged into the template's front matter.
-        dataset_repo: Hub dataset id used as `dataset.type` in the model-index (default: the benchmark name).
+        dataset_repo: Hub dataset id used as `dataset.type` in the model-index (default: the dataset's name).
     """
     results = load_eval_results(eval_results) if eval_results is not None else None
     model_name = model_name or repo_id.split("/")[-1]
@@ -238,7 +216,7 @@ def render_model_card(
             raise FileNotFoundError(f"model card template {str(path)!r} does not exist.")
         text = path.read_text(encoding="utf-8")
     else:
-        text = TEMPLATE_PATH.read_text(encoding="utf-8") if TEMPLATE_PATH.is_file() else FALLBACK_TEMPLATE
+        text = TEMPLATE.read_text(encoding="utf-8")
     text = render_template(
         text, {"model_name": model_name, "repo_id": repo_id, "eval_results": eval_results_markdown(results)}
     )
@@ -377,16 +355,22 @@ def _check_repo_id(repo_id, name: str = "repo_id") -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- demo Space
-def save_space(save_directory: str | os.PathLike, model_repo: str, *, space_dir: str | os.PathLike | None = None) -> Path:
+def save_space(
+    save_directory: str | os.PathLike, model_repo: str, *, space_dir: str | os.PathLike | None = None
+) -> Path:
     """
     Write the demo Space repository into `save_directory`; returns the folder.
 
     Args:
         model_repo: `"org/name"` of the model the app serves, written to the README metadata (`models:`).
-        space_dir: the app folder (`app.py`, `requirements.txt`, `README.md` with `sdk: gradio` and `app_file`);
-            default: the repository's `space/`.
+        space_dir: the app folder (`app.py`, `requirements.txt`, `README.md` with `sdk: gradio` and `app_file`,
+            optional `examples/`); default: the `space/` folder of the repository checkout the package runs from
+            (an installed package has none: pass it).
     """
     _check_repo_id(model_repo, "model_repo")
+    if space_dir is None and not (PACKAGE_DIR.parent / "setup.py").is_file():
+        raise FileNotFoundError("the demo app is not part of the installed package: pass space_dir= (--space_dir) "
+                                "pointing at the repository's space/ folder.")
     source = Path(space_dir) if space_dir is not None else SPACE_DIR
     missing = [name for name in ("app.py", "requirements.txt", "README.md") if not (source / name).is_file()]
     if missing:
@@ -394,13 +378,18 @@ def save_space(save_directory: str | os.PathLike, model_repo: str, *, space_dir:
                                 "pointing at the repository's space/ folder.")
     card = SpaceCard.load(source / "README.md")
     if card.data.get("sdk") != SPACE_SDK or not (source / str(card.data.get("app_file"))).is_file():
-        raise ValueError(f"{source / 'README.md'} must declare sdk: {SPACE_SDK} and an app_file present in the folder, "
-                         f"got sdk={card.data.get('sdk')!r}, app_file={card.data.get('app_file')!r}.")
+        raise ValueError(f"{source / 'README.md'} must declare sdk: {SPACE_SDK} and an app_file present in the "
+                         f"folder, got sdk={card.data.get('sdk')!r}, app_file={card.data.get('app_file')!r}.")
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.suffix in SPACE_FILE_SUFFIXES:
             shutil.copy2(path, folder / path.name)
+    examples = sorted({path for pattern in SPACE_EXAMPLE_FILES for path in (source / "examples").glob(pattern)})
+    if examples:
+        (folder / "examples").mkdir(exist_ok=True)
+    for path in examples:
+        shutil.copy2(path, folder / "examples" / path.name)
     # The Space cannot pip-install this package from a registry, so the app's import finds a copy beside it.
     package = folder / PACKAGE_DIR.name
     package.mkdir(exist_ok=True)
@@ -464,7 +453,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["space"]:  # a subcommand in front of the model-publishing options, which keep their form
         return space_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="The demo Space: python -m modeling_disa.hub space --help")
     parser.add_argument("--model_dir", required=True, help="folder with the saved model and processor")
     parser.add_argument("--repo_id", required=True, help="target repo, 'org/name'")

@@ -181,8 +181,8 @@ def subset_scores(pred: np.ndarray, labels: np.ndarray) -> dict:
 def make_report(r, s, info, runs: dict) -> dict:
     from transformers import CLIPModel
 
-    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
     import toy_world as W
+    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
     test, images, labels = _load_test(info["world_dir"])
     size = labels.shape[-1]

@@ -28,14 +28,14 @@ import numpy as np
 
 _DESCRIPTION = """Mean Intersection-over-Union for semantic segmentation, computed from a dataset-wide confusion
 matrix. Interface-compatible with `mean_iou`; adds the `miou_rule` option for the classes-present-in-ground-truth
-averaging used by open-vocabulary segmentation benchmarks (CAT-Seg, DiSa)."""
+averaging used in open-vocabulary segmentation evaluation (CAT-Seg, DiSa)."""
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`List[ndarray]`): predicted label maps, each `(height, width)`; sizes may differ between maps.
     references (`List[ndarray]`): ground-truth label maps, same sizes as the predictions.
     num_labels (`int`): number of classes.
-    ignore_index (`int`): ground-truth value that is not scored (e.g. 255, or 65535 for 16-bit benchmarks).
+    ignore_index (`int`): ground-truth value that is not scored (e.g. 255, or 65535 for 16-bit label maps).
     nan_to_num (`float`, optional): replaces NaN in the results.
     label_map (`dict`, optional): old id -> new id, applied to the references.
     reduce_labels (`bool`, optional, default False): references 0 -> 255, others minus 1 (255 stays 255).
@@ -68,7 +68,9 @@ def _to_array(x) -> np.ndarray:
     return arr
 
 
-def _apply_reference_transforms(label: np.ndarray, label_map: Optional[Dict[int, int]], reduce_labels: bool) -> np.ndarray:
+def _apply_reference_transforms(
+    label: np.ndarray, label_map: Optional[Dict[int, int]], reduce_labels: bool
+) -> np.ndarray:
     label = label.astype(np.int64)
     if label_map:
         src = label.copy()
@@ -101,6 +103,9 @@ def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_labels: int, ignor
     return np.bincount(label * k + pred, minlength=k * k).reshape(k, k)
 
 
+# Copied from modeling_disa.evaluation.metrics.metrics_from_confusion_matrix (the IoU / accuracy arithmetic, fewer
+# outputs, mean_iou's default rule): this module is loaded alone by `evaluate.load(path)`, so it cannot import the
+# package. A checked copy: tests/test_metrics.py::test_evaluate_module_arithmetic_is_the_package_copy.
 def metrics_from_confusion(cm: np.ndarray, rule: str = "present_in_gt_or_pred", nan_to_num: Optional[float] = None):
     if rule not in RULES:
         raise ValueError(f"Unknown miou_rule {rule!r}; choose one of {RULES}.")
