@@ -1,4 +1,4 @@
-"""End-to-end CLI on a random disa-tiny model and a prepared synthetic benchmark folder; bad inputs."""
+"""End-to-end CLI on a random disa-tiny model and a prepared synthetic evaluation-dataset folder; bad inputs."""
 import json
 from pathlib import Path
 
@@ -47,7 +47,7 @@ def voc_data(tmp_path_factory):
 
 def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_path):
     model_dir, model = tiny_model
-    args = ["--model", str(model_dir), "--benchmarks", "voc20", "PAS-20b", "--data_dir", str(voc_data),
+    args = ["--model", str(model_dir), "--datasets", "voc20", "PAS-20b", "--data_dir", str(voc_data),
             "--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0",
             "--output", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
             "--model_index", str(tmp_path / "mi.yaml")]
@@ -83,17 +83,17 @@ def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_pat
 def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
     model_dir, _ = tiny_model
     with pytest.raises(KeyError, match="Unknown evaluation dataset"):
-        cli.main(["--model", str(model_dir), "--benchmarks", "ade-9000", "--data_dir", str(voc_data)])
-    # a dataset whose recorded class list does not match the benchmark
+        cli.main(["--model", str(model_dir), "--datasets", "ade-9000", "--data_dir", str(voc_data)])
+    # a dataset whose recorded class list does not match its definition
     meta_file = voc_data / "data/voc20/metadata.json"
     meta = json.loads(meta_file.read_text()); saved = dict(meta)
     meta["class_names"] = meta["class_names"][::-1]
     meta_file.write_text(json.dumps(meta))
     try:
         with pytest.raises(ValueError, match="does not match dataset"):
-            cli.main(["--model", str(model_dir), "--benchmarks", "voc20", "--data_dir", str(voc_data),
+            cli.main(["--model", str(model_dir), "--datasets", "voc20", "--data_dir", str(voc_data),
                       "--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0"])
     finally:
         meta_file.write_text(json.dumps(saved))
     with pytest.raises(FileNotFoundError, match="prepare_datasets"):
-        cli.main(["--model", str(model_dir), "--benchmarks", "ade150", "--data_dir", str(voc_data)])
+        cli.main(["--model", str(model_dir), "--datasets", "ade150", "--data_dir", str(voc_data)])

@@ -178,7 +178,7 @@ def test_coco_stuff171_and_atomic_rewrite(tmp_path):
     labels2, _ = labels_of(out, "coco_stuff171")
     np.testing.assert_array_equal(labels2["000000000139"], labels["000000000139"])
     assert [p.name for p in (out / "data").iterdir()] == ["coco_stuff171"]
-    # the folder loads as a Hub-style repo with one config per benchmark
+    # the folder loads as a Hub-style repo with one config per evaluation dataset
     import datasets
     ds = datasets.load_dataset(str(out), "coco_stuff171", split="validation")
     assert len(ds) == 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert the official raw releases of the OVSS benchmarks into `datasets` parquet, one config per benchmark.
+"""Convert the official raw releases of the open-vocabulary segmentation evaluation datasets into `datasets` parquet, one config per evaluation dataset.
 
     python training/prepare_datasets.py ade150 --raw_root /data/ADEChallengeData2016 --output /data/disa-benchmarks
     python training/prepare_datasets.py ade847 --raw_root /data/ADE20K_2021_17_01 --output ...
@@ -8,7 +8,7 @@
     python training/prepare_datasets.py voc20  --raw_root /data/VOCdevkit/VOC2012  --output ...   (also voc20b)
     python training/prepare_datasets.py coco_stuff171 --raw_root /data/coco-stuff --output ...
 
-Output layout (a Hub dataset repo, one config per benchmark)::
+Output layout (a Hub dataset repo, one config per evaluation dataset)::
 
     <output>/README.md                                    YAML `configs:` + label conventions
     <output>/data/<config>/<split>-00000-of-0000N.parquet columns: image (Image), label (Image), image_id (string)
@@ -272,9 +272,9 @@ def features_for(bench: DatasetDefinition):
 def _write_readme(output: Path) -> None:
     configs = sorted(p.name for p in (output / "data").iterdir() if p.is_dir() and not p.name.startswith("."))
     lines = ["---", "configs:"]
-    body = ["", "# DiSa open-vocabulary segmentation benchmarks", "",
+    body = ["", "# DiSa open-vocabulary segmentation evaluation datasets", "",
             "Converted with `training/prepare_datasets.py` from the official raw releases. Columns: `image`, "
-            "`label` (PNG; 16-bit for 16-bit benchmarks), `image_id`.", "",
+            "`label` (PNG; 16-bit for 16-bit datasets), `image_id`.", "",
             "| config | classes | label dtype | ignore | splits |", "|---|---|---|---|---|"]
     for c in configs:
         meta = json.loads((output / "data" / c / "metadata.json").read_text())
@@ -363,7 +363,7 @@ def load_prepared(output: Path, name: str):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=sorted(CONVERTERS) + ["all"])
+    parser.add_argument("dataset", choices=sorted(CONVERTERS) + ["all"])
     parser.add_argument("--raw_root", type=Path, required=True,
                         help="raw release folder (for 'all': a folder holding ADEChallengeData2016, "
                              "ADE20K_2021_17_01, "
@@ -376,12 +376,12 @@ def main(argv=None) -> None:
     parser.add_argument("--pc59_annotations", type=Path, default=None, help="trainval_merged.json (default VOC2010/)")
     parser.add_argument("--pc459_val_list", type=Path, default=None, help="pascalcontext_val.txt (default VOC2010/)")
     args = parser.parse_args(argv)
-    names = sorted(CONVERTERS) if args.benchmark == "all" else [args.benchmark]
+    names = sorted(CONVERTERS) if args.dataset == "all" else [args.dataset]
     sub = {"ade150": "ADEChallengeData2016", "ade847": "ADE20K_2021_17_01", "pc59": "VOCdevkit/VOC2010",
            "pc459": "VOCdevkit/VOC2010", "voc20": "VOCdevkit/VOC2012", "voc20b": "VOCdevkit/VOC2012",
            "coco_stuff171": "coco-stuff"}
     for name in names:
-        root = args.raw_root / sub[name] if args.benchmark == "all" else args.raw_root
+        root = args.raw_root / sub[name] if args.dataset == "all" else args.raw_root
         extra = {}
         if name == "pc59" and args.pc59_annotations:
             extra["annotations"] = args.pc59_annotations

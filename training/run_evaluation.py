@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Evaluate a DiSa model on the open-vocabulary benchmarks (CAT-Seg protocol) -> JSON + Markdown (+ model-index).
+"""Evaluate a DiSa model on the open-vocabulary evaluation datasets (CAT-Seg protocol) -> JSON + Markdown (+ model-index).
 
     python training/run_evaluation.py --model org/disa-vit-b-16 \
-        --benchmarks ade847 pc459 ade150 pc59 voc20 voc20b --data_dir /data/disa-benchmarks \
+        --datasets ade847 pc459 ade150 pc59 voc20 voc20b --data_dir /data/disa-benchmarks \
         --output results/disa-b.json --markdown results/disa-b.md --model_index results/model-index.yaml
 
 Data source: ``--data_dir`` (a folder written by training/prepare_datasets.py) or ``--hub_dataset REPO`` (the same
-layout on the Hub, one config per benchmark). Inference: ``--mode sliding`` (published protocol: warp 640,
+layout on the Hub, one config per evaluation dataset). Inference: ``--mode sliding`` (published protocol: warp 640,
 384 windows, stride 256, global view) or ``whole``; ``--dtype bf16`` runs the model under autocast. mIoU uses one
 confusion matrix over the whole split, averaged over classes present in the ground truth
 (``--miou_rule present_in_gt_or_pred`` for the other rule). Under ``accelerate launch`` each process takes every
@@ -57,7 +57,7 @@ def load_split(bench, data_dir: Path | None, hub_dataset: str | None, split: str
         bench.check_class_names(meta["class_names"], what=f"dataset {bench.hub_config} class list")
         if int(meta["ignore_index"]) != bench.ignore_index:
             raise ClassListMismatchError(
-                f"dataset ignore value {meta['ignore_index']} != benchmark {bench.ignore_index}"
+                f"dataset ignore value {meta['ignore_index']} != evaluation dataset {bench.ignore_index}"
             )
     return ds
 
@@ -91,7 +91,7 @@ def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1,
     cm.reduce(reduce_fn)
     res = cm.compute(rule=args.miou_rule)
     row = results_table_row(res, bench.scored_names)
-    row.update({"benchmark": bench.name, "display_name": bench.display_name, "short_name": bench.short_name,
+    row.update({"dataset": bench.name, "display_name": bench.display_name, "short_name": bench.short_name,
                 "num_images": n, "num_classes": bench.num_classes, "miou_rule": args.miou_rule,
                 "seconds": round(time.perf_counter() - start, 2)})
     return row
@@ -109,7 +109,7 @@ def model_index(model_name: str, rows: list[dict], dataset_repo: str | None) -> 
     for r in rows:
         results.append({
             "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
-            "dataset": {"type": dataset_repo or r["benchmark"], "name": r["display_name"], "config": r["benchmark"],
+            "dataset": {"type": dataset_repo or r["dataset"], "name": r["display_name"], "config": r["dataset"],
                         "split": "validation"},
             "metrics": [{"type": "mean_iou", "value": round(r["mIoU"], 2), "name": "mIoU"}],
         })
@@ -119,10 +119,10 @@ def model_index(model_name: str, rows: list[dict], dataset_repo: str | None) -> 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder or Hub id")
-    p.add_argument("--benchmarks", nargs="+", default=list(EVALUATION_DATASETS))
+    p.add_argument("--datasets", nargs="+", default=list(EVALUATION_DATASETS))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data_dir", type=Path, help="folder written by training/prepare_datasets.py")
-    src.add_argument("--hub_dataset", help="Hub dataset repo with one config per benchmark")
+    src.add_argument("--hub_dataset", help="Hub dataset repo with one config per evaluation dataset")
     p.add_argument("--split", default=None)
     p.add_argument("--mode", choices=["sliding", "whole"], default="sliding")
     p.add_argument("--short_side", type=int, default=640, help="0 disables the test-mapper resize")
@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model_index", type=Path, default=None, help="write model-index results (JSON or .yaml)")
     args = p.parse_args(argv)
 
-    benches = [load_evaluation_dataset(b) for b in args.benchmarks]  # unknown names fail here, before loading anything
+    benches = [load_evaluation_dataset(b) for b in args.datasets]  # unknown names fail here, before loading anything
 
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
                         "miou_rule": args.miou_rule},
            "machine": {"platform": platform.platform(), "python": platform.python_version(),
                        "torch": torch.__version__, "device": str(device), "world_size": world},
-           "results": {r["benchmark"]: r for r in rows}}
+           "results": {r["dataset"]: r for r in rows}}
     if rank == 0:
         table = markdown_table(Path(args.model).name if os.path.isdir(args.model) else args.model, rows)
         print(table)

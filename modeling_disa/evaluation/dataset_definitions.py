@@ -158,7 +158,7 @@ class DatasetDefinition:
     def to_metadata(self) -> Dict[str, Any]:
         """Label conventions as a JSON-able dict (written into the prepared dataset's metadata)."""
         return {
-            "benchmark": self.name,
+            "dataset": self.name,
             "display_name": self.display_name,
             "num_classes": self.num_classes,
             "num_scored_classes": self.num_scored_classes,

@@ -29,8 +29,8 @@ Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
 
 Evaluation results (a dict or a JSON file) may be any of:
 `{"ade150": {"mIoU": 31.5, "mAcc": 50.1}, ...}`, the same under a `"results"` key, a list of
-`{"dataset": "ade150", "mIoU": 31.5, ...}` entries (the name also under `"benchmark"`, as training/run_evaluation.py
-writes it, or `"name"`), or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
+`{"dataset": "ade150", "mIoU": 31.5, ...}` entries (as training/run_evaluation.py writes them; the name may also be
+under `"name"`, or `"benchmark"` as older result files have it), or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
 `mAcc`/`mean_accuracy`, `pAcc`/`pixel_accuracy`/`overall_accuracy`, `fwIoU`/`frequency_weighted_iou`; values are
 written as given (the project's evaluation writes percentages). Other keys are ignored.
 """
