@@ -5,7 +5,7 @@ Works with any callable ``model(pixel_values=(N, 3, h, w), text_embeds=(T, C))``
 ``class_cap`` classes per view itself (pruned classes get logit -100, i.e. probability ~0), so the class list
 is passed through unchanged.
 
-Sliding-window protocol (catseg-protocol.md §4.1), per image:
+Sliding-window protocol (CAT-Seg's evaluation: its `test` mapper and `inference_sliding_window`), per image:
 
 1. (optional, ``short_side``) resize so the short side is 640, as detectron2's test mapper does
    (antialiased bilinear, close to PIL's);

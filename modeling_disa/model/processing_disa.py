@@ -74,7 +74,7 @@ class DiSaProcessor(ProcessorMixin):
             text (`list[str]`): the class vocabulary.
             segmentation_maps: optional class-id maps, one per image (returned as `labels`).
             allow_shared_prompts (`bool`): accept class lists in which two classes get the same prompt (see
-                `format_prompts`); only for reproducing a benchmark protocol.
+                `format_prompts`); only for reproducing an evaluation protocol.
             kwargs: tokenizer / image-processor options, routed by `ProcessorMixin._merge_kwargs`;
                 `return_tensors` defaults to `"pt"`.
         """
