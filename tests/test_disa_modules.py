@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.class_aggregation import linear_attention
 from modeling_disa.model.losses import itm_loss
-from modeling_disa.model.routing import per_branch
+from modeling_disa.model.routing import TokenRoute, per_branch
 from modeling_disa.model.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
 from conftest import PRESETS, REPO
 
@@ -117,6 +118,7 @@ def test_adaptive_k_matches_the_mass_rule_and_stays_in_bounds():
 def test_per_branch_applies_each_branch_to_its_tokens():
     torch.manual_seed(0)
     fg, bg = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    fg.background = bg
     x, y = torch.randn(2, 5, 4), torch.randn(2, 5, 2)
     route = torch.rand(2, 5) > 0.5
 
@@ -124,11 +126,29 @@ def test_per_branch_applies_each_branch_to_its_tokens():
         both = torch.cat([a, b], dim=-1)
         return linear(both), both.sum(-1, keepdim=True)
 
-    out, total = per_branch(function, fg, bg, route, x, y)
+    out, total = per_branch(function, fg, TokenRoute(route), x, y)
     both = torch.cat([x, y], dim=-1)
     torch.testing.assert_close(out, torch.where(route[..., None], fg(both), bg(both)))
     torch.testing.assert_close(total, both.sum(-1, keepdim=True))
-    torch.testing.assert_close(per_branch(function, fg, bg, None, x, y)[0], fg(both))
+    torch.testing.assert_close(per_branch(function, fg, None, x, y)[0], fg(both))
+    torch.testing.assert_close(per_branch(function, fg, TokenRoute.whole_background(), x, y)[0], bg(both))
+    # a reshaped route reuses the indices and routes the same tokens
+    flat = per_branch(function, fg, TokenRoute(route).view(10), x.reshape(10, 4), y.reshape(10, 2))[0]
+    torch.testing.assert_close(flat.view(2, 5, 3), out)
+
+
+def test_class_layout_route_pools_and_pads_as_the_reference():
+    torch.manual_seed(0)
+    mask = torch.rand(2, 3, 4, 4) > 0.5
+    route = TokenRoute(mask).class_layout((2, 2), 5)
+    share = mask.float().unflatten(-1, (2, 2)).unflatten(-3, (2, 2)).mean(dim=(-3, -1))  # (2, 3, 2, 2)
+    expected = torch.zeros(2, 4, 5, dtype=torch.bool)
+    expected[..., :3] = (share >= 0.5).flatten(-2).transpose(1, 2)
+    assert torch.equal(route.mask, expected.flatten(0, 1))
+    assert TokenRoute(mask).class_layout((2, 2), 5) is not route  # per route object
+    assert TokenRoute(mask).class_layout((2, 2), 5).mask.shape == (8, 5)
+    with pytest.raises(ValueError, match="either a foreground mask or a whole branch"):
+        TokenRoute()
 
 
 def test_grouped_linear_attention_equals_attention_within_each_group():
@@ -140,6 +160,10 @@ def test_grouped_linear_attention_equals_attention_within_each_group():
         idx = member.nonzero().squeeze(1)
         alone = linear_attention(q[:, idx], k[:, idx], v[:, idx], 1e-6)
         torch.testing.assert_close(out[:, idx], alone, rtol=1e-5, atol=1e-6)
+
+
+# background-branch parameters: children of the aggregation blocks that own their foreground twins
+BACKGROUND = r"^aggregator\.layers\.\d+\.(spatial\.block_\d\.background\.|spatial\.background_guidance_norm\.|class_aggregation\.background\.)"
 
 
 def parameter_names(model):
@@ -155,14 +179,14 @@ def test_all_switches_off_is_exactly_the_catseg_core():
 @pytest.mark.parametrize(
     "overrides, prefix",
     [
-        (dict(use_sdm=True), ("sdm.cost_saliency.", "sdm.background_aggregator.")),
-        (dict(use_sdm=True, fusion="residual"), ("sdm.cost_saliency.", "sdm.background_aggregator.", "sdm.fusion.context.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="sum"), ("sdm.itm.", "sdm.background_aggregator.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.gate.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.projection.")),
-        (dict(use_hrm=True, hrm_stages=["pixel"]), ("hrm.aggregation.0.pixel.", "hrm.aggregation.1.pixel.", "hrm.decoder.0.pixel.", "hrm.decoder.1.pixel.")),
-        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False), ("hrm.aggregation.0.category.", "hrm.aggregation.1.category.")),
-        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False), ("hrm.decoder.0.channel.", "hrm.decoder.1.channel.")),
+        (dict(use_sdm=True), ("sdm.cost_saliency.", BACKGROUND)),
+        (dict(use_sdm=True, fusion="residual"), ("sdm.cost_saliency.", BACKGROUND, "sdm.fusion.context.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="sum"), ("sdm.itm.", BACKGROUND)),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"), ("sdm.itm.", BACKGROUND, "sdm.fusion.gate.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"), ("sdm.itm.", BACKGROUND, "sdm.fusion.projection.")),
+        (dict(use_hrm=True, hrm_stages=["pixel"]), ("aggregator.layers.0.refinement.pixel.", "aggregator.layers.1.refinement.pixel.", "decoder.up1.refinement.pixel.", "decoder.up2.refinement.pixel.")),
+        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False), ("aggregator.layers.0.refinement.category.", "aggregator.layers.1.refinement.category.")),
+        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False), ("decoder.up1.refinement.channel.", "decoder.up2.refinement.channel.")),
     ],
 )
 def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
@@ -170,11 +194,18 @@ def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
     switched = parameter_names(build(**overrides))
     assert {n: s for n, s in switched.items() if n in base} == base  # the host is untouched
     added = set(switched) - set(base)
-    assert added and all(n.startswith(prefix) for n in added)
-    assert {p for p in prefix if any(n.startswith(p) for n in added)} == set(prefix)
-    if "sdm.background_aggregator." in prefix:  # the background branch mirrors the host aggregator
-        mirrored = {n.removeprefix("sdm.background_") for n in added if n.startswith("sdm.background_")}
+
+    def matches(name, p):
+        return re.search(p, name) is not None if p == BACKGROUND else name.startswith(p)
+
+    assert added and all(any(matches(n, p) for p in prefix) for n in added)
+    assert {p for p in prefix if any(matches(n, p) for n in added)} == set(prefix)
+    if BACKGROUND in prefix:  # the background branch mirrors the host aggregator, block by block
+        background = {n for n in added if re.search(BACKGROUND, n)}
+        mirrored = {n.replace(".background.", ".").replace(".background_", ".") for n in background}
         assert mirrored == {n for n in base if n.startswith("aggregator.")}
+        assert all(switched[n] == base[m] for n in background
+                   for m in [n.replace(".background.", ".").replace(".background_", ".")])
 
 
 @pytest.mark.parametrize(
@@ -196,7 +227,8 @@ def test_every_new_parameter_gets_a_gradient(tiny_processor, overrides):
     out = model(**inputs, labels=labels)
     torch.testing.assert_close(out.loss, out.segmentation_loss + model.config.itm_loss_weight * out.itm_loss)
     out.loss.backward()
-    new = [n for n, p in model.named_parameters() if n.startswith(("sdm.", "hrm."))]
+    new = [n for n, p in model.named_parameters()
+           if n.startswith("sdm.") or ".refinement." in n or re.search(BACKGROUND, n)]
     missing = [n for n in new if model.get_parameter(n).grad is None or model.get_parameter(n).grad.abs().sum() == 0]
     assert new and not missing, missing
 
@@ -372,12 +404,13 @@ def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_pr
     inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
     disa = build(use_sdm=True, saliency_source="cost", fusion="own", branch_attention="shared",
                  sdm_background_init="copy", presence_threshold=None).eval()
-    host = {k: v for k, v in disa.state_dict().items() if k.startswith("aggregator.")}
-    twin = {k.removeprefix("sdm.background_"): v for k, v in disa.state_dict().items()
-            if k.startswith("sdm.background_aggregator.")}
+    state = disa.state_dict()
+    twin = {k.replace(".background.", ".").replace(".background_", "."): v for k, v in state.items()
+            if re.search(BACKGROUND, k)}
+    host = {k: v for k, v in state.items() if k.startswith("aggregator.") and not re.search(BACKGROUND, k)}
     assert host.keys() == twin.keys() and all(torch.equal(host[k], twin[k]) for k in host)
     catseg = build().eval()
-    catseg.load_state_dict({k: v for k, v in disa.state_dict().items() if not k.startswith("sdm.")})
+    catseg.load_state_dict({k: v for k, v in state.items() if not (k.startswith("sdm.") or re.search(BACKGROUND, k))})
     with torch.no_grad():
         out = disa(**inputs, output_saliency=True)
         assert out.foreground_mask.any() and not out.foreground_mask.all()  # the split is not trivial

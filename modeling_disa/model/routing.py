@@ -1,19 +1,66 @@
-"""Token routing between DiSa's foreground and background branches: every token goes through the per-token layers
-of its own branch only, so two branches cost about as much as one."""
+"""Token routing between DiSa's foreground and background branches (SDM).
+
+A `TokenRoute` is the one thing SDM threads through the aggregation layers, as transformers threads an attention
+mask: it says which branch's weights every token goes through. Each block that has a background branch owns its
+weights as a `background` child; `per_branch` sends every token through the per-token layers of its own branch
+only, so two branches cost about as much as one.
+"""
 
 import torch
+import torch.nn.functional as F
+
+# A pooled cell of the class-aggregation layout is foreground when at least this share of its tokens is.
+POOLED_FOREGROUND_SHARE = 0.5
 
 
 class TokenRoute:
-    """A foreground mask `(...)` with its flat foreground / background indices, computed once and shared by every
-    per-token computation on the same token layout."""
+    """Which branch every token takes: a foreground mask (`True` = foreground) with its flat foreground /
+    background indices (computed once and shared by every per-token computation on the same token layout), or a
+    whole branch (`mask=None`, `branch="background"`: every token through the background weights, unrestricted).
+    """
 
-    def __init__(self, mask: torch.Tensor):
-        flat = mask.reshape(-1)
+    def __init__(self, mask: torch.Tensor | None = None, branch: str | None = None, _indices=None):
+        if (mask is None) == (branch is None):
+            raise ValueError("a TokenRoute holds either a foreground mask or a whole branch, not both or neither.")
         self.mask = mask
-        self.shape = mask.shape
-        self.foreground = flat.nonzero().squeeze(1)
-        self.background = (~flat).nonzero().squeeze(1)
+        self.branch = branch
+        self._pooled = {}
+        if mask is not None:
+            if _indices is None:
+                flat = mask.reshape(-1)
+                _indices = (flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+            self.foreground, self.background = _indices
+
+    @classmethod
+    def whole_background(cls) -> "TokenRoute":
+        return cls(branch="background")
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.mask is not None
+
+    def view(self, *shape) -> "TokenRoute":
+        """The same route on a reshaped token layout (same flat order, so the indices are reused)."""
+        if not self.is_mixed:
+            return self
+        return TokenRoute(self.mask.view(*shape), _indices=(self.foreground, self.background))
+
+    def class_layout(self, pooling: tuple[int, int], class_cap: int) -> "TokenRoute":
+        """Route `(B, T, h, w)` -> the class-aggregation layout `(B * pooled pixels, class_cap or T)`: a pooled cell
+        is foreground when `POOLED_FOREGROUND_SHARE` of its tokens are; padding classes are background. Cached per
+        pooling, since every aggregation layer uses the same layout."""
+        if not self.is_mixed:
+            return self
+        key = (tuple(pooling), class_cap)
+        if key not in self._pooled:
+            batch, classes, height, width = self.mask.shape
+            share = F.avg_pool2d(self.mask.flatten(0, 1).unsqueeze(1).float(), pooling)
+            pixels = share.shape[-2] * share.shape[-1]
+            pooled = (share >= POOLED_FOREGROUND_SHARE).view(batch, classes, pixels).transpose(1, 2)
+            if class_cap > 0:
+                pooled = torch.cat([pooled, pooled.new_zeros(batch, pixels, class_cap - classes)], dim=2)
+            self._pooled[key] = TokenRoute(pooled.flatten(0, 1))
+        return self._pooled[key]
 
     def _take(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1]).index_select(0, index)
@@ -22,7 +69,7 @@ class TokenRoute:
         out = fg.new_empty(fg.shape[0] + bg.shape[0], fg.shape[-1])
         out.index_copy_(0, self.foreground, fg)
         out.index_copy_(0, self.background, bg)
-        return out.view(*self.shape, fg.shape[-1])
+        return out.view(*self.mask.shape, fg.shape[-1])
 
     def apply(self, foreground_fn, background_fn, *tensors):
         """Run `foreground_fn(*fg_parts)` on the foreground tokens of `tensors` (each `(..., channels)`) and
@@ -35,15 +82,11 @@ class TokenRoute:
         return tuple(self._merge(a, b) for a, b in zip(fg, bg))
 
 
-def as_route(route) -> "TokenRoute | None":
-    if route is None or isinstance(route, TokenRoute):
-        return route
-    return TokenRoute(route)
-
-
-def per_branch(function, module, twin, route, *tensors):
-    """`function(module, *tensors)` without routing; with a route, `function(module, ...)` on foreground tokens
-    and `function(twin, ...)` on background tokens."""
-    if route is None or twin is None:
+def per_branch(function, module, route: TokenRoute | None, *tensors):
+    """`function(module, *tensors)` without a route; with one, `function(module, ...)` on the foreground tokens and
+    `function(module.background, ...)` on the background tokens (all of them for a whole-background route)."""
+    if route is None:
         return function(module, *tensors)
-    return as_route(route).apply(lambda *t: function(module, *t), lambda *t: function(twin, *t), *tensors)
+    if not route.is_mixed:
+        return function(module.background, *tensors)
+    return route.apply(lambda *t: function(module, *t), lambda *t: function(module.background, *t), *tensors)
