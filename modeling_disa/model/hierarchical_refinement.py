@@ -35,7 +35,9 @@ class DiSaCategoryRefinement(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self.mlp(x.mean(dim=(-2, -1)))  # (B, T, 1)
+        # averaged as a (B, C, T) map, the layout the reference implementation reduced in: the kernel's summation
+        # order follows the layout, and the outputs stay bit-identical to it
+        logit = self.mlp(x.transpose(1, 2).mean(dim=(-2, -1)).transpose(1, 2))  # (B, T, 1)
         return x * (1 + torch.tanh(logit[..., None, None]))
 
 
