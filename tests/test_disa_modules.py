@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.class_aggregation import linear_attention
 from modeling_disa.model.losses import itm_loss
-from modeling_disa.model.routing import TokenRoute, per_branch
+from modeling_disa.model.routing import TokenRoute
 from modeling_disa.model.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
 from conftest import PRESETS, REPO
 
@@ -115,26 +115,98 @@ def test_adaptive_k_matches_the_mass_rule_and_stays_in_bounds():
     assert int(foreground_split(concentrated, config)[1]) == 4
 
 
-def test_per_branch_applies_each_branch_to_its_tokens():
+def test_route_split_and_merge_are_inverse_and_keep_token_order():
     torch.manual_seed(0)
-    fg, bg = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
-    fg.background = bg
-    x, y = torch.randn(2, 5, 4), torch.randn(2, 5, 2)
-    route = torch.rand(2, 5) > 0.5
+    mask = torch.rand(2, 5) > 0.5
+    x = torch.randn(2, 5, 3)
+    route = TokenRoute(mask)
+    fg, bg = route.split(x)
+    assert torch.equal(fg, x[mask]) and torch.equal(bg, x[~mask])
+    assert torch.equal(route.merge(fg, bg), x)
+    flat = route.view(10)  # a reshaped route reuses the indices
+    assert flat.foreground is route.foreground and torch.equal(flat.split(x.reshape(10, 3))[0], fg)
 
-    def function(linear, a, b):
-        both = torch.cat([a, b], dim=-1)
-        return linear(both), both.sum(-1, keepdim=True)
 
-    out, total = per_branch(function, fg, TokenRoute(route), x, y)
-    both = torch.cat([x, y], dim=-1)
-    torch.testing.assert_close(out, torch.where(route[..., None], fg(both), bg(both)))
-    torch.testing.assert_close(total, both.sum(-1, keepdim=True))
-    torch.testing.assert_close(per_branch(function, fg, None, x, y)[0], fg(both))
-    torch.testing.assert_close(per_branch(function, fg, TokenRoute.whole_background(), x, y)[0], bg(both))
-    # a reshaped route reuses the indices and routes the same tokens
-    flat = per_branch(function, fg, TokenRoute(route).view(10), x.reshape(10, 4), y.reshape(10, 2))[0]
-    torch.testing.assert_close(flat.view(2, 5, 3), out)
+@pytest.mark.parametrize("attention", ["shared", "restricted"])
+def test_routed_swin_block_equals_per_token_selection_of_both_branches(attention):
+    from modeling_disa.model.spatial_aggregation import DiSaSwinBlock
+
+    config = tiny(use_sdm=True, branch_attention=attention)
+    torch.manual_seed(0)
+    block = DiSaSwinBlock(config, shift=config.window_size // 2).eval()
+    for parameter in block.background.parameters():  # a background branch unlike the foreground one
+        torch.nn.init.normal_(parameter, std=0.2)
+    tokens = config.grid_size**2
+    x = torch.randn(3, tokens, config.hidden_dim)
+    guidance = torch.randn(3, tokens, config.appearance_guidance_dim)
+    mask = torch.rand(3, tokens) > 0.7
+    route = TokenRoute(mask)
+    with torch.no_grad():
+        fg, bg = block.forward_routed(*route.split(x), *route.split(guidance), route)
+        fast = route.merge(fg, bg)
+        # reference: both branches on every token, selected per token; attention restricted by an explicit mask
+        pick = lambda a, b: torch.where(mask[..., None], a, b)  # noqa: E731
+        q, k, v = (pick(a, b) for a, b in zip(block.project(x, guidance), block.background.project(x, guidance)))
+        attended = block._attend(q, k, v, route if attention == "restricted" else None)
+        reference = pick(block.update(x, attended), block.background.update(x, attended))
+    torch.testing.assert_close(fast, reference)
+    if attention == "restricted":  # the restriction is real: no token's output depends on the other branch
+        x2 = torch.where(mask[..., None], x, torch.randn_like(x))
+        with torch.no_grad():
+            fg2, _ = block.forward_routed(*route.split(x2), *route.split(guidance), route)
+        torch.testing.assert_close(fg2, fg)
+
+
+def test_routed_spatial_and_class_aggregation_equal_per_token_selection():
+    from modeling_disa.model.class_aggregation import DiSaClassAggregation
+    from modeling_disa.model.spatial_aggregation import DiSaSpatialAggregation
+
+    config = tiny(use_sdm=True, branch_attention="shared")
+    torch.manual_seed(0)
+    spatial, classes = DiSaSpatialAggregation(config).eval(), DiSaClassAggregation(config).eval()
+    for module in (spatial, classes):
+        for name, parameter in module.named_parameters():
+            if "background" in name:
+                torch.nn.init.normal_(parameter, std=0.2)
+    g = config.grid_size
+    x = torch.randn(2, config.hidden_dim, 5, g, g)
+    appearance = torch.randn(2, config.appearance_guidance_dim, g, g)
+    text = torch.randn(2, 5, config.text_guidance_dim)
+    mask = torch.rand(2, 5, g, g) > 0.6
+    with torch.no_grad():
+        fast_spatial = spatial(x, appearance, TokenRoute(mask))
+        # reference: per token, both blocks' branches evaluated on every token and selected by the mask, with the
+        # guidance normalised by the token's branch
+        flat = mask.reshape(10, g * g)
+        pick = lambda a, b: torch.where(flat[..., None], a, b)  # noqa: E731
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(10, g * g, -1)
+        guidance = appearance.flatten(2).transpose(1, 2)
+        normalised = pick(spatial.guidance_norm(guidance).repeat_interleave(5, dim=0),
+                          spatial.background_guidance_norm(guidance).repeat_interleave(5, dim=0))
+        for block in (spatial.block_1, spatial.block_2):
+            q, k, v = (pick(a, b) for a, b in zip(block.project(tokens, normalised),
+                                                   block.background.project(tokens, normalised)))
+            attended = block._attend(q, k, v)
+            tokens = pick(block.update(tokens, attended), block.background.update(tokens, attended))
+        reference = tokens.view(2, 5, g, g, -1).permute(0, 4, 1, 2, 3)
+        torch.testing.assert_close(fast_spatial, reference)
+
+        pooling = (1, 1)
+        fast_class = classes(x, text, pooling, TokenRoute(mask))
+        route = TokenRoute(mask).class_layout(pooling, config.class_cap)
+        layout = route.mask
+        pick = lambda a, b: torch.where(layout[..., None], a, b)  # noqa: E731
+        from modeling_disa.model.class_aggregation import _pad_classes
+        tokens = x.flatten(3).permute(0, 3, 2, 1)  # (B, pixels, T, D)
+        guidance = text.unsqueeze(1).expand(-1, g * g, -1, -1)
+        tokens = _pad_classes(tokens, classes.background.padding_tokens, config.class_cap).flatten(0, 1)
+        guidance = _pad_classes(guidance, classes.background.padding_guidance, config.class_cap).flatten(0, 1)
+        q, k, v = (pick(a, b) for a, b in zip(classes.project(tokens, guidance),
+                                               classes.background.project(tokens, guidance)))
+        attended = classes.attention.attend(q, k, v)
+        updated = pick(classes.update(tokens, attended), classes.background.update(tokens, attended))
+        delta = updated.view(2, g, g, config.class_cap, -1)[..., :5, :].permute(0, 4, 3, 1, 2)
+        torch.testing.assert_close(fast_class, x + delta)
 
 
 def test_class_layout_route_pools_and_pads_as_the_reference():
@@ -421,3 +493,23 @@ def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_pr
     restricted.load_state_dict(disa.state_dict())
     with torch.no_grad():
         assert not torch.equal(restricted(**inputs).logits, out.logits)
+
+
+def test_refinement_level_in_place_inference_equals_the_formula():
+    from modeling_disa.model.hierarchical_refinement import DiSaRefinementLevel
+
+    torch.manual_seed(0)
+    level = DiSaRefinementLevel(8, ["pixel", "category", "channel"], 4)
+    x = torch.randn(2, 3, 8, 5, 5)  # (B, T, C, h, w)
+    # reference: the three re-weightings written out, out of place
+    y = x.clone()
+    pixel = level.pixel.conv(torch.stack([y.mean(2), y.amax(2)], dim=2).flatten(0, 1)).view(2, 3, 1, 5, 5)
+    y = y * (1 + torch.tanh(pixel))
+    y = y * (1 + torch.tanh(level.category.mlp(y.mean(dim=(-2, -1)))[..., None, None]))
+    y = y * (1 + torch.tanh(level.channel.mlp(y.mean(dim=(1, 3, 4)))[:, None, :, None, None]))
+    with torch.no_grad():
+        in_place = level(x.clone())
+    trained = level(x.clone().requires_grad_(True))
+    assert torch.equal(in_place, trained.detach())
+    torch.testing.assert_close(in_place, y.detach())
+    trained.sum().backward()  # out of place with autograd: the backward pass works

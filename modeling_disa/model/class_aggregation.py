@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import TokenRoute, per_branch
+from .routing import TokenRoute, unmixed_layers
 
 
 def linear_attention(
@@ -136,10 +136,21 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
             guidance = _pad_classes(guidance, source.padding_guidance, self.class_cap)
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
-        q, k, v = per_branch(DiSaClassTokenLayers.project, self, route, tokens, guidance)
-        groups = route.mask if route is not None and route.is_mixed and self.restrict_to_branch else None
-        attended = self.attention.attend(q, k, v, groups)
-        updated = per_branch(DiSaClassTokenLayers.update, self, route, tokens, attended)
+        if route is not None and route.is_mixed:
+            # each branch's per-token layers on its own rows; merged only for the attention across classes
+            fg, bg = route.split(tokens)
+            guidance_fg, guidance_bg = route.split(guidance)
+            q_fg, k_fg, v_fg = self.project(fg, guidance_fg)
+            q_bg, k_bg, v_bg = self.background.project(bg, guidance_bg)
+            q, k, v = route.merge(q_fg, q_bg), route.merge(k_fg, k_bg), route.merge(v_fg, v_bg)
+            attended_fg, attended_bg = route.split(
+                self.attention.attend(q, k, v, route.mask if self.restrict_to_branch else None)
+            )
+            updated = route.merge(self.update(fg, attended_fg), self.background.update(bg, attended_bg))
+        else:
+            layers = unmixed_layers(self, route)
+            q, k, v = layers.project(tokens, guidance)
+            updated = layers.update(tokens, self.attention.attend(q, k, v))
         if self.residual == "catseg":
             # CAT-Seg returns x + up(pool(x) + update): the identity path is counted twice (kept for its weights).
             delta = updated

@@ -2,8 +2,9 @@
 
 A `TokenRoute` is the one thing SDM threads through the aggregation layers, as transformers threads an attention
 mask: it says which branch's weights every token goes through. Each block that has a background branch owns its
-weights as a `background` child; `per_branch` sends every token through the per-token layers of its own branch
-only, so two branches cost about as much as one.
+weights as a `background` child; a block splits its tokens into the foreground rows and background rows
+(`TokenRoute.split`), runs each branch's per-token layers on its own rows only (so two branches cost about as much
+as one), and merges them back (`TokenRoute.merge`) only where tokens mix (attention).
 """
 
 import torch
@@ -62,31 +63,21 @@ class TokenRoute:
             self._pooled[key] = TokenRoute(pooled.flatten(0, 1))
         return self._pooled[key]
 
-    def _take(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).index_select(0, index)
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(..., C)` on the route's token layout -> its foreground rows and background rows, each `(n, C)` in
+        token order."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.index_select(0, self.foreground), flat.index_select(0, self.background)
 
-    def _merge(self, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    def merge(self, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+        """Inverse of `split`: foreground rows `(n_fg, C)` and background rows `(n_bg, C)` -> `(..., C)`."""
         out = fg.new_empty(fg.shape[0] + bg.shape[0], fg.shape[-1])
         out.index_copy_(0, self.foreground, fg)
         out.index_copy_(0, self.background, bg)
         return out.view(*self.mask.shape, fg.shape[-1])
 
-    def apply(self, foreground_fn, background_fn, *tensors):
-        """Run `foreground_fn(*fg_parts)` on the foreground tokens of `tensors` (each `(..., channels)`) and
-        `background_fn` on the others; merge every returned tensor back into the token layout. Gathering once
-        per group of per-token layers (not once per layer) keeps the copies few."""
-        fg = foreground_fn(*(self._take(t, self.foreground) for t in tensors))
-        bg = background_fn(*(self._take(t, self.background) for t in tensors))
-        if isinstance(fg, torch.Tensor):
-            return self._merge(fg, bg)
-        return tuple(self._merge(a, b) for a, b in zip(fg, bg))
 
-
-def per_branch(function, module, route: TokenRoute | None, *tensors):
-    """`function(module, *tensors)` without a route; with one, `function(module, ...)` on the foreground tokens and
-    `function(module.background, ...)` on the background tokens (all of them for a whole-background route)."""
-    if route is None:
-        return function(module, *tensors)
-    if not route.is_mixed:
-        return function(module.background, *tensors)
-    return route.apply(lambda *t: function(module, *t), lambda *t: function(module.background, *t), *tensors)
+def unmixed_layers(module, route: TokenRoute | None):
+    """The per-token layers every token takes when the route does not mix branches: the module's own without a
+    route, its `background` child for a whole-background route."""
+    return module if route is None else module.background

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .routing import TokenRoute, per_branch
+from .routing import TokenRoute, unmixed_layers
 
 # CAT-Seg's additive value for token pairs of different regions in a shifted window (not -inf: Swin's choice)
 SHIFTED_WINDOW_MASK_VALUE = -100.0
@@ -187,26 +187,43 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
         """
         Args:
             x (`(B*T, N, D)`): one cost slice per row.
-            guidance (`(B*T, N, G)`): normalised appearance guidance (of each token's branch).
-            route (`TokenRoute` over `(B*T, N)`, optional): SDM's branch of every token. With a foreground mask and
-                `branch_attention="restricted"`, tokens attend only to tokens of their own branch.
+            guidance (`(B*T, N, G)`): normalised appearance guidance.
+            route (`TokenRoute`, optional): a whole-branch route (see `forward_routed` for a mixed one).
 
         Returns:
             `(B*T, N, D)`.
         """
-        q, k, v = per_branch(DiSaSwinTokenLayers.project, self, route, x, guidance)
+        layers = unmixed_layers(self, route)
+        q, k, v = layers.project(x, guidance)
+        return layers.update(x, self._attend(q, k, v))
+
+    def forward_routed(self, foreground, background, guidance_foreground, guidance_background, route: TokenRoute):
+        """The block on tokens split by a mixed route over `(B*T, N)`: each branch's rows `(n, D)` (and guidance
+        rows `(n, G)`) through its own per-token layers; they are merged only for the window attention, where
+        with `branch_attention="restricted"` tokens attend only to tokens of their own branch.
+
+        Returns:
+            the updated foreground and background rows.
+        """
+        q_fg, k_fg, v_fg = self.project(foreground, guidance_foreground)
+        q_bg, k_bg, v_bg = self.background.project(background, guidance_background)
+        q, k, v = route.merge(q_fg, q_bg), route.merge(k_fg, k_bg), route.merge(v_fg, v_bg)
+        attended_fg, attended_bg = route.split(self._attend(q, k, v, route if self.restrict_to_branch else None))
+        return self.update(foreground, attended_fg), self.background.update(background, attended_bg)
+
+    def _attend(self, q, k, v, restrict: TokenRoute | None = None) -> torch.Tensor:
+        """(Shifted) window attention of `(B*T, N, D)` projections; `restrict`: attend within its branches only."""
         bias = None
         if self.attn_mask is not None:
             bias = self.attn_mask.to(q.dtype).unsqueeze(1)
-        if route is not None and route.is_mixed and self.restrict_to_branch:
-            groups = self._windows(route.mask.unsqueeze(-1))[..., 0]
+        if restrict is not None:
+            groups = self._windows(restrict.mask.unsqueeze(-1))[..., 0]
             blocked = (groups.unsqueeze(-1) != groups.unsqueeze(-2)).unsqueeze(2)
             group_bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
             # a quarter of the dtype's minimum: blocks the pair, and adding the shift mask cannot overflow to -inf
             group_bias = group_bias.masked_fill(blocked, torch.finfo(q.dtype).min / 4)
             bias = group_bias if bias is None else bias + group_bias
-        attended = self._unwindow(self.attn.attend(self._windows(q), self._windows(k), self._windows(v), bias))
-        return per_branch(DiSaSwinTokenLayers.update, self, route, x, attended)
+        return self._unwindow(self.attn.attend(self._windows(q), self._windows(k), self._windows(v), bias))
 
 
 class DiSaSpatialAggregation(nn.Module):
@@ -232,16 +249,23 @@ class DiSaSpatialAggregation(nn.Module):
         batch, dim, classes, height, width = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(batch * classes, height * width, dim)
         guidance = appearance_guidance.flatten(2).transpose(1, 2)
-        if route is not None:
+        if route is not None and route.is_mixed:
             route = route.view(batch * classes, height * width)
-        if route is not None and not route.is_mixed:
-            normalised = self.background_guidance_norm(guidance).repeat_interleave(classes, dim=0)
+            foreground, background = route.split(tokens)
+            # LayerNorm is per token: each branch normalises the (B*N, G) guidance once, and every routed token
+            # reads the row of its image and position (token b*T*N + t*N + n -> row b*N + n)
+            positions = height * width
+            rows = [(index // (classes * positions)) * positions + index % positions
+                    for index in (route.foreground, route.background)]
+            guidance = guidance.reshape(batch * positions, -1)
+            guidance_fg = self.guidance_norm(guidance).index_select(0, rows[0])
+            guidance_bg = self.background_guidance_norm(guidance).index_select(0, rows[1])
+            for block in (self.block_1, self.block_2):
+                foreground, background = block.forward_routed(foreground, background, guidance_fg, guidance_bg, route)
+            tokens = route.merge(foreground, background)
         else:
-            # LayerNorm is per token, so normalising before repeating the guidance for every class is the same
-            normalised = self.guidance_norm(guidance).repeat_interleave(classes, dim=0)
-            if route is not None:
-                background = self.background_guidance_norm(guidance).repeat_interleave(classes, dim=0)
-                normalised = torch.where(route.mask.unsqueeze(-1), normalised, background)
-        tokens = self.block_1(tokens, normalised, route)
-        tokens = self.block_2(tokens, normalised, route)
+            norm = self.guidance_norm if route is None else self.background_guidance_norm
+            # normalising before repeating the guidance for every class is the same (LayerNorm is per token)
+            normalised = norm(guidance).repeat_interleave(classes, dim=0)
+            tokens = self.block_2(self.block_1(tokens, normalised, route), normalised, route)
         return tokens.view(batch, classes, height, width, dim).permute(0, 4, 1, 2, 3)
