@@ -125,6 +125,11 @@ def test_route_split_and_merge_are_inverse_and_keep_token_order():
     assert torch.equal(route.merge(fg, bg), x)
     flat = route.view(10)  # a reshaped route reuses the indices
     assert flat.foreground is route.foreground and torch.equal(flat.split(x.reshape(10, 3))[0], fg)
+    order = torch.randperm(5)  # tokens of every row reordered: split returns the same rows, merge the new layout
+    permuted = route.permute_rows(order)
+    assert torch.equal(permuted.mask, mask[:, order])
+    assert all(torch.equal(a, b) for a, b in zip(permuted.split(x[:, order]), (fg, bg)))
+    assert torch.equal(permuted.merge(fg, bg), x[:, order])
 
 
 @pytest.mark.parametrize("attention", ["shared", "restricted"])
@@ -157,11 +162,12 @@ def test_routed_swin_block_equals_per_token_selection_of_both_branches(attention
         torch.testing.assert_close(fg2, fg)
 
 
-def test_routed_spatial_and_class_aggregation_equal_per_token_selection():
+@pytest.mark.parametrize("class_cap", [16, 0])
+def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_cap):
     from modeling_disa.model.class_aggregation import DiSaClassAggregation
     from modeling_disa.model.spatial_aggregation import DiSaSpatialAggregation
 
-    config = tiny(use_sdm=True, branch_attention="shared")
+    config = tiny(use_sdm=True, branch_attention="shared", class_cap=class_cap)
     torch.manual_seed(0)
     spatial, classes = DiSaSpatialAggregation(config).eval(), DiSaClassAggregation(config).eval()
     for module in (spatial, classes):
@@ -199,13 +205,15 @@ def test_routed_spatial_and_class_aggregation_equal_per_token_selection():
         from modeling_disa.model.class_aggregation import _pad_classes
         tokens = x.flatten(3).permute(0, 3, 2, 1)  # (B, pixels, T, D)
         guidance = text.unsqueeze(1).expand(-1, g * g, -1, -1)
-        tokens = _pad_classes(tokens, classes.background.padding_tokens, config.class_cap).flatten(0, 1)
-        guidance = _pad_classes(guidance, classes.background.padding_guidance, config.class_cap).flatten(0, 1)
+        if class_cap:
+            tokens = _pad_classes(tokens, classes.background.padding_tokens, class_cap)
+            guidance = _pad_classes(guidance, classes.background.padding_guidance, class_cap)
+        tokens, guidance = tokens.flatten(0, 1), guidance.flatten(0, 1)
         q, k, v = (pick(a, b) for a, b in zip(classes.project(tokens, guidance),
                                                classes.background.project(tokens, guidance)))
         attended = classes.attention.attend(q, k, v)
         updated = pick(classes.update(tokens, attended), classes.background.update(tokens, attended))
-        delta = updated.view(2, g, g, config.class_cap, -1)[..., :5, :].permute(0, 4, 3, 1, 2)
+        delta = updated.view(2, g, g, class_cap or 5, -1)[..., :5, :].permute(0, 4, 3, 1, 2)
         torch.testing.assert_close(fast_class, x + delta)
 
 

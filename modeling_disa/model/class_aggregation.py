@@ -127,6 +127,10 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
         padded = self.class_cap > 0
         if route is not None:
             route = route.class_layout(pooling, self.class_cap)
+        mixed = route is not None and route.is_mixed
+        if mixed:
+            # one guidance row per image and class, gathered per routed token below (no per-pixel copy)
+            guidance = text_guidance.unsqueeze(1)
         if padded:
             # Routed padding classes belong to the background branch, so they take its padding tokens. The classes
             # are written into a class_cap-long copy of the padding (no tensor whose size is class_cap - T, which
@@ -136,10 +140,16 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
             guidance = _pad_classes(guidance, source.padding_guidance, self.class_cap)
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
-        if route is not None and route.is_mixed:
-            # each branch's per-token layers on its own rows; merged only for the attention across classes
+        if mixed:
+            # each branch's per-token layers on its own rows; merged only for the attention across classes. Token
+            # (b * pixels + p) * L + t reads guidance row b * L + t.
             fg, bg = route.split(tokens)
-            guidance_fg, guidance_bg = route.split(guidance)
+            length = tokens.shape[1]
+            guidance = guidance.reshape(-1, guidance.shape[-1])
+            guidance_fg, guidance_bg = (
+                guidance.index_select(0, (index // (ph * pw * length)) * length + index % length)
+                for index in (route.foreground, route.background)
+            )
             q_fg, k_fg, v_fg = self.project(fg, guidance_fg)
             q_bg, k_bg, v_bg = self.background.project(bg, guidance_bg)
             q, k, v = route.merge(q_fg, q_bg), route.merge(k_fg, k_bg), route.merge(v_fg, v_bg)

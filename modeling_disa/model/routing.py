@@ -46,6 +46,15 @@ class TokenRoute:
             return self
         return TokenRoute(self.mask.view(*shape), _indices=(self.foreground, self.background))
 
+    def permute_rows(self, order: torch.Tensor) -> "TokenRoute":
+        """The route with the tokens of every row (last axis) reordered: position p holds token `order[p]`. The
+        indices keep the token order, so `split` on the reordered layout returns the same rows as before."""
+        length = self.mask.shape[-1]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(length, device=order.device)
+        mapped = tuple((index // length) * length + inverse[index % length] for index in (self.foreground, self.background))
+        return TokenRoute(self.mask[..., order], _indices=mapped)
+
     def class_layout(self, pooling: tuple[int, int], class_cap: int) -> "TokenRoute":
         """Route `(B, T, h, w)` -> the class-aggregation layout `(B * pooled pixels, class_cap or T)`: a pooled cell
         is foreground when `POOLED_FOREGROUND_SHARE` of its tokens are; padding classes are background. Cached per

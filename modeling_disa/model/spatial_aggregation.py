@@ -205,25 +205,41 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
         Returns:
             the updated foreground and background rows.
         """
+        # the projections are merged straight into the (shifted) window layout and the attention output split from
+        # it: the same values as merging into the token layout and partitioning, with two copies fewer
+        windowed = route.permute_rows(self._window_order(foreground.device))
+        rows, windows = route.mask.shape[0], (self.grid // self.window) ** 2
         q_fg, k_fg, v_fg = self.project(foreground, guidance_foreground)
         q_bg, k_bg, v_bg = self.background.project(background, guidance_background)
-        q, k, v = route.merge(q_fg, q_bg), route.merge(k_fg, k_bg), route.merge(v_fg, v_bg)
-        attended_fg, attended_bg = route.split(self._attend(q, k, v, route if self.restrict_to_branch else None))
+        q, k, v = (windowed.merge(a, b).view(rows, windows, self.window**2, -1)
+                   for a, b in ((q_fg, q_bg), (k_fg, k_bg), (v_fg, v_bg)))
+        groups = windowed.mask.view(rows, windows, -1) if self.restrict_to_branch else None
+        attended_fg, attended_bg = windowed.split(self._attend_windows(q, k, v, groups))
         return self.update(foreground, attended_fg), self.background.update(background, attended_bg)
+
+    def _window_order(self, device) -> torch.Tensor:
+        """`(N,)`: the token at every position of the shifted, window-partitioned layout."""
+        tokens = self.grid * self.grid
+        return self._windows(torch.arange(tokens, device=device).view(1, tokens, 1)).reshape(-1)
 
     def _attend(self, q, k, v, restrict: TokenRoute | None = None) -> torch.Tensor:
         """(Shifted) window attention of `(B*T, N, D)` projections; `restrict`: attend within its branches only."""
+        groups = self._windows(restrict.mask.unsqueeze(-1))[..., 0] if restrict is not None else None
+        return self._unwindow(self._attend_windows(self._windows(q), self._windows(k), self._windows(v), groups))
+
+    def _attend_windows(self, q, k, v, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of window-partitioned `(B*T, windows, window*window, D)` projections with the shift mask;
+        `groups` (same layout, bool): tokens attend only to tokens of their own group."""
         bias = None
         if self.attn_mask is not None:
             bias = self.attn_mask.to(q.dtype).unsqueeze(1)
-        if restrict is not None:
-            groups = self._windows(restrict.mask.unsqueeze(-1))[..., 0]
+        if groups is not None:
             blocked = (groups.unsqueeze(-1) != groups.unsqueeze(-2)).unsqueeze(2)
             group_bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
             # a quarter of the dtype's minimum: blocks the pair, and adding the shift mask cannot overflow to -inf
             group_bias = group_bias.masked_fill(blocked, torch.finfo(q.dtype).min / 4)
             bias = group_bias if bias is None else bias + group_bias
-        return self._unwindow(self.attn.attend(self._windows(q), self._windows(k), self._windows(v), bias))
+        return self.attn.attend(q, k, v, bias)
 
 
 class DiSaSpatialAggregation(nn.Module):
