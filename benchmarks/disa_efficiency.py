@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true", help="keep the latency of an earlier result file")
     parser.add_argument("--output", default=None)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads(N) (e.g. 1 to interfere less with other jobs); recorded in machine")
+                        help="torch.set_num_threads(N) (1 interferes less with other jobs); recorded in machine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -243,7 +243,12 @@ def test_grouped_linear_attention_equals_attention_within_each_group():
 
 
 # background-branch parameters: children of the aggregation blocks that own their foreground twins
-BACKGROUND = r"^aggregator\.layers\.\d+\.(spatial\.block_\d\.background\.|spatial\.background_guidance_norm\.|class_aggregation\.background\.)"
+BACKGROUND = (
+    r"^aggregator\.layers\.\d+\."
+    r"(spatial\.block_\d\.background\.|spatial\.background_guidance_norm\.|class_aggregation\.background\.)"
+)
+
+AGGREGATION_LAYERS, DECODER_STAGES = ("aggregator.layers.0", "aggregator.layers.1"), ("decoder.up1", "decoder.up2")
 
 
 def parameter_names(model):
@@ -262,11 +267,16 @@ def test_all_switches_off_is_exactly_the_catseg_core():
         (dict(use_sdm=True), ("sdm.cost_saliency.", BACKGROUND)),
         (dict(use_sdm=True, fusion="residual"), ("sdm.cost_saliency.", BACKGROUND, "sdm.fusion.context.")),
         (dict(use_sdm=True, saliency_source="gradcam", fusion="sum"), ("sdm.itm.", BACKGROUND)),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"), ("sdm.itm.", BACKGROUND, "sdm.fusion.gate.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"), ("sdm.itm.", BACKGROUND, "sdm.fusion.projection.")),
-        (dict(use_hrm=True, hrm_stages=["pixel"]), ("aggregator.layers.0.refinement.pixel.", "aggregator.layers.1.refinement.pixel.", "decoder.up1.refinement.pixel.", "decoder.up2.refinement.pixel.")),
-        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False), ("aggregator.layers.0.refinement.category.", "aggregator.layers.1.refinement.category.")),
-        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False), ("decoder.up1.refinement.channel.", "decoder.up2.refinement.channel.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"),
+         ("sdm.itm.", BACKGROUND, "sdm.fusion.gate.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"),
+         ("sdm.itm.", BACKGROUND, "sdm.fusion.projection.")),
+        (dict(use_hrm=True, hrm_stages=["pixel"]),
+         tuple(f"{stage}.refinement.pixel." for stage in (*AGGREGATION_LAYERS, *DECODER_STAGES))),
+        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False),
+         tuple(f"{stage}.refinement.category." for stage in AGGREGATION_LAYERS)),
+        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False),
+         tuple(f"{stage}.refinement.channel." for stage in DECODER_STAGES)),
     ],
 )
 def test_switches_add_exactly_the_intended_parameters(overrides, prefix):

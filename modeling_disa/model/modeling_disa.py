@@ -5,7 +5,8 @@ Data flow: image -> CLIP (dense features + guidance taps) -> capped cost volume 
 aggregation [with HRM] -> [SDM fusion] -> guided decoder [with HRM] -> per-class logits.
 
 Shape letters used in every docstring: B batch, T classes (K after the class cap), P prompts, N tokens (= h*w),
-h/w grid height/width, D cost-embedding channels, G guidance channels, C CLIP channels, H/W image height/width.
+h/w grid height/width, D cost-embedding channels, G guidance channels, C CLIP joint-space channels, V CLIP vision
+width, H/W image height/width.
 """
 
 import math
@@ -47,21 +48,21 @@ class DiSaSegmentationOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): segmentation BCE (+ weighted ITM loss with SDM),
             returned when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch, num_labels, 4*grid, 4*grid)`): per-class logits (independent
+        logits (`torch.FloatTensor` of shape `(B, T, 4h, 4w)`): per-class logits (independent
             sigmoids; argmax over classes gives the label). 96x96 for a 384 input. Classes dropped by the class cap
             hold `config.pruned_class_logit`.
         segmentation_loss / itm_loss (`torch.FloatTensor` of shape `()`, *optional*): the two loss terms.
-        itm_logits (`(batch, num_labels)`, *optional*): SDM class-presence logits.
-        saliency (`(batch, num_labels, grid, grid)`, *optional*): SDM Grad-CAM saliency (with `output_saliency`).
-        foreground_mask (`(batch, num_labels, grid, grid)` bool, *optional*): SDM foreground tokens per class.
-        class_indices (`(batch, class_cap)`, *optional*): the classes processed per image when the vocabulary is
+        itm_logits (`(B, T)`, *optional*): SDM class-presence logits.
+        saliency (`(B, T, h, w)`, *optional*): SDM Grad-CAM saliency (with `output_saliency`).
+        foreground_mask (`(B, T, h, w)` bool, *optional*): SDM foreground tokens per class.
+        class_indices (`(B, class_cap)`, *optional*): the classes processed per image when the vocabulary is
             larger than `config.class_cap`.
-        text_embeds (`(num_labels, P, projection_dim)`): L2-normalised prompt embeddings used.
-        image_embeds (`(batch, projection_dim, grid, grid)`): dense CLIP image embeddings.
+        text_embeds (`(T, P, C)`): L2-normalised prompt embeddings used.
+        image_embeds (`(B, C, h, w)`): dense CLIP image embeddings.
         vision_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` / `output_attentions`): the
             CLIP vision tower's `last_hidden_state` (output of the dense last block), `hidden_states`
-            (`num_hidden_layers + 1` tensors `(batch, 1 + grid*grid, width)`, CLIP's convention) and `attentions`
-            (one `(batch, heads, 1 + grid*grid, 1 + grid*grid)` per token-mixing block: all but the dense last one).
+            (`num_hidden_layers + 1` tensors `(B, 1 + N, width)`, CLIP's convention) and `attentions`
+            (one `(B, heads, 1 + N, 1 + N)` per token-mixing block: all but the dense last one).
     """
 
     loss: torch.FloatTensor | None = None
@@ -549,12 +550,12 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     ) -> DiSaSegmentationOutput | tuple:
         r"""
         Args:
-            pixel_values (`(batch, 3, H, W)`): CLIP-normalised images (see `DiSaImageProcessor`); resized to
+            pixel_values (`(B, 3, H, W)`): CLIP-normalised images (see `DiSaImageProcessor`); resized to
                 `config.clip_resolution` inside.
             input_ids / attention_mask (`(T * P, L)`): class prompts shared by the batch (see `DiSaProcessor`).
             text_embeds (`(T, P, C)` or `(T, C)`): precomputed prompt embeddings (`get_text_embeddings`) instead of
                 `input_ids`; the way to reuse one vocabulary's encoding across calls.
-            labels (`(batch, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
+            labels (`(B, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
             output_saliency (`bool`): with SDM, also return the saliency maps and foreground masks.
             output_attentions / output_hidden_states (`bool`, *optional*, default from the config): return the CLIP
                 vision tower's attention weights / hidden states in `vision_model_output` (attentions need eager

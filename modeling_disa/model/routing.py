@@ -52,7 +52,9 @@ class TokenRoute:
         length = self.mask.shape[-1]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(length, device=order.device)
-        mapped = tuple((index // length) * length + inverse[index % length] for index in (self.foreground, self.background))
+        mapped = tuple(
+            (index // length) * length + inverse[index % length] for index in (self.foreground, self.background)
+        )
         return TokenRoute(self.mask[..., order], _indices=mapped)
 
     def class_layout(self, pooling: tuple[int, int], class_cap: int) -> "TokenRoute":

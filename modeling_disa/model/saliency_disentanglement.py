@@ -62,9 +62,9 @@ def layer_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, norm: nn.LayerN
 
 
 class DiSaITMCrossAttention(nn.Module):
-    """Class-to-patch cross-attention block with an ITM head, at CLIP vision width W.
+    """Class-to-patch cross-attention block with an ITM head, at CLIP vision width V.
 
-    queries `(B, T, projection_dim)` and tokens `(B, N, W)` -> attention `(B, heads, T, N)`,
+    queries `(B, T, projection_dim)` and tokens `(B, N, V)` -> attention `(B, heads, T, N)`,
     ITM logits `(B, T)`.
     """
 
@@ -86,7 +86,7 @@ class DiSaITMCrossAttention(nn.Module):
         self.itm_out = nn.Linear(width, 1)
 
     def attention(self, queries: torch.Tensor, tokens: torch.Tensor):
-        """Returns the residual query `(B, T, W)`, attention `(B, heads, T, N)` and values `(B, heads, N, d)`."""
+        """Returns the residual query `(B, T, V)`, attention `(B, heads, T, N)` and values `(B, heads, N, d)`."""
         query = self.query_proj(queries)
         q = self.q_proj(self.query_norm(query)).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_proj(tokens).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
@@ -98,7 +98,7 @@ class DiSaITMCrossAttention(nn.Module):
         """ITM logits as a function of the attention (the function Grad-CAM differentiates).
 
         Returns `(logits (B, T), intermediates)` with the activations the closed-form gradient needs."""
-        z = (attention @ values).transpose(1, 2).flatten(-2)  # (B, T, W)
+        z = (attention @ values).transpose(1, 2).flatten(-2)  # (B, T, V)
         u = query + self.out_proj(z)
         h1 = self.fc1(self.mlp_norm(u))
         u2 = u + self.fc2(F.gelu(h1))
@@ -288,7 +288,7 @@ class DiSaSaliencyDisentanglement(nn.Module):
         """
         Args:
             text_queries (`(B, T, C)`): normalised class embeddings.
-            dense_tokens (`(B, N, W)`): dense CLIP tokens (post-LN, before projection; W = vision width).
+            dense_tokens (`(B, N, V)`): dense CLIP tokens (post-LN, before projection; V = vision width).
             volume (`(B, D, T, h, w)`): embedded cost volume (read with `saliency_source="cost"`).
         """
         config = self.config

@@ -168,7 +168,9 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
         self.register_buffer("attn_mask", self.build_attention_mask(), persistent=False)
 
     def build_attention_mask(self) -> torch.Tensor | None:
-        return shifted_window_mask(self.grid, self.window, self.shift, SHIFTED_WINDOW_MASK_VALUE) if self.shift else None
+        if not self.shift:
+            return None
+        return shifted_window_mask(self.grid, self.window, self.shift, SHIFTED_WINDOW_MASK_VALUE)
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
         """`(B*T, N, C)` -> shifted, window-partitioned `(B*T, windows, window*window, C)`."""
