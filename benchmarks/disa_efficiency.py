@@ -11,7 +11,7 @@
 
 Writes benchmarks/results/disa_efficiency_<device>.json.
 Usage: python benchmarks/disa_efficiency.py [--device cpu|cuda] [--rounds 5] [--skip-flops] [--skip-latency]
-       [--dtype float32|bfloat16]
+       [--dtype float32|bfloat16] [--threads N]
 """
 
 import argparse
@@ -153,7 +153,11 @@ def main() -> None:
     parser.add_argument("--skip-flops", action="store_true", help="keep the GFLOPs of an earlier result file")
     parser.add_argument("--skip-latency", action="store_true", help="keep the latency of an earlier result file")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) (1 interferes less with other jobs); recorded in machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     results = {"command": " ".join(sys.argv), "machine": machine(args.device), "parameters": count_parameters()}

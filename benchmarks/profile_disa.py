@@ -8,7 +8,7 @@ its children), and the operator table shows what the routing costs (`aten::index
 The two models are profiled interleaved (`--rounds` times each, medians reported).
 
 Writes `benchmarks/results/<output>.json` (default `disa_profile_cpu.json`).
-Usage: python benchmarks/profile_disa.py [--classes 150] [--rounds 3] [--output NAME]
+Usage: python benchmarks/profile_disa.py [--classes 150] [--rounds 3] [--threads N] [--output NAME]
 """
 
 import argparse
@@ -31,13 +31,22 @@ MODULES = (
     "sdm.cost_saliency",
     "aggregator.layers.0.spatial",
     "aggregator.layers.0.class_aggregation",
+    "aggregator.layers.0.refinement",
     "aggregator.layers.1.spatial",
     "aggregator.layers.1.class_aggregation",
+    "aggregator.layers.1.refinement",
     "sdm.fusion",
     "decoder",
+    "decoder.up1",
+    "decoder.up1.refinement",
+    "decoder.up2",
+    "decoder.up2.refinement",
+    "decoder.head",
 )
 PRESETS = Path(__file__).resolve().parent.parent / "configuration" / "models"
-OPERATORS = ("aten::index_select", "aten::index_copy_", "aten::where", "aten::nonzero", "aten::mul", "aten::sum")
+OPERATORS = ("aten::index_select", "aten::index_copy_", "aten::where", "aten::nonzero", "aten::mul", "aten::sum",
+             "aten::addmm", "aten::linear", "aten::layer_norm", "aten::convolution", "aten::copy_", "aten::cat",
+             "aten::scaled_dot_product_attention", "aten::einsum")
 
 
 def build(preset: str) -> DiSaForOpenVocabSegmentation:
@@ -83,7 +92,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", default="disa_profile_cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     models = {mode: build(f"{mode}-vit-b-16") for mode in ("catseg", "disa")}
     for model in models.values():

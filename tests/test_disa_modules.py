@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.class_aggregation import linear_attention
 from modeling_disa.model.losses import itm_loss
-from modeling_disa.model.routing import per_branch
+from modeling_disa.model.routing import TokenRoute
 from modeling_disa.model.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
 from tiny_configs import PRESETS, REPO
 
@@ -114,21 +115,120 @@ def test_adaptive_k_matches_the_mass_rule_and_stays_in_bounds():
     assert int(foreground_split(concentrated, config)[1]) == 4
 
 
-def test_per_branch_applies_each_branch_to_its_tokens():
+def test_route_split_and_merge_are_inverse_and_keep_token_order():
     torch.manual_seed(0)
-    fg, bg = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
-    x, y = torch.randn(2, 5, 4), torch.randn(2, 5, 2)
-    route = torch.rand(2, 5) > 0.5
+    mask = torch.rand(2, 5) > 0.5
+    x = torch.randn(2, 5, 3)
+    route = TokenRoute(mask)
+    fg, bg = route.split(x)
+    assert torch.equal(fg, x[mask]) and torch.equal(bg, x[~mask])
+    assert torch.equal(route.merge(fg, bg), x)
+    flat = route.view(10)  # a reshaped route reuses the indices
+    assert flat.foreground is route.foreground and torch.equal(flat.split(x.reshape(10, 3))[0], fg)
+    order = torch.randperm(5)  # tokens of every row reordered: split returns the same rows, merge the new layout
+    permuted = route.permute_rows(order)
+    assert torch.equal(permuted.mask, mask[:, order])
+    assert all(torch.equal(a, b) for a, b in zip(permuted.split(x[:, order]), (fg, bg)))
+    assert torch.equal(permuted.merge(fg, bg), x[:, order])
 
-    def function(linear, a, b):
-        both = torch.cat([a, b], dim=-1)
-        return linear(both), both.sum(-1, keepdim=True)
 
-    out, total = per_branch(function, fg, bg, route, x, y)
-    both = torch.cat([x, y], dim=-1)
-    torch.testing.assert_close(out, torch.where(route[..., None], fg(both), bg(both)))
-    torch.testing.assert_close(total, both.sum(-1, keepdim=True))
-    torch.testing.assert_close(per_branch(function, fg, bg, None, x, y)[0], fg(both))
+@pytest.mark.parametrize("attention", ["shared", "restricted"])
+def test_routed_swin_block_equals_per_token_selection_of_both_branches(attention):
+    from modeling_disa.model.spatial_aggregation import DiSaSwinBlock
+
+    config = tiny(use_sdm=True, branch_attention=attention)
+    torch.manual_seed(0)
+    block = DiSaSwinBlock(config, shift=config.window_size // 2).eval()
+    for parameter in block.background.parameters():  # a background branch unlike the foreground one
+        torch.nn.init.normal_(parameter, std=0.2)
+    tokens = config.grid_size**2
+    x = torch.randn(3, tokens, config.hidden_dim)
+    guidance = torch.randn(3, tokens, config.appearance_guidance_dim)
+    mask = torch.rand(3, tokens) > 0.7
+    route = TokenRoute(mask)
+    with torch.no_grad():
+        fg, bg = block.forward_routed(*route.split(x), *route.split(guidance), route)
+        fast = route.merge(fg, bg)
+        # reference: both branches on every token, selected per token; attention restricted by an explicit mask
+        pick = lambda a, b: torch.where(mask[..., None], a, b)  # noqa: E731
+        q, k, v = (pick(a, b) for a, b in zip(block.project(x, guidance), block.background.project(x, guidance)))
+        attended = block._attend(q, k, v, route if attention == "restricted" else None)
+        reference = pick(block.update(x, attended), block.background.update(x, attended))
+    torch.testing.assert_close(fast, reference)
+    if attention == "restricted":  # the restriction is real: no token's output depends on the other branch
+        x2 = torch.where(mask[..., None], x, torch.randn_like(x))
+        with torch.no_grad():
+            fg2, _ = block.forward_routed(*route.split(x2), *route.split(guidance), route)
+        torch.testing.assert_close(fg2, fg)
+
+
+@pytest.mark.parametrize("class_cap", [16, 0])
+def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_cap):
+    from modeling_disa.model.class_aggregation import DiSaClassAggregation
+    from modeling_disa.model.spatial_aggregation import DiSaSpatialAggregation
+
+    config = tiny(use_sdm=True, branch_attention="shared", class_cap=class_cap)
+    torch.manual_seed(0)
+    spatial, classes = DiSaSpatialAggregation(config).eval(), DiSaClassAggregation(config).eval()
+    for module in (spatial, classes):
+        for name, parameter in module.named_parameters():
+            if "background" in name:
+                torch.nn.init.normal_(parameter, std=0.2)
+    g = config.grid_size
+    x = torch.randn(2, config.hidden_dim, 5, g, g)
+    appearance = torch.randn(2, config.appearance_guidance_dim, g, g)
+    text = torch.randn(2, 5, config.text_guidance_dim)
+    mask = torch.rand(2, 5, g, g) > 0.6
+    with torch.no_grad():
+        fast_spatial = spatial(x, appearance, TokenRoute(mask))
+        # reference: per token, both blocks' branches evaluated on every token and selected by the mask, with the
+        # guidance normalised by the token's branch
+        flat = mask.reshape(10, g * g)
+        pick = lambda a, b: torch.where(flat[..., None], a, b)  # noqa: E731
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(10, g * g, -1)
+        guidance = appearance.flatten(2).transpose(1, 2)
+        normalised = pick(spatial.guidance_norm(guidance).repeat_interleave(5, dim=0),
+                          spatial.background_guidance_norm(guidance).repeat_interleave(5, dim=0))
+        for block in (spatial.block_1, spatial.block_2):
+            q, k, v = (pick(a, b) for a, b in zip(block.project(tokens, normalised),
+                                                   block.background.project(tokens, normalised)))
+            attended = block._attend(q, k, v)
+            tokens = pick(block.update(tokens, attended), block.background.update(tokens, attended))
+        reference = tokens.view(2, 5, g, g, -1).permute(0, 4, 1, 2, 3)
+        torch.testing.assert_close(fast_spatial, reference)
+
+        pooling = (1, 1)
+        fast_class = classes(x, text, pooling, TokenRoute(mask))
+        route = TokenRoute(mask).class_layout(pooling, config.class_cap)
+        layout = route.mask
+        pick = lambda a, b: torch.where(layout[..., None], a, b)  # noqa: E731
+        from modeling_disa.model.class_aggregation import _pad_classes
+        tokens = x.flatten(3).permute(0, 3, 2, 1)  # (B, pixels, T, D)
+        guidance = text.unsqueeze(1).expand(-1, g * g, -1, -1)
+        if class_cap:
+            tokens = _pad_classes(tokens, classes.background.padding_tokens, class_cap)
+            guidance = _pad_classes(guidance, classes.background.padding_guidance, class_cap)
+        tokens, guidance = tokens.flatten(0, 1), guidance.flatten(0, 1)
+        q, k, v = (pick(a, b) for a, b in zip(classes.project(tokens, guidance),
+                                               classes.background.project(tokens, guidance)))
+        attended = classes.attention.attend(q, k, v)
+        updated = pick(classes.update(tokens, attended), classes.background.update(tokens, attended))
+        delta = updated.view(2, g, g, class_cap or 5, -1)[..., :5, :].permute(0, 4, 3, 1, 2)
+        torch.testing.assert_close(fast_class, x + delta)
+
+
+def test_class_layout_route_pools_and_pads_as_the_reference():
+    torch.manual_seed(0)
+    mask = torch.rand(2, 3, 4, 4) > 0.5
+    route = TokenRoute(mask).class_layout((2, 2), 5)
+    share = mask.float().unflatten(-1, (2, 2)).unflatten(-3, (2, 2)).mean(dim=(-3, -1))  # (2, 3, 2, 2)
+    expected = torch.zeros(2, 4, 5, dtype=torch.bool)
+    expected[..., :3] = (share >= 0.5).flatten(-2).transpose(1, 2)
+    assert torch.equal(route.mask, expected.flatten(0, 1))
+    assert TokenRoute(mask).class_layout((2, 2), 5) is not route  # per route object
+    assert TokenRoute(mask).class_layout((2, 2), 5).mask.shape == (8, 5)
+    with pytest.raises(ValueError, match="either a foreground mask or a whole branch"):
+        TokenRoute()
 
 
 def test_grouped_linear_attention_equals_attention_within_each_group():
@@ -140,6 +240,15 @@ def test_grouped_linear_attention_equals_attention_within_each_group():
         idx = member.nonzero().squeeze(1)
         alone = linear_attention(q[:, idx], k[:, idx], v[:, idx], 1e-6)
         torch.testing.assert_close(out[:, idx], alone, rtol=1e-5, atol=1e-6)
+
+
+# background-branch parameters: children of the aggregation blocks that own their foreground twins
+BACKGROUND = (
+    r"^aggregator\.layers\.\d+\."
+    r"(spatial\.block_\d\.background\.|spatial\.background_guidance_norm\.|class_aggregation\.background\.)"
+)
+
+AGGREGATION_LAYERS, DECODER_STAGES = ("aggregator.layers.0", "aggregator.layers.1"), ("decoder.up1", "decoder.up2")
 
 
 def parameter_names(model):
@@ -155,14 +264,19 @@ def test_all_switches_off_is_exactly_the_catseg_core():
 @pytest.mark.parametrize(
     "overrides, prefix",
     [
-        (dict(use_sdm=True), ("sdm.cost_saliency.", "sdm.background_aggregator.")),
-        (dict(use_sdm=True, fusion="residual"), ("sdm.cost_saliency.", "sdm.background_aggregator.", "sdm.fusion.context.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="sum"), ("sdm.itm.", "sdm.background_aggregator.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.gate.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"), ("sdm.itm.", "sdm.background_aggregator.", "sdm.fusion.projection.")),
-        (dict(use_hrm=True, hrm_stages=["pixel"]), ("hrm.aggregation.0.pixel.", "hrm.aggregation.1.pixel.", "hrm.decoder.0.pixel.", "hrm.decoder.1.pixel.")),
-        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False), ("hrm.aggregation.0.category.", "hrm.aggregation.1.category.")),
-        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False), ("hrm.decoder.0.channel.", "hrm.decoder.1.channel.")),
+        (dict(use_sdm=True), ("sdm.cost_saliency.", BACKGROUND)),
+        (dict(use_sdm=True, fusion="residual"), ("sdm.cost_saliency.", BACKGROUND, "sdm.fusion.context.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="sum"), ("sdm.itm.", BACKGROUND)),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"),
+         ("sdm.itm.", BACKGROUND, "sdm.fusion.gate.")),
+        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"),
+         ("sdm.itm.", BACKGROUND, "sdm.fusion.projection.")),
+        (dict(use_hrm=True, hrm_stages=["pixel"]),
+         tuple(f"{stage}.refinement.pixel." for stage in (*AGGREGATION_LAYERS, *DECODER_STAGES))),
+        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False),
+         tuple(f"{stage}.refinement.category." for stage in AGGREGATION_LAYERS)),
+        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False),
+         tuple(f"{stage}.refinement.channel." for stage in DECODER_STAGES)),
     ],
 )
 def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
@@ -170,11 +284,18 @@ def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
     switched = parameter_names(build(**overrides))
     assert {n: s for n, s in switched.items() if n in base} == base  # the host is untouched
     added = set(switched) - set(base)
-    assert added and all(n.startswith(prefix) for n in added)
-    assert {p for p in prefix if any(n.startswith(p) for n in added)} == set(prefix)
-    if "sdm.background_aggregator." in prefix:  # the background branch mirrors the host aggregator
-        mirrored = {n.removeprefix("sdm.background_") for n in added if n.startswith("sdm.background_")}
+
+    def matches(name, p):
+        return re.search(p, name) is not None if p == BACKGROUND else name.startswith(p)
+
+    assert added and all(any(matches(n, p) for p in prefix) for n in added)
+    assert {p for p in prefix if any(matches(n, p) for n in added)} == set(prefix)
+    if BACKGROUND in prefix:  # the background branch mirrors the host aggregator, block by block
+        background = {n for n in added if re.search(BACKGROUND, n)}
+        mirrored = {n.replace(".background.", ".").replace(".background_", ".") for n in background}
         assert mirrored == {n for n in base if n.startswith("aggregator.")}
+        assert all(switched[n] == base[m] for n in background
+                   for m in [n.replace(".background.", ".").replace(".background_", ".")])
 
 
 @pytest.mark.parametrize(
@@ -196,7 +317,8 @@ def test_every_new_parameter_gets_a_gradient(tiny_processor, overrides):
     out = model(**inputs, labels=labels)
     torch.testing.assert_close(out.loss, out.segmentation_loss + model.config.itm_loss_weight * out.itm_loss)
     out.loss.backward()
-    new = [n for n, p in model.named_parameters() if n.startswith(("sdm.", "hrm."))]
+    new = [n for n, p in model.named_parameters()
+           if n.startswith("sdm.") or ".refinement." in n or re.search(BACKGROUND, n)]
     missing = [n for n in new if model.get_parameter(n).grad is None or model.get_parameter(n).grad.abs().sum() == 0]
     assert new and not missing, missing
 
@@ -372,12 +494,13 @@ def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_pr
     inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
     disa = build(use_sdm=True, saliency_source="cost", fusion="own", branch_attention="shared",
                  sdm_background_init="copy", presence_threshold=None).eval()
-    host = {k: v for k, v in disa.state_dict().items() if k.startswith("aggregator.")}
-    twin = {k.removeprefix("sdm.background_"): v for k, v in disa.state_dict().items()
-            if k.startswith("sdm.background_aggregator.")}
+    state = disa.state_dict()
+    twin = {k.replace(".background.", ".").replace(".background_", "."): v for k, v in state.items()
+            if re.search(BACKGROUND, k)}
+    host = {k: v for k, v in state.items() if k.startswith("aggregator.") and not re.search(BACKGROUND, k)}
     assert host.keys() == twin.keys() and all(torch.equal(host[k], twin[k]) for k in host)
     catseg = build().eval()
-    catseg.load_state_dict({k: v for k, v in disa.state_dict().items() if not k.startswith("sdm.")})
+    catseg.load_state_dict({k: v for k, v in state.items() if not (k.startswith("sdm.") or re.search(BACKGROUND, k))})
     with torch.no_grad():
         out = disa(**inputs, output_saliency=True)
         assert out.foreground_mask.any() and not out.foreground_mask.all()  # the split is not trivial
@@ -388,3 +511,23 @@ def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_pr
     restricted.load_state_dict(disa.state_dict())
     with torch.no_grad():
         assert not torch.equal(restricted(**inputs).logits, out.logits)
+
+
+def test_refinement_level_in_place_inference_equals_the_formula():
+    from modeling_disa.model.hierarchical_refinement import DiSaRefinementLevel
+
+    torch.manual_seed(0)
+    level = DiSaRefinementLevel(8, ["pixel", "category", "channel"], 4)
+    x = torch.randn(2, 3, 8, 5, 5)  # (B, T, C, h, w)
+    # reference: the three re-weightings written out, out of place
+    y = x.clone()
+    pixel = level.pixel.conv(torch.stack([y.mean(2), y.amax(2)], dim=2).flatten(0, 1)).view(2, 3, 1, 5, 5)
+    y = y * (1 + torch.tanh(pixel))
+    y = y * (1 + torch.tanh(level.category.mlp(y.mean(dim=(-2, -1)))[..., None, None]))
+    y = y * (1 + torch.tanh(level.channel.mlp(y.mean(dim=(1, 3, 4)))[:, None, :, None, None]))
+    with torch.no_grad():
+        in_place = level(x.clone())
+    trained = level(x.clone().requires_grad_(True))
+    assert torch.equal(in_place, trained.detach())
+    torch.testing.assert_close(in_place, y.detach())
+    trained.sum().backward()  # out of place with autograd: the backward pass works

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import as_route, per_branch
+from .routing import TokenRoute, unmixed_layers
 
 
 def linear_attention(
@@ -17,11 +17,11 @@ def linear_attention(
     """"Transformers are RNNs" attention with the elu+1 feature map.
 
     Args:
-        q, k, v (`(N, L, heads, head_dim)`).
-        groups (`(N, L)` bool, optional): two token groups that attend only within themselves (SDM branches).
+        q, k, v (`(R, L, heads, head_dim)`): R rows (pixels) of L tokens (classes).
+        groups (`(R, L)` bool, optional): two token groups that attend only within themselves (SDM branches).
 
     Returns:
-        `(N, L, heads, head_dim)`.
+        `(R, L, heads, head_dim)`.
     """
     q = F.elu(q) + 1
     k = F.elu(k) + 1
@@ -41,7 +41,7 @@ def linear_attention(
 
 
 def _pad_classes(values: torch.Tensor, padding: torch.Tensor, length: int) -> torch.Tensor:
-    """`(batch, pixels, T, C)` values and a `(1, 1, C)` padding token -> `(batch, pixels, length, C)`."""
+    """`(B, pixels, T, C)` values and a `(1, 1, C)` padding token -> `(B, pixels, length, C)`."""
     batch, pixels, classes, channels = values.shape
     padded = padding.expand(batch, pixels, length, channels).clone()
     return padded.index_copy_(2, torch.arange(classes, device=values.device), values)
@@ -60,58 +60,64 @@ class DiSaClassAttention(nn.Module):
         self.v = nn.Linear(hidden_dim, hidden_dim)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor | None = None):
-        """q, k, v `(N, T, hidden_dim)` -> `(N, T, hidden_dim)`; `groups` `(N, T)` bool restricts attention."""
+        """q, k, v `(R, T, D)` -> `(R, T, D)`; `groups` `(R, T)` bool restricts attention."""
         heads = (self.num_heads, -1)
         out = linear_attention(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), self.eps, groups)
         return out.flatten(-2)
 
 
-def _project(layer: "DiSaClassAggregation", tokens: torch.Tensor, guidance: torch.Tensor):
-    """Per-token part before class attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
-    normed = layer.norm1(tokens)
-    both = torch.cat([normed, guidance], dim=-1)
-    return layer.attention.q(both), layer.attention.k(both), layer.attention.v(normed)
-
-
-def _update(layer: "DiSaClassAggregation", tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Per-token part after attention: residual, then MLP + residual."""
-    tokens = tokens + attended
-    return tokens + layer.mlp(layer.norm2(tokens))
-
-
-class DiSaClassAggregation(nn.Module):
-    """Pre-LN linear-attention transformer layer over the class axis: `(batch, D, T, grid, grid)` -> same."""
+class DiSaClassTokenLayers(nn.Module):
+    """The per-token layers of a class-aggregation layer (and its class padding): one branch's weights."""
 
     def __init__(self, config):
         super().__init__()
         dim, guidance_dim = config.hidden_dim, config.text_guidance_dim
-        self.class_cap = config.class_cap
-        self.residual = config.class_residual
-        self.restrict_to_branch = config.branch_attention == "restricted"
         self.norm1 = nn.LayerNorm(dim)
         self.attention = DiSaClassAttention(dim, guidance_dim, config.num_attention_heads, config.linear_attention_eps)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim * config.mlp_ratio), nn.ReLU(), nn.Linear(dim * config.mlp_ratio, dim))
-        if self.class_cap > 0:
+        if config.class_cap > 0:
             self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim))
             self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim))
+
+    def project(self, tokens: torch.Tensor, guidance: torch.Tensor):
+        """Before class attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
+        normed = self.norm1(tokens)
+        both = torch.cat([normed, guidance], dim=-1)
+        return self.attention.q(both), self.attention.k(both), self.attention.v(normed)
+
+    def update(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """After attention: residual, then MLP + residual."""
+        tokens = tokens + attended
+        return tokens + self.mlp(self.norm2(tokens))
+
+
+class DiSaClassAggregation(DiSaClassTokenLayers):
+    """Pre-LN linear-attention transformer layer over the class axis: `(B, D, T, h, w)` -> same. With SDM,
+    `background` holds the background branch's per-token layers and padding."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.class_cap = config.class_cap
+        self.residual = config.class_residual
+        self.restrict_to_branch = config.branch_attention == "restricted"
+        if config.use_sdm:
+            self.background = DiSaClassTokenLayers(config)
 
     def forward(
         self,
         x: torch.Tensor,
         text_guidance: torch.Tensor,
         pooling: tuple[int, int],
-        route: torch.Tensor | None = None,
-        twin: "DiSaClassAggregation | None" = None,
+        route: TokenRoute | None = None,
     ) -> torch.Tensor:
         """
         Args:
-            x (`(batch, D, T, grid, grid)`): cost volume, T <= class_cap.
-            text_guidance (`(batch, T, G)`): projected text embeddings.
+            x (`(B, D, T, h, w)`): cost volume, T <= class_cap.
+            text_guidance (`(B, T, G)`): projected text embeddings.
             pooling (`(ph, pw)`): spatial average pooling applied before attention ((2, 2) train, (1, 1) eval).
-            route (`(batch, T, grid, grid)` bool, optional): SDM foreground tokens; a pooled cell is foreground
-                when at least half of its tokens are. Padding classes count as background.
-            twin (optional): the background branch's class aggregation (routed weights).
+            route (`TokenRoute` over `(B, T, h, w)`, optional): SDM's branch of every token (see
+                `TokenRoute.class_layout` for pooled cells and padding classes).
         """
         batch, dim, classes, height, width = x.shape
         pooled = F.avg_pool2d(x.transpose(1, 2).reshape(batch * classes, dim, height, width), pooling)
@@ -120,24 +126,41 @@ class DiSaClassAggregation(nn.Module):
         guidance = text_guidance.unsqueeze(1).expand(-1, ph * pw, -1, -1)
         padded = self.class_cap > 0
         if route is not None:
-            pooled_route = F.avg_pool2d(route.flatten(0, 1).unsqueeze(1).to(x.dtype), pooling) >= 0.5
-            route = pooled_route.view(batch, classes, ph * pw).transpose(1, 2)  # (B, pixels, T)
-            if padded:
-                route = torch.cat([route, route.new_zeros(batch, ph * pw, self.class_cap - classes)], dim=2)
-            route = as_route(route.flatten(0, 1))
+            route = route.class_layout(pooling, self.class_cap)
+        mixed = route is not None and route.is_mixed
+        if mixed:
+            # one guidance row per image and class, gathered per routed token below (no per-pixel copy)
+            guidance = text_guidance.unsqueeze(1)
         if padded:
             # Routed padding classes belong to the background branch, so they take its padding tokens. The classes
             # are written into a class_cap-long copy of the padding (no tensor whose size is class_cap - T, which
             # may be 0 or 1), so `torch.export` keeps the number of classes dynamic up to class_cap.
-            source = twin if twin is not None and route is not None else self
+            source = self.background if route is not None else self
             tokens = _pad_classes(tokens, source.padding_tokens, self.class_cap)
             guidance = _pad_classes(guidance, source.padding_guidance, self.class_cap)
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
-        q, k, v = per_branch(_project, self, twin, route, tokens, guidance)
-        groups = route.mask if route is not None and self.restrict_to_branch else None
-        attended = self.attention.attend(q, k, v, groups)
-        updated = per_branch(_update, self, twin, route, tokens, attended)
+        if mixed:
+            # each branch's per-token layers on its own rows; merged only for the attention across classes. Token
+            # (b * pixels + p) * L + t reads guidance row b * L + t.
+            fg, bg = route.split(tokens)
+            length = tokens.shape[1]
+            guidance = guidance.reshape(-1, guidance.shape[-1])
+            guidance_fg, guidance_bg = (
+                guidance.index_select(0, (index // (ph * pw * length)) * length + index % length)
+                for index in (route.foreground, route.background)
+            )
+            q_fg, k_fg, v_fg = self.project(fg, guidance_fg)
+            q_bg, k_bg, v_bg = self.background.project(bg, guidance_bg)
+            q, k, v = route.merge(q_fg, q_bg), route.merge(k_fg, k_bg), route.merge(v_fg, v_bg)
+            attended_fg, attended_bg = route.split(
+                self.attention.attend(q, k, v, route.mask if self.restrict_to_branch else None)
+            )
+            updated = route.merge(self.update(fg, attended_fg), self.background.update(bg, attended_bg))
+        else:
+            layers = unmixed_layers(self, route)
+            q, k, v = layers.project(tokens, guidance)
+            updated = layers.update(tokens, self.attention.attend(q, k, v))
         if self.residual == "catseg":
             # CAT-Seg returns x + up(pool(x) + update): the identity path is counted twice (kept for its weights).
             delta = updated

@@ -18,19 +18,19 @@ from transformers.utils import ModelOutput
 class DenseCLIPFeatures(ModelOutput):
     """
     Args:
-        image_embeds (`torch.FloatTensor` of shape `(batch, projection_dim, grid, grid)`):
+        image_embeds (`torch.FloatTensor` of shape `(B, C, h, w)`):
             Projected dense patch embeddings (not normalised); CAT-Seg's ``res3``.
-        guidance_features (`tuple(torch.FloatTensor)`, each `(batch, vision_hidden_size, grid, grid)`):
+        guidance_features (`tuple(torch.FloatTensor)`, each `(B, V, h, w)` (V = vision_hidden_size)):
             Raw residual-stream outputs of the blocks in `config.guidance_layers` (CLS dropped).
-            dense_tokens (`torch.FloatTensor` of shape `(batch, grid*grid, vision_hidden_size)`):
+        dense_tokens (`torch.FloatTensor` of shape `(B, N, V)`):
             The dense tokens after `post_layernorm`, before the visual projection (the keys/values of SDM).
-        last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + grid*grid, vision_hidden_size)`):
+        last_hidden_state (`torch.FloatTensor` of shape `(B, 1 + N, V)`):
             Output of the dense last block (residual stream, before `post_layernorm`).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states`): CLIP's convention,
-            `num_hidden_layers + 1` tensors `(batch, 1 + grid*grid, vision_hidden_size)`: the embeddings (after
+            `num_hidden_layers + 1` tensors `(B, 1 + N, V)`: the embeddings (after
             `pre_layrnorm`), then the output of every block, the last one being the dense block.
         attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions`): the attention weights
-            `(batch, heads, 1 + grid*grid, 1 + grid*grid)` of every block that mixes tokens, i.e. all but the dense
+            `(B, heads, 1 + N, 1 + N)` of every block that mixes tokens, i.e. all but the dense
             last one (`num_hidden_layers - 1` tensors). Needs eager attention in the vision tower.
     """
 
@@ -43,7 +43,7 @@ class DenseCLIPFeatures(ModelOutput):
 
 
 def _tokens_to_map(tokens: torch.Tensor, grid: int) -> torch.Tensor:
-    """`(batch, 1 + grid*grid, dim)` -> `(batch, dim, grid, grid)`, dropping the CLS token."""
+    """`(B, 1 + N, V)` -> `(B, V, h, w)` (square grid), dropping the CLS token."""
     batch, _, dim = tokens.shape
     return tokens[:, 1:].transpose(1, 2).reshape(batch, dim, grid, grid)
 
@@ -62,7 +62,7 @@ def dense_clip_features(
 
     Args:
         clip: the `CLIPModel` holding the vision tower and `visual_projection`.
-        pixel_values (`(batch, 3, H, W)`): CLIP-normalised images; bilinearly resized to `clip_resolution`.
+        pixel_values (`(B, 3, H, W)`): CLIP-normalised images; bilinearly resized to `clip_resolution`.
         clip_resolution: CLIP input side (position embeddings are interpolated bicubically when it differs from
             the checkpoint's `image_size`, as CAT-Seg does for ViT-B/16 at 384).
         guidance_layers: 0-based blocks whose outputs are returned as guidance.

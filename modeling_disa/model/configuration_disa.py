@@ -97,9 +97,10 @@ class DiSaConfig(PreTrainedConfig):
         branch_attention (`str`): with routed branches, `"restricted"` (a token attends only to tokens of its own
             branch) or `"shared"` (each token uses its branch's weights but attends to every token of its class
             map, so a class's foreground and background still exchange context).
-        sdm_background_init (`str`): `"copy"` starts the background branch as a copy of the host aggregator (the
-            foreground branch), so at initialisation the split changes nothing and the two branches specialise only
-            as training moves them apart; `"independent"` initialises it on its own.
+        sdm_background_init (`str`): `"copy"` starts the background branch (every aggregation block's `background`
+            child) as a copy of the foreground weights (the block's own), so at initialisation the split changes
+            nothing and the two branches specialise only as training moves them apart; `"independent"` initialises
+            it on its own.
         fusion (`str`): how the two branches' features merge. `"own"` (each token keeps its own branch's
             output), `"residual"` (own output + a zero-initialised linear map of the other branch's class mean:
             starts as "own"), `"weighted"` (learned sigmoid gate between own output and the other branch's class

@@ -1,19 +1,26 @@
 """Hierarchical refinement module (HRM) of DiSa. *Reconstruction* (the paper names pixel-wise, category-wise and
 semantic (channel)-wise refinement with "global pooling and re-weighting" and "multi-level updates"):
 
-every stage pools the volume X `(batch, C, T, h, w)` to a descriptor, maps it to a logit a with a small conv/MLP
+every stage pools the class slices X `(B, T, C, h, w)` to a descriptor, maps it to a logit a with a small conv/MLP
 and re-weights with a residual, X <- X * (1 + tanh(a)) (identity when a = 0, bounded in (0, 2)):
 
-- pixel-wise: [mean_C, max_C] per class map -> 3x3 conv -> a `(batch, 1, T, h, w)` (spatial context per pixel);
-- category-wise: mean over h, w -> MLP C -> C/r -> 1 -> a `(batch, 1, T, 1, 1)`;
-- channel (semantic)-wise: mean over T, h, w -> MLP C -> C/r -> C -> a `(batch, C, 1, 1, 1)`.
+- pixel-wise: [mean_C, max_C] per class map -> 3x3 conv -> a `(B, T, 1, h, w)` (spatial context per pixel);
+- category-wise: mean over h, w -> MLP C -> C/r -> 1 -> a `(B, T, 1, 1, 1)`;
+- channel (semantic)-wise: mean over T, h, w -> MLP C -> C/r -> C -> a `(B, 1, C, 1, 1)`.
 
-It runs after each aggregation layer (C = hidden_dim) and after each decoder stage (C = decoder_dims), each stage
-and each level switchable in `DiSaConfig`.
+A level is an optional child (`refinement`) of each aggregation layer (C = D) and of each decoder stage
+(C = decoder_dims), each stage and each level switchable in `DiSaConfig`.
 """
 
 import torch
 from torch import nn
+
+
+def reweight(x: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+    """X * (1 + tanh(a)). Without autograd (inference) X is scaled in place: at the decoder's 4x resolution a fresh
+    copy per stage costs as much as the product; every caller passes a tensor that it does not read again."""
+    scale = 1 + torch.tanh(logit)
+    return x * scale if torch.is_grad_enabled() else x.mul_(scale)
 
 
 class DiSaPixelRefinement(nn.Module):
@@ -22,10 +29,10 @@ class DiSaPixelRefinement(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, classes, height, width = x.shape
-        descriptor = torch.stack([x.mean(dim=1), x.amax(dim=1)], dim=2)  # (B, T, 2, h, w)
-        logit = self.conv(descriptor.flatten(0, 1)).view(batch, classes, 1, height, width).transpose(1, 2)
-        return x * (1 + torch.tanh(logit))
+        batch, classes, _, height, width = x.shape
+        descriptor = torch.stack([x.mean(dim=2), x.amax(dim=2)], dim=2)  # (B, T, 2, h, w)
+        logit = self.conv(descriptor.flatten(0, 1)).view(batch, classes, 1, height, width)
+        return reweight(x, logit)
 
 
 class DiSaCategoryRefinement(nn.Module):
@@ -35,8 +42,10 @@ class DiSaCategoryRefinement(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self.mlp(x.mean(dim=(-2, -1)).transpose(1, 2))  # (B, T, 1)
-        return x * (1 + torch.tanh(logit.transpose(1, 2)[..., None, None]))
+        # averaged as a (B, C, T) map, the layout the reference implementation reduced in: the kernel's summation
+        # order follows the layout, and the outputs stay bit-identical to it
+        logit = self.mlp(x.transpose(1, 2).mean(dim=(-2, -1)).transpose(1, 2))  # (B, T, 1)
+        return reweight(x, logit[..., None, None])
 
 
 class DiSaChannelRefinement(nn.Module):
@@ -46,15 +55,16 @@ class DiSaChannelRefinement(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self.mlp(x.mean(dim=(2, 3, 4)))  # (B, C)
-        return x * (1 + torch.tanh(logit[:, :, None, None, None]))
+        logit = self.mlp(x.mean(dim=(1, 3, 4)))  # (B, C)
+        return reweight(x, logit[:, None, :, None, None])
 
 
 STAGES = {"pixel": DiSaPixelRefinement, "category": DiSaCategoryRefinement, "channel": DiSaChannelRefinement}
 
 
 class DiSaRefinementLevel(nn.Module):
-    """The enabled stages, applied pixel -> category -> channel, at one level of width `channels`."""
+    """The enabled stages, applied pixel -> category -> channel, at one level of width `channels`, on class slices
+    `(B, T, C, h, w)` (the decoder's layout as it is; the aggregation layer passes a transposed view)."""
 
     def __init__(self, channels: int, stages, reduction: int):
         super().__init__()
@@ -68,22 +78,8 @@ class DiSaRefinementLevel(nn.Module):
         return x
 
 
-class DiSaHierarchicalRefinement(nn.Module):
-    """HRM levels: `aggregation.{i}` after aggregation layer i, `decoder.{j}` after decoder stage j."""
-
-    def __init__(self, config):
-        super().__init__()
-        stages, reduction = list(config.hrm_stages), config.hrm_reduction
-        self.aggregation = nn.ModuleList(
-            DiSaRefinementLevel(config.hidden_dim, stages, reduction)
-            for _ in range(config.num_aggregation_layers if config.hrm_after_aggregation else 0)
-        )
-        self.decoder = nn.ModuleList(
-            DiSaRefinementLevel(dim, stages, reduction) for dim in (config.decoder_dims if config.hrm_at_decoder else ())
-        )
-
-    def after_aggregation(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        return self.aggregation[index](x) if len(self.aggregation) else x
-
-    def after_decoder_stage(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder[level](x) if len(self.decoder) else x
+def refinement_level(config, channels: int, enabled: bool) -> DiSaRefinementLevel | None:
+    """The HRM level of a stage of width `channels`, or None when HRM or this stage is switched off."""
+    if not (config.use_hrm and enabled):
+        return None
+    return DiSaRefinementLevel(channels, list(config.hrm_stages), config.hrm_reduction)

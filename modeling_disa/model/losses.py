@@ -22,8 +22,8 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     Per-pixel, per-class binary cross-entropy with one-hot targets.
 
     Args:
-        logits (`(batch, T, h, w)`): class logits; bilinearly upsampled to the label size.
-        labels (`(batch, H, W)` long): class ids, `ignore_index` for unlabelled pixels.
+        logits (`(B, T, h, w)`): class logits; bilinearly upsampled to the label size.
+        labels (`(B, H, W)` long): class ids, `ignore_index` for unlabelled pixels.
         mode: `"catseg"` = unlabelled pixels become all-negative targets and stay in the mean (CAT-Seg);
             `"mask"` = unlabelled pixels are left out of the mean.
     """
@@ -40,7 +40,7 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 
 def class_presence(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """`(batch, H, W)` label maps -> `(batch, num_classes)` 0/1 "class occurs in the crop" targets."""
+    """`(B, H, W)` label maps -> `(B, T)` 0/1 "class occurs in the crop" targets."""
     valid = check_label_values(labels, num_classes, ignore_index)
     presence = torch.zeros(labels.shape[0], num_classes, device=labels.device)
     flat = torch.where(valid, labels, 0).flatten(1)
@@ -55,10 +55,35 @@ def itm_loss(
     num_classes: int | None = None,
     class_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """BCE between ITM class-presence logits `(batch, K)` and the presence derived from `labels`.
+    """BCE between ITM class-presence logits `(B, K)` and the presence derived from `labels`.
 
-    With `class_indices` `(batch, K)`, the logits belong to those classes of a `num_classes` vocabulary."""
+    With `class_indices` `(B, K)`, the logits belong to those classes of a `num_classes` vocabulary."""
     presence = class_presence(labels, num_classes or itm_logits.shape[1], ignore_index)
     if class_indices is not None:
         presence = torch.gather(presence, 1, class_indices)
     return F.binary_cross_entropy_with_logits(itm_logits, presence.to(itm_logits.dtype))
+
+
+def disa_loss(
+    config,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    itm_logits: torch.Tensor | None = None,
+    class_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The training loss: segmentation BCE, plus `config.itm_loss_weight` times the ITM loss with SDM.
+
+    Args:
+        logits (`(B, T, h, w)`): all classes' logits (pruned ones hold `config.pruned_class_logit`).
+        labels (`(B, H, W)` long).
+        itm_logits (`(B, K)`, optional): SDM presence logits of the processed classes (`class_indices` `(B, K)`
+            under the class cap): presence targets of the processed classes only, pruned classes carry no ITM logit.
+
+    Returns:
+        `(loss, segmentation_loss, itm_loss or None)`.
+    """
+    seg = segmentation_loss(logits, labels, config.ignore_index, config.loss_ignore_mode)
+    if itm_logits is None:
+        return seg, seg, None
+    aux = itm_loss(itm_logits, labels, config.ignore_index, logits.shape[1], class_indices)
+    return seg + config.itm_loss_weight * aux, seg, aux

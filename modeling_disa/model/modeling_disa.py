@@ -1,8 +1,12 @@
 """DiSa for open-vocabulary semantic segmentation: CAT-Seg's cost aggregation over transformers' CLIP, with DiSa's
 saliency-aware disentanglement (SDM) and hierarchical refinement (HRM) as config switches.
 
-Data flow: image -> CLIP (dense features + guidance taps) -> cost volume -> [SDM] -> spatial/class aggregation
-[-> HRM] -> guided decoder [-> HRM] -> per-class logits.
+Data flow: image -> CLIP (dense features + guidance taps) -> capped cost volume -> [SDM saliency] -> spatial/class
+aggregation [with HRM] -> [SDM fusion] -> guided decoder [with HRM] -> per-class logits.
+
+Shape letters used in every docstring: B batch, T classes (K after the class cap), P prompts, N tokens (= h*w),
+h/w grid height/width, D cost-embedding channels, G guidance channels, C CLIP joint-space channels, V CLIP vision
+width, H/W image height/width.
 """
 
 import math
@@ -15,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -27,15 +30,16 @@ from transformers.utils import (
     is_torchdynamo_compiling,
 )
 
-from .class_aggregation import DiSaClassAggregation
+from .aggregation import DiSaCostAggregator
+from .class_aggregation import DiSaClassTokenLayers
 from .clip_dense_features import dense_clip_features
 from .configuration_disa import DiSaConfig, format_prompts
-from .cost_volume import DiSaCostEmbedding, cosine_cost_volume, select_top_classes
+from .cost_volume import DiSaCostEmbedding, cap_classes, cosine_cost_volume, scatter_classes
 from .decoder import DiSaDecoder, DiSaGuidanceUpsampler
-from .hierarchical_refinement import DiSaHierarchicalRefinement
-from .losses import itm_loss, segmentation_loss
+from .losses import disa_loss
+from .routing import TokenRoute
 from .saliency_disentanglement import DiSaSaliencyDisentanglement
-from .spatial_aggregation import DiSaSpatialAggregation, DiSaSwinBlock
+from .spatial_aggregation import DiSaSwinBlock
 
 
 @dataclass
@@ -44,21 +48,21 @@ class DiSaSegmentationOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): segmentation BCE (+ weighted ITM loss with SDM),
             returned when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch, num_labels, 4*grid, 4*grid)`): per-class logits (independent
+        logits (`torch.FloatTensor` of shape `(B, T, 4h, 4w)`): per-class logits (independent
             sigmoids; argmax over classes gives the label). 96x96 for a 384 input. Classes dropped by the class cap
             hold `config.pruned_class_logit`.
         segmentation_loss / itm_loss (`torch.FloatTensor` of shape `()`, *optional*): the two loss terms.
-        itm_logits (`(batch, num_labels)`, *optional*): SDM class-presence logits.
-        saliency (`(batch, num_labels, grid, grid)`, *optional*): SDM Grad-CAM saliency (with `output_saliency`).
-        foreground_mask (`(batch, num_labels, grid, grid)` bool, *optional*): SDM foreground tokens per class.
-        class_indices (`(batch, class_cap)`, *optional*): the classes processed per image when the vocabulary is
+        itm_logits (`(B, T)`, *optional*): SDM class-presence logits.
+        saliency (`(B, T, h, w)`, *optional*): SDM Grad-CAM saliency (with `output_saliency`).
+        foreground_mask (`(B, T, h, w)` bool, *optional*): SDM foreground tokens per class.
+        class_indices (`(B, class_cap)`, *optional*): the classes processed per image when the vocabulary is
             larger than `config.class_cap`.
-        text_embeds (`(num_labels, P, projection_dim)`): L2-normalised prompt embeddings used.
-        image_embeds (`(batch, projection_dim, grid, grid)`): dense CLIP image embeddings.
+        text_embeds (`(T, P, C)`): L2-normalised prompt embeddings used.
+        image_embeds (`(B, C, h, w)`): dense CLIP image embeddings.
         vision_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` / `output_attentions`): the
             CLIP vision tower's `last_hidden_state` (output of the dense last block), `hidden_states`
-            (`num_hidden_layers + 1` tensors `(batch, 1 + grid*grid, width)`, CLIP's convention) and `attentions`
-            (one `(batch, heads, 1 + grid*grid, 1 + grid*grid)` per token-mixing block: all but the dense last one).
+            (`num_hidden_layers + 1` tensors `(B, 1 + N, width)`, CLIP's convention) and `attentions`
+            (one `(B, heads, 1 + N, 1 + N)` per token-mixing block: all but the dense last one).
     """
 
     loss: torch.FloatTensor | None = None
@@ -78,45 +82,18 @@ class DiSaSegmentationOutput(ModelOutput):
         return tuple(self[k].to_tuple() if k == "vision_model_output" else self[k] for k in self.keys())
 
 
-def _scatter_classes(values: torch.Tensor, class_indices: torch.Tensor, num_classes: int, fill) -> torch.Tensor:
-    """`(batch, kept, ...)` values of the processed classes -> `(batch, num_classes, ...)`, `fill` elsewhere."""
-    out = values.new_full((values.shape[0], num_classes, *values.shape[2:]), fill)
-    index = class_indices.view(*class_indices.shape, *([1] * (values.ndim - 2))).expand_as(values)
-    return out.scatter(1, index, values)
-
-
-class DiSaAggregationLayer(GradientCheckpointingLayer):
-    """Spatial (Swin pair) then class (linear attention) aggregation: `(batch, D, T, grid, grid)` -> same."""
-
-    def __init__(self, config: DiSaConfig):
-        super().__init__()
-        self.spatial = DiSaSpatialAggregation(config)
-        self.class_aggregation = DiSaClassAggregation(config)
-
-    def forward(self, x, appearance_guidance, text_guidance, pooling, route=None, twin=None):
-        """`route` / `twin`: SDM's foreground tokens `(batch, T, grid, grid)` and the background branch's layer."""
-        x = self.spatial(x, appearance_guidance, route, twin.spatial if twin is not None else None)
-        return self.class_aggregation(
-            x, text_guidance, pooling, route, twin.class_aggregation if twin is not None else None
-        )
-
-
-class DiSaCostAggregator(nn.Module):
-    """`num_aggregation_layers` aggregation layers; `layer_hook(index, x)` lets refinement act after each."""
-
-    def __init__(self, config: DiSaConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(DiSaAggregationLayer(config) for _ in range(config.num_aggregation_layers))
-
-    def forward(self, x, appearance_guidance, text_guidance, pooling, route=None, twin=None, layer_hook=None):
-        """`twin` (another `DiSaCostAggregator`) and `route`: SDM's routed foreground/background branches."""
-        for index, layer in enumerate(self.layers):
-            x = layer(
-                x, appearance_guidance, text_guidance, pooling, route, twin.layers[index] if twin is not None else None
-            )
-            if layer_hook is not None:
-                x = layer_hook(index, x)
-        return x
+def _initialisation_group(name: str) -> int:
+    """Order in which `initialize_weights` draws the head's random weights: the CAT-Seg host first, then SDM's
+    saliency head, its background branch, its fusion, then HRM's levels. A model with SDM / HRM switched on thus
+    draws the same host weights at a given seed as CAT-Seg mode (paired comparisons), and the draws do not depend on
+    where in the module tree the switched-on modules sit."""
+    if ".refinement" in f".{name}":
+        return 4
+    if ".background" in f".{name}":
+        return 2
+    if name.startswith("sdm.fusion"):
+        return 3
+    return 1 if name.startswith("sdm") else 0
 
 
 class DiSaPreTrainedModel(PreTrainedModel):
@@ -129,6 +106,7 @@ class DiSaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DiSaAggregationLayer", "DiSaDecoder"]
 
     @torch.no_grad()
+    @init.guard_torch_init_functions()
     def initialize_weights(self):
         """CLIP sub-models first, by CLIP's own rule and traversal, then the head (`_init_weights`).
 
@@ -145,7 +123,20 @@ class DiSaPreTrainedModel(PreTrainedModel):
             if isinstance(module, CLIPModel):
                 module.initialize_weights()
                 init.constant_(module.logit_scale, module.config.logit_scale_init_value)
-        super().initialize_weights()
+        # transformers' traversal (children before parents, sub-models by their own rule), in the order of
+        # `_initialisation_group`
+        visits = []
+
+        def visit(module, name, function):
+            for child_name, child in module.named_children():
+                child_function = child._initialize_weights if isinstance(child, PreTrainedModel) else function
+                visit(child, f"{name}.{child_name}" if name else child_name, child_function)
+            visits.append((_initialisation_group(name), module, function))
+
+        visit(self, "", self._initialize_weights)
+        custom = self.is_custom_code()
+        for _, module, function in sorted(visits, key=lambda visit: visit[0]):
+            function(module, custom)
 
     def _init_weights(self, module):
         """Head modules get PyTorch's default initialisation, as CAT-Seg's head (which calls no custom init);
@@ -166,7 +157,7 @@ class DiSaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DiSaSwinBlock) and module.attn_mask is not None:
             # Non-persistent buffer: rebuilt here because `from_pretrained` materialises modules from the meta device.
             init.copy_(module.attn_mask, module.build_attention_mask())
-        elif isinstance(module, DiSaClassAggregation) and hasattr(module, "padding_tokens"):
+        elif isinstance(module, DiSaClassTokenLayers) and hasattr(module, "padding_tokens"):
             init.zeros_(module.padding_tokens)
             init.zeros_(module.padding_guidance)
 
@@ -205,15 +196,25 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.guidance_upsampler = DiSaGuidanceUpsampler(config)
         self.aggregator = DiSaCostAggregator(config)
         self.decoder = DiSaDecoder(config)
-        self.sdm = DiSaSaliencyDisentanglement(config, DiSaCostAggregator) if config.use_sdm else None
-        self.hrm = DiSaHierarchicalRefinement(config) if config.use_hrm else None
+        self.sdm = DiSaSaliencyDisentanglement(config) if config.use_sdm else None
         self.post_init()
         # (skipped on the meta device, where from_pretrained builds the model before loading both branches)
         if self.sdm is not None and config.sdm_background_init == "copy" and not next(self.aggregator.parameters()).is_meta:
-            # The background branch starts as the host's aggregator: the routing, which keeps moving while the
-            # presence head learns, then never sends a token to weights that have not been trained for it.
-            self.sdm.background_aggregator.load_state_dict(self.aggregator.state_dict())
+            # The background branch starts as the foreground one: the routing, which keeps moving while the presence
+            # head learns, then never sends a token to weights that have not been trained for it.
+            self._copy_foreground_to_background()
         self.configure_clip_finetuning(config.clip_finetune)
+
+    @torch.no_grad()
+    def _copy_foreground_to_background(self) -> None:
+        """Set every aggregation block's `background` weights (and the background guidance norms) to its own."""
+        for module in self.aggregator.modules():
+            background = getattr(module, "background", None)
+            if background is not None:
+                own = {k: v for k, v in module.state_dict().items() if k in background.state_dict()}
+                background.load_state_dict(own)
+            if getattr(module, "background_guidance_norm", None) is not None:
+                module.background_guidance_norm.load_state_dict(module.guidance_norm.state_dict())
 
     # ------------------------------------------------------------------ CLIP fine-tuning and optimiser groups
     def configure_clip_finetuning(self, mode: str = "qv") -> None:
@@ -517,12 +518,12 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     ) -> DiSaSegmentationOutput | tuple:
         r"""
         Args:
-            pixel_values (`(batch, 3, H, W)`): CLIP-normalised images (see `DiSaImageProcessor`); resized to
+            pixel_values (`(B, 3, H, W)`): CLIP-normalised images (see `DiSaImageProcessor`); resized to
                 `config.clip_resolution` inside.
             input_ids / attention_mask (`(T * P, L)`): class prompts shared by the batch (see `DiSaProcessor`).
             text_embeds (`(T, P, C)` or `(T, C)`): precomputed prompt embeddings (`get_text_embeddings`) instead of
                 `input_ids`; the way to reuse one vocabulary's encoding across calls.
-            labels (`(batch, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
+            labels (`(B, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
             output_saliency (`bool`): with SDM, also return the saliency maps and foreground masks.
             output_attentions / output_hidden_states (`bool`, *optional*, default from the config): return the CLIP
                 vision tower's attention weights / hidden states in `vision_model_output` (attentions need eager
@@ -547,6 +548,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         if labels is not None:
             self._check_labels(labels, batch)
 
+        # 1. resolve the vocabulary: prompt embeddings (T, P, C) from text_embeds, input_ids or the default one
         if text_embeds is None:
             if input_ids is None:
                 input_ids, attention_mask = self.default_vocabulary_tokens(pixel_values.device)
@@ -556,6 +558,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         text_embeds = self._check_text_embeds(text_embeds)
         num_classes = text_embeds.shape[0]
 
+        # 2. CLIP: dense image embeddings (B, C, h, w), mid-layer guidance taps, dense tokens
         features = dense_clip_features(
             self.clip,
             pixel_values,
@@ -568,57 +571,58 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         image_embeds = features.image_embeds
         text = text_embeds.to(image_embeds.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
 
-        cost = cosine_cost_volume(image_embeds, text)
-        class_indices = None
-        if 0 < config.class_cap < num_classes:
-            class_indices = select_top_classes(cost, config.class_cap)
-            text = torch.gather(text, 1, class_indices[:, :, None, None].expand(-1, -1, *text.shape[-2:]))
-            cost = cosine_cost_volume(image_embeds, text)
-
+        # 3. cost volume (B, P, K, h, w) of the K <= class_cap classes kept per image, embedded to (B, D, K, h, w)
+        text, cost, class_indices = cap_classes(
+            image_embeds, text, cosine_cost_volume(image_embeds, text), config.class_cap
+        )
         volume = self.cost_embedding(cost)
+
+        # 4. guidance: appearance (B, G, h, w), text (B, K, G) from one normalised embedding per class (prompt
+        # average, also SDM's queries), decoder guidance at 2x and 4x
         appearance_guidance = self.appearance_guidance(image_embeds)
-        # one normalised embedding per class (prompt average): text guidance input and SDM queries
         class_embeds = F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1)
         text_guidance = self.text_guidance(class_embeds)
         decoder_guidance = self.guidance_upsampler(features.guidance_features)
         pooling = tuple(config.class_pooling_train if self.training else config.class_pooling_eval)
 
-        layer_hook = self.hrm.after_aggregation if self.hrm is not None else None
-        stage_hook = self.hrm.after_decoder_stage if self.hrm is not None else None
-
-        saliency = None
+        # 5. SDM saliency: presence logits and the foreground split, the route of every token
+        saliency = route = None
         if self.sdm is not None:
-            saliency = self.sdm.saliency(class_embeds, features.dense_tokens, volume)
-            volume = self.sdm.aggregate(
-                self.aggregator, volume, appearance_guidance, text_guidance, pooling, saliency.foreground_mask,
-                layer_hook,
-            )
+            saliency = self.sdm(class_embeds, features.dense_tokens, volume)
+            route = TokenRoute(saliency.foreground_mask)
+
+        # 6. aggregation (HRM inside every layer): routed, or the two branches on their masked volumes (dual)
+        if self.sdm is None:
+            volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling)
+        elif config.branch_mode == "routed":
+            volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling, route)
+            # 7. fusion of the branches
+            volume = self.sdm.fusion.routed(volume, saliency.foreground_mask)
         else:
-            volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling, layer_hook=layer_hook)
-        logits = self.decoder(volume, decoder_guidance, stage_hook)
+            mask = saliency.foreground_mask.unsqueeze(1).to(volume.dtype)
+            foreground = self.aggregator(volume * mask, appearance_guidance, text_guidance, pooling)
+            background = self.aggregator(
+                volume * (1 - mask), appearance_guidance, text_guidance, pooling, TokenRoute.whole_background()
+            )
+            volume = self.sdm.fusion.dual(foreground, background, saliency.foreground_mask)
 
-        if class_indices is not None:
-            logits = _scatter_classes(logits, class_indices, num_classes, config.pruned_class_logit)
+        # 8. decoder (HRM after every stage): (B, K, 4h, 4w) logits, pruned classes back as pruned_class_logit
+        logits = scatter_classes(
+            self.decoder(volume, decoder_guidance), class_indices, num_classes, config.pruned_class_logit
+        )
 
+        # 9. loss
         loss = seg_loss = aux_loss = None
         if labels is not None:
-            seg_loss = segmentation_loss(logits, labels, config.ignore_index, config.loss_ignore_mode)
-            loss = seg_loss
-            if saliency is not None:
-                # Presence targets of the processed classes only: pruned classes carry no ITM logit.
-                aux_loss = itm_loss(saliency.itm_logits, labels, config.ignore_index, num_classes, class_indices)
-                loss = loss + config.itm_loss_weight * aux_loss
+            itm = saliency.itm_logits if saliency is not None else None
+            loss, seg_loss, aux_loss = disa_loss(config, logits, labels, itm, class_indices)
 
         itm_logits = sal_maps = fg_masks = None
         if saliency is not None:
-            itm_logits = saliency.itm_logits
+            itm_logits = scatter_classes(saliency.itm_logits, class_indices, num_classes, config.pruned_class_logit)
             if output_saliency:
-                sal_maps, fg_masks = saliency.saliency, saliency.foreground_mask
-            if class_indices is not None:
-                itm_logits = _scatter_classes(itm_logits, class_indices, num_classes, config.pruned_class_logit)
-                if output_saliency:
-                    sal_maps = _scatter_classes(sal_maps, class_indices, num_classes, 0.0)
-                    fg_masks = _scatter_classes(fg_masks, class_indices, num_classes, False)
+                sal_maps = scatter_classes(saliency.saliency, class_indices, num_classes, 0.0)
+                fg_masks = scatter_classes(saliency.foreground_mask, class_indices, num_classes, False)
 
         output = DiSaSegmentationOutput(
             loss=loss,

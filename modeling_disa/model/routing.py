@@ -1,49 +1,94 @@
-"""Token routing between DiSa's foreground and background branches: every token goes through the per-token layers
-of its own branch only, so two branches cost about as much as one."""
+"""Token routing between DiSa's foreground and background branches (SDM).
+
+A `TokenRoute` is the one thing SDM threads through the aggregation layers, as transformers threads an attention
+mask: it says which branch's weights every token goes through. Each block that has a background branch owns its
+weights as a `background` child; a block splits its tokens into the foreground rows and background rows
+(`TokenRoute.split`), runs each branch's per-token layers on its own rows only (so two branches cost about as much
+as one), and merges them back (`TokenRoute.merge`) only where tokens mix (attention).
+"""
 
 import torch
+import torch.nn.functional as F
+
+# A pooled cell of the class-aggregation layout is foreground when at least this share of its tokens is.
+POOLED_FOREGROUND_SHARE = 0.5
 
 
 class TokenRoute:
-    """A foreground mask `(...)` with its flat foreground / background indices, computed once and shared by every
-    per-token computation on the same token layout."""
+    """Which branch every token takes: a foreground mask (`True` = foreground) with its flat foreground /
+    background indices (computed once and shared by every per-token computation on the same token layout), or a
+    whole branch (`mask=None`, `branch="background"`: every token through the background weights, unrestricted).
+    """
 
-    def __init__(self, mask: torch.Tensor):
-        flat = mask.reshape(-1)
+    def __init__(self, mask: torch.Tensor | None = None, branch: str | None = None, _indices=None):
+        if (mask is None) == (branch is None):
+            raise ValueError("a TokenRoute holds either a foreground mask or a whole branch, not both or neither.")
         self.mask = mask
-        self.shape = mask.shape
-        self.foreground = flat.nonzero().squeeze(1)
-        self.background = (~flat).nonzero().squeeze(1)
+        self.branch = branch
+        self._pooled = {}
+        if mask is not None:
+            if _indices is None:
+                flat = mask.reshape(-1)
+                _indices = (flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+            self.foreground, self.background = _indices
 
-    def _take(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).index_select(0, index)
+    @classmethod
+    def whole_background(cls) -> "TokenRoute":
+        return cls(branch="background")
 
-    def _merge(self, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    @property
+    def is_mixed(self) -> bool:
+        return self.mask is not None
+
+    def view(self, *shape) -> "TokenRoute":
+        """The same route on a reshaped token layout (same flat order, so the indices are reused)."""
+        if not self.is_mixed:
+            return self
+        return TokenRoute(self.mask.view(*shape), _indices=(self.foreground, self.background))
+
+    def permute_rows(self, order: torch.Tensor) -> "TokenRoute":
+        """The route with the tokens of every row (last axis) reordered: position p holds token `order[p]`. The
+        indices keep the token order, so `split` on the reordered layout returns the same rows as before."""
+        length = self.mask.shape[-1]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(length, device=order.device)
+        mapped = tuple(
+            (index // length) * length + inverse[index % length] for index in (self.foreground, self.background)
+        )
+        return TokenRoute(self.mask[..., order], _indices=mapped)
+
+    def class_layout(self, pooling: tuple[int, int], class_cap: int) -> "TokenRoute":
+        """Route `(B, T, h, w)` -> the class-aggregation layout `(B * pooled pixels, class_cap or T)`: a pooled cell
+        is foreground when `POOLED_FOREGROUND_SHARE` of its tokens are; padding classes are background. Cached per
+        pooling, since every aggregation layer uses the same layout."""
+        if not self.is_mixed:
+            return self
+        key = (tuple(pooling), class_cap)
+        if key not in self._pooled:
+            batch, classes, height, width = self.mask.shape
+            share = F.avg_pool2d(self.mask.flatten(0, 1).unsqueeze(1).float(), pooling)
+            pixels = share.shape[-2] * share.shape[-1]
+            pooled = (share >= POOLED_FOREGROUND_SHARE).view(batch, classes, pixels).transpose(1, 2)
+            if class_cap > 0:
+                pooled = torch.cat([pooled, pooled.new_zeros(batch, pixels, class_cap - classes)], dim=2)
+            self._pooled[key] = TokenRoute(pooled.flatten(0, 1))
+        return self._pooled[key]
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(..., C)` on the route's token layout -> its foreground rows and background rows, each `(n, C)` in
+        token order."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.index_select(0, self.foreground), flat.index_select(0, self.background)
+
+    def merge(self, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+        """Inverse of `split`: foreground rows `(n_fg, C)` and background rows `(n_bg, C)` -> `(..., C)`."""
         out = fg.new_empty(fg.shape[0] + bg.shape[0], fg.shape[-1])
         out.index_copy_(0, self.foreground, fg)
         out.index_copy_(0, self.background, bg)
-        return out.view(*self.shape, fg.shape[-1])
-
-    def apply(self, foreground_fn, background_fn, *tensors):
-        """Run `foreground_fn(*fg_parts)` on the foreground tokens of `tensors` (each `(..., channels)`) and
-        `background_fn` on the others; merge every returned tensor back into the token layout. Gathering once
-        per group of per-token layers (not once per layer) keeps the copies few."""
-        fg = foreground_fn(*(self._take(t, self.foreground) for t in tensors))
-        bg = background_fn(*(self._take(t, self.background) for t in tensors))
-        if isinstance(fg, torch.Tensor):
-            return self._merge(fg, bg)
-        return tuple(self._merge(a, b) for a, b in zip(fg, bg))
+        return out.view(*self.mask.shape, fg.shape[-1])
 
 
-def as_route(route) -> "TokenRoute | None":
-    if route is None or isinstance(route, TokenRoute):
-        return route
-    return TokenRoute(route)
-
-
-def per_branch(function, module, twin, route, *tensors):
-    """`function(module, *tensors)` without routing; with a route, `function(module, ...)` on foreground tokens
-    and `function(twin, ...)` on background tokens."""
-    if route is None or twin is None:
-        return function(module, *tensors)
-    return as_route(route).apply(lambda *t: function(module, *t), lambda *t: function(twin, *t), *tensors)
+def unmixed_layers(module, route: TokenRoute | None):
+    """The per-token layers every token takes when the route does not mix branches: the module's own without a
+    route, its `background` child for a whole-background route."""
+    return module if route is None else module.background

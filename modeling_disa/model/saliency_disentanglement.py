@@ -12,9 +12,10 @@
 3. Per image and class, the top-k tokens of S_t are foreground and the rest background; k = 96 of 576 by default
    (the same ratio on other grids), or adaptive: the smallest k whose tokens hold `adaptive_saliency_mass` of the
    saliency, clamped to [adaptive_min_ratio, adaptive_max_ratio] of the grid.
-4. Foreground and background tokens are aggregated by separate branches (the host's aggregator is the foreground
-   branch, `background_aggregator` the background one): either routed (each token through its own branch, attention
-   restricted to its branch; about the cost of one branch) or as two full masked cost volumes.
+4. Foreground and background tokens are aggregated by separate branches (every aggregation block's own weights
+   are the foreground branch, its `background` child the background one): either routed (each token through its
+   own branch, attention optionally restricted to its branch; about the cost of one branch) or as two full masked
+   cost volumes.
 5. A fusion block merges the two branches' "ensemble features": each token's own branch output, and the other
    branch's class-wise mean. `fusion="weighted"` (learned sigmoid gate per pixel, class and channel), `"sum"` or
    `"concat"` (+ linear).
@@ -33,10 +34,10 @@ from transformers.utils import ModelOutput
 class SaliencyOutput(ModelOutput):
     """
     Args:
-        itm_logits (`(batch, T)`): class-presence logits.
-        saliency (`(batch, T, grid, grid)`): saliency (detached).
-        foreground_mask (`(batch, T, grid, grid)` bool): foreground tokens.
-        foreground_k (`(batch, T)` long): number of foreground tokens per image and class.
+        itm_logits (`(B, T)`): class-presence logits.
+        saliency (`(B, T, h, w)`): saliency (detached).
+        foreground_mask (`(B, T, h, w)` bool): foreground tokens.
+        foreground_k (`(B, T)` long): number of foreground tokens per image and class.
     """
 
     itm_logits: torch.FloatTensor | None = None
@@ -61,10 +62,10 @@ def layer_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, norm: nn.LayerN
 
 
 class DiSaITMCrossAttention(nn.Module):
-    """Class-to-patch cross-attention block with an ITM head, at CLIP vision width W.
+    """Class-to-patch cross-attention block with an ITM head, at CLIP vision width V.
 
-    queries `(batch, T, projection_dim)` and tokens `(batch, N, W)` -> attention `(batch, heads, T, N)`,
-    ITM logits `(batch, T)`.
+    queries `(B, T, projection_dim)` and tokens `(B, N, V)` -> attention `(B, heads, T, N)`,
+    ITM logits `(B, T)`.
     """
 
     def __init__(self, config):
@@ -85,7 +86,7 @@ class DiSaITMCrossAttention(nn.Module):
         self.itm_out = nn.Linear(width, 1)
 
     def attention(self, queries: torch.Tensor, tokens: torch.Tensor):
-        """Returns the residual query `(B, T, W)`, attention `(B, heads, T, N)` and values `(B, heads, N, d)`."""
+        """Returns the residual query `(B, T, V)`, attention `(B, heads, T, N)` and values `(B, heads, N, d)`."""
         query = self.query_proj(queries)
         q = self.q_proj(self.query_norm(query)).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_proj(tokens).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
@@ -97,7 +98,7 @@ class DiSaITMCrossAttention(nn.Module):
         """ITM logits as a function of the attention (the function Grad-CAM differentiates).
 
         Returns `(logits (B, T), intermediates)` with the activations the closed-form gradient needs."""
-        z = (attention @ values).transpose(1, 2).flatten(-2)  # (B, T, W)
+        z = (attention @ values).transpose(1, 2).flatten(-2)  # (B, T, V)
         u = query + self.out_proj(z)
         h1 = self.fc1(self.mlp_norm(u))
         u2 = u + self.fc2(F.gelu(h1))
@@ -138,7 +139,7 @@ class DiSaCostSaliency(nn.Module):
     z_t = sum_j A_tj V(C_tj), presence logit s_t = MLP(z_t). Grad-CAM as with the CLIP-width block:
     d s_t / d A_tj = g_t . V_tj with g_t = d s_t / d z_t in closed form.
 
-    volume `(batch, D, T, h, w)` -> attention `(batch, T, N)`, values `(batch, T, N, D)`, logits `(batch, T)`.
+    volume `(B, D, T, h, w)` -> attention `(B, T, N)`, values `(B, T, N, D)`, logits `(B, T)`.
     """
 
     def __init__(self, config):
@@ -170,13 +171,13 @@ def foreground_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Args:
-        saliency (`(batch, T, N)`).
-        presence_logits (`(batch, T)`, optional): with `config.presence_threshold`, classes whose predicted
+        saliency (`(B, T, N)`).
+        presence_logits (`(B, T)`, optional): with `config.presence_threshold`, classes whose predicted
             presence probability is below it get no foreground token (k = 0): every token of an absent class is
             background.
 
     Returns:
-        mask (`(batch, T, N)` bool) with exactly k True per row, and k (`(batch, T)` long). Ties are broken by
+        mask (`(B, T, N)` bool) with exactly k True per row, and k (`(B, T)` long). Ties are broken by
         token index (stable sort), so the split is deterministic.
     """
     tokens = saliency.shape[-1]
@@ -199,7 +200,7 @@ def foreground_split(
 
 
 class DiSaBranchFusion(nn.Module):
-    """Merges foreground / background branch features `(batch, D, T, h, w)` each -> `(batch, D, T, h, w)`."""
+    """Merges foreground / background branch features `(B, D, T, h, w)` each -> `(B, D, T, h, w)`."""
 
     def __init__(self, config):
         super().__init__()
@@ -220,9 +221,9 @@ class DiSaBranchFusion(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            foreground, background (`(batch, D, T, h, w)`): the two branch views (see `branch_ensembles`).
-            own (`(batch, D, T, h, w)`): each token's own branch output.
-            context (`(batch, D, T, h, w)`): at each token, the other branch's class-wise mean.
+            foreground, background (`(B, D, T, h, w)`): the two branch views (see `branch_ensembles`).
+            own (`(B, D, T, h, w)`): each token's own branch output.
+            context (`(B, D, T, h, w)`): at each token, the other branch's class-wise mean.
         """
         if self.mode == "own":
             return own
@@ -240,11 +241,26 @@ class DiSaBranchFusion(nn.Module):
             fused = self.projection(both)
         return fused.permute(0, 4, 1, 2, 3)
 
+    def routed(self, volume: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+        """Fusion of a routed volume `(B, D, T, h, w)` (each token already holds its own branch's feature) with
+        foreground mask `(B, T, h, w)`. `"own"` returns it as it is, without building the unused views."""
+        if self.mode == "own":
+            return volume
+        fg, bg, context = branch_ensembles(volume, foreground)
+        return self(fg, bg, volume, context)
+
+    def dual(self, foreground: torch.Tensor, background: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fusion of two full branch outputs `(B, D, T, h, w)` with foreground mask `(B, T, h, w)`."""
+        mask = mask.unsqueeze(1).to(foreground.dtype)
+        own = foreground * mask + background * (1 - mask)
+        context = background * mask + foreground * (1 - mask)
+        return self(foreground, background, own, context)
+
 
 def branch_ensembles(volume: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Routed volume `(B, D, T, h, w)` + foreground mask `(B, T, h, w)` -> the two branch views (each token keeps its
-    own branch's feature and sees the other branch's class-wise mean in place of the missing one) and the context
-    map (the other branch's class-wise mean at every token)."""
+    """Routed volume `(B, D, T, h, w)` + foreground mask `(B, T, h, w)` -> the two branch views (each token keeps
+    its own branch's feature and sees the other branch's class-wise mean in place of the missing one) and the
+    context map (the other branch's class-wise mean at every token)."""
     fg = foreground.unsqueeze(1).to(volume.dtype)
     bg = 1 - fg
     mean_fg = (volume * fg).sum(dim=(-2, -1), keepdim=True) / fg.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
@@ -254,28 +270,26 @@ def branch_ensembles(volume: torch.Tensor, foreground: torch.Tensor) -> tuple[to
 
 
 class DiSaSaliencyDisentanglement(nn.Module):
-    """SDM: ITM cross-attention, saliency, foreground/background split, background branch and fusion.
+    """SDM's own modules: the presence / saliency head (`cost_saliency` or `itm`) with the foreground split, and
+    the branch fusion. The background branch's weights are `background` children of the aggregation blocks."""
 
-    The foreground branch is the host model's aggregator; this module owns the background branch."""
-
-    def __init__(self, config, aggregator_class):
+    def __init__(self, config):
         super().__init__()
         self.config = config
         if config.saliency_source == "cost":
             self.cost_saliency = DiSaCostSaliency(config)
         else:
             self.itm = DiSaITMCrossAttention(config)
-        self.background_aggregator = aggregator_class(config)
         self.fusion = DiSaBranchFusion(config)
 
-    def saliency(
+    def forward(
         self, text_queries: torch.Tensor, dense_tokens: torch.Tensor, volume: torch.Tensor | None = None
     ) -> SaliencyOutput:
         """
         Args:
-            text_queries (`(batch, T, projection_dim)`): normalised class embeddings.
-            dense_tokens (`(batch, N, W)`): dense CLIP tokens (post-LN, before projection).
-            volume (`(batch, D, T, grid, grid)`): embedded cost volume (read with `saliency_source="cost"`).
+            text_queries (`(B, T, C)`): normalised class embeddings.
+            dense_tokens (`(B, N, V)`): dense CLIP tokens (post-LN, before projection; V = vision width).
+            volume (`(B, D, T, h, w)`): embedded cost volume (read with `saliency_source="cost"`).
         """
         config = self.config
         scale = config.sdm_input_gradient_scale
@@ -314,22 +328,3 @@ class DiSaSaliencyDisentanglement(nn.Module):
         return SaliencyOutput(
             itm_logits=logits, saliency=saliency.view(shape), foreground_mask=mask.view(shape), foreground_k=k
         )
-
-    def aggregate(self, aggregator, volume, appearance_guidance, text_guidance, pooling, foreground, layer_hook=None):
-        """Dual-branch aggregation of the embedded cost `(B, D, T, g, g)` with foreground mask `(B, T, g, g)`."""
-        if self.config.branch_mode == "routed":
-            routed_volume = aggregator(
-                volume, appearance_guidance, text_guidance, pooling,
-                route=foreground, twin=self.background_aggregator, layer_hook=layer_hook,
-            )
-            fg, bg, context = branch_ensembles(routed_volume, foreground)
-            own = routed_volume
-        else:
-            mask = foreground.unsqueeze(1).to(volume.dtype)
-            fg = aggregator(volume * mask, appearance_guidance, text_guidance, pooling, layer_hook=layer_hook)
-            bg = self.background_aggregator(
-                volume * (1 - mask), appearance_guidance, text_guidance, pooling, layer_hook=layer_hook
-            )
-            own = fg * mask + bg * (1 - mask)
-            context = bg * mask + fg * (1 - mask)
-        return self.fusion(fg, bg, own, context)

@@ -1,25 +1,28 @@
 """Spatial cost aggregation: a pair of Swin blocks (window attention, then shifted-window attention) run on every
 class slice of the embedded cost volume, with appearance guidance concatenated to the query/key inputs only.
 
-As in CAT-Seg there is no relative-position bias; the shifted-window mask uses -100 for cross-region pairs.
+As in CAT-Seg there is no relative-position bias.
 """
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .routing import as_route, per_branch
+from .routing import TokenRoute, unmixed_layers
+
+# CAT-Seg's additive value for token pairs of different regions in a shifted window (not -inf: Swin's choice)
+SHIFTED_WINDOW_MASK_VALUE = -100.0
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """`(N, H, W, C)` -> `(N, H/window * W/window, window*window, C)`."""
+    """`(R, h, w, C)` -> `(R, h/window * w/window, window*window, C)` (R rows, e.g. B*T slices)."""
     n, h, w, c = x.shape
     x = x.view(n, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(n, -1, window * window, c)
 
 
 def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
-    """`(N, H/window * W/window, window*window, C)` -> `(N, H, W, C)`."""
+    """`(R, h/window * w/window, window*window, C)` -> `(R, h, w, C)`."""
     n, c = windows.shape[0], windows.shape[-1]
     x = windows.view(n, height // window, width // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(n, height, width, c)
@@ -50,8 +53,8 @@ def eager_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit-matmul attention, the `"eager"` implementation (same contract as
-    `transformers.models.clip.modeling_clip.eager_attention_forward`): `(N, heads, L, d)` inputs, an additive
-    `attention_mask`, returns `(N, L, heads, d)` and the attention weights."""
+    `transformers.models.clip.modeling_clip.eager_attention_forward`): `(R, heads, L, d)` inputs, an additive
+    `attention_mask`, returns `(R, L, heads, d)` and the attention weights."""
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask
@@ -85,11 +88,11 @@ class DiSaWindowAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """
         Args:
-            q, k, v (`(N, windows, tokens, hidden_dim)`): window-partitioned projections.
-            bias (`(windows, 1, tokens, tokens)` or `(N, windows, 1, tokens, tokens)`, optional): additive bias.
+            q, k, v (`(R, windows, tokens, D)`): window-partitioned projections.
+            bias (`(windows, 1, tokens, tokens)` or `(R, windows, 1, tokens, tokens)`, optional): additive bias.
 
         Returns:
-            `(N, windows, tokens, hidden_dim)`.
+            `(R, windows, tokens, D)`.
         """
         n, windows, length, _ = q.shape
         heads, head_dim = self.num_heads, self.head_dim
@@ -125,42 +128,52 @@ class DiSaSwinMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _project(block: "DiSaSwinBlock", x: torch.Tensor, guidance: torch.Tensor):
-    """Per-token part before attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
-    normed = block.norm1(x)
-    both = torch.cat([normed, guidance], dim=-1)
-    return block.attn.q(both), block.attn.k(both), block.attn.v(normed)
+class DiSaSwinTokenLayers(nn.Module):
+    """The per-token layers of a Swin block (everything but the token mixing inside windows): one branch's weights."""
 
-
-def _update(block: "DiSaSwinBlock", x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Per-token part after attention: output projection + residual, then MLP + residual."""
-    x = x + block.attn.proj(attended)
-    return x + block.mlp(block.norm2(x))
-
-
-class DiSaSwinBlock(nn.Module):
-    """One (shifted) window-attention block over `(N, grid*grid, hidden_dim)` token maps."""
-
-    def __init__(self, config, shift: int):
+    def __init__(self, config):
         super().__init__()
-        grid, window = config.grid_size, config.window_size
-        self.grid, self.window = grid, window
-        # A window covering the whole map cannot be shifted (CAT-Seg/Swin rule).
-        self.shift = shift if grid > window else 0
-        self.restrict_to_branch = config.branch_attention == "restricted"
         self.norm1 = nn.LayerNorm(config.hidden_dim)
         self.attn = DiSaWindowAttention(
             config, config.hidden_dim, config.appearance_guidance_dim, config.num_attention_heads
         )
         self.norm2 = nn.LayerNorm(config.hidden_dim)
         self.mlp = DiSaSwinMLP(config.hidden_dim, config.mlp_ratio)
+
+    def project(self, x: torch.Tensor, guidance: torch.Tensor):
+        """Before attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
+        normed = self.norm1(x)
+        both = torch.cat([normed, guidance], dim=-1)
+        return self.attn.q(both), self.attn.k(both), self.attn.v(normed)
+
+    def update(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """After attention: output projection + residual, then MLP + residual."""
+        x = x + self.attn.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
+
+class DiSaSwinBlock(DiSaSwinTokenLayers):
+    """One (shifted) window-attention block over `(B*T, N, D)` token maps. With SDM, `background` holds the
+    background branch's per-token layers; the window attention itself has no weights and is shared."""
+
+    def __init__(self, config, shift: int):
+        super().__init__(config)
+        grid, window = config.grid_size, config.window_size
+        self.grid, self.window = grid, window
+        # A window covering the whole map cannot be shifted (CAT-Seg/Swin rule).
+        self.shift = shift if grid > window else 0
+        self.restrict_to_branch = config.branch_attention == "restricted"
+        if config.use_sdm:
+            self.background = DiSaSwinTokenLayers(config)
         self.register_buffer("attn_mask", self.build_attention_mask(), persistent=False)
 
     def build_attention_mask(self) -> torch.Tensor | None:
-        return shifted_window_mask(self.grid, self.window, self.shift, -100.0) if self.shift else None
+        if not self.shift:
+            return None
+        return shifted_window_mask(self.grid, self.window, self.shift, SHIFTED_WINDOW_MASK_VALUE)
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
-        """`(N, grid*grid, C)` -> shifted, window-partitioned `(N, windows, window*window, C)`."""
+        """`(B*T, N, C)` -> shifted, window-partitioned `(B*T, windows, window*window, C)`."""
         x = x.view(x.shape[0], self.grid, self.grid, -1)
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
@@ -172,68 +185,105 @@ class DiSaSwinBlock(nn.Module):
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
         return x.reshape(x.shape[0], self.grid * self.grid, -1)
 
-    def forward(
-        self, x: torch.Tensor, guidance: torch.Tensor, route: torch.Tensor | None = None, twin=None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor, route: TokenRoute | None = None) -> torch.Tensor:
         """
         Args:
-            x (`(N, grid*grid, hidden_dim)`): one cost slice per row (N = batch * classes).
-            guidance (`(N, grid*grid, guidance_dim)`): normalised appearance guidance (of each token's branch).
-            route (`(N, grid*grid)` bool, optional): SDM foreground tokens. Tokens then attend only to tokens of
-                their own group, and (with `twin`, the background branch's block) use their branch's weights.
+            x (`(B*T, N, D)`): one cost slice per row.
+            guidance (`(B*T, N, G)`): normalised appearance guidance.
+            route (`TokenRoute`, optional): a whole-branch route (see `forward_routed` for a mixed one).
 
         Returns:
-            `(N, grid*grid, hidden_dim)`.
+            `(B*T, N, D)`.
         """
-        route = as_route(route)
-        q, k, v = per_branch(_project, self, twin, route, x, guidance)
+        layers = unmixed_layers(self, route)
+        q, k, v = layers.project(x, guidance)
+        return layers.update(x, self._attend(q, k, v))
+
+    def forward_routed(self, foreground, background, guidance_foreground, guidance_background, route: TokenRoute):
+        """The block on tokens split by a mixed route over `(B*T, N)`: each branch's rows `(n, D)` (and guidance
+        rows `(n, G)`) through its own per-token layers; they are merged only for the window attention, where
+        with `branch_attention="restricted"` tokens attend only to tokens of their own branch.
+
+        Returns:
+            the updated foreground and background rows.
+        """
+        # the projections are merged straight into the (shifted) window layout and the attention output split from
+        # it: the same values as merging into the token layout and partitioning, with two copies fewer
+        windowed = route.permute_rows(self._window_order(foreground.device))
+        rows, windows = route.mask.shape[0], (self.grid // self.window) ** 2
+        q_fg, k_fg, v_fg = self.project(foreground, guidance_foreground)
+        q_bg, k_bg, v_bg = self.background.project(background, guidance_background)
+        q, k, v = (windowed.merge(a, b).view(rows, windows, self.window**2, -1)
+                   for a, b in ((q_fg, q_bg), (k_fg, k_bg), (v_fg, v_bg)))
+        groups = windowed.mask.view(rows, windows, -1) if self.restrict_to_branch else None
+        attended_fg, attended_bg = windowed.split(self._attend_windows(q, k, v, groups))
+        return self.update(foreground, attended_fg), self.background.update(background, attended_bg)
+
+    def _window_order(self, device) -> torch.Tensor:
+        """`(N,)`: the token at every position of the shifted, window-partitioned layout."""
+        tokens = self.grid * self.grid
+        return self._windows(torch.arange(tokens, device=device).view(1, tokens, 1)).reshape(-1)
+
+    def _attend(self, q, k, v, restrict: TokenRoute | None = None) -> torch.Tensor:
+        """(Shifted) window attention of `(B*T, N, D)` projections; `restrict`: attend within its branches only."""
+        groups = self._windows(restrict.mask.unsqueeze(-1))[..., 0] if restrict is not None else None
+        return self._unwindow(self._attend_windows(self._windows(q), self._windows(k), self._windows(v), groups))
+
+    def _attend_windows(self, q, k, v, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of window-partitioned `(B*T, windows, window*window, D)` projections with the shift mask;
+        `groups` (same layout, bool): tokens attend only to tokens of their own group."""
         bias = None
         if self.attn_mask is not None:
             bias = self.attn_mask.to(q.dtype).unsqueeze(1)
-        if route is not None and self.restrict_to_branch:
-            groups = self._windows(route.mask.unsqueeze(-1))[..., 0]
+        if groups is not None:
             blocked = (groups.unsqueeze(-1) != groups.unsqueeze(-2)).unsqueeze(2)
             group_bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
+            # a quarter of the dtype's minimum: blocks the pair, and adding the shift mask cannot overflow to -inf
             group_bias = group_bias.masked_fill(blocked, torch.finfo(q.dtype).min / 4)
             bias = group_bias if bias is None else bias + group_bias
-        attended = self._unwindow(self.attn.attend(self._windows(q), self._windows(k), self._windows(v), bias))
-        return per_branch(_update, self, twin, route, x, attended)
+        return self.attn.attend(q, k, v, bias)
 
 
 class DiSaSpatialAggregation(nn.Module):
-    """W-MSA then SW-MSA on every class slice: `(batch, D, T, grid, grid)` -> same shape."""
+    """W-MSA then SW-MSA on every class slice: `(B, D, T, h, w)` -> same shape."""
 
     def __init__(self, config):
         super().__init__()
         self.block_1 = DiSaSwinBlock(config, shift=0)
         self.block_2 = DiSaSwinBlock(config, shift=config.window_size // 2)
         self.guidance_norm = nn.LayerNorm(config.appearance_guidance_dim)
+        if config.use_sdm:
+            self.background_guidance_norm = nn.LayerNorm(config.appearance_guidance_dim)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        appearance_guidance: torch.Tensor,
-        route: torch.Tensor | None = None,
-        twin: "DiSaSpatialAggregation | None" = None,
+        self, x: torch.Tensor, appearance_guidance: torch.Tensor, route: TokenRoute | None = None
     ) -> torch.Tensor:
         """
         Args:
-            x (`(batch, D, T, grid, grid)`): embedded cost volume.
-            appearance_guidance (`(batch, G, grid, grid)`): projected image features.
-            route (`(batch, T, grid, grid)` bool, optional): SDM foreground tokens per class slice.
-            twin (optional): the background branch's spatial aggregation (routed weights).
+            x (`(B, D, T, h, w)`): embedded cost volume.
+            appearance_guidance (`(B, G, h, w)`): projected image features.
+            route (`TokenRoute` over `(B, T, h, w)`, optional): SDM's branch of every token.
         """
         batch, dim, classes, height, width = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(batch * classes, height * width, dim)
         guidance = appearance_guidance.flatten(2).transpose(1, 2)
-        # LayerNorm is per token, so normalising before repeating the guidance for every class is the same, cheaper
-        normalised = self.guidance_norm(guidance).repeat_interleave(classes, dim=0)
-        if route is not None:
-            route = as_route(route.reshape(batch * classes, height * width))
-            if twin is not None:
-                background = twin.guidance_norm(guidance).repeat_interleave(classes, dim=0)
-                normalised = torch.where(route.mask.unsqueeze(-1), normalised, background)
-        guidance = normalised
-        tokens = self.block_1(tokens, guidance, route, twin.block_1 if twin is not None else None)
-        tokens = self.block_2(tokens, guidance, route, twin.block_2 if twin is not None else None)
+        if route is not None and route.is_mixed:
+            route = route.view(batch * classes, height * width)
+            foreground, background = route.split(tokens)
+            # LayerNorm is per token: each branch normalises the (B*N, G) guidance once, and every routed token
+            # reads the row of its image and position (token b*T*N + t*N + n -> row b*N + n)
+            positions = height * width
+            rows = [(index // (classes * positions)) * positions + index % positions
+                    for index in (route.foreground, route.background)]
+            guidance = guidance.reshape(batch * positions, -1)
+            guidance_fg = self.guidance_norm(guidance).index_select(0, rows[0])
+            guidance_bg = self.background_guidance_norm(guidance).index_select(0, rows[1])
+            for block in (self.block_1, self.block_2):
+                foreground, background = block.forward_routed(foreground, background, guidance_fg, guidance_bg, route)
+            tokens = route.merge(foreground, background)
+        else:
+            norm = self.guidance_norm if route is None else self.background_guidance_norm
+            # normalising before repeating the guidance for every class is the same (LayerNorm is per token)
+            normalised = norm(guidance).repeat_interleave(classes, dim=0)
+            tokens = self.block_2(self.block_1(tokens, normalised, route), normalised, route)
         return tokens.view(batch, classes, height, width, dim).permute(0, 4, 1, 2, 3)
