@@ -8,7 +8,8 @@ timed):
   `config.class_cap` (256) the model keeps the top-256 classes by maximum cost and gives the rest a fixed logit,
   so only the cost volume (CLIP features x T text embeddings) still grows with T.
 - sides: an S x S image (S = 384, 512, 640) through `modeling_disa.model.inference.sliding_window_probs` with
-  warp S, 384 windows, stride 256, one view per model call (384: 1 crop + the global view; 512 and 640: 2x2 crops
+  warp S, windows of the preset's view size and CAT-Seg's 2/3 stride (ViT-B/16: 384, stride 256), one view per
+  model call (384: 1 crop + the global view; 512 and 640: 2x2 crops
   + the global view), 150 classes. Latency per image and per view (image latency / views).
 
 Each configuration runs in a fresh subprocess: build the model, one warm-up view, then `--repeats` timed runs.
@@ -43,7 +44,6 @@ from bench_common import RESULTS, load_model, machine_info, peak_rss_mib, random
 
 CLASSES = [10, 50, 150, 256, 847]
 SIDES = [384, 512, 640]
-WINDOW, STRIDE = 384, 256
 
 
 def parse(argv=None):
@@ -68,7 +68,7 @@ def sync(device):
 
 def measure(spec: dict) -> dict:
     """Run one configuration in this process; returns its row."""
-    from modeling_disa.model.inference import sliding_window_probs, window_starts
+    from modeling_disa.model.inference import sliding_window_geometry, sliding_window_probs, window_starts
 
     device = torch.device(spec["device"])
     if spec.get("threads"):
@@ -76,6 +76,8 @@ def measure(spec: dict) -> dict:
     model = load_model(spec["preset"], device)
     config = model.config
     embeds = random_text_embeds(config, spec["classes"], device)
+    geometry = sliding_window_geometry(config.clip_resolution)  # ViT-B/16@384: windows of 384, stride 256
+    window, stride = geometry["window_size"], geometry["stride"]
     g = torch.Generator().manual_seed(0)
     if spec["curve"] == "classes":
         side = config.clip_resolution
@@ -87,12 +89,12 @@ def measure(spec: dict) -> dict:
     else:
         side = spec["side"]
         pixels = torch.randn(1, 3, side, side, generator=g).to(device)
-        views = len(window_starts(side, WINDOW, STRIDE)) ** 2 + 1
+        views = len(window_starts(side, window, stride)) ** 2 + 1
 
         def run():
-            return sliding_window_probs(model, pixels, embeds, warp_size=side, window_size=WINDOW, stride=STRIDE,
+            return sliding_window_probs(model, pixels, embeds, warp_size=side, window_size=window, stride=stride,
                                         batch_size=1)
-    warm_up = torch.randn(1, 3, WINDOW, WINDOW, generator=g).to(device)
+    warm_up = torch.randn(1, 3, window, window, generator=g).to(device)
     sync(device)
     # the baseline is taken after model construction and input allocation, before the warm-up: the warm-up view
     # reaches the same activation peak as a timed view and must count
@@ -146,14 +148,16 @@ def summary(rows: list[dict]) -> dict:
         cap = next(iter(curve.values()))["class_cap"] if curve else None
         above = [t for t in curve if cap and t > cap]
         if cap in curve and above:
-            top = max(above)
+            top, low = max(above), min(curve)
+
+            def ratio(a, b, key):
+                return round(curve[a][key] / curve[b][key], 3) if curve[b][key] > 0 else None
+
             out[preset] = {
                 "class_cap": cap,
-                f"latency_ratio_{top}_vs_{cap}": round(curve[top]["latency_s"] / curve[cap]["latency_s"], 3),
-                f"memory_ratio_{top}_vs_{cap}": round(curve[top]["peak_memory_mib"] / curve[cap]["peak_memory_mib"],
-                                                      3),
-                f"latency_ratio_{cap}_vs_{min(curve)}": round(curve[cap]["latency_s"] / curve[min(curve)]["latency_s"],
-                                                             3),
+                f"latency_ratio_{top}_vs_{cap}": ratio(top, cap, "latency_s"),
+                f"memory_ratio_{top}_vs_{cap}": ratio(top, cap, "peak_memory_mib"),
+                f"latency_ratio_{cap}_vs_{low}": ratio(cap, low, "latency_s"),
             }
     modes = {r["mode"]: r["preset"] for r in rows}
     if {"DiSa", "CAT-Seg"} <= set(modes):
@@ -250,7 +254,7 @@ def main(argv=None) -> None:
         write_json(output, data)
     output.with_suffix(".md").write_text(markdown(data["rows"]))
     plot(data["rows"], output.with_suffix(".png"),
-         f"ViT-B/16 per-view cost, DiSa vs CAT-Seg mode ({data['machine']['device_name']}, "
+         f"Per-view cost of {', '.join(sorted({r['preset'] for r in data['rows']}))} ({data['machine']['device_name']}, "
          f"{data['threads']} thread(s))")
     print(json.dumps(data.get("summary", {}), indent=1))
     print("wrote", output)
