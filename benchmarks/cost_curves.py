@@ -49,8 +49,8 @@ SIDES = [384, 512, 640]
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["disa-vit-b-16", "catseg-vit-b-16"])
-    p.add_argument("--classes", nargs="+", type=int, default=CLASSES)
-    p.add_argument("--sides", nargs="+", type=int, default=SIDES)
+    p.add_argument("--classes", nargs="*", type=int, default=CLASSES, help="points of the classes curve (none: skip)")
+    p.add_argument("--sides", nargs="*", type=int, default=SIDES, help="points of the image-side curve (none: skip)")
     p.add_argument("--side_classes", type=int, default=150, help="classes for the image-side curve")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
@@ -227,6 +227,9 @@ def main(argv=None) -> None:
     output = Path(a.output) if a.output else RESULTS / f"cost_curves_{device.type}.json"
     data = json.loads(output.read_text()) if output.exists() else {"rows": []}
     rows = {row_key(r): r for r in data["rows"]}
+    command = "python benchmarks/cost_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if "command" in data:  # files written before the list
+        data["commands"] = [data.pop("command")]
     specs = [{"preset": p, "curve": "classes", "classes": t, "side": None} for p in a.presets for t in a.classes]
     specs += [{"preset": p, "curve": "sides", "classes": a.side_classes, "side": s}
               for p in a.presets for s in a.sides]
@@ -240,7 +243,9 @@ def main(argv=None) -> None:
         print(f"{key}: {rows[key]['latency_s']} s, {rows[key]['peak_memory_mib']} MiB", flush=True)
         data = {
             "what": __doc__.split("\n\n")[0],
-            "command": "python benchmarks/cost_curves.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            # every invocation that measured rows into this file, in order
+            "commands": data.get("commands", []) + [command] if command not in data.get("commands", []) else
+            data["commands"],
             "memory_method": ("CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory "
                               "allocated before the run" if device.type == "cuda" else
                               "CPU: growth of peak RSS (resource.getrusage ru_maxrss) over its value after model "
@@ -254,8 +259,8 @@ def main(argv=None) -> None:
         write_json(output, data)
     output.with_suffix(".md").write_text(markdown(data["rows"]))
     plot(data["rows"], output.with_suffix(".png"),
-         f"Per-view cost of {', '.join(sorted({r['preset'] for r in data['rows']}))} ({data['machine']['device_name']}, "
-         f"{data['threads']} thread(s))")
+         f"Per-view cost of {', '.join(sorted({r['preset'] for r in data['rows']}))} "
+         f"({data['machine']['device_name']}, {data['threads']} thread(s))")
     print(json.dumps(data.get("summary", {}), indent=1))
     print("wrote", output)
 
