@@ -291,23 +291,28 @@ class TextEncoderCalls:
         self.handle.remove()
 
 
-def test_one_text_encoding_per_call_and_nothing_goes_stale(segmenter, tiny_model, tiny_processor):
+def test_one_text_encoding_per_vocabulary_and_nothing_goes_stale(segmenter, tiny_model, tiny_processor):
     images = [make_image(7), make_image(8), make_image(9)]
+    segmenter.clear_text_embedding_cache()
     with TextEncoderCalls(tiny_model) as calls:
         segmenter(images, candidate_labels=LABELS, batch_size=2)  # two forward passes, one encoding
         assert calls.count == 1
         before = segmenter(images[0], candidate_labels=LABELS)
-        assert calls.count == 2  # no state kept between calls
-    # the text weights edited in place (no version bump): the next call uses them
-    with torch.no_grad():
-        for param in tiny_model.clip.text_projection.parameters():
-            param.data.mul_(-1)
-    after = segmenter(images[0], candidate_labels=LABELS)
+        assert calls.count == 1  # the same vocabulary: cached
+        # the text weights edited in place (the version counter moves): the next call encodes again
+        with torch.no_grad():
+            for param in tiny_model.clip.text_projection.parameters():
+                param.mul_(-1)
+        after = segmenter(images[0], candidate_labels=LABELS)
+        assert calls.count == 2
     assert_same_segments(after, reference_segments(tiny_model, tiny_processor, images[0], LABELS), images[0])
     changed = {label: entry for label, entry in as_dict(after).items()}
     assert changed.keys() != as_dict(before).keys() or any(
         not np.array_equal(mask, as_dict(before)[label][0]) for label, (mask, _) in changed.items()
     )
+    with torch.no_grad():
+        for param in tiny_model.clip.text_projection.parameters():
+            param.mul_(-1)  # restore the session fixture's weights
 
 
 def exif_rotated_jpeg(path, size=(120, 80)):

@@ -43,7 +43,8 @@ def linear_attention(
 def _pad_classes(values: torch.Tensor, padding: torch.Tensor, length: int) -> torch.Tensor:
     """`(B, pixels, T, C)` values and a `(1, 1, C)` padding token -> `(B, pixels, length, C)`."""
     batch, pixels, classes, channels = values.shape
-    padded = padding.expand(batch, pixels, length, channels).clone()
+    # in the values' dtype: under autocast the values are bf16 while the padding parameter stays fp32
+    padded = padding.to(values.dtype).expand(batch, pixels, length, channels).clone()
     return padded.index_copy_(2, torch.arange(classes, device=values.device), values)
 
 

@@ -7,8 +7,15 @@ size and `score` is the mean sigmoid probability of that class over its mask. Th
 built-in `image-segmentation` pipeline (which runs DiSa with its default vocabulary, `config.id2label`).
 
 Batching: `pipe(images, candidate_labels=[...], batch_size=4)` runs 4 images per forward pass. The labels are shared
-by the whole call: their prompts are tokenized and encoded once per call (`model.get_text_embeddings`) and every
-forward pass gets the embeddings (`text_embeds=`); nothing is kept between calls, so edited weights are always used.
+by the whole call: their prompts are tokenized and encoded once (`model.get_text_embeddings`) and every forward pass
+gets the embeddings (`text_embeds=`).
+
+Text-embedding cache: the embeddings of the last `text_embedding_cache_size` (8) vocabularies are kept, keyed by the
+labels, the processor's prompt templates, the device and dtype, and the state of every text-tower parameter (its
+storage and its in-place version counter), so a later call with the same labels encodes nothing, and an optimiser
+step, `load_state_dict` or any in-place edit of the text weights makes the next call encode again. Edits through
+`param.data`, which bypass PyTorch's version counter, are not seen: call `pipe.clear_text_embedding_cache()` after
+them. `text_embedding_cache_size = 0` disables the cache.
 Post-processing is the image processor's `post_process_semantic_segmentation` (sigmoid at the logits' resolution,
 then bilinear resize: CAT-Seg's order). EXIF orientation is applied to every input form (path, URL, PIL image), so
 masks have the displayed size. An empty list of images gives an empty list.
@@ -27,6 +34,7 @@ Hub-shipped module: only single-dot imports of sibling modules and absolute impo
 """
 
 import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -155,6 +163,8 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = None
 
+    text_embedding_cache_size = 8
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.processor is None or not hasattr(self.processor, "tokenize_class_names"):
@@ -162,6 +172,43 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
                 "the open-vocabulary-segmentation pipeline needs the DiSa processor (image processor + tokenizer); "
                 "the repository must hold processor_config.json and the tokenizer files."
             )
+        self._text_embedding_cache = OrderedDict()
+
+    def clear_text_embedding_cache(self) -> None:
+        """Forget the cached text embeddings (needed only after editing text weights through `param.data`)."""
+        self._text_embedding_cache.clear()
+
+    def _text_weights_state(self) -> tuple:
+        # `_version` is bumped by every in-place op on a tensor (what autograd uses to detect stale saved tensors);
+        # with the storage pointer it identifies the current values of each parameter without reading them
+        clip = self.model.clip
+        params = [*clip.text_model.parameters(), *clip.text_projection.parameters()]
+        return tuple((p.data_ptr(), p._version) for p in params)
+
+    def _text_embeddings(self, candidate_labels) -> tuple:
+        """(label names, `(T, P, C)` text embeddings) of the vocabulary, from the cache when nothing changed."""
+        labels = None if candidate_labels is None else check_candidate_labels(candidate_labels)
+        if labels is not None:
+            vocabulary = tuple(labels)
+        else:  # the default vocabulary: its stored prompt tokens and names
+            config = self.model.config
+            vocabulary = (tuple(map(tuple, getattr(config, "label_token_ids", None) or ())),
+                          tuple(sorted((str(k), v) for k, v in (getattr(config, "id2label", None) or {}).items())))
+        templates = tuple(getattr(self.processor, "prompt_templates", None) or ())
+        key = (labels is None, vocabulary, templates, str(self.device), str(self.model.dtype),
+               self._text_weights_state())
+        if key in self._text_embedding_cache:
+            self._text_embedding_cache.move_to_end(key)
+            return self._text_embedding_cache[key]
+        names, tokens = self._vocabulary(labels)
+        with torch.no_grad():
+            text_embeds = self.model.get_text_embeddings(tokens["input_ids"].to(self.device),
+                                                         tokens["attention_mask"].to(self.device))
+        if self.text_embedding_cache_size > 0:
+            self._text_embedding_cache[key] = (names, text_embeds)
+            while len(self._text_embedding_cache) > self.text_embedding_cache_size:
+                self._text_embedding_cache.popitem(last=False)
+        return names, text_embeds
 
     def __call__(self, image, candidate_labels=None, **kwargs):
         """
@@ -185,14 +232,12 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
         if unexpected:
             raise TypeError(f"unexpected arguments {unexpected} for the {PIPELINE_TASK} pipeline.")
         self._check_options(kwargs.get("inference_mode"), kwargs.get("output_saliency"))
-        labels, tokens = self._vocabulary(candidate_labels)
         if isinstance(image, (list, tuple)) and not image:
+            self._vocabulary(candidate_labels)  # still validates the labels
             return []  # transformers' Pipeline.__call__ would index the empty list
-        with torch.no_grad():
-            # one encoding per call, shared by every batch of images and every sliding-window view (the model keeps
-            # no cache)
-            text_embeds = self.model.get_text_embeddings(tokens["input_ids"].to(self.device),
-                                                         tokens["attention_mask"].to(self.device))
+        # at most one encoding per call, shared by every batch of images and every sliding-window view, and none
+        # when the vocabulary and the text weights are those of a cached call
+        labels, text_embeds = self._text_embeddings(candidate_labels)
         return super().__call__(image, _labels=labels, _text_embeds=text_embeds, **kwargs)
 
     def _vocabulary(self, candidate_labels):
