@@ -71,9 +71,13 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     info["transformers"] = transformers.__version__
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                    capability=f"{props.major}.{props.minor}")
+        info.update(
+            device_name=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            capability=f"{props.major}.{props.minor}",
+        )
     else:
         info["device_name"] = info["cpu"]
     return info

@@ -39,7 +39,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from bench_common import RESULTS, load_model, machine_info, peak_rss_mib, random_text_embeds, write_json  # noqa: E402
 
 CLASSES = [10, 50, 150, 256, 847]
@@ -92,8 +91,10 @@ def measure(spec: dict) -> dict:
         views = len(window_starts(side, window, stride)) ** 2 + 1
 
         def run():
-            return sliding_window_probs(model, pixels, embeds, warp_size=side, window_size=window, stride=stride,
-                                        batch_size=1)
+            return sliding_window_probs(
+                model, pixels, embeds, warp_size=side, window_size=window, stride=stride, batch_size=1
+            )
+
     warm_up = torch.randn(1, 3, window, window, generator=g).to(device)
     sync(device)
     # the baseline is taken after model construction and input allocation, before the warm-up: the warm-up view
@@ -120,11 +121,18 @@ def measure(spec: dict) -> dict:
     else:
         peak = peak_rss_mib() - base
     latency = statistics.median(times)
-    return {**{k: spec[k] for k in ("preset", "curve", "classes")}, "side": side, "views": views,
-            "mode": "DiSa" if (config.use_sdm or config.use_hrm) else "CAT-Seg", "class_cap": config.class_cap,
-            "latency_s": round(latency, 4), "latency_per_view_s": round(latency / views, 4),
-            "times_s": [round(t, 4) for t in times], "peak_memory_mib": round(peak, 1),
-            "load_average_1min_after": round(os.getloadavg()[0], 2)}
+    return {
+        **{k: spec[k] for k in ("preset", "curve", "classes")},
+        "side": side,
+        "views": views,
+        "mode": "DiSa" if (config.use_sdm or config.use_hrm) else "CAT-Seg",
+        "class_cap": config.class_cap,
+        "latency_s": round(latency, 4),
+        "latency_per_view_s": round(latency / views, 4),
+        "times_s": [round(t, 4) for t in times],
+        "peak_memory_mib": round(peak, 1),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def row_key(row: dict) -> str:
@@ -165,21 +173,36 @@ def summary(rows: list[dict]) -> dict:
         for r in rows:
             if r["mode"] != "DiSa":
                 continue
-            other = next((o for o in rows if o["mode"] == "CAT-Seg" and o["curve"] == r["curve"]
-                          and o["classes"] == r["classes"] and o["side"] == r["side"]), None)
+            other = next(
+                (
+                    o
+                    for o in rows
+                    if o["mode"] == "CAT-Seg"
+                    and o["curve"] == r["curve"]
+                    and o["classes"] == r["classes"]
+                    and o["side"] == r["side"]
+                ),
+                None,
+            )
             if other:
                 ratios[f"{r['curve']}/{r['classes'] if r['curve'] == 'classes' else r['side']}"] = round(
-                    r["latency_s"] / other["latency_s"], 3)
+                    r["latency_s"] / other["latency_s"], 3
+                )
         out["latency_ratio_disa_vs_catseg"] = ratios
     return out
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| mode | curve | classes | image side | views | latency / view (s) | latency / image (s) | "
-             "peak memory (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | curve | classes | image side | views | latency / view (s) | latency / image (s) | "
+        "peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["mode"], r["curve"], r["classes"], r["side"])):
-        lines.append(f"| {r['mode']} | {r['curve']} | {r['classes']} | {r['side']} | {r['views']} | "
-                     f"{r['latency_per_view_s']:.2f} | {r['latency_s']:.2f} | {r['peak_memory_mib']:.0f} |")
+        lines.append(
+            f"| {r['mode']} | {r['curve']} | {r['classes']} | {r['side']} | {r['views']} | "
+            f"{r['latency_per_view_s']:.2f} | {r['latency_s']:.2f} | {r['peak_memory_mib']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -191,8 +214,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for mode, marker in (("DiSa", "o"), ("CAT-Seg", "s")):
-        for col, (curve, x, xlabel) in enumerate((("classes", "classes", "classes T (one 384 view)"),
-                                                  ("sides", "side", "image side S (sliding window, 150 classes)"))):
+        for col, (curve, x, xlabel) in enumerate(
+            (
+                ("classes", "classes", "classes T (one 384 view)"),
+                ("sides", "side", "image side S (sliding window, 150 classes)"),
+            )
+        ):
             pts = sorted((r for r in rows if r["mode"] == mode and r["curve"] == curve), key=lambda r: r[x])
             if not pts:
                 continue
@@ -231,8 +258,9 @@ def main(argv=None) -> None:
     if "command" in data:  # files written before the list
         data["commands"] = [data.pop("command")]
     specs = [{"preset": p, "curve": "classes", "classes": t, "side": None} for p in a.presets for t in a.classes]
-    specs += [{"preset": p, "curve": "sides", "classes": a.side_classes, "side": s}
-              for p in a.presets for s in a.sides]
+    specs += [
+        {"preset": p, "curve": "sides", "classes": a.side_classes, "side": s} for p in a.presets for s in a.sides
+    ]
     for spec in specs:
         key = row_key(spec)
         if key in rows and not a.force:
@@ -244,12 +272,16 @@ def main(argv=None) -> None:
         data = {
             "what": __doc__.split("\n\n")[0],
             # every invocation that measured rows into this file, in order
-            "commands": data.get("commands", []) + [command] if command not in data.get("commands", []) else
-            data["commands"],
-            "memory_method": ("CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory "
-                              "allocated before the run" if device.type == "cuda" else
-                              "CPU: growth of peak RSS (resource.getrusage ru_maxrss) over its value after model "
-                              "construction and input allocation, one fresh subprocess per row"),
+            "commands": data.get("commands", []) + [command]
+            if command not in data.get("commands", [])
+            else data["commands"],
+            "memory_method": (
+                "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory "
+                "allocated before the run"
+                if device.type == "cuda"
+                else "CPU: growth of peak RSS (resource.getrusage ru_maxrss) over its value after model "
+                "construction and input allocation, one fresh subprocess per row"
+            ),
             "timing": f"median of {a.repeats} timed run(s) after one warm-up view, one fresh subprocess per row",
             "threads": a.threads or torch.get_num_threads(),
             "machine": machine_info(device),
@@ -258,9 +290,12 @@ def main(argv=None) -> None:
         data["summary"] = summary(data["rows"])
         write_json(output, data)
     output.with_suffix(".md").write_text(markdown(data["rows"]))
-    plot(data["rows"], output.with_suffix(".png"),
-         f"Per-view cost of {', '.join(sorted({r['preset'] for r in data['rows']}))} "
-         f"({data['machine']['device_name']}, {data['threads']} thread(s))")
+    plot(
+        data["rows"],
+        output.with_suffix(".png"),
+        f"Per-view cost of {', '.join(sorted({r['preset'] for r in data['rows']}))} "
+        f"({data['machine']['device_name']}, {data['threads']} thread(s))",
+    )
     print(json.dumps(data.get("summary", {}), indent=1))
     print("wrote", output)
 

@@ -68,10 +68,16 @@ def main(argv=None) -> dict:
             labels = app.format_labels(example_world)
             image = examples[0]
             size = "{} x {}".format(*app.Image.open(image).size)
-            results = {"command": " ".join(sys.argv), "model": args.model,
-                       "image": f"space/examples/{image.name}, {size}",
-                       "classes": len(example_world), "saliency": True, "load_average_before": os.getloadavg(),
-                       "machine": machine("cpu"), "modes": {}}
+            results = {
+                "command": " ".join(sys.argv),
+                "model": args.model,
+                "image": f"space/examples/{image.name}, {size}",
+                "classes": len(example_world),
+                "saliency": True,
+                "load_average_before": os.getloadavg(),
+                "machine": machine("cpu"),
+                "modes": {},
+            }
             for mode in app.MODES:
                 walls, pipeline = [], []
                 for round_ in range(args.warmup + args.rounds):
@@ -80,12 +86,16 @@ def main(argv=None) -> dict:
                     if round_ >= args.warmup:
                         walls.append(time.perf_counter() - start)
                         pipeline.append(float(re.match(r"Pipeline: ([0-9.]+) s", timing).group(1)))
-                results["modes"][mode] = {"request_s_median": round(statistics.median(walls), 3),
-                                          "request_s_min": round(min(walls), 3),
-                                          "pipeline_s_median": round(statistics.median(pipeline), 3),
-                                          "rounds": args.rounds}
-                print(f"{mode}: request {statistics.median(walls):.3f} s median (min {min(walls):.3f}), "
-                      f"pipeline {statistics.median(pipeline):.3f} s")
+                results["modes"][mode] = {
+                    "request_s_median": round(statistics.median(walls), 3),
+                    "request_s_min": round(min(walls), 3),
+                    "pipeline_s_median": round(statistics.median(pipeline), 3),
+                    "rounds": args.rounds,
+                }
+                print(
+                    f"{mode}: request {statistics.median(walls):.3f} s median (min {min(walls):.3f}), "
+                    f"pipeline {statistics.median(pipeline):.3f} s"
+                )
             results["load_average_after"] = os.getloadavg()
         finally:
             demo.close()

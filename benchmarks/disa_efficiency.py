@@ -65,7 +65,10 @@ def count_parameters() -> dict:
     rows = {}
     for preset in sorted(p.name for p in PRESETS.iterdir() if (p / "config.json").exists()):
         config = DiSaConfig.from_pretrained(PRESETS / preset)
-        for mode, switches in (("catseg", dict(use_sdm=False, use_hrm=False)), ("disa", dict(use_sdm=True, use_hrm=True))):
+        for mode, switches in (
+            ("catseg", dict(use_sdm=False, use_hrm=False)),
+            ("disa", dict(use_sdm=True, use_hrm=True)),
+        ):
             for key, value in switches.items():
                 setattr(config, key, value)
             with torch.device("meta"):
@@ -88,8 +91,11 @@ def count_flops(device: str) -> dict:
     for geometry, size in GEOMETRY.items():
         for mode in ("catseg", "disa"):
             model = build(f"{mode}-{geometry}", device, attn="eager")
-            attention = {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")
-                         and "Attention" in type(m).__name__}
+            attention = {
+                m.config._attn_implementation
+                for m in model.modules()
+                if hasattr(m, "config") and "Attention" in type(m).__name__
+            }
             if attention != {"eager"}:
                 raise RuntimeError(f"attention layers not eager ({attention}): their matmuls would not be counted")
             pixels = torch.randn(1, 3, size, size, device=device)
@@ -153,8 +159,12 @@ def main() -> None:
     parser.add_argument("--skip-flops", action="store_true", help="keep the GFLOPs of an earlier result file")
     parser.add_argument("--skip-latency", action="store_true", help="keep the latency of an earlier result file")
     parser.add_argument("--output", default=None)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads(N) (1 interferes less with other jobs); recorded in machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N) (1 interferes less with other jobs); recorded in machine",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,8 +182,9 @@ def main() -> None:
         results["latency_vit_b_16"] = measure_latency(args.device, args.rounds, dtype)
     else:
         results["latency_vit_b_16"] = earlier.get("latency_vit_b_16")
-        results["latency_from"] = earlier.get("latency_from", {"command": earlier.get("command"),
-                                                              "machine": earlier.get("machine")})
+        results["latency_from"] = earlier.get(
+            "latency_from", {"command": earlier.get("command"), "machine": earlier.get("machine")}
+        )
     print(json.dumps(results["latency_vit_b_16"], indent=1))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")

@@ -22,13 +22,13 @@ Sections (each one try/except'd: a failure is recorded with its error and the ot
 
 `--smoke` runs every section on CPU with the disa-tiny preset (its class cap is 16, so 8 and 24 classes stand
 for "below" and "above the cap"), a 160x214 image for the sliding window, 1 iteration, and one `torch.compile`
-row with dynamo's `eager` backend (tracing, graph breaks and guards without inductor's C++ code generation, which takes minutes on CPU).
+row with dynamo's `eager` backend (tracing, graph breaks and guards without inductor's C++ code generation, which
+takes minutes on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,24 +38,43 @@ import traceback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from bench_common import RESULTS, load_config, load_model, machine_info, random_text_embeds, write_json  # noqa: E402
 
 FULL = {
     "presets": ["disa-vit-b-16", "disa-vit-l-14-336"],
     "classes": [150, 847],
-    "train_preset": "disa-vit-b-16", "train_classes": 171, "train_batch": 4,
-    "sliding_classes": 150, "image_hw": [640, 854], "iterations": 20, "warmup": 3, "view_batch": 8,
-    "train_steps": 10, "train_warmup": 3, "miou_maps": 100, "compile_backend": "inductor", "compile_rows": "all",
+    "train_preset": "disa-vit-b-16",
+    "train_classes": 171,
+    "train_batch": 4,
+    "sliding_classes": 150,
+    "image_hw": [640, 854],
+    "iterations": 20,
+    "warmup": 3,
+    "view_batch": 8,
+    "train_steps": 10,
+    "train_warmup": 3,
+    "miou_maps": 100,
+    "compile_backend": "inductor",
+    "compile_rows": "all",
 }
 SMOKE = {
     "presets": ["disa-tiny"],
     "classes": [8, 24],
-    "train_preset": "disa-tiny", "train_classes": 8, "train_batch": 1,
-    "sliding_classes": 8, "image_hw": [160, 214], "iterations": 1, "warmup": 0, "view_batch": 1,
-    "train_steps": 1, "train_warmup": 1, "miou_maps": 4, "compile_backend": "eager", "compile_rows": "first",
+    "train_preset": "disa-tiny",
+    "train_classes": 8,
+    "train_batch": 1,
+    "sliding_classes": 8,
+    "image_hw": [160, 214],
+    "iterations": 1,
+    "warmup": 0,
+    "view_batch": 1,
+    "train_steps": 1,
+    "train_warmup": 1,
+    "miou_maps": 4,
+    "compile_backend": "eager",
+    "compile_rows": "first",
     "compile_note": "smoke: one compiled row (first class count, fp32) with dynamo's eager backend and view_batch 1 "
-                    "(no second shape, no recompile): each compilation takes ~10 s of CPU even for disa-tiny",
+    "(no second shape, no recompile): each compilation takes ~10 s of CPU even for disa-tiny",
 }
 SECTIONS = ["view_latency", "sliding_window", "train_step", "miou"]
 TRAIN_MEMORY_TARGET_GIB = 24
@@ -115,10 +134,13 @@ def _compile_notes() -> dict:
     import torch._dynamo.utils as dynamo_utils
 
     failures = [str(reason) for reasons in dynamo_utils.guard_failures.values() for reason in reasons]
-    return {"graph_breaks": sum(dynamo_utils.counters["graph_break"].values()),
-            "graph_break_reasons": sorted(dynamo_utils.counters["graph_break"])[:10],
-            "unique_graphs": dynamo_utils.counters["stats"]["unique_graphs"],
-            "guard_failures": len(failures), "guard_failure_reasons": failures[:10]}
+    return {
+        "graph_breaks": sum(dynamo_utils.counters["graph_break"].values()),
+        "graph_break_reasons": sorted(dynamo_utils.counters["graph_break"])[:10],
+        "unique_graphs": dynamo_utils.counters["stats"]["unique_graphs"],
+        "guard_failures": len(failures),
+        "guard_failure_reasons": failures[:10],
+    }
 
 
 def view_latency(cfg, device, timer, args) -> list[dict]:
@@ -134,9 +156,15 @@ def view_latency(cfg, device, timer, args) -> list[dict]:
             for dtype in DTYPES:
                 first = classes == cfg["classes"][0] and dtype == "fp32"
                 compile_here = not args.no_compile and (cfg["compile_rows"] == "all" or first)
-                for compiled in ([False, True] if compile_here else [False]):
-                    row = {"preset": preset, "view_side": side, "classes": classes, "dtype": dtype,
-                           "compile": compiled, "compile_backend": backend if compiled else None}
+                for compiled in [False, True] if compile_here else [False]:
+                    row = {
+                        "preset": preset,
+                        "view_side": side,
+                        "classes": classes,
+                        "dtype": dtype,
+                        "compile": compiled,
+                        "compile_backend": backend if compiled else None,
+                    }
                     try:
                         fn = _compile(model, backend) if compiled else model
 
@@ -154,8 +182,11 @@ def view_latency(cfg, device, timer, args) -> list[dict]:
                         per_batch, _ = timer.median(lambda: call(batch), cfg["iterations"], cfg["warmup"])
                         if not torch.isfinite(out.float()).all():
                             raise RuntimeError("non-finite logits")
-                        row.update(latency_per_view_s=per_view, view_batch=cfg["view_batch"],
-                                   views_per_s=cfg["view_batch"] / per_batch)
+                        row.update(
+                            latency_per_view_s=per_view,
+                            view_batch=cfg["view_batch"],
+                            views_per_s=cfg["view_batch"] / per_batch,
+                        )
                         if compiled:
                             row.update(_compile_notes())
                     except Exception as exc:  # noqa: BLE001 - one row's failure (a compile error) is recorded
@@ -177,16 +208,34 @@ def sliding_window(cfg, device, timer, args) -> list[dict]:
         image = torch.randn(1, 3, *image_hw, device=device)
         views = len(window_starts(geometry["warp_size"], geometry["window_size"], geometry["stride"])) ** 2 + 1
         for dtype in DTYPES:
-            def call():
-                return predict_segmentation(model, image, embeds, mode="sliding", short_side=min(image_hw),
-                                            batch_size=views, autocast_dtype=DTYPES[dtype], **geometry)
+
+            def call(model=model):  # bound now: the loop deletes `model` before the next preset
+                return predict_segmentation(
+                    model,
+                    image,
+                    embeds,
+                    mode="sliding",
+                    short_side=min(image_hw),
+                    batch_size=views,
+                    autocast_dtype=DTYPES[dtype],
+                    **geometry,
+                )
 
             seconds, labels = timer.median(call, cfg["iterations"], cfg["warmup"])
             if tuple(labels.shape) != (1, *image_hw):
                 raise RuntimeError("predict_segmentation returned a map of the wrong size")
-            rows.append({"preset": preset, "image_hw": list(image_hw), "classes": cfg["sliding_classes"],
-                         "dtype": dtype, **geometry, "views_per_image": views, "seconds_per_image": seconds,
-                         "images_per_s": 1 / seconds})
+            rows.append(
+                {
+                    "preset": preset,
+                    "image_hw": list(image_hw),
+                    "classes": cfg["sliding_classes"],
+                    "dtype": dtype,
+                    **geometry,
+                    "views_per_image": views,
+                    "seconds_per_image": seconds,
+                    "images_per_s": 1 / seconds,
+                }
+            )
         del model
     return rows
 
@@ -199,21 +248,48 @@ def train_step(cfg, device, timer, args) -> list[dict]:
     model_cfg = load_config(cfg["train_preset"])
     for checkpointing in (False, True):
         result = measure_train_step(
-            cfg["train_preset"], resolution=model_cfg.clip_resolution, batch_size=cfg["train_batch"],
-            num_classes=cfg["train_classes"], dtype="bf16", device=device, steps=cfg["train_steps"],
-            warmup=cfg["train_warmup"], gradient_checkpointing=checkpointing, count_flops=flops is None)
+            cfg["train_preset"],
+            resolution=model_cfg.clip_resolution,
+            batch_size=cfg["train_batch"],
+            num_classes=cfg["train_classes"],
+            dtype="bf16",
+            device=device,
+            steps=cfg["train_steps"],
+            warmup=cfg["train_warmup"],
+            gradient_checkpointing=checkpointing,
+            count_flops=flops is None,
+        )
         if flops is None:
             flops = result["flops_per_step"]
             peak_tflops, note = result["peak_tflops"], result["mfu_note"]
         step_s = result["step_time_s_median"]
-        peak_gib = (result["peak_memory_gib"] if device.type == "cuda" else result["peak_rss_mib"] / 1024)
-        row = {k: result[k] for k in ("preset", "mode", "resolution", "batch_size", "num_classes", "dtype",
-                                      "gradient_checkpointing", "steps_timed", "trainable_params", "total_params",
-                                      "memory_method")}
-        row.update(step_time_s=step_s, peak_memory_gib=peak_gib, flops_per_step=flops,
-                   achieved_tflops=flops / step_s / 1e12, peak_tflops=peak_tflops,
-                   mfu=flops / step_s / (peak_tflops * 1e12) if peak_tflops else None, mfu_note=note,
-                   final_loss=result["final_loss"])
+        peak_gib = result["peak_memory_gib"] if device.type == "cuda" else result["peak_rss_mib"] / 1024
+        row = {
+            k: result[k]
+            for k in (
+                "preset",
+                "mode",
+                "resolution",
+                "batch_size",
+                "num_classes",
+                "dtype",
+                "gradient_checkpointing",
+                "steps_timed",
+                "trainable_params",
+                "total_params",
+                "memory_method",
+            )
+        }
+        row.update(
+            step_time_s=step_s,
+            peak_memory_gib=peak_gib,
+            flops_per_step=flops,
+            achieved_tflops=flops / step_s / 1e12,
+            peak_tflops=peak_tflops,
+            mfu=flops / step_s / (peak_tflops * 1e12) if peak_tflops else None,
+            mfu_note=note,
+            final_loss=result["final_loss"],
+        )
         if device.type == "cuda":
             row[f"fits_{TRAIN_MEMORY_TARGET_GIB}_gib"] = peak_gib <= TRAIN_MEMORY_TARGET_GIB
         rows.append(row)
@@ -228,8 +304,9 @@ def miou(cfg, device, timer, args) -> dict:
     # 8x8 blocks of one class, 20% of the predictions wrong, an ignore band: close to real maps
     blocks = torch.randint(0, MIOU_CLASSES, (n, 8, 8), generator=g)
     target = blocks.repeat_interleave(MIOU_SIDE // 8, 1).repeat_interleave(MIOU_SIDE // 8, 2)
-    pred = torch.where(torch.rand(target.shape, generator=g) < 0.2,
-                       torch.randint(0, MIOU_CLASSES, target.shape, generator=g), target)
+    pred = torch.where(
+        torch.rand(target.shape, generator=g) < 0.2, torch.randint(0, MIOU_CLASSES, target.shape, generator=g), target
+    )
     target[:, :32] = MIOU_IGNORE
     pred_d, target_d = pred.to(device), target.to(device)
 
@@ -241,13 +318,20 @@ def miou(cfg, device, timer, args) -> dict:
 
     seconds, cm = timer.median(run, cfg["iterations"], cfg["warmup"])
     valid = target != MIOU_IGNORE
-    reference = torch.bincount(target[valid] * MIOU_CLASSES + pred[valid], minlength=MIOU_CLASSES ** 2)
+    reference = torch.bincount(target[valid] * MIOU_CLASSES + pred[valid], minlength=MIOU_CLASSES**2)
     matches = torch.equal(cm.confusion.cpu().long().flatten(), reference)
     miou_value = float(cm.compute()["mean_iou"])
     if not matches:
         raise RuntimeError("the device confusion matrix differs from the CPU bincount reference")
-    return {"classes": MIOU_CLASSES, "maps": n, "map_side": MIOU_SIDE, "seconds": seconds, "maps_per_s": n / seconds,
-            "matches_cpu_reference": matches, "mean_iou": miou_value}
+    return {
+        "classes": MIOU_CLASSES,
+        "maps": n,
+        "map_side": MIOU_SIDE,
+        "seconds": seconds,
+        "maps_per_s": n / seconds,
+        "matches_cpu_reference": matches,
+        "mean_iou": miou_value,
+    }
 
 
 def main(argv=None) -> dict:
@@ -264,18 +348,32 @@ def main(argv=None) -> dict:
     output = args.output or RESULTS / f"gpu_suite_{tag}.json"
     timer = Timer(device)
     started = time.perf_counter()
-    report = {"what": __doc__.split("\n\n")[0], "command": "python benchmarks/gpu_suite.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "smoke": args.smoke, "device": str(device),
-        "device_name": machine["device_name"], "machine": machine, "settings": cfg, "sections": {}}
-    functions = {"view_latency": view_latency, "sliding_window": sliding_window, "train_step": train_step,
-                 "miou": miou}
+    report = {
+        "what": __doc__.split("\n\n")[0],
+        "command": "python benchmarks/gpu_suite.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "smoke": args.smoke,
+        "device": str(device),
+        "device_name": machine["device_name"],
+        "machine": machine,
+        "settings": cfg,
+        "sections": {},
+    }
+    functions = {
+        "view_latency": view_latency,
+        "sliding_window": sliding_window,
+        "train_step": train_step,
+        "miou": miou,
+    }
     for name in args.sections:
         section_start = time.perf_counter()
         try:
             entry = {"ok": True, "results": functions[name](cfg, device, timer, args)}
         except Exception as exc:  # noqa: BLE001 - one section's failure must not lose the others
-            entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                     "traceback": traceback.format_exc()[-4000:]}
+            entry = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}"[:2000],
+                "traceback": traceback.format_exc()[-4000:],
+            }
         entry["seconds"] = time.perf_counter() - section_start
         report["sections"][name] = entry
         print(f"{name}: {'ok' if entry['ok'] else entry['error']} ({entry['seconds']:.1f} s)", flush=True)

@@ -44,9 +44,22 @@ MODULES = (
     "decoder.head",
 )
 PRESETS = Path(__file__).resolve().parent.parent / "configuration" / "models"
-OPERATORS = ("aten::index_select", "aten::index_copy_", "aten::where", "aten::nonzero", "aten::mul", "aten::sum",
-             "aten::addmm", "aten::linear", "aten::layer_norm", "aten::convolution", "aten::copy_", "aten::cat",
-             "aten::scaled_dot_product_attention", "aten::einsum")
+OPERATORS = (
+    "aten::index_select",
+    "aten::index_copy_",
+    "aten::where",
+    "aten::nonzero",
+    "aten::mul",
+    "aten::sum",
+    "aten::addmm",
+    "aten::linear",
+    "aten::layer_norm",
+    "aten::convolution",
+    "aten::copy_",
+    "aten::cat",
+    "aten::scaled_dot_product_attention",
+    "aten::einsum",
+)
 
 
 def build(preset: str) -> DiSaForOpenVocabSegmentation:
@@ -116,7 +129,9 @@ def main() -> None:
     for mode, rounds in runs.items():
         keys = sorted(set().union(*rounds), key=lambda k: -statistics.median(r.get(k, 0.0) for r in rounds))
         result["seconds"][mode] = {k: round(statistics.median(r.get(k, 0.0) for r in rounds), 4) for k in keys}
-    result["view_ratio_disa_over_catseg"] = round(result["seconds"]["disa"]["view"] / result["seconds"]["catseg"]["view"], 4)
+    result["view_ratio_disa_over_catseg"] = round(
+        result["seconds"]["disa"]["view"] / result["seconds"]["catseg"]["view"], 4
+    )
     result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
     print(json.dumps(result, indent=1))
     output = Path(__file__).resolve().parent / "results" / f"{args.output}.json"

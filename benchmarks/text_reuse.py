@@ -29,7 +29,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from bench_common import RESULTS, load_config, machine_info, write_json  # noqa: E402
 
 CLIP_CONTEXT = 77
@@ -90,19 +89,25 @@ def main() -> None:
                     tower(**batch)
                     times[key].append(time.perf_counter() - start)
         medians = {k: statistics.median(v) for k, v in times.items()}
-        results[name] = {"padded_length": length, "seconds_longest": [round(t, 4) for t in times["longest"]],
-                         "seconds_77": [round(t, 4) for t in times["77"]],
-                         "median_seconds_longest": round(medians["longest"], 4),
-                         "median_seconds_77": round(medians["77"], 4),
-                         "ratio_77_over_longest": round(medians["77"] / medians["longest"], 2),
-                         "same_embeddings": same}
+        results[name] = {
+            "padded_length": length,
+            "seconds_longest": [round(t, 4) for t in times["longest"]],
+            "seconds_77": [round(t, 4) for t in times["77"]],
+            "median_seconds_longest": round(medians["longest"], 4),
+            "median_seconds_77": round(medians["77"], 4),
+            "ratio_77_over_longest": round(medians["77"] / medians["longest"], 2),
+            "same_embeddings": same,
+        }
         print(name, results[name])
     report = {
         "what": __doc__.split("\n\n")[0],
-        "command": "python benchmarks/text_reuse.py" + (f" --threads {a.threads}" if a.threads else "")
-                   + f" --rounds {a.rounds}",
+        "command": "python benchmarks/text_reuse.py"
+        + (f" --threads {a.threads}" if a.threads else "")
+        + f" --rounds {a.rounds}",
         "text_tower": "CLIP ViT-B/16 text tower (disa-vit-b-16 preset, random weights)",
-        "classes": 150, "prompts": len(prompts), "templates": list(config.prompt_templates),
+        "classes": 150,
+        "prompts": len(prompts),
+        "templates": list(config.prompt_templates),
         "length_estimate": "BOS + words/punctuation pieces + EOS (no CLIP BPE offline; real BPE gives >= that)",
         "results": results,
         "goal_ratio": 4.0,

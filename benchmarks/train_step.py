@@ -30,7 +30,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from bench_common import (  # noqa: E402
     REPO,
     RESULTS,
@@ -81,8 +80,20 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def measure_train_step(preset, *, resolution, batch_size, num_classes, prompt_length=12, dtype="fp32", device="cpu",
-                       steps=10, warmup=3, gradient_checkpointing=False, count_flops=True) -> dict:
+def measure_train_step(
+    preset,
+    *,
+    resolution,
+    batch_size,
+    num_classes,
+    prompt_length=12,
+    dtype="fp32",
+    device="cpu",
+    steps=10,
+    warmup=3,
+    gradient_checkpointing=False,
+    count_flops=True,
+) -> dict:
     """Time `steps` training steps after `warmup` ones; peak memory, FLOPs per step and MFU. Returns the result."""
     device = torch.device(device)
     model = load_model(preset, device, train=True)
@@ -139,11 +150,19 @@ def measure_train_step(preset, *, resolution, batch_size, num_classes, prompt_le
         "what": "DiSa training step (forward+BCE, backward, grad clip, AdamW) on synthetic data",
         "preset": os.path.relpath(str(preset), REPO) if os.path.isabs(str(preset)) else str(preset),
         "mode": "DiSa" if (config.use_sdm or config.use_hrm) else "CAT-Seg",
-        "resolution": S, "batch_size": B, "num_classes": T, "prompt_length": prompt_length, "dtype": dtype,
+        "resolution": S,
+        "batch_size": B,
+        "num_classes": T,
+        "prompt_length": prompt_length,
+        "dtype": dtype,
         "gradient_checkpointing": gradient_checkpointing,
-        "device": str(device), "steps_timed": steps, "warmup_steps": warmup,
-        "step_time_s_median": statistics.median(times), "step_time_s_min": min(times),
-        "step_time_s_all": times, "final_loss": float(loss.detach()),
+        "device": str(device),
+        "steps_timed": steps,
+        "warmup_steps": warmup,
+        "step_time_s_median": statistics.median(times),
+        "step_time_s_min": min(times),
+        "step_time_s_all": times,
+        "final_loss": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(p.numel() for p in model.parameters()),
         "machine": machine_info(device),
@@ -189,17 +208,37 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     preset = a.preset if os.path.isabs(a.preset) else os.path.join(REPO, a.preset)
-    result = measure_train_step(preset, resolution=a.resolution, batch_size=a.batch_size, num_classes=a.num_classes,
-                                prompt_length=a.prompt_length, dtype=a.dtype, device=a.device, steps=a.steps,
-                                warmup=a.warmup, gradient_checkpointing=a.gradient_checkpointing,
-                                count_flops=not a.no_flops)
+    result = measure_train_step(
+        preset,
+        resolution=a.resolution,
+        batch_size=a.batch_size,
+        num_classes=a.num_classes,
+        prompt_length=a.prompt_length,
+        dtype=a.dtype,
+        device=a.device,
+        steps=a.steps,
+        warmup=a.warmup,
+        gradient_checkpointing=a.gradient_checkpointing,
+        count_flops=not a.no_flops,
+    )
     tag = "cpu" if a.device == "cpu" else result["machine"]["device_name"].replace(" ", "_")
     settings = f"{a.resolution}px_b{a.batch_size}_t{a.num_classes}_{a.dtype}"
     name = a.name or f"train_step_{os.path.basename(preset)}_{settings}_{tag}"
     path = os.path.join(a.output_dir, f"{name}.json")
     write_json(path, result)
-    summary = {k: result.get(k) for k in ("mode", "trainable_params", "step_time_s_median", "peak_memory_gib",
-                                           "peak_rss_mib", "flops_per_step", "achieved_tflops", "mfu")}
+    summary = {
+        k: result.get(k)
+        for k in (
+            "mode",
+            "trainable_params",
+            "step_time_s_median",
+            "peak_memory_gib",
+            "peak_rss_mib",
+            "flops_per_step",
+            "achieved_tflops",
+            "mfu",
+        )
+    }
     print(json.dumps(summary, indent=1))
     print("written", path)
 

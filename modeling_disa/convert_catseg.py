@@ -73,16 +73,24 @@ _AGGREGATOR_RULES = [
     (r"guidance_projection\.0\.(weight|bias)", "appearance_guidance.0.{0}"),
     (r"text_guidance_projection\.0\.(weight|bias)", "text_guidance.0.{0}"),
     (r"decoder_guidance_projection\.(\d+)\.0\.(weight|bias)", "guidance_upsampler.projection.{0}.0.{1}"),
-    (r"layers\.(\d+)\.swin_block\.(block_[12])\.((?:norm1|norm2)\.(?:weight|bias))",
-     "aggregator.layers.{0}.spatial.{1}.{2}"),
-    (r"layers\.(\d+)\.swin_block\.(block_[12])\.attn\.(q|k|v|proj)\.(weight|bias)",
-     "aggregator.layers.{0}.spatial.{1}.attn.{2}.{3}"),
-    (r"layers\.(\d+)\.swin_block\.(block_[12])\.mlp\.(fc1|fc2)\.(weight|bias)",
-     "aggregator.layers.{0}.spatial.{1}.mlp.{2}.{3}"),
+    (
+        r"layers\.(\d+)\.swin_block\.(block_[12])\.((?:norm1|norm2)\.(?:weight|bias))",
+        "aggregator.layers.{0}.spatial.{1}.{2}",
+    ),
+    (
+        r"layers\.(\d+)\.swin_block\.(block_[12])\.attn\.(q|k|v|proj)\.(weight|bias)",
+        "aggregator.layers.{0}.spatial.{1}.attn.{2}.{3}",
+    ),
+    (
+        r"layers\.(\d+)\.swin_block\.(block_[12])\.mlp\.(fc1|fc2)\.(weight|bias)",
+        "aggregator.layers.{0}.spatial.{1}.mlp.{2}.{3}",
+    ),
     (r"layers\.(\d+)\.swin_block\.guidance_norm\.(weight|bias)", "aggregator.layers.{0}.spatial.guidance_norm.{1}"),
     (r"layers\.(\d+)\.attention\.(norm1|norm2)\.(weight|bias)", "aggregator.layers.{0}.class_aggregation.{1}.{2}"),
-    (r"layers\.(\d+)\.attention\.attention\.(q|k|v)\.(weight|bias)",
-     "aggregator.layers.{0}.class_aggregation.attention.{1}.{2}"),
+    (
+        r"layers\.(\d+)\.attention\.attention\.(q|k|v)\.(weight|bias)",
+        "aggregator.layers.{0}.class_aggregation.attention.{1}.{2}",
+    ),
     (r"layers\.(\d+)\.attention\.MLP\.(0|2)\.(weight|bias)", "aggregator.layers.{0}.class_aggregation.mlp.{1}.{2}"),
     (r"layers\.(\d+)\.attention\.(padding_tokens|padding_guidance)", "aggregator.layers.{0}.class_aggregation.{1}"),
     (r"decoder([12])\.up\.(weight|bias)", "decoder.up{0}.up.{1}"),
@@ -104,8 +112,12 @@ class ConversionReport:
     missing: list[str] = field(default_factory=list)  # DiSa keys the checkpoint did not fill
 
     def to_dict(self) -> dict:
-        return {"converted": len(self.converted), "consumed": self.consumed, "unmatched": self.unmatched,
-                "missing": self.missing}
+        return {
+            "converted": len(self.converted),
+            "consumed": self.consumed,
+            "unmatched": self.unmatched,
+            "missing": self.missing,
+        }
 
 
 def extract_state_dict(checkpoint) -> dict[str, torch.Tensor]:
@@ -117,7 +129,7 @@ def extract_state_dict(checkpoint) -> dict[str, torch.Tensor]:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -142,8 +154,9 @@ def _clip_targets(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
         if tensor.shape[0] % 3:
             raise ValueError(f"{name}: fused projection of shape {tuple(tensor.shape)} is not divisible by 3.")
         kind = "weight" if sub.endswith("weight") else "bias"
-        return [(base + f"self_attn.{p}_proj.{kind}", part.contiguous())
-                for p, part in zip("qkv", tensor.chunk(3, dim=0))]
+        return [
+            (base + f"self_attn.{p}_proj.{kind}", part.contiguous()) for p, part in zip("qkv", tensor.chunk(3, dim=0))
+        ]
     return None
 
 
@@ -194,17 +207,18 @@ def convert_catseg_state_dict(checkpoint, model) -> tuple[dict[str, torch.Tensor
                 if tensor.numel() == expected.numel() and target.endswith(("padding_tokens", "padding_guidance")):
                     tensor = tensor.reshape(expected.shape)
                 else:
-                    mismatched.append(f"{source} -> {target}: checkpoint {tuple(tensor.shape)} vs model "
-                                      f"{tuple(expected.shape)}")
+                    mismatched.append(
+                        f"{source} -> {target}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected.shape)}"
+                    )
                     continue
             converted[target] = tensor.to(expected.dtype)
 
     buffers = dict(model.named_buffers())
     for key, tensor in sorted(state.items()):
         if key.startswith(CLIP_PREFIX):
-            targets = _clip_targets(key[len(CLIP_PREFIX):], tensor)
+            targets = _clip_targets(key[len(CLIP_PREFIX) :], tensor)
         elif key.startswith(AGGREGATOR_PREFIX):
-            name = key[len(AGGREGATOR_PREFIX):]
+            name = key[len(AGGREGATOR_PREFIX) :]
             mask = _SHIFT_MASK.fullmatch(name)
             if mask:
                 own = buffers.get(f"aggregator.layers.{mask.group(1)}.spatial.{mask.group(2)}.attn_mask")
@@ -306,8 +320,9 @@ def _processor_for(preset, tokenizer, config):
 
         size = {"height": config.clip_resolution, "width": config.clip_resolution}
         image_processor = DiSaImageProcessor(size=size, patch_size=config.vision_config.patch_size)
-        return DiSaProcessor(image_processor, AutoTokenizer.from_pretrained(tokenizer),
-                             prompt_templates=list(config.prompt_templates))
+        return DiSaProcessor(
+            image_processor, AutoTokenizer.from_pretrained(tokenizer), prompt_templates=list(config.prompt_templates)
+        )
     if isinstance(preset, (str, Path)) and (Path(preset) / "processor_config.json").is_file():
         return DiSaProcessor.from_pretrained(preset)
     return None
@@ -318,13 +333,15 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="CAT-Seg .pth (detectron2 format)")
     parser.add_argument("--preset", required=True, help="DiSa config folder, e.g. configuration/models/disa-vit-b-16")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tokenizer", default=None,
-                        help="CLIP tokenizer to save beside (e.g. openai/clip-vit-base-patch16)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="CLIP tokenizer to save beside (e.g. openai/clip-vit-base-patch16)"
+    )
     parser.add_argument("--strict", action="store_true", help="fail on unmatched checkpoint keys")
     args = parser.parse_args(argv)
     try:
-        _, report = convert_catseg_checkpoint(args.checkpoint, args.preset, args.output_dir, tokenizer=args.tokenizer,
-                                              strict=args.strict)
+        _, report = convert_catseg_checkpoint(
+            args.checkpoint, args.preset, args.output_dir, tokenizer=args.tokenizer, strict=args.strict
+        )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}")
         return 1

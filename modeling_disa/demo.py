@@ -37,8 +37,11 @@ def demo_image(seed: int, size: int = 160) -> Image.Image:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help="preset folder with config, tokenizer and processor "
-                        "(default: the packaged disa-tiny)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="preset folder with config, tokenizer and processor (default: the packaged disa-tiny)",
+    )
     parser.add_argument("--labels", nargs="+", default=["sky", "grass", "red ball"], help="the open vocabulary")
     parser.add_argument("--output_dir", default="outputs/demo", help="where the model, processor and PNG go")
     parser.add_argument("--seed", type=int, default=0)

@@ -126,8 +126,10 @@ def overlay_segmentation(image, segmentation, labels, alpha: float = 0.5, legend
     for row, class_id in enumerate(present):
         top = LEGEND_PAD + row * LEGEND_ROW
         left = out.width + LEGEND_PAD
-        draw.rectangle([left, top, left + LEGEND_SWATCH - 1, top + LEGEND_SWATCH - 1],
-                       fill=tuple(int(c) for c in colors[class_id]))
+        draw.rectangle(
+            [left, top, left + LEGEND_SWATCH - 1, top + LEGEND_SWATCH - 1],
+            fill=tuple(int(c) for c in colors[class_id]),
+        )
         draw.text((left + LEGEND_SWATCH + LEGEND_PAD, top), labels[class_id], fill="black", font=font)
     return canvas
 

@@ -179,8 +179,9 @@ def segment(segmenter, image_path, labels_text, mode_name, show_saliency, max_pi
     image = open_image(image_path, max_pixels)
     mode = MODES.get(mode_name)
     if mode is None:
-        raise input_error("Bad option", f"Unknown inference mode {html.escape(str(mode_name))!r}; choose one of "
-                          f"{list(MODES)}.")
+        raise input_error(
+            "Bad option", f"Unknown inference mode {html.escape(str(mode_name))!r}; choose one of {list(MODES)}."
+        )
     saliency = bool(show_saliency) and bool(getattr(segmenter.model.config, "use_sdm", False))
     try:
         started = time.perf_counter()
@@ -190,14 +191,16 @@ def segment(segmenter, image_path, labels_text, mode_name, show_saliency, max_pi
         raise input_error("Cannot segment this input", html.escape(str(error))) from error
 
     colors = palette(len(labels))
-    color_map = {name: "#%02x%02x%02x" % tuple(int(c) for c in colors[i]) for i, name in enumerate(labels)}
+    color_map = {name: "#{:02x}{:02x}{:02x}".format(*(int(c) for c in colors[i])) for i, name in enumerate(labels)}
     masks = [(np.asarray(entry["mask"]) > 127, entry) for entry in results]
     annotations = [(mask.astype(np.float32), entry["label"]) for mask, entry in masks]
     rows = ([entry["label"], round(100.0 * mask.mean(), 2), round(entry["score"], 4)] for mask, entry in masks)
     legend = sorted(rows, key=lambda row: -row[1])
     gallery = saliency_panels(image, results) if saliency else []
-    timing = (f"Pipeline: {seconds:.2f} s ({mode_name}, {VIEWS[mode]}, {len(labels)} classes, "
-              f"{image.width} x {image.height} px); whole request: {time.perf_counter() - start:.2f} s.")
+    timing = (
+        f"Pipeline: {seconds:.2f} s ({mode_name}, {VIEWS[mode]}, {len(labels)} classes, "
+        f"{image.width} x {image.height} px); whole request: {time.perf_counter() - start:.2f} s."
+    )
     overlay = gr.AnnotatedImage(value=(image, annotations), color_map=color_map)
     return overlay, legend, gallery, timing
 
@@ -224,8 +227,9 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> tuple[list[Path], list[str]]:
     paths = [folder / name for name in entries["images"]]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"{manifest} lists missing images {missing}: rerun "
-                                "`python training/write_space_examples.py`.")
+        raise FileNotFoundError(
+            f"{manifest} lists missing images {missing}: rerun `python training/write_space_examples.py`."
+        )
     return paths, list(entries["labels"])
 
 
@@ -238,8 +242,14 @@ def example_labels(vocabulary: list[str], world_labels: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- UI
-def build_demo(segmenter, source: str, origin: str = "", examples: list[Path] = (), example_world: list[str] = (),
-               max_pixels: int = MAX_IMAGE_PIXELS) -> gr.Blocks:
+def build_demo(
+    segmenter,
+    source: str,
+    origin: str = "",
+    examples: list[Path] = (),
+    example_world: list[str] = (),
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> gr.Blocks:
     config = segmenter.model.config
     has_sdm = bool(getattr(config, "use_sdm", False))
     vocabulary = default_vocabulary(config)
@@ -253,38 +263,67 @@ def build_demo(segmenter, source: str, origin: str = "", examples: list[Path] = 
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
-                                 elem_id="image")
-                labels = gr.Textbox(value=format_labels(vocabulary), lines=3, elem_id="labels",
-                                    label="Class names (comma-separated; semicolons when a name holds synonyms)")
+                image = gr.Image(
+                    type="filepath", sources=["upload", "webcam", "clipboard"], label="Image", elem_id="image"
+                )
+                labels = gr.Textbox(
+                    value=format_labels(vocabulary),
+                    lines=3,
+                    elem_id="labels",
+                    label="Class names (comma-separated; semicolons when a name holds synonyms)",
+                )
                 with gr.Row():
                     mode = gr.Radio(list(MODES), value="whole image", label="Inference", elem_id="mode")
-                    saliency = gr.Checkbox(value=has_sdm, label="Show SDM saliency", interactive=has_sdm,
-                                           elem_id="show-saliency",
-                                           info=None if has_sdm else "this model has no SDM (config.use_sdm=False)")
+                    saliency = gr.Checkbox(
+                        value=has_sdm,
+                        label="Show SDM saliency",
+                        interactive=has_sdm,
+                        elem_id="show-saliency",
+                        info=None if has_sdm else "this model has no SDM (config.use_sdm=False)",
+                    )
                 run = gr.Button("Segment", variant="primary", elem_id="run")
                 if examples:
                     example_text = example_labels(vocabulary, list(example_world))
-                    gr.Examples([[str(path), example_text] for path in examples], inputs=[image, labels],
-                                label="Toy-world test scenes")
+                    gr.Examples(
+                        [[str(path), example_text] for path in examples],
+                        inputs=[image, labels],
+                        label="Toy-world test scenes",
+                    )
             with gr.Column():
-                overlay = gr.AnnotatedImage(label="Segmentation", elem_id="overlay", format="png",
-                                            height=OVERLAY_HEIGHT)
+                overlay = gr.AnnotatedImage(
+                    label="Segmentation", elem_id="overlay", format="png", height=OVERLAY_HEIGHT
+                )
                 timing = gr.Markdown(elem_id="timing")
-                legend = gr.Dataframe(headers=LEGEND_HEADERS, datatype=["str", "number", "number"],
-                                      label="Classes present", interactive=False, elem_id="legend")
-        gallery = gr.Gallery(label="SDM saliency (left) and foreground / background split (right), per class",
-                             columns=3, visible=has_sdm, elem_id="saliency")
-        run.click(lambda *inputs: segment(segmenter, *inputs, max_pixels=max_pixels),
-                  inputs=[image, labels, mode, saliency], outputs=[overlay, legend, gallery, timing],
-                  api_name="segment")
+                legend = gr.Dataframe(
+                    headers=LEGEND_HEADERS,
+                    datatype=["str", "number", "number"],
+                    label="Classes present",
+                    interactive=False,
+                    elem_id="legend",
+                )
+        gallery = gr.Gallery(
+            label="SDM saliency (left) and foreground / background split (right), per class",
+            columns=3,
+            visible=has_sdm,
+            elem_id="saliency",
+        )
+        run.click(
+            lambda *inputs: segment(segmenter, *inputs, max_pixels=max_pixels),
+            inputs=[image, labels, mode, saliency],
+            outputs=[overlay, legend, gallery, timing],
+            api_name="segment",
+        )
     return demo
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help=f"saved DiSa folder or Hub repo (default: ${MODEL_ENV}, the "
-                        "README's models: link, then the default job's runs/toy-world)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"saved DiSa folder or Hub repo (default: ${MODEL_ENV}, the "
+        "README's models: link, then the default job's runs/toy-world)",
+    )
     parser.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1, $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, $GRADIO_SERVER_PORT)")
     parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS)
@@ -303,8 +342,13 @@ def main(argv=None) -> int:
 
 def launch_options(examples: Path = EXAMPLES_DIR) -> dict:
     """`Blocks.launch` settings of the app (the tests launch with the same)."""
-    return {"theme": THEME, "css": CSS, "show_error": True, "max_file_size": MAX_UPLOAD_SIZE,
-            "allowed_paths": [str(examples)]}
+    return {
+        "theme": THEME,
+        "css": CSS,
+        "show_error": True,
+        "max_file_size": MAX_UPLOAD_SIZE,
+        "allowed_paths": [str(examples)],
+    }
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ class HubStub:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "HubStub":
+    def start(self) -> HubStub:
         stub = self
 
         class Handler(_Handler):
@@ -81,7 +81,7 @@ class HubStub:
             self._thread.join(timeout=5)
             self._server = None
 
-    def __enter__(self) -> "HubStub":
+    def __enter__(self) -> HubStub:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -165,8 +165,16 @@ class _Handler(BaseHTTPRequestHandler):
         method = self.command
         try:
             if method == "GET" and path == "/api/whoami-v2":
-                return self._json(200, {"type": "user", "name": USER, "fullname": USER, "orgs": [],
-                                        "auth": {"accessToken": {"role": "write", "displayName": "stub"}}})
+                return self._json(
+                    200,
+                    {
+                        "type": "user",
+                        "name": USER,
+                        "fullname": USER,
+                        "orgs": [],
+                        "auth": {"accessToken": {"role": "write", "displayName": "stub"}},
+                    },
+                )
             if method == "POST" and path == "/api/repos/create":
                 return self._create_repo(json.loads(self._body() or b"{}"))
             if method == "POST" and path == "/api/validate-yaml":
@@ -203,8 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
         key = repo_key(repo_id, repo_type)
         with self.hub.lock:
             if key in self.hub.repos:
-                return self._json(409, {"error": f"You already created this {repo_type} repo",
-                                        "url": f"{self._base()}/{key}"})
+                return self._json(
+                    409, {"error": f"You already created this {repo_type} repo", "url": f"{self._base()}/{key}"}
+                )
             self.hub.repos[key] = _Repo(repo_id, bool(body.get("private")), repo_type, body.get("sdk"))
         return self._json(200, {"url": f"{self._base()}/{key}", "name": repo_id})
 
@@ -222,8 +231,12 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and tail[:1] == ["preupload"]:
             body = json.loads(self._body() or b"{}")
             files = [
-                {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
-                 "shouldIgnore": False, "oid": None}
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                    "shouldIgnore": False,
+                    "oid": None,
+                }
                 for f in body.get("files", [])
             ]
             return self._json(200, {"files": files})
@@ -232,18 +245,32 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and tail[:1] == ["tree"] and len(tail) >= 2:
             return self._tree(repo, "/".join(tail[2:]))
         if method == "GET" and tail[:1] == ["refs"]:
-            return self._json(200, {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": repo.sha}],
-                                    "converts": [], "tags": []})
+            return self._json(
+                200,
+                {
+                    "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": repo.sha}],
+                    "converts": [],
+                    "tags": [],
+                },
+            )
         route = f"/api/{repo_type}s/{'/'.join(rest)}"
         self.hub.unhandled.append((method, route))
         return self._error(404, "NotImplemented", f"stub: no route for {method} {route}")
 
     def _info(self, repo: _Repo) -> dict:
         info = {
-            "id": repo.repo_id, "_id": repo.sha[:24], "sha": repo.sha,
-            "private": repo.private, "disabled": False, "gated": False, "tags": [], "downloads": 0, "likes": 0,
+            "id": repo.repo_id,
+            "_id": repo.sha[:24],
+            "sha": repo.sha,
+            "private": repo.private,
+            "disabled": False,
+            "gated": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
             "siblings": [{"rfilename": name, "size": len(data)} for name, data in sorted(repo.files.items())],
-            "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z",
+            "lastModified": "2026-01-01T00:00:00.000Z",
+            "createdAt": "2026-01-01T00:00:00.000Z",
         }
         if repo.repo_type == "space":
             info["sdk"] = repo.sdk
@@ -264,8 +291,10 @@ class _Handler(BaseHTTPRequestHandler):
             entries.append({"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()})
         if prefix and not entries and not folders:
             return self._error(404, "EntryNotFound", f"{prefix} does not exist on main")
-        entries += [{"type": "directory", "path": f, "size": 0, "oid": hashlib.sha1(f.encode()).hexdigest()}
-                    for f in sorted(folders)]
+        entries += [
+            {"type": "directory", "path": f, "size": 0, "oid": hashlib.sha1(f.encode()).hexdigest()}
+            for f in sorted(folders)
+        ]
         return self._json(200, entries)
 
     def _commit(self, repo: _Repo, body: bytes):
@@ -290,8 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
             sha = hashlib.sha1(f"{repo.repo_id}:{len(repo.commits)}:{sorted(added)}".encode()).hexdigest()
             repo.commits.append(sha)
         key = repo_key(repo.repo_id, repo.repo_type)
-        return self._json(200, {"commitUrl": f"{self._base()}/{key}/commit/{sha}", "commitOid": sha,
-                                "success": True})
+        return self._json(200, {"commitUrl": f"{self._base()}/{key}/commit/{sha}", "commitOid": sha, "success": True})
 
     def _lfs_batch(self, key: str):
         body = json.loads(self._body() or b"{}")
@@ -303,8 +331,11 @@ class _Handler(BaseHTTPRequestHandler):
             if obj["oid"] not in self.hub.lfs:
                 entry["actions"] = {"upload": {"href": f"{self._base()}/lfs-upload/{obj['oid']}"}}
             objects.append(entry)
-        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                   content_type="application/vnd.git-lfs+json")
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            content_type="application/vnd.git-lfs+json",
+        )
 
     def _lfs_put(self, oid: str):
         data = self._body()

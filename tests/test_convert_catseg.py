@@ -29,7 +29,9 @@ def shift_mask(grid, window, shift):
         for c0, c1 in bounds:
             region[r0:r1, c0:c1] = count
             count += 1
-    windows = region.view(grid // window, window, grid // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    windows = (
+        region.view(grid // window, window, grid // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    )
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 
@@ -50,8 +52,10 @@ def catseg_state_dict(config: DiSaConfig, fused: bool = False, seed: int = 0) ->
     add(CLIP + "visual.positional_embedding", positions, D)
     add(CLIP + "token_embedding.weight", t.vocab_size, W)
     add(CLIP + "positional_embedding", t.max_position_embeddings, W)
-    for prefix, width, layers, inter in (("visual.", D, v.num_hidden_layers, v.intermediate_size),
-                                         ("", W, t.num_hidden_layers, t.intermediate_size)):
+    for prefix, width, layers, inter in (
+        ("visual.", D, v.num_hidden_layers, v.intermediate_size),
+        ("", W, t.num_hidden_layers, t.intermediate_size),
+    ):
         for name in ("ln_pre", "ln_post") if prefix else ("ln_final",):
             sd[CLIP + prefix + name + ".weight"] = 1 + 0.1 * torch.randn(width, generator=g)
             add(CLIP + prefix + name + ".bias", width)
@@ -95,36 +99,54 @@ def catseg_state_dict(config: DiSaConfig, fused: bool = False, seed: int = 0) ->
             for name, shape in (("norm1", (h,)), ("norm2", (h,))):
                 add(b + name + ".weight", *shape)
                 add(b + name + ".bias", *shape)
-            add(b + "attn.q.weight", h, h + G); add(b + "attn.q.bias", h)
-            add(b + "attn.k.weight", h, h + G); add(b + "attn.k.bias", h)
-            add(b + "attn.v.weight", h, h); add(b + "attn.v.bias", h)
-            add(b + "attn.proj.weight", h, h); add(b + "attn.proj.bias", h)
-            add(b + "mlp.fc1.weight", h * r, h); add(b + "mlp.fc1.bias", h * r)
-            add(b + "mlp.fc2.weight", h, h * r); add(b + "mlp.fc2.bias", h)
+            add(b + "attn.q.weight", h, h + G)
+            add(b + "attn.q.bias", h)
+            add(b + "attn.k.weight", h, h + G)
+            add(b + "attn.k.bias", h)
+            add(b + "attn.v.weight", h, h)
+            add(b + "attn.v.bias", h)
+            add(b + "attn.proj.weight", h, h)
+            add(b + "attn.proj.bias", h)
+            add(b + "mlp.fc1.weight", h * r, h)
+            add(b + "mlp.fc1.bias", h * r)
+            add(b + "mlp.fc2.weight", h, h * r)
+            add(b + "mlp.fc2.bias", h)
         if grid > window:  # a persistent buffer in CAT-Seg's Swin block (None, so absent, for block_1)
             sd[f"{AGG}layers.{i}.swin_block.block_2.attn_mask"] = shift_mask(grid, window, window // 2)
         add(f"{AGG}layers.{i}.swin_block.guidance_norm.weight", G)
         add(f"{AGG}layers.{i}.swin_block.guidance_norm.bias", G)
         a = f"{AGG}layers.{i}.attention."
         for name in ("norm1", "norm2"):
-            add(a + name + ".weight", h); add(a + name + ".bias", h)
-        add(a + "attention.q.weight", h, h + TG); add(a + "attention.q.bias", h)
-        add(a + "attention.k.weight", h, h + TG); add(a + "attention.k.bias", h)
-        add(a + "attention.v.weight", h, h); add(a + "attention.v.bias", h)
-        add(a + "MLP.0.weight", 4 * h, h); add(a + "MLP.0.bias", 4 * h)
-        add(a + "MLP.2.weight", h, 4 * h); add(a + "MLP.2.bias", h)
+            add(a + name + ".weight", h)
+            add(a + name + ".bias", h)
+        add(a + "attention.q.weight", h, h + TG)
+        add(a + "attention.q.bias", h)
+        add(a + "attention.k.weight", h, h + TG)
+        add(a + "attention.k.bias", h)
+        add(a + "attention.v.weight", h, h)
+        add(a + "attention.v.bias", h)
+        add(a + "MLP.0.weight", 4 * h, h)
+        add(a + "MLP.0.bias", 4 * h)
+        add(a + "MLP.2.weight", h, 4 * h)
+        add(a + "MLP.2.bias", h)
         add(a + "padding_tokens", 1, 1, h)
         add(a + "padding_guidance", 1, 1, TG)
     for n, (cin, cout, gp) in ((1, (h, d0, p0)), (2, (d0, d1, p1))):
         u = f"{AGG}decoder{n}."
-        add(u + "up.weight", cin, cin - gp, 2, 2); add(u + "up.bias", cin - gp)
+        add(u + "up.weight", cin, cin - gp, 2, 2)
+        add(u + "up.bias", cin - gp)
         add(u + "conv.double_conv.0.weight", cout, cin, 3, 3)
-        add(u + "conv.double_conv.1.weight", cout); add(u + "conv.double_conv.1.bias", cout)
+        add(u + "conv.double_conv.1.weight", cout)
+        add(u + "conv.double_conv.1.bias", cout)
         add(u + "conv.double_conv.3.weight", cout, cout, 3, 3)
-        add(u + "conv.double_conv.4.weight", cout); add(u + "conv.double_conv.4.bias", cout)
-    add(AGG + "head.weight", 1, d1, 3, 3); add(AGG + "head.bias", 1)
-    add("upsample1.weight", D, g0, 2, 2); add("upsample1.bias", g0)
-    add("upsample2.weight", D, g1, 4, 4); add("upsample2.bias", g1)
+        add(u + "conv.double_conv.4.weight", cout)
+        add(u + "conv.double_conv.4.bias", cout)
+    add(AGG + "head.weight", 1, d1, 3, 3)
+    add(AGG + "head.bias", 1)
+    add("upsample1.weight", D, g0, 2, 2)
+    add("upsample1.bias", g0)
+    add("upsample2.weight", D, g1, 4, 4)
+    add("upsample2.bias", g1)
     return sd
 
 
@@ -175,14 +197,30 @@ def openai_block(x, sd, prefix, heads, causal):
     length = x.shape[1]
     mask = torch.full((length, length), float("-inf")).triu(1) if causal else None
     attn, _ = F.multi_head_attention_forward(
-        h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1), width, heads, in_proj, sd[prefix + "attn.in_proj_bias"],
-        None, None, False, 0.0, sd[prefix + "attn.out_proj.weight"], sd[prefix + "attn.out_proj.bias"],
-        training=False, need_weights=False, attn_mask=mask,
+        h.transpose(0, 1),
+        h.transpose(0, 1),
+        h.transpose(0, 1),
+        width,
+        heads,
+        in_proj,
+        sd[prefix + "attn.in_proj_bias"],
+        None,
+        None,
+        False,
+        0.0,
+        sd[prefix + "attn.out_proj.weight"],
+        sd[prefix + "attn.out_proj.bias"],
+        training=False,
+        need_weights=False,
+        attn_mask=mask,
     )
     x = x + attn.transpose(0, 1)
     h = F.layer_norm(x, (width,), sd[prefix + "ln_2.weight"], sd[prefix + "ln_2.bias"], eps=1e-5)
-    h = F.linear(quick_gelu(F.linear(h, sd[prefix + "mlp.c_fc.weight"], sd[prefix + "mlp.c_fc.bias"])),
-                 sd[prefix + "mlp.c_proj.weight"], sd[prefix + "mlp.c_proj.bias"])
+    h = F.linear(
+        quick_gelu(F.linear(h, sd[prefix + "mlp.c_fc.weight"], sd[prefix + "mlp.c_fc.bias"])),
+        sd[prefix + "mlp.c_proj.weight"],
+        sd[prefix + "mlp.c_proj.bias"],
+    )
     return x + h
 
 
@@ -210,8 +248,9 @@ def test_text_tower_matches_openai_encode_text(converted_model, tiny_processor, 
         ours = model.get_text_embeddings(ids, tokens["attention_mask"])[:, 0]
         x = sd[CLIP + "token_embedding.weight"][ids] + sd[CLIP + "positional_embedding"][: ids.shape[1]]
         for i in range(tiny_config.text_config.num_hidden_layers):
-            x = openai_block(x, sd, f"{CLIP}transformer.resblocks.{i}.", tiny_config.text_config.num_attention_heads,
-                             causal=True)
+            x = openai_block(
+                x, sd, f"{CLIP}transformer.resblocks.{i}.", tiny_config.text_config.num_attention_heads, causal=True
+            )
         x = F.layer_norm(x, (x.shape[-1],), sd[CLIP + "ln_final.weight"], sd[CLIP + "ln_final.bias"], eps=1e-5)
         eot = x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)]  # OpenAI: the EOT token has the largest id
         expected = F.normalize(eot @ sd[CLIP + "text_projection"], dim=-1)
@@ -232,7 +271,9 @@ def test_image_tower_matches_openai_encode_image(converted_model, tiny_config):
         x = F.layer_norm(x, (v.hidden_size,), sd[CLIP + "visual.ln_pre.weight"], sd[CLIP + "visual.ln_pre.bias"])
         for i in range(v.num_hidden_layers):
             x = openai_block(x, sd, f"{CLIP}visual.transformer.resblocks.{i}.", v.num_attention_heads, causal=False)
-        x = F.layer_norm(x[:, 0], (v.hidden_size,), sd[CLIP + "visual.ln_post.weight"], sd[CLIP + "visual.ln_post.bias"])
+        x = F.layer_norm(
+            x[:, 0], (v.hidden_size,), sd[CLIP + "visual.ln_post.weight"], sd[CLIP + "visual.ln_post.bias"]
+        )
         expected = x @ sd[CLIP + "visual.proj"]
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
@@ -258,12 +299,15 @@ def test_checkpoint_file_and_cli(tiny_config, tiny_path, tmp_path, capsys):
     sd["pixel_mean"] = torch.zeros(3, 1, 1)
     torch.save({"model": sd, "iteration": 80000, "__author__": "catseg"}, tmp_path / "model_base.pth")
     out = tmp_path / "converted"
-    assert main(["--checkpoint", str(tmp_path / "model_base.pth"), "--preset", str(tiny_path),
-                 "--output_dir", str(out)]) == 0
+    assert (
+        main(["--checkpoint", str(tmp_path / "model_base.pth"), "--preset", str(tiny_path), "--output_dir", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "UNMATCHED checkpoint key: sem_seg_head.predictor.clip_model.visual.transformer.extra_prompt" in printed
     assert {"model.safetensors", "config.json", "processor_config.json", "conversion_report.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["unmatched"] == ["sem_seg_head.predictor.clip_model.visual.transformer.extra_prompt"]
     assert "pixel_mean" in report["consumed"] and report["missing"] == []
@@ -272,9 +316,13 @@ def test_checkpoint_file_and_cli(tiny_config, tiny_path, tmp_path, capsys):
     assert torch.equal(loaded.state_dict()["decoder.head.weight"], sd[AGG + "head.weight"])
     assert torch.equal(loaded.state_dict()["clip.visual_projection.weight"], sd[CLIP + "visual.proj"].t())
     assert [n for n, p in loaded.named_parameters() if p.requires_grad and n.startswith("clip.")] == [
-        n for n, p in loaded.named_parameters() if n.startswith("clip.") and ".encoder.layers." in n
+        n
+        for n, p in loaded.named_parameters()
+        if n.startswith("clip.")
+        and ".encoder.layers." in n
         and n.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight"))
-        and n not in loaded.unused_parameter_names()]  # the dense last block's query projection stays frozen
+        and n not in loaded.unused_parameter_names()
+    ]  # the dense last block's query projection stays frozen
     with pytest.raises(ValueError, match="strict"):
         convert_catseg_checkpoint(tmp_path / "model_base.pth", tiny_path, strict=True)
 
@@ -291,8 +339,19 @@ def test_not_a_catseg_checkpoint(tmp_path, tiny_path):
         convert_catseg_checkpoint(tmp_path / "pickled.pth", tiny_path)
     with pytest.raises(FileNotFoundError):
         convert_catseg_checkpoint(tmp_path / "missing.pth", tiny_path)
-    assert main(["--checkpoint", str(tmp_path / "other.pth"), "--preset", str(tiny_path),
-                 "--output_dir", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "other.pth"),
+                "--preset",
+                str(tiny_path),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
 
 
 def test_wrong_preset_or_incomplete_checkpoint(tiny_config, tmp_path, tiny_path):
@@ -310,6 +369,8 @@ def test_wrong_preset_or_incomplete_checkpoint(tiny_config, tmp_path, tiny_path)
         convert_catseg_checkpoint(tmp_path / "partial.pth", tiny_path)
 
     sd = catseg_state_dict(tiny_config)
-    sd[AGG + "layers.0.swin_block.block_2.attn_mask"] = torch.zeros_like(sd[AGG + "layers.0.swin_block.block_2.attn_mask"])
+    sd[AGG + "layers.0.swin_block.block_2.attn_mask"] = torch.zeros_like(
+        sd[AGG + "layers.0.swin_block.block_2.attn_mask"]
+    )
     with pytest.raises(ValueError, match="shifted-window mask"):
         convert_catseg_state_dict(sd, DiSaForOpenVocabSegmentation(tiny_config))

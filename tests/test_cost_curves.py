@@ -10,10 +10,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(output, *extra):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "cost_curves.py"), "--presets", "disa-tiny", "--classes", "8",
-           "16", "24", "--sides", "160", "--side_classes", "8", "--threads", "1", "--output", str(output), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "cost_curves.py"),
+        "--presets",
+        "disa-tiny",
+        "--classes",
+        "8",
+        "16",
+        "24",
+        "--sides",
+        "160",
+        "--side_classes",
+        "8",
+        "--threads",
+        "1",
+        "--output",
+        str(output),
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -30,8 +48,9 @@ def test_cost_curves_rows_outputs_and_resume(tmp_path):
         assert row["latency_s"] > 0 and row["peak_memory_mib"] >= 0 and len(row["times_s"]) == 1
     summary = data["summary"]["disa-tiny"]
     assert summary["class_cap"] == 16
-    assert summary["latency_ratio_24_vs_16"] == round(rows[("classes", 24, 128)]["latency_s"]
-                                                      / rows[("classes", 16, 128)]["latency_s"], 3)
+    assert summary["latency_ratio_24_vs_16"] == round(
+        rows[("classes", 24, 128)]["latency_s"] / rows[("classes", 16, 128)]["latency_s"], 3
+    )
     assert set(summary) == {"class_cap", "latency_ratio_24_vs_16", "memory_ratio_24_vs_16", "latency_ratio_16_vs_8"}
     assert "memory_method" in data and data["threads"] == 1 and data["machine"]["torch"]
     assert output.with_suffix(".md").read_text().count("| CAT-Seg |") == 4

@@ -1,4 +1,5 @@
 """Evaluation-dataset definitions: counts, label conventions, cross-consistency of the lists, prompt and fold rules."""
+
 import json
 
 import numpy as np
@@ -15,8 +16,12 @@ from modeling_disa.evaluation.dataset_definitions import (
 )
 
 EXPECTED = {  # name: (prompted classes, scored classes, dtype, ignore)
-    "ade847": (847, 847, "uint16", 65535), "pc459": (459, 459, "uint16", 65535), "ade150": (150, 150, "uint8", 255),
-    "pc59": (59, 59, "uint8", 255), "voc20": (20, 20, "uint8", 255), "voc20b": (59, 21, "uint8", 255),
+    "ade847": (847, 847, "uint16", 65535),
+    "pc459": (459, 459, "uint16", 65535),
+    "ade150": (150, 150, "uint8", 255),
+    "pc59": (59, 59, "uint8", 255),
+    "voc20": (20, 20, "uint8", 255),
+    "voc20b": (59, 21, "uint8", 255),
     "coco_stuff171": (171, 171, "uint8", 255),
 }
 

@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_configs import PRESETS, REPO
 
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.class_aggregation import linear_attention
 from modeling_disa.model.losses import itm_loss
 from modeling_disa.model.routing import TokenRoute
 from modeling_disa.model.saliency_disentanglement import DiSaITMCrossAttention, foreground_split
-from tiny_configs import PRESETS, REPO
 
 NAMES = ["cat", "dog", "grass", "sky", "road", "tree"]
 
@@ -96,8 +96,13 @@ def test_explicit_k_of_96_on_the_full_grid():
 
 
 def test_adaptive_k_matches_the_mass_rule_and_stays_in_bounds():
-    config = tiny(use_sdm=True, foreground_topk_mode="adaptive", adaptive_saliency_mass=0.5,
-                  adaptive_min_ratio=4 / 64, adaptive_max_ratio=40 / 64)
+    config = tiny(
+        use_sdm=True,
+        foreground_topk_mode="adaptive",
+        adaptive_saliency_mass=0.5,
+        adaptive_min_ratio=4 / 64,
+        adaptive_max_ratio=40 / 64,
+    )
     torch.manual_seed(0)
     peaked = torch.rand(2, 3, 64) ** 8  # a few dominant tokens
     flat = torch.ones(1, 1, 64)
@@ -187,11 +192,15 @@ def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_ca
         pick = lambda a, b: torch.where(flat[..., None], a, b)  # noqa: E731
         tokens = x.permute(0, 2, 3, 4, 1).reshape(10, g * g, -1)
         guidance = appearance.flatten(2).transpose(1, 2)
-        normalised = pick(spatial.guidance_norm(guidance).repeat_interleave(5, dim=0),
-                          spatial.background_guidance_norm(guidance).repeat_interleave(5, dim=0))
+        normalised = pick(
+            spatial.guidance_norm(guidance).repeat_interleave(5, dim=0),
+            spatial.background_guidance_norm(guidance).repeat_interleave(5, dim=0),
+        )
         for block in (spatial.block_1, spatial.block_2):
-            q, k, v = (pick(a, b) for a, b in zip(block.project(tokens, normalised),
-                                                   block.background.project(tokens, normalised)))
+            q, k, v = (
+                pick(a, b)
+                for a, b in zip(block.project(tokens, normalised), block.background.project(tokens, normalised))
+            )
             attended = block._attend(q, k, v)
             tokens = pick(block.update(tokens, attended), block.background.update(tokens, attended))
         reference = tokens.view(2, 5, g, g, -1).permute(0, 4, 1, 2, 3)
@@ -203,14 +212,16 @@ def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_ca
         layout = route.mask
         pick = lambda a, b: torch.where(layout[..., None], a, b)  # noqa: E731
         from modeling_disa.model.class_aggregation import _pad_classes
+
         tokens = x.flatten(3).permute(0, 3, 2, 1)  # (B, pixels, T, D)
         guidance = text.unsqueeze(1).expand(-1, g * g, -1, -1)
         if class_cap:
             tokens = _pad_classes(tokens, classes.background.padding_tokens, class_cap)
             guidance = _pad_classes(guidance, classes.background.padding_guidance, class_cap)
         tokens, guidance = tokens.flatten(0, 1), guidance.flatten(0, 1)
-        q, k, v = (pick(a, b) for a, b in zip(classes.project(tokens, guidance),
-                                               classes.background.project(tokens, guidance)))
+        q, k, v = (
+            pick(a, b) for a, b in zip(classes.project(tokens, guidance), classes.background.project(tokens, guidance))
+        )
         attended = classes.attention.attend(q, k, v)
         updated = pick(classes.update(tokens, attended), classes.background.update(tokens, attended))
         delta = updated.view(2, g, g, class_cap or 5, -1)[..., :5, :].permute(0, 4, 3, 1, 2)
@@ -267,16 +278,26 @@ def test_all_switches_off_is_exactly_the_catseg_core():
         (dict(use_sdm=True), ("sdm.cost_saliency.", BACKGROUND)),
         (dict(use_sdm=True, fusion="residual"), ("sdm.cost_saliency.", BACKGROUND, "sdm.fusion.context.")),
         (dict(use_sdm=True, saliency_source="gradcam", fusion="sum"), ("sdm.itm.", BACKGROUND)),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"),
-         ("sdm.itm.", BACKGROUND, "sdm.fusion.gate.")),
-        (dict(use_sdm=True, saliency_source="gradcam", fusion="concat"),
-         ("sdm.itm.", BACKGROUND, "sdm.fusion.projection.")),
-        (dict(use_hrm=True, hrm_stages=["pixel"]),
-         tuple(f"{stage}.refinement.pixel." for stage in (*AGGREGATION_LAYERS, *DECODER_STAGES))),
-        (dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False),
-         tuple(f"{stage}.refinement.category." for stage in AGGREGATION_LAYERS)),
-        (dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False),
-         tuple(f"{stage}.refinement.channel." for stage in DECODER_STAGES)),
+        (
+            dict(use_sdm=True, saliency_source="gradcam", fusion="weighted"),
+            ("sdm.itm.", BACKGROUND, "sdm.fusion.gate."),
+        ),
+        (
+            dict(use_sdm=True, saliency_source="gradcam", fusion="concat"),
+            ("sdm.itm.", BACKGROUND, "sdm.fusion.projection."),
+        ),
+        (
+            dict(use_hrm=True, hrm_stages=["pixel"]),
+            tuple(f"{stage}.refinement.pixel." for stage in (*AGGREGATION_LAYERS, *DECODER_STAGES)),
+        ),
+        (
+            dict(use_hrm=True, hrm_stages=["category"], hrm_at_decoder=False),
+            tuple(f"{stage}.refinement.category." for stage in AGGREGATION_LAYERS),
+        ),
+        (
+            dict(use_hrm=True, hrm_stages=["channel"], hrm_after_aggregation=False),
+            tuple(f"{stage}.refinement.channel." for stage in DECODER_STAGES),
+        ),
     ],
 )
 def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
@@ -294,19 +315,38 @@ def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
         background = {n for n in added if re.search(BACKGROUND, n)}
         mirrored = {n.replace(".background.", ".").replace(".background_", ".") for n in background}
         assert mirrored == {n for n in base if n.startswith("aggregator.")}
-        assert all(switched[n] == base[m] for n in background
-                   for m in [n.replace(".background.", ".").replace(".background_", ".")])
+        assert all(
+            switched[n] == base[m]
+            for n in background
+            for m in [n.replace(".background.", ".").replace(".background_", ".")]
+        )
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
         dict(use_sdm=True, use_hrm=True),
-        dict(use_sdm=True, use_hrm=True, branch_mode="masked", fusion="concat", saliency_source="gradcam",
-             foreground_topk_mode="fixed", presence_threshold=None, sdm_background_init="independent"),
-        dict(use_sdm=True, use_hrm=True, saliency_source="gradcam", fusion="weighted", foreground_topk_mode="fixed",
-             presence_threshold=None, branch_attention="restricted", sdm_background_init="independent",
-             sdm_input_gradient_scale=1.0),
+        dict(
+            use_sdm=True,
+            use_hrm=True,
+            branch_mode="masked",
+            fusion="concat",
+            saliency_source="gradcam",
+            foreground_topk_mode="fixed",
+            presence_threshold=None,
+            sdm_background_init="independent",
+        ),
+        dict(
+            use_sdm=True,
+            use_hrm=True,
+            saliency_source="gradcam",
+            fusion="weighted",
+            foreground_topk_mode="fixed",
+            presence_threshold=None,
+            branch_attention="restricted",
+            sdm_background_init="independent",
+            sdm_input_gradient_scale=1.0,
+        ),
         dict(use_sdm=True, foreground_topk_mode="adaptive", saliency_source="attention", fusion="sum"),
     ],
 )
@@ -317,8 +357,11 @@ def test_every_new_parameter_gets_a_gradient(tiny_processor, overrides):
     out = model(**inputs, labels=labels)
     torch.testing.assert_close(out.loss, out.segmentation_loss + model.config.itm_loss_weight * out.itm_loss)
     out.loss.backward()
-    new = [n for n, p in model.named_parameters()
-           if n.startswith("sdm.") or ".refinement." in n or re.search(BACKGROUND, n)]
+    new = [
+        n
+        for n, p in model.named_parameters()
+        if n.startswith("sdm.") or ".refinement." in n or re.search(BACKGROUND, n)
+    ]
     missing = [n for n in new if model.get_parameter(n).grad is None or model.get_parameter(n).grad.abs().sum() == 0]
     assert new and not missing, missing
 
@@ -328,7 +371,9 @@ def test_itm_loss_matches_presence_computed_by_hand():
     logits = torch.randn(2, 4)
     labels = torch.tensor([[[0, 0], [2, 255]], [[3, 3], [3, 3]]])
     presence = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])
-    manual = -(presence * torch.log(torch.sigmoid(logits)) + (1 - presence) * torch.log(1 - torch.sigmoid(logits))).mean()
+    manual = -(
+        presence * torch.log(torch.sigmoid(logits)) + (1 - presence) * torch.log(1 - torch.sigmoid(logits))
+    ).mean()
     torch.testing.assert_close(itm_loss(logits, labels, 255), manual)
 
 
@@ -453,8 +498,11 @@ def test_detached_sdm_inputs_keep_the_presence_loss_out_of_clip(tiny_processor, 
     # with the default scale the same loss does reach CLIP (the first-wave behaviour)
     model = build(use_sdm=True, saliency_source=source, sdm_input_gradient_scale=1.0).train()
     model(**inputs, labels=labels).itm_loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-               if n.startswith("clip.") and p.requires_grad)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if n.startswith("clip.") and p.requires_grad
+    )
 
 
 def test_presence_threshold_gives_absent_classes_no_foreground_tokens():
@@ -492,11 +540,20 @@ def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_pr
     """sdm_background_init="copy" + branch_attention="shared" + fusion="own": at initialisation the split routes
     tokens between two identical branches, so DiSa's logits are exactly CAT-Seg mode's with the same weights."""
     inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
-    disa = build(use_sdm=True, saliency_source="cost", fusion="own", branch_attention="shared",
-                 sdm_background_init="copy", presence_threshold=None).eval()
+    disa = build(
+        use_sdm=True,
+        saliency_source="cost",
+        fusion="own",
+        branch_attention="shared",
+        sdm_background_init="copy",
+        presence_threshold=None,
+    ).eval()
     state = disa.state_dict()
-    twin = {k.replace(".background.", ".").replace(".background_", "."): v for k, v in state.items()
-            if re.search(BACKGROUND, k)}
+    twin = {
+        k.replace(".background.", ".").replace(".background_", "."): v
+        for k, v in state.items()
+        if re.search(BACKGROUND, k)
+    }
     host = {k: v for k, v in state.items() if k.startswith("aggregator.") and not re.search(BACKGROUND, k)}
     assert host.keys() == twin.keys() and all(torch.equal(host[k], twin[k]) for k in host)
     catseg = build().eval()
@@ -506,8 +563,14 @@ def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_pr
         assert out.foreground_mask.any() and not out.foreground_mask.all()  # the split is not trivial
         torch.testing.assert_close(out.logits, catseg(**inputs).logits, rtol=0, atol=0)
     # restricted attention (or independent branches) changes the output: the test can tell them apart
-    restricted = build(use_sdm=True, saliency_source="cost", fusion="own", branch_attention="restricted",
-                       sdm_background_init="copy", presence_threshold=None).eval()
+    restricted = build(
+        use_sdm=True,
+        saliency_source="cost",
+        fusion="own",
+        branch_attention="restricted",
+        sdm_background_init="copy",
+        presence_threshold=None,
+    ).eval()
     restricted.load_state_dict(disa.state_dict())
     with torch.no_grad():
         assert not torch.equal(restricted(**inputs).logits, out.logits)

@@ -1,4 +1,5 @@
 """End-to-end CLI on a random disa-tiny model and a prepared synthetic evaluation-dataset folder; bad inputs."""
+
 import json
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-import run_evaluation as cli  # noqa: E402
 import prepare_datasets as prep  # noqa: E402
+import run_evaluation as cli  # noqa: E402
 
 TINY = ROOT / "configuration" / "models" / "disa-tiny"
 
@@ -30,14 +31,18 @@ def tiny_model(tmp_path_factory):
 def voc_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw") / "VOC2012"
     (root / "ImageSets/Segmentation").mkdir(parents=True)
-    (root / "JPEGImages").mkdir(); (root / "SegmentationClass").mkdir()
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
     rng = np.random.default_rng(0)
     ids = ["a1", "a2"]
     (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids))
     for i in ids:
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / f"JPEGImages/{i}.jpg")
-        lab = rng.integers(0, 21, (24, 32)).astype(np.uint8); lab[0] = 255
-        im = Image.new("P", (32, 24)); im.putdata(lab.flatten().tolist()); im.putpalette(list(range(256)) * 3)
+        lab = rng.integers(0, 21, (24, 32)).astype(np.uint8)
+        lab[0] = 255
+        im = Image.new("P", (32, 24))
+        im.putdata(lab.flatten().tolist())
+        im.putpalette(list(range(256)) * 3)
         im.save(root / f"SegmentationClass/{i}.png")
     out = tmp_path_factory.mktemp("prepared")
     prep.convert("voc20", root, out)
@@ -47,10 +52,29 @@ def voc_data(tmp_path_factory):
 
 def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_path):
     model_dir, model = tiny_model
-    args = ["--model", str(model_dir), "--datasets", "voc20", "PAS-20b", "--data_dir", str(voc_data),
-            "--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0",
-            "--output", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
-            "--model_index", str(tmp_path / "mi.yaml")]
+    args = [
+        "--model",
+        str(model_dir),
+        "--datasets",
+        "voc20",
+        "PAS-20b",
+        "--data_dir",
+        str(voc_data),
+        "--warp_size",
+        "64",
+        "--window_size",
+        "48",
+        "--stride",
+        "16",
+        "--short_side",
+        "0",
+        "--output",
+        str(tmp_path / "r.json"),
+        "--markdown",
+        str(tmp_path / "r.md"),
+        "--model_index",
+        str(tmp_path / "mi.yaml"),
+    ]
     cli.main(args)
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     assert set(res) == {"voc20", "voc20b"} and 0 <= res["voc20"]["mIoU"] <= 100
@@ -67,7 +91,9 @@ def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_pat
     tok = proc.tokenize_class_names(load_evaluation_dataset("voc20").prompt_names)
     te = m.get_text_embeddings(tok["input_ids"], tok["attention_mask"])
     ds = prep.load_prepared(voc_data, "voc20")["validation"]
-    inter = np.zeros(20); union = np.zeros(20); gt_any = np.zeros(20, bool)
+    inter = np.zeros(20)
+    union = np.zeros(20)
+    gt_any = np.zeros(20, bool)
     for ex in ds:
         lab = np.array(ex["label"]).astype(np.int64)
         pix = proc.image_processor(images=ex["image"], do_resize=False, return_tensors="pt")["pixel_values"]
@@ -75,7 +101,9 @@ def test_cli_end_to_end_matches_direct_computation(tiny_model, voc_data, tmp_pat
         v = lab != 255
         for c in range(20):
             pc, gc = (pred == c) & v, (lab == c) & v
-            inter[c] += (pc & gc).sum(); union[c] += (pc | gc).sum(); gt_any[c] |= gc.any()
+            inter[c] += (pc & gc).sum()
+            union[c] += (pc | gc).sum()
+            gt_any[c] |= gc.any()
     expected = 100 * np.mean(inter[gt_any] / union[gt_any])
     assert res["voc20"]["mIoU"] == pytest.approx(expected, abs=1e-6)
 
@@ -86,13 +114,30 @@ def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
         cli.main(["--model", str(model_dir), "--datasets", "ade-9000", "--data_dir", str(voc_data)])
     # a dataset whose recorded class list does not match its definition
     meta_file = voc_data / "data/voc20/metadata.json"
-    meta = json.loads(meta_file.read_text()); saved = dict(meta)
+    meta = json.loads(meta_file.read_text())
+    saved = dict(meta)
     meta["class_names"] = meta["class_names"][::-1]
     meta_file.write_text(json.dumps(meta))
     try:
         with pytest.raises(ValueError, match="does not match dataset"):
-            cli.main(["--model", str(model_dir), "--datasets", "voc20", "--data_dir", str(voc_data),
-                      "--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0"])
+            cli.main(
+                [
+                    "--model",
+                    str(model_dir),
+                    "--datasets",
+                    "voc20",
+                    "--data_dir",
+                    str(voc_data),
+                    "--warp_size",
+                    "64",
+                    "--window_size",
+                    "48",
+                    "--stride",
+                    "16",
+                    "--short_side",
+                    "0",
+                ]
+            )
     finally:
         meta_file.write_text(json.dumps(saved))
     with pytest.raises(FileNotFoundError, match="prepare_datasets"):

@@ -22,8 +22,14 @@ def positive(value) -> bool:
 def report(tmp_path_factory):
     output = tmp_path_factory.mktemp("gpu_suite") / "smoke.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--smoke", "--output",
-                           str(output)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--smoke", "--output", str(output)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(output.read_text())
 
@@ -67,8 +73,15 @@ def test_train_step_rows(report):
     assert [r["gradient_checkpointing"] for r in rows] == [False, True]
     for row in rows:
         assert row["dtype"] == "bf16"
-        for key in ("step_time_s", "peak_memory_gib", "flops_per_step", "achieved_tflops", "final_loss",
-                    "trainable_params", "total_params"):
+        for key in (
+            "step_time_s",
+            "peak_memory_gib",
+            "flops_per_step",
+            "achieved_tflops",
+            "final_loss",
+            "trainable_params",
+            "total_params",
+        ):
             assert positive(row[key]), key
         assert row["trainable_params"] < row["total_params"]
         assert row["mfu"] is None and "cpu" in row["mfu_note"]  # MFU is defined against a CUDA bf16 peak

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-
 from tiny_configs import PRESET_NAMES, tiny_variant
+from transformers.models.clip.modeling_clip import CLIPAttention
+
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.spatial_aggregation import DiSaWindowAttention
-from transformers.models.clip.modeling_clip import CLIPAttention
 
 NAMES = ["cat", "dog", "grass", "sky", "road", "tree"]
 
@@ -79,8 +79,12 @@ def test_attn_implementation_reaches_the_clip_towers_and_the_window_attention(sa
 @pytest.mark.parametrize(
     "preset, overrides",
     [(name, {}) for name in PRESET_NAMES]
-    + [("disa-vit-b-16", {"clip_finetune": "full"}), ("catseg-vit-b-16", {"clip_finetune": "full"}),
-       ("disa-vit-b-16", {"branch_mode": "masked"}), ("disa-vit-b-16", {"fusion": "concat"})],
+    + [
+        ("disa-vit-b-16", {"clip_finetune": "full"}),
+        ("catseg-vit-b-16", {"clip_finetune": "full"}),
+        ("disa-vit-b-16", {"branch_mode": "masked"}),
+        ("disa-vit-b-16", {"fusion": "concat"}),
+    ],
 )
 def test_every_trainable_parameter_gets_a_gradient(preset, overrides, tiny_processor):
     """DDP with find_unused_parameters=False (accelerate's default) needs a gradient for every trainable parameter
@@ -117,8 +121,8 @@ def test_clip_tensors_missing_from_a_checkpoint_get_clips_initialisation(saved_t
     vision, text = tiny_config.vision_config, tiny_config.text_config
     expected_std = {
         "clip.vision_model.encoder.layers.0.mlp.fc1.weight": (2 * vision.hidden_size) ** -0.5,
-        "clip.vision_model.encoder.layers.1.self_attn.q_proj.weight":
-            vision.hidden_size**-0.5 * (2 * vision.num_hidden_layers) ** -0.5,
+        "clip.vision_model.encoder.layers.1.self_attn.q_proj.weight": vision.hidden_size**-0.5
+        * (2 * vision.num_hidden_layers) ** -0.5,
         "clip.text_model.encoder.layers.0.self_attn.out_proj.weight": text.hidden_size**-0.5,
         "clip.text_projection.weight": text.hidden_size**-0.5,
     }
@@ -140,7 +144,9 @@ def test_tiny_preset_exports_with_a_dynamic_number_of_classes(tiny_model, tiny_p
 
     classes = torch.export.Dim("classes", min=1, max=cap)
     exported = torch.export.export(
-        tiny_model, (), kwargs={"pixel_values": pixels, "text_embeds": embeds(5, 0)},
+        tiny_model,
+        (),
+        kwargs={"pixel_values": pixels, "text_embeds": embeds(5, 0)},
         dynamic_shapes={"pixel_values": None, "text_embeds": {0: classes}},
     )
     module = exported.module()
@@ -160,7 +166,9 @@ def test_tiny_preset_exports_with_a_dynamic_number_of_classes(tiny_model, tiny_p
     tokens = tokens_of(NAMES[:4])
     rows = torch.export.Dim("rows", min=1, max=cap)
     exported = torch.export.export(
-        tiny_model, (), kwargs={"pixel_values": pixels, **tokens},
+        tiny_model,
+        (),
+        kwargs={"pixel_values": pixels, **tokens},
         dynamic_shapes={"pixel_values": None, "input_ids": {0: rows}, "attention_mask": {0: rows}},
     )
     other = tokens_of(NAMES)
@@ -183,8 +191,9 @@ def test_hidden_states_and_attentions_are_clips_own(saved_tiny, pixel_values):
     vision = model.clip.vision_model
     with torch.no_grad():
         out = model(pixel_values=pixel_values, output_hidden_states=True, output_attentions=True)
-        reference = vision(pixel_values=pixel_values, output_hidden_states=True, output_attentions=True,
-                           interpolate_pos_encoding=True)
+        reference = vision(
+            pixel_values=pixel_values, output_hidden_states=True, output_attentions=True, interpolate_pos_encoding=True
+        )
     layers = model.config.vision_config.num_hidden_layers
     states, attentions = out.vision_model_output.hidden_states, out.vision_model_output.attentions
     assert len(states) == layers + 1 and len(attentions) == layers - 1  # the dense last block mixes no tokens

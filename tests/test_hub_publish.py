@@ -55,9 +55,18 @@ def test_publish_uploads_a_complete_repo(hub, tiny_model, tiny_processor):
     assert info.oid == hub.repos[REPO_ID].sha
     files = hub.files(REPO_ID)
     expected = {
-        "README.md", "config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
-        "tokenizer.json", "tokenizer_config.json", "configuration_disa.py", "modeling_disa.py",
-        "image_processing_disa.py", "processing_disa.py", "pipeline_disa.py",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "configuration_disa.py",
+        "modeling_disa.py",
+        "image_processing_disa.py",
+        "processing_disa.py",
+        "pipeline_disa.py",
     }
     assert expected <= set(files), expected - set(files)
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
@@ -73,8 +82,11 @@ def test_publish_uploads_a_complete_repo(hub, tiny_model, tiny_processor):
     assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_disa.DiSaForOpenVocabSegmentation"
     assert config["auto_map"]["AutoConfig"] == "configuration_disa.DiSaConfig"
     assert config["custom_pipelines"] == {
-        PIPELINE_TASK: {"impl": "pipeline_disa.DiSaOpenVocabSegmentationPipeline", "pt": ["AutoModel"],
-                        "type": "multimodal"}
+        PIPELINE_TASK: {
+            "impl": "pipeline_disa.DiSaOpenVocabSegmentationPipeline",
+            "pt": ["AutoModel"],
+            "type": "multimodal",
+        }
     }
     assert not hasattr(tiny_model.config, "custom_pipelines")  # the caller's config is left as it was
     processor_config = json.loads(files["processor_config.json"])
@@ -111,13 +123,16 @@ def test_round_trip_from_the_stub_equals_the_local_model(hub, tiny_model, tiny_p
     with torch.no_grad():
         assert torch.equal(model(**remote_inputs).logits, tiny_model(**local_inputs).logits)
 
-    segmenter = pipeline(PIPELINE_TASK, model=REPO_ID, pipeline_class=DiSaOpenVocabSegmentationPipeline,
-                         trust_remote_code=True)
-    assert_same_segments(segmenter(image, candidate_labels=LABELS),
-                         reference_segments(tiny_model, tiny_processor, image, LABELS), image)
+    segmenter = pipeline(
+        PIPELINE_TASK, model=REPO_ID, pipeline_class=DiSaOpenVocabSegmentationPipeline, trust_remote_code=True
+    )
+    assert_same_segments(
+        segmenter(image, candidate_labels=LABELS), reference_segments(tiny_model, tiny_processor, image, LABELS), image
+    )
     builtin = pipeline("image-segmentation", model=REPO_ID, trust_remote_code=True)
-    assert_same_segments(builtin(image), reference_segments(tiny_model, tiny_processor, image), image,
-                         check_scores=False)
+    assert_same_segments(
+        builtin(image), reference_segments(tiny_model, tiny_processor, image), image, check_scores=False
+    )
     assert not any(path.startswith("/api/models/") and "commit" in path for m, path in hub.unhandled)
 
 
@@ -129,8 +144,14 @@ def test_remote_code_from_the_stub_in_a_fresh_process(hub, tiny_model, tiny_proc
     with torch.no_grad():
         logits = tiny_model(**inputs).logits
     ov = reference_segments(tiny_model, tiny_processor, image, LABELS)
-    torch.save({"logits": logits, "input_ids": inputs["input_ids"],
-                "ov": {k: (torch.from_numpy(m), s) for k, (m, s) in ov.items()}}, tmp_path / "expected.pt")
+    torch.save(
+        {
+            "logits": logits,
+            "input_ids": inputs["input_ids"],
+            "ov": {k: (torch.from_numpy(m), s) for k, (m, s) in ov.items()},
+        },
+        tmp_path / "expected.pt",
+    )
     script = textwrap.dedent(
         f"""
         import sys
@@ -157,11 +178,18 @@ def test_remote_code_from_the_stub_in_a_fresh_process(hub, tiny_model, tiny_proc
         print("OK", type(segmenter).__module__)
         """
     )
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float rounding as the expected logits
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PATH": "/usr/bin:/bin",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }  # same float rounding as the expected logits
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "OK transformers_modules" in result.stdout
 
@@ -191,17 +219,30 @@ def test_offline_mode_errors_do_not_hang(tiny_model, tiny_processor):
 
 def test_save_for_hub_and_card_rendering(tiny_model, tiny_processor, tmp_path):
     results_file = tmp_path / "results.json"
-    results_file.write_text(json.dumps({"results": [{"dataset": "voc20", "mIoU": 93.7, "pAcc": 97.0},
-                                                    {"benchmark": "my-set", "mean_iou": 41.0}]}))
-    folder = save_for_hub(tiny_model, tiny_processor, tmp_path / "repo", repo_id="org/x", eval_results=results_file,
-                          base_model="openai/clip-vit-base-patch16", datasets=["org/coco-stuff-171"])
+    results_file.write_text(
+        json.dumps(
+            {"results": [{"dataset": "voc20", "mIoU": 93.7, "pAcc": 97.0}, {"benchmark": "my-set", "mean_iou": 41.0}]}
+        )
+    )
+    folder = save_for_hub(
+        tiny_model,
+        tiny_processor,
+        tmp_path / "repo",
+        repo_id="org/x",
+        eval_results=results_file,
+        base_model="openai/clip-vit-base-patch16",
+        datasets=["org/coco-stuff-171"],
+    )
     meta = front_matter((folder / "README.md").read_text())
     assert meta["base_model"] == "openai/clip-vit-base-patch16"
     assert meta["datasets"] == ["coco-stuff", "org/coco-stuff-171"]
     results = meta["model-index"][0]["results"]
     got = {(r["dataset"]["name"], m["type"]): m["value"] for r in results for m in r["metrics"]}
-    assert got == {("Pascal VOC-20", "mean_iou"): 93.7, ("Pascal VOC-20", "accuracy"): 97.0,
-                   ("my-set", "mean_iou"): 41.0}
+    assert got == {
+        ("Pascal VOC-20", "mean_iou"): 93.7,
+        ("Pascal VOC-20", "accuracy"): 97.0,
+        ("my-set", "mean_iou"): 41.0,
+    }
     voc = next(r for r in results if r["dataset"]["type"] == "voc20")
     assert voc["dataset"]["split"] == "validation" and voc["dataset"]["config"] == "voc20"
 
@@ -241,8 +282,15 @@ def test_standard_push_to_hub_uploads_the_complete_repo(hub, tiny_model, tiny_pr
     tiny_model.add_model_tags(["my-tag"])
     tiny_model.push_to_hub(REPO_ID, processor=tiny_processor, token=TOKEN, commit_message="standard push")
     files = hub.files(REPO_ID)
-    assert {"README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-            "modeling_disa.py", "pipeline_disa.py"} <= set(files)
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "modeling_disa.py",
+        "pipeline_disa.py",
+    } <= set(files)
     config = json.loads(files["config.json"])
     assert PIPELINE_TASK in config["custom_pipelines"]
     card = files["README.md"].decode()
@@ -258,8 +306,9 @@ def test_standard_push_to_hub_uploads_the_complete_repo(hub, tiny_model, tiny_pr
     segmenter = pipeline(model=REPO_ID, trust_remote_code=True)
     assert type(segmenter).__module__.startswith("transformers_modules")
     image = make_image(11)
-    assert_same_segments(segmenter(image, candidate_labels=LABELS),
-                         reference_segments(tiny_model, tiny_processor, image, LABELS), image)
+    assert_same_segments(
+        segmenter(image, candidate_labels=LABELS), reference_segments(tiny_model, tiny_processor, image, LABELS), image
+    )
 
     # save_pretrained(push_to_hub=True) goes the same way; without a processor it says what is missing
     with pytest.warns(UserWarning, match="without a processor"):

@@ -1,4 +1,5 @@
 """Sliding-window / whole-image inference against a stub model whose output is known in closed form."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -52,7 +53,11 @@ def test_window_starts_protocol():
 
 
 def test_sliding_window_geometry_scales_the_protocol():
-    assert sliding_window_geometry() == sliding_window_geometry(384) == {"warp_size": 640, "window_size": 384, "stride": 256}
+    assert (
+        sliding_window_geometry()
+        == sliding_window_geometry(384)
+        == {"warp_size": 640, "window_size": 384, "stride": 256}
+    )
     for view in (64, 128, 336):
         g = sliding_window_geometry(view)
         assert window_starts(g["warp_size"], g["window_size"], g["stride"]) == [0, g["warp_size"] - view]  # 2x2 crops
@@ -71,12 +76,13 @@ def test_sliding_window_matches_manual_computation():
     assert stub.calls == [(5, 3, 24, 24)]
     # manual: warp, crop means, sigmoid, fold with overlap counts, global view, average, resize
     warped = F.interpolate(img, size=(40, 40), mode="bilinear", align_corners=False)
-    canvas = torch.zeros(3, 40, 40); count = torch.zeros(40, 40)
+    canvas = torch.zeros(3, 40, 40)
+    count = torch.zeros(40, 40)
     for y in (0, 16):
         for x in (0, 16):
-            m = warped[0, :, y:y + 24, x:x + 24].mean()
-            canvas[:, y:y + 24, x:x + 24] += torch.sigmoid(m * w)[:, None, None]
-            count[y:y + 24, x:x + 24] += 1
+            m = warped[0, :, y : y + 24, x : x + 24].mean()
+            canvas[:, y : y + 24, x : x + 24] += torch.sigmoid(m * w)[:, None, None]
+            count[y : y + 24, x : x + 24] += 1
     g = F.interpolate(warped, size=(24, 24), mode="bilinear", align_corners=False).mean()
     final = (canvas / count + torch.sigmoid(g * w)[:, None, None]) / 2
     expected = F.interpolate(final[None], size=(30, 50), mode="bilinear", align_corners=False)
@@ -91,8 +97,12 @@ def test_windows_batched_and_chunking_is_invariant():
     stub = PixelStub(4)
     a = sliding_window_probs(stub, img, torch.zeros(4, 2), warp_size=40, window_size=24, stride=16)
     b = sliding_window_probs(stub, img, torch.zeros(4, 2), warp_size=40, window_size=24, stride=16, batch_size=3)
-    one = torch.cat([sliding_window_probs(stub, img[i:i + 1], torch.zeros(4, 2), warp_size=40, window_size=24,
-                                          stride=16) for i in range(2)])
+    one = torch.cat(
+        [
+            sliding_window_probs(stub, img[i : i + 1], torch.zeros(4, 2), warp_size=40, window_size=24, stride=16)
+            for i in range(2)
+        ]
+    )
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, one)
 
@@ -119,8 +129,12 @@ def test_whole_image_and_predict_modes():
     stub = PixelStub(3)
     p = whole_image_probs(stub, img, torch.zeros(3, 2), input_size=16)
     view = F.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)[:, :1]
-    exp = F.interpolate(torch.sigmoid(view * torch.tensor([1.0, 2, 3]).view(1, 3, 1, 1)), size=(20, 28),
-                        mode="bilinear", align_corners=False)
+    exp = F.interpolate(
+        torch.sigmoid(view * torch.tensor([1.0, 2, 3]).view(1, 3, 1, 1)),
+        size=(20, 28),
+        mode="bilinear",
+        align_corners=False,
+    )
     torch.testing.assert_close(p, exp)
     seg = predict_segmentation(stub, img, torch.zeros(3, 2), mode="whole", short_side=32, input_size=16)
     assert seg.shape == (1, 20, 28) and seg.dtype == torch.int64
@@ -128,8 +142,9 @@ def test_whole_image_and_predict_modes():
     seg2 = predict_segmentation(stub, img, torch.zeros(3, 2), short_side=32, warp_size=40, window_size=24, stride=16)
     x = F.interpolate(img, size=short_side_size(20, 28, 32), mode="bilinear", align_corners=False)
     assert x.shape[-2:] == (32, 45)
-    probs = sliding_window_probs(stub, x, torch.zeros(3, 2), warp_size=40, window_size=24, stride=16,
-                                 output_size=(20, 28))
+    probs = sliding_window_probs(
+        stub, x, torch.zeros(3, 2), warp_size=40, window_size=24, stride=16, output_size=(20, 28)
+    )
     assert torch.equal(seg2, probs.argmax(1))
     with pytest.raises(ValueError, match="Unknown inference mode"):
         predict_segmentation(stub, img, torch.zeros(3, 2), mode="tiles")

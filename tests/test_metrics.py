@@ -1,4 +1,5 @@
 """Confusion-matrix metrics vs independent NumPy computations (loops / histograms), both averaging rules."""
+
 import os
 
 import numpy as np
@@ -197,6 +198,7 @@ def histogram_mean_iou(preds, gts, k, ignore):
 @pytest.fixture(scope="module")
 def hub_metric():
     import evaluate
+
     return evaluate.load(METRIC_DIR)
 
 
@@ -212,8 +214,9 @@ def test_evaluate_module_matches_mean_iou_formulas(hub_metric):
     np.testing.assert_allclose(r["per_category_iou"], iou, equal_nan=True)
     np.testing.assert_allclose(r["per_category_accuracy"], acc, equal_nan=True)
     # the published rule agrees with the torch accumulator
-    r2 = hub_metric.compute(predictions=preds, references=gts, num_labels=11, ignore_index=255,
-                            miou_rule="present_in_gt")
+    r2 = hub_metric.compute(
+        predictions=preds, references=gts, num_labels=11, ignore_index=255, miou_rule="present_in_gt"
+    )
     cm = SegmentationConfusionMatrix(11, 255)
     for p, g in zip(preds, gts):
         cm.update(p, g)
@@ -250,9 +253,10 @@ def test_evaluate_module_arithmetic_is_the_package_copy(rule, nan_to_num):
             np.testing.assert_allclose(theirs[key], ours[key], rtol=1e-12, equal_nan=True, err_msg=key)
         for key in ("per_category_iou", "per_category_accuracy"):
             np.testing.assert_allclose(theirs[key], ours[key], rtol=1e-12, equal_nan=True, err_msg=key)
-    np.testing.assert_array_equal(copy.metrics_from_confusion(np.zeros((3, 3)))["per_category_iou"],
-                                  metrics_from_confusion_matrix(np.zeros((3, 3)), rule="present_in_gt_or_pred")[
-                                      "per_category_iou"])
+    np.testing.assert_array_equal(
+        copy.metrics_from_confusion(np.zeros((3, 3)))["per_category_iou"],
+        metrics_from_confusion_matrix(np.zeros((3, 3)), rule="present_in_gt_or_pred")["per_category_iou"],
+    )
     preds, gts = random_maps(rng, 4, 9, 255, absent=(2,))
     accumulated = SegmentationConfusionMatrix(9, 255)
     total = np.zeros((9, 9), np.int64)
@@ -264,23 +268,37 @@ def test_evaluate_module_arithmetic_is_the_package_copy(rule, nan_to_num):
 
 def test_evaluate_module_16bit_reduce_labels_label_map_nan_to_num(hub_metric):
     g = np.array([[846, 0], [65535, 3]], dtype=np.uint16)
-    r = hub_metric.compute(predictions=[np.array([[846, 0], [7, 2]])], references=[g], num_labels=847,
-                           ignore_index=65535)
+    r = hub_metric.compute(
+        predictions=[np.array([[846, 0], [7, 2]])], references=[g], num_labels=847, ignore_index=65535
+    )
     assert r["mean_iou"] == pytest.approx((1 + 1 + 0 + 0) / 4)  # classes 846, 0 hit; 3 missed; 2 predicted only
     # reduce_labels: 0 -> ignore, k -> k-1 (ADE-150 raw annotations)
     raw = np.array([[0, 1], [2, 150]], dtype=np.uint8)
-    r = hub_metric.compute(predictions=[np.array([[5, 0], [1, 149]])], references=[raw], num_labels=150,
-                           ignore_index=255, reduce_labels=True, nan_to_num=-1)
+    r = hub_metric.compute(
+        predictions=[np.array([[5, 0], [1, 149]])],
+        references=[raw],
+        num_labels=150,
+        ignore_index=255,
+        reduce_labels=True,
+        nan_to_num=-1,
+    )
     assert r["mean_iou"] == pytest.approx(1.0) and r["per_category_iou"][5] == -1
-    r = hub_metric.compute(predictions=[np.array([[1, 1]])], references=[np.array([[0, 1]])], num_labels=2,
-                           ignore_index=255, label_map={0: 1})
+    r = hub_metric.compute(
+        predictions=[np.array([[1, 1]])],
+        references=[np.array([[0, 1]])],
+        num_labels=2,
+        ignore_index=255,
+        label_map={0: 1},
+    )
     assert r["mean_iou"] == pytest.approx(1.0)
 
 
 def test_evaluate_module_bad_input(hub_metric):
     with pytest.raises(ValueError, match="not ignore_index"):
-        hub_metric.compute(predictions=[np.zeros((2, 2), int)], references=[np.full((2, 2), 9)], num_labels=5,
-                           ignore_index=255)
+        hub_metric.compute(
+            predictions=[np.zeros((2, 2), int)], references=[np.full((2, 2), 9)], num_labels=5, ignore_index=255
+        )
     with pytest.raises(ValueError, match="does not match"):
-        hub_metric.compute(predictions=[np.zeros((2, 3), int)], references=[np.zeros((2, 2), int)], num_labels=5,
-                           ignore_index=255)
+        hub_metric.compute(
+            predictions=[np.zeros((2, 3), int)], references=[np.zeros((2, 2), int)], num_labels=5, ignore_index=255
+        )

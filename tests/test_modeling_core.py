@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_configs import PRESETS
 
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 from modeling_disa.model.clip_dense_features import dense_clip_features
 from modeling_disa.model.losses import segmentation_loss
-from tiny_configs import PRESETS
 
 NAMES = ["cat", "dog", "grass", "sky", "road", "tree", "water"]
 
@@ -88,7 +88,9 @@ def test_position_embeddings_interpolated_bicubically(tiny_model):
     """CLIP checkpoint at 128 px run at 256 px: the 8x8 table is resized to 16x16 as CAT-Seg does."""
     embeddings = tiny_model.clip.vision_model.embeddings
     table = embeddings.position_embedding.weight[1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
-    expected = F.interpolate(table, size=(16, 16), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(256, -1)
+    expected = (
+        F.interpolate(table, size=(16, 16), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(256, -1)
+    )
     got = embeddings.interpolate_pos_encoding(torch.zeros(1, 257, 32), 256, 256)[0, 1:]
     torch.testing.assert_close(got, expected)
 
@@ -136,9 +138,13 @@ def test_text_weights_edited_without_version_bump_are_used(tiny_model, tiny_proc
         torch.testing.assert_close(after, direct_text_embeddings(tiny_model, inputs))
         assert not torch.allclose(tiny_model(pixel_values=pixel_values, **inputs).logits, before)
     # nothing is kept between calls: no container on the model holds tensors besides torch's own registries
-    holders = [name for name, value in vars(tiny_model).items()
-               if name not in ("_parameters", "_buffers", "_modules") and isinstance(value, dict)
-               and any(isinstance(item, torch.Tensor) for item in value.values())]
+    holders = [
+        name
+        for name, value in vars(tiny_model).items()
+        if name not in ("_parameters", "_buffers", "_modules")
+        and isinstance(value, dict)
+        and any(isinstance(item, torch.Tensor) for item in value.values())
+    ]
     assert not holders
 
 
@@ -232,9 +238,13 @@ def test_segmentation_loss_matches_formula(mode):
 def test_catseg_and_mask_modes_differ_only_with_ignored_pixels():
     logits = torch.randn(1, 3, 4, 4)
     labels = torch.randint(0, 3, (1, 16, 16))
-    assert torch.allclose(segmentation_loss(logits, labels, 255, "catseg"), segmentation_loss(logits, labels, 255, "mask"))
+    assert torch.allclose(
+        segmentation_loss(logits, labels, 255, "catseg"), segmentation_loss(logits, labels, 255, "mask")
+    )
     labels[0, 0] = 255
-    assert not torch.allclose(segmentation_loss(logits, labels, 255, "catseg"), segmentation_loss(logits, labels, 255, "mask"))
+    assert not torch.allclose(
+        segmentation_loss(logits, labels, 255, "catseg"), segmentation_loss(logits, labels, 255, "mask")
+    )
 
 
 def test_model_loss_and_gradients_reach_only_trainable_parameters(tiny_model, tiny_processor, pixel_values):
@@ -315,6 +325,7 @@ def test_full_size_parameter_counts(preset, total, trainable):
 def test_disa_vit_l_parameter_counts_against_the_paper():
     """The paper reports 456.2 M parameters for DiSa (ViT-L). The first-design SDM block at CLIP width lands within
     3 %; the shipped design (presence head over the 128-wide cost volume) is CAT-Seg-L plus about 1.4 M."""
+
     def count(**overrides):
         config = DiSaConfig.from_pretrained(PRESETS / "disa-vit-l-14-336", **overrides)
         with torch.device("meta"):
@@ -331,8 +342,13 @@ def test_from_clip_pretrained_loads_clip_weights_and_sets_up_qv_finetuning(tmp_p
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(3)
-    clip = CLIPModel(CLIPConfig(text_config=tiny_config.text_config.to_dict(),
-                                vision_config=tiny_config.vision_config.to_dict(), projection_dim=32))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=tiny_config.text_config.to_dict(),
+            vision_config=tiny_config.vision_config.to_dict(),
+            projection_dim=32,
+        )
+    )
     clip.save_pretrained(tmp_path / "clip")
     model = DiSaForOpenVocabSegmentation.from_clip_pretrained(tmp_path / "clip", config=PRESETS / "disa-tiny")
     reference = clip.state_dict()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import pipeline
 
-from modeling_disa import DiSaOpenVocabSegmentationPipeline, PIPELINE_TASK
+from modeling_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
 
 LABELS = ["cat", "sky", "road", "building, edifice"]
 
@@ -30,7 +30,11 @@ def make_image(seed: int, size=(90, 120)) -> Image.Image:
 
 def reference_segments(model, processor, image, labels=None):
     """{label: (bool mask (H, W), score)} from the model directly."""
-    inputs = processor(images=image, text=labels) if labels else processor.image_processor(images=image, return_tensors="pt")
+    inputs = (
+        processor(images=image, text=labels)
+        if labels
+        else processor.image_processor(images=image, return_tensors="pt")
+    )
     with torch.no_grad():
         logits = model(**inputs).logits
     names = labels or [model.config.id2label[i] for i in range(len(model.config.id2label))]
@@ -126,7 +130,9 @@ def test_a_model_without_a_default_vocabulary_needs_labels_per_call(tiny_config,
     from modeling_disa import DiSaForOpenVocabSegmentation
 
     tiny_config.label_token_ids = None
-    segmenter = pipeline(PIPELINE_TASK, model=DiSaForOpenVocabSegmentation(tiny_config).eval(), processor=tiny_processor)
+    segmenter = pipeline(
+        PIPELINE_TASK, model=DiSaForOpenVocabSegmentation(tiny_config).eval(), processor=tiny_processor
+    )
     assert {e["label"] for e in segmenter(make_image(0), candidate_labels=["cat", "sky"])} <= {"cat", "sky"}
     with pytest.raises(ValueError, match="no stored default vocabulary"):
         segmenter(make_image(0))
@@ -202,10 +208,16 @@ def test_saved_folder_pipelines_in_a_fresh_process_without_the_package(tiny_mode
         """
     )
     # same thread count as here, so that float reductions (and so near-tied pixels) round the same way
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PATH": "/usr/bin:/bin",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "OK transformers_modules" in result.stdout
 
@@ -226,17 +238,21 @@ def test_sliding_window_matches_the_protocol_run_view_by_view(sdm_segmenter, tin
     geometry = sliding_window_geometry(tiny_processor.image_processor.size["height"])
     assert sdm_segmenter.sliding_window_geometry() == geometry == {"warp_size": 213, "window_size": 128, "stride": 85}
     warp = geometry["warp_size"]
-    pixel_values = tiny_processor.image_processor(images=image, size={"height": warp, "width": warp},
-                                                  return_tensors="pt")["pixel_values"]
+    pixel_values = tiny_processor.image_processor(
+        images=image, size={"height": warp, "width": warp}, return_tensors="pt"
+    )["pixel_values"]
     tokens = tiny_processor.tokenize_class_names(LABELS)
     with torch.no_grad():
         text_embeds = model.get_text_embeddings(tokens["input_ids"], tokens["attention_mask"])
     probabilities = sliding_window_probs(model, pixel_values, text_embeds, batch_size=1, **geometry)
-    probabilities = F.interpolate(probabilities, size=(image.height, image.width), mode="bilinear",
-                                  align_corners=False)[0]
+    probabilities = F.interpolate(
+        probabilities, size=(image.height, image.width), mode="bilinear", align_corners=False
+    )[0]
     segmentation = probabilities.argmax(dim=0).numpy()
-    reference = {LABELS[c]: (segmentation == c, float(probabilities[c].numpy()[segmentation == c].mean()))
-                 for c in np.unique(segmentation)}
+    reference = {
+        LABELS[c]: (segmentation == c, float(probabilities[c].numpy()[segmentation == c].mean()))
+        for c in np.unique(segmentation)
+    }
     assert_same_segments(sdm_segmenter(image, candidate_labels=LABELS, inference_mode="sliding"), reference, image)
 
 
@@ -333,7 +349,9 @@ def test_exif_orientation_is_applied_for_every_input_form(segmenter, tmp_path):
     by_path = segmenter(str(path), candidate_labels=LABELS)
     by_pil = segmenter(Image.open(path), candidate_labels=LABELS)
     by_upright = segmenter(upright, candidate_labels=LABELS)
-    builtin = pipeline("image-segmentation", model=segmenter.model, image_processor=segmenter.processor.image_processor)
+    builtin = pipeline(
+        "image-segmentation", model=segmenter.model, image_processor=segmenter.processor.image_processor
+    )
     for result in (by_path, by_pil, by_upright, builtin(Image.open(path))):
         assert {entry["mask"].size for entry in result} == {(80, 120)}
     assert as_dict(by_pil).keys() == as_dict(by_path).keys() == as_dict(by_upright).keys()

@@ -1,7 +1,6 @@
 """Each converter on a tiny synthetic copy of its raw release layout, checked against hand-derived labels."""
+
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,7 +67,8 @@ def test_ade847_full_index_mapping_16bit_and_resize(tmp_path):
 
 
 def test_ade847_resize_rule():
-    img = np.zeros((600, 1000, 3), np.uint8); lab = np.arange(600 * 1000).reshape(600, 1000)
+    img = np.zeros((600, 1000, 3), np.uint8)
+    lab = np.arange(600 * 1000).reshape(600, 1000)
     i2, l2 = prep._resize_short_side(img, lab, 512)
     assert i2.shape == (512, round(1000 / 600 * 512), 3) and l2.shape == i2.shape[:2]
     assert l2[0, 0] == 0 and l2[-1, -1] in lab  # nearest keeps original values
@@ -82,7 +82,9 @@ def coco_rle_encode(mask):
     counts, cur, run = [], 0, 0
     for v in flat:
         if v != cur:
-            counts.append(run); run = 0; cur = v
+            counts.append(run)
+            run = 0
+            cur = v
         run += 1
     counts.append(run)
     out = []
@@ -91,7 +93,8 @@ def coco_rle_encode(mask):
             x -= counts[i - 2]
         more = True
         while more:
-            c = x & 0x1F; x >>= 5
+            c = x & 0x1F
+            x >>= 5
             more = (x != -1) if (c & 0x10) else (x != 0)
             if more:
                 c |= 0x20
@@ -112,16 +115,24 @@ def test_pc59_from_trainval_merged(tmp_path):
     voc = tmp_path / "VOCdevkit/VOC2010"
     jpg(voc / "JPEGImages/2008_000002.jpg", 3, 4)
     jpg(voc / "JPEGImages/2008_000003.jpg", 3, 4)
-    a = np.zeros((3, 4), np.uint8); a[0, :2] = 1          # category 2 (aeroplane -> 0)
-    b = np.zeros((3, 4), np.uint8); b[1:, :] = 1          # category 458 (wood -> 58), painted last
-    c = np.zeros((3, 4), np.uint8); c[2, 3] = 1           # category 1 (accordion, not in PC-59) -> ignore
-    data = {"images": [{"image_id": 2, "file_name": "2008_000002.jpg", "height": 3, "width": 4, "phase": "val"},
-                       {"image_id": 3, "file_name": "2008_000003.jpg", "height": 3, "width": 4, "phase": "train"}],
-            "annos_segmentation": [
-                {"image_id": 2, "category_id": 2, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(a)}},
-                {"image_id": 2, "category_id": 458, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(b)}},
-                {"image_id": 2, "category_id": 1, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(c)}},
-                {"image_id": 3, "category_id": 2, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(a)}}]}
+    a = np.zeros((3, 4), np.uint8)
+    a[0, :2] = 1  # category 2 (aeroplane -> 0)
+    b = np.zeros((3, 4), np.uint8)
+    b[1:, :] = 1  # category 458 (wood -> 58), painted last
+    c = np.zeros((3, 4), np.uint8)
+    c[2, 3] = 1  # category 1 (accordion, not in PC-59) -> ignore
+    data = {
+        "images": [
+            {"image_id": 2, "file_name": "2008_000002.jpg", "height": 3, "width": 4, "phase": "val"},
+            {"image_id": 3, "file_name": "2008_000003.jpg", "height": 3, "width": 4, "phase": "train"},
+        ],
+        "annos_segmentation": [
+            {"image_id": 2, "category_id": 2, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(a)}},
+            {"image_id": 2, "category_id": 458, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(b)}},
+            {"image_id": 2, "category_id": 1, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(c)}},
+            {"image_id": 3, "category_id": 2, "segmentation": {"size": [3, 4], "counts": coco_rle_encode(a)}},
+        ],
+    }
     (voc / "trainval_merged.json").write_text(json.dumps(data))
     prep.convert("pc59", tmp_path, tmp_path / "out")
     labels, dd = labels_of(tmp_path / "out", "pc59")
@@ -131,6 +142,7 @@ def test_pc59_from_trainval_merged(tmp_path):
 
 def test_pc459_from_mat(tmp_path):
     import scipy.io as scipy_io
+
     voc = tmp_path / "VOC2010"
     jpg(voc / "JPEGImages/2008_000002.jpg", 2, 3)
     (voc / "trainval").mkdir(parents=True)
@@ -180,6 +192,7 @@ def test_coco_stuff171_and_atomic_rewrite(tmp_path):
     assert [p.name for p in (out / "data").iterdir()] == ["coco_stuff171"]
     # the folder loads as a Hub-style repo with one config per evaluation dataset
     import datasets
+
     ds = datasets.load_dataset(str(out), "coco_stuff171", split="validation")
     assert len(ds) == 1
 

@@ -115,10 +115,12 @@ def test_post_process_orders_match_direct_computations(image_processor):
     )
     differ = 0
     for index, size in enumerate(sizes):
-        probabilities = torch.nn.functional.interpolate(logits[index : index + 1].sigmoid(), size=size,
-                                                        mode="bilinear", align_corners=False)[0]
-        up = torch.nn.functional.interpolate(logits[index : index + 1], size=size, mode="bilinear",
-                                             align_corners=False)[0]
+        probabilities = torch.nn.functional.interpolate(
+            logits[index : index + 1].sigmoid(), size=size, mode="bilinear", align_corners=False
+        )[0]
+        up = torch.nn.functional.interpolate(
+            logits[index : index + 1], size=size, mode="bilinear", align_corners=False
+        )[0]
         assert torch.equal(default[index], probabilities.argmax(0))
         assert torch.equal(resized_logits[index], up.argmax(0))
         differ += int((probabilities.argmax(0) != up.argmax(0)).sum())
@@ -133,13 +135,15 @@ def test_post_process_returns_segmentation_scores(image_processor, tiny_processo
     torch.manual_seed(1)
     logits = torch.randn(2, 3, 8, 8)
     outputs = DiSaSegmentationOutput(logits=logits)
-    results = image_processor.post_process_semantic_segmentation(outputs, [(20, 24), (8, 8)],
-                                                                 return_segmentation_scores=True)
+    results = image_processor.post_process_semantic_segmentation(
+        outputs, [(20, 24), (8, 8)], return_segmentation_scores=True
+    )
     plain = image_processor.post_process_semantic_segmentation(outputs, [(20, 24), (8, 8)])
     for index, (result, size) in enumerate(zip(results, [(20, 24), (8, 8)])):
         assert isinstance(result, SemanticSegmentationPostProcessorOutput)
-        expected = torch.nn.functional.interpolate(logits[index : index + 1].sigmoid(), size=size, mode="bilinear",
-                                                   align_corners=False)[0]
+        expected = torch.nn.functional.interpolate(
+            logits[index : index + 1].sigmoid(), size=size, mode="bilinear", align_corners=False
+        )[0]
         torch.testing.assert_close(result.segmentation_scores, expected)
         assert result.segmentation_scores.shape == (3, *size)
         assert torch.equal(result.segmentation, plain[index])
@@ -153,8 +157,13 @@ def test_float_images_follow_one_rule_whatever_the_container(image_processor):
     gray = np.random.default_rng(2).integers(0, 256, (32, 32)).astype(np.uint8)
     reference = image_processor(gray, return_tensors="pt")["pixel_values"]
     unit = gray.astype(np.float32) / 255.0
-    for variant in (Image.fromarray(unit, mode="F"), unit, torch.from_numpy(unit),
-                    Image.fromarray(gray.astype(np.float32), mode="F"), gray.astype(np.float64)):
+    for variant in (
+        Image.fromarray(unit, mode="F"),
+        unit,
+        torch.from_numpy(unit),
+        Image.fromarray(gray.astype(np.float32), mode="F"),
+        gray.astype(np.float64),
+    ):
         got = image_processor(variant, return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
 
@@ -172,8 +181,12 @@ def test_processor_routes_keyword_arguments_like_transformers_processors(tiny_pr
     assert out["input_ids"].shape == (3, 77) and torch.equal(out["input_ids"], expected["input_ids"])
     # per-modality dictionaries and common kwargs
     image = np.zeros((40, 50, 3), np.uint8)
-    out = tiny_processor(images=image, text=names, text_kwargs={"padding": "max_length", "max_length": 60},
-                         images_kwargs={"size": {"height": 32, "width": 48}})
+    out = tiny_processor(
+        images=image,
+        text=names,
+        text_kwargs={"padding": "max_length", "max_length": 60},
+        images_kwargs={"size": {"height": 32, "width": 48}},
+    )
     assert out["input_ids"].shape == (3, 60) and out["pixel_values"].shape == (1, 3, 32, 48)
     out = tiny_processor(images=image, text=names, common_kwargs={"return_tensors": "np"})
     assert isinstance(out["input_ids"], np.ndarray) and isinstance(out["pixel_values"], np.ndarray)
@@ -198,8 +211,11 @@ def test_processor_builds_prompts_with_first_synonym(tiny_processor):
         (["cat", 3], TypeError, "strings"),
         ("cat", TypeError, "list"),
         # two classes prompted alike would get identical logits; an empty first synonym prompts nothing
-        (["building, edifice", "cat", "building, house"], ValueError,
-         r"\['building, edifice', 'building, house'\] are all prompted as 'building'"),
+        (
+            ["building, edifice", "cat", "building, house"],
+            ValueError,
+            r"\['building, edifice', 'building, house'\] are all prompted as 'building'",
+        ),
         (["dog", ", cat"], ValueError, r"\[', cat'\] have an empty first synonym"),
     ],
 )

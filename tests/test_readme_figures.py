@@ -8,8 +8,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_readme_figures_block_matches_the_results():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "update_readme.py"), "--check"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "update_readme.py"), "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

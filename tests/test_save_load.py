@@ -24,9 +24,18 @@ def saved(tmp_path, tiny_model, tiny_processor):
 def test_save_writes_safetensors_config_auto_map_and_code(saved, tiny_model):
     files = {p.name for p in saved.iterdir()}
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
-    for module in ("configuration_disa.py", "modeling_disa.py", "cost_volume.py", "spatial_aggregation.py",
-                   "class_aggregation.py", "decoder.py", "clip_dense_features.py", "losses.py",
-                   "processing_disa.py", "image_processing_disa.py"):
+    for module in (
+        "configuration_disa.py",
+        "modeling_disa.py",
+        "cost_volume.py",
+        "spatial_aggregation.py",
+        "class_aggregation.py",
+        "decoder.py",
+        "clip_dense_features.py",
+        "losses.py",
+        "processing_disa.py",
+        "image_processing_disa.py",
+    ):
         assert module in files, module
     config = json.loads((saved / "config.json").read_text())
     assert config["auto_map"] == {
@@ -99,7 +108,9 @@ def test_remote_code_loads_without_the_package(saved, tiny_model, tiny_processor
         """
     )
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE transformers_modules" in result.stdout
 
@@ -109,5 +120,8 @@ def test_mismatched_shapes_name_the_keys(saved, tiny_config):
     for key in ("model_type", "transformers_version"):
         values.pop(key, None)
     values["hidden_dim"] = 48
-    with pytest.raises(Exception, match=r"aggregator\.layers\.0\.class_aggregation\.attention\.k\.bias: checkpoint \(32,\) vs model \(48,\)"):
+    with pytest.raises(
+        Exception,
+        match=r"aggregator\.layers\.0\.class_aggregation\.attention\.k\.bias: checkpoint \(32,\) vs model \(48,\)",
+    ):
         DiSaForOpenVocabSegmentation.from_pretrained(saved, config=DiSaConfig(**values))

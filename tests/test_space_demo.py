@@ -94,13 +94,15 @@ def client(served):
 def request(client, image, labels, mode="whole image", saliency=True):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(str(image)) if image is not None else None, labels, mode, saliency,
-                          api_name="/segment")
+    return client.predict(
+        handle_file(str(image)) if image is not None else None, labels, mode, saliency, api_name="/segment"
+    )
 
 
 def pipeline_masks(reference, image_path, labels, mode="whole", saliency=False):
-    result = reference(Image.open(image_path).convert("RGB"), candidate_labels=labels, inference_mode=mode,
-                       output_saliency=saliency)
+    result = reference(
+        Image.open(image_path).convert("RGB"), candidate_labels=labels, inference_mode=mode, output_saliency=saliency
+    )
     return result, {entry["label"]: np.asarray(entry["mask"]) > 127 for entry in result}
 
 
@@ -190,12 +192,20 @@ def start_chromium():
     binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
     driver = shutil.which("chromedriver")
     if binary is None or driver is None:
-        pytest.fail(f"headless Chromium is needed (found browser={binary}, chromedriver={driver}): install the Debian "
-                    "packages with `apt-get install -y chromium chromium-driver` (.ci/run does).")
+        pytest.fail(
+            f"headless Chromium is needed (found browser={binary}, chromedriver={driver}): install the Debian "
+            "packages with `apt-get install -y chromium chromium-driver` (.ci/run does)."
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1280,1150", "--hide-scrollbars"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1150",
+        "--hide-scrollbars",
+    ):
         options.add_argument(argument)
     try:
         return webdriver.Chrome(service=Service(driver), options=options)
@@ -312,8 +322,11 @@ def test_examples_are_the_committed_toy_world_test_scenes(app, tmp_path):
 
 def test_space_requirements_match_the_package():
     tree = ast.parse((REPO / "setup.py").read_text())
-    install = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                   and getattr(node.targets[0], "id", None) == "INSTALL_REQUIRES")
+    install = next(
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "INSTALL_REQUIRES"
+    )
     lines = [line.strip() for line in (SPACE / "requirements.txt").read_text().splitlines()]
     assert [line for line in lines if line and not line.startswith(("#", "--"))] == ast.literal_eval(install)
 
@@ -332,8 +345,10 @@ def test_space_command_uploads_the_app_to_the_stub(hub, model_dir, tmp_path):  #
         assert files[name] == (SPACE / name).read_bytes()
     package = REPO / "modeling_disa"
     assert {name for name in files if name.startswith("modeling_disa/")} == {
-        f"modeling_disa/{path.relative_to(package).as_posix()}" for path in package.rglob("*")
-        if path.suffix in (".py", ".json", ".md") and "__pycache__" not in path.parts}
+        f"modeling_disa/{path.relative_to(package).as_posix()}"
+        for path in package.rglob("*")
+        if path.suffix in (".py", ".json", ".md") and "__pycache__" not in path.parts
+    }
     assert files["modeling_disa/model/pipeline_disa.py"] == (package / "model" / "pipeline_disa.py").read_bytes()
     examples = sorted(f"examples/{p.name}" for p in (SPACE / "examples").iterdir() if p.suffix in (".png", ".json"))
     assert [name for name in files if name.startswith("examples/")] == examples and len(examples) == 5

@@ -136,8 +136,13 @@ def test_validation_loop_encodes_once(model, tiny_processor, monkeypatch):
     from train import evaluate
 
     rng = torch.Generator().manual_seed(0)
-    loader = [{"pixel_values": torch.randn(2, 3, 64, 64, generator=rng),
-               "labels": torch.randint(0, len(LABELS), (2, 64, 64), generator=rng)} for _ in range(3)]
+    loader = [
+        {
+            "pixel_values": torch.randn(2, 3, 64, 64, generator=rng),
+            "labels": torch.randint(0, len(LABELS), (2, 64, 64), generator=rng),
+        }
+        for _ in range(3)
+    ]
     tokens = dict(tiny_processor.tokenize_class_names(LABELS))
     calls = TextCalls(model, monkeypatch)
     evaluate(model, loader, Accelerator(cpu=True), tokens, len(LABELS), 255)

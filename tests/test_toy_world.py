@@ -97,16 +97,41 @@ def test_clip_pretraining_is_deterministic(tmp_path):
 def test_default_job_shortened(tmp_path):
     """The default job, shortened: artifacts exist and the metrics are finite."""
     out = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO, DISA_TOY_CACHE=str(tmp_path / "cache"))
-    toy = ("{num_train: 16, num_validation: 4, num_test: 8, clip: {steps: 4, batch_size: 16, warmup_steps: 1}}")
-    cmd = [sys.executable, os.path.join(REPO, "training", "train.py"), "--output_dir", str(out),
-           "--max_train_steps", "3", "--per_device_train_batch_size", "4", "--toy_world", toy]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=REPO,
+        DISA_TOY_CACHE=str(tmp_path / "cache"),
+    )
+    toy = "{num_train: 16, num_validation: 4, num_test: 8, clip: {steps: 4, batch_size: 16, warmup_steps: 1}}"
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "training", "train.py"),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--toy_world",
+        toy,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json",
-                 "sample_overlay.png", "sample_saliency.png", "toy_world_results.json", "toy_world_results.md",
-                 "catseg-mode/model.safetensors"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "sample_overlay.png",
+        "sample_saliency.png",
+        "toy_world_results.json",
+        "toy_world_results.md",
+        "catseg-mode/model.safetensors",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "toy_world_results.json").read_text())
     assert set(report["results"]) >= {"DiSa", "CAT-Seg mode", "dense CLIP (untrained head)"}

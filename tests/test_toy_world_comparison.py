@@ -1,12 +1,11 @@
 """`training/toy_world_comparison.py --smoke`: the DiSa vs CAT-Seg-mode sweep on a tiny world, a few steps. Checks
 the result file's schema, the summary arithmetic, and that a rerun resumes instead of retraining."""
 
-import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_PATH = Path(REPO)
@@ -21,8 +20,23 @@ def _load_script():
 def test_smoke_sweep_schema_summary_and_resume(tmp_path):
     script = _load_script()
     out = tmp_path / "comparison.json"
-    argv = ["--smoke", "--jobs", "1", "--seeds", "0", "1", "--models", "catseg", "disa",
-            "--work_dir", str(tmp_path / "work"), "--output", str(out), "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "--smoke",
+        "--jobs",
+        "1",
+        "--seeds",
+        "0",
+        "1",
+        "--models",
+        "catseg",
+        "disa",
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--output",
+        str(out),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert script.main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result) >= {"machine", "steps", "rows", "summary", "baselines"} and result["steps"] == 3
@@ -31,7 +45,8 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["torch"]
     rows = result["rows"]
     assert {(r["world"], r["model"], r["seed"]) for r in rows} == {
-        (w, m, s) for w in ("unbiased", "foreground_biased") for m in ("catseg", "disa") for s in (0, 1)}
+        (w, m, s) for w in ("unbiased", "foreground_biased") for m in ("catseg", "disa") for s in (0, 1)
+    }
     for row in rows:
         for column in ("all", "seen", "unseen", "stuff", "things", "unseen_stuff"):
             assert 0.0 <= row[column] <= 100.0 and 0.0 <= row["dev"][column] <= 100.0
@@ -39,10 +54,13 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
     assert {r["stuff_caption_rate"] for r in rows if r["world"] == "foreground_biased"} == {0.25}
     assert {r["stuff_caption_rate"] for r in rows if r["world"] == "unbiased"} == {1.0}
     # the summary is the mean / sd over the seeds of the rows
-    entry = next(e for e in result["summary"] if e["split"] == "test" and e["world"] == "unbiased"
-                 and e["model"] == "catseg")
+    entry = next(
+        e for e in result["summary"] if e["split"] == "test" and e["world"] == "unbiased" and e["model"] == "catseg"
+    )
     values = [r["stuff"] for r in rows if r["world"] == "unbiased" and r["model"] == "catseg"]
-    assert np.isclose(entry["stuff"]["mean"], np.mean(values)) and np.isclose(entry["stuff"]["sd"], np.std(values, ddof=1))
+    assert np.isclose(entry["stuff"]["mean"], np.mean(values)) and np.isclose(
+        entry["stuff"]["sd"], np.std(values, ddof=1)
+    )
     assert (tmp_path / "comparison.md").read_text().count("| unbiased |") == 4
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -32,6 +32,7 @@ TINY = os.path.join(REPO, "configuration", "training", "tiny_test.yaml")
 CLASSES = ["red", "green", "blue", "yellow"]
 PALETTE = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]], np.uint8)
 
+
 def make_split(n, seed, label_dtype=np.uint8, ignore=255, max_class=4):
     rng = np.random.default_rng(seed)
     imgs, labs = [], []
@@ -56,8 +57,14 @@ def parquet_dir(tmp_path_factory):
 
 
 def env():
-    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-             TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
+    e = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=REPO,
+    )
     e.pop("DISA_TRAIN_FAULT", None)
     return e
 
@@ -71,8 +78,16 @@ def run(args, tmp, fault=None, nproc=1, check=True):
     else:
         e["ACCELERATE_USE_CPU"] = "true"
         port = str(29500 + os.getpid() % 1000)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", port, TRAIN]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            port,
+            TRAIN,
+        ]
     cmd += ["--config", TINY, "--class_names", *CLASSES, "--cache_dir", str(tmp / "cache"), *args]
     proc = subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
@@ -97,8 +112,21 @@ def reference_run(parquet_dir, tmp_path_factory):
     """Uninterrupted run: 6 optimiser steps, accumulation 2 (2 steps per 8-sample epoch), checkpoint every step."""
     tmp = tmp_path_factory.mktemp("ref")
     out = str(tmp / "out")
-    run(["--dataset_name", parquet_dir, "--output_dir", out, "--gradient_accumulation_steps", "2",
-         "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"], tmp)
+    run(
+        [
+            "--dataset_name",
+            parquet_dir,
+            "--output_dir",
+            out,
+            "--gradient_accumulation_steps",
+            "2",
+            "--checkpointing_steps",
+            "1",
+            "--checkpoints_total_limit",
+            "2",
+        ],
+        tmp,
+    )
     return out
 
 
@@ -139,8 +167,18 @@ def test_end_to_end_parquet_run(reference_run):
 @pytest.mark.parametrize("fault,expect_latest", [("kill_after_step:4", "step_3"), ("kill_during_save:3", "step_2")])
 def test_killed_run_resumes_bit_identical(reference_run, parquet_dir, tmp_path, fault, expect_latest):
     out = str(tmp_path / "out")
-    args = ["--dataset_name", parquet_dir, "--output_dir", out, "--gradient_accumulation_steps", "2",
-            "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
+    args = [
+        "--dataset_name",
+        parquet_dir,
+        "--output_dir",
+        out,
+        "--gradient_accumulation_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+    ]
     if fault.startswith("kill_after_step"):
         args[-3] = "3"  # checkpoint every 3 steps: step 3 is mid-epoch (epoch 1, 2 of 4 batches in)
     killed = run(args, tmp_path, fault=fault, check=False)
@@ -169,8 +207,17 @@ def test_killed_run_resumes_bit_identical(reference_run, parquet_dir, tmp_path, 
 
 
 def test_two_process_cpu_run_matches_one_process(parquet_dir, tmp_path):
-    common = ["--dataset_name", parquet_dir, "--max_train_steps", "2", "--checkpointing_steps", "0",
-              "--eval_before_training", "--eval_steps", "1"]
+    common = [
+        "--dataset_name",
+        parquet_dir,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "0",
+        "--eval_before_training",
+        "--eval_steps",
+        "1",
+    ]
     one = str(tmp_path / "one")
     two = str(tmp_path / "two")
     run(common + ["--output_dir", one, "--per_device_train_batch_size", "2"], tmp_path)
@@ -204,8 +251,17 @@ def test_two_process_cpu_run_matches_one_process(parquet_dir, tmp_path):
 def main_in_process(args, tmp_path, train_ds, eval_ds=None):
     import train
 
-    argv = ["--config", TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
-            "--checkpointing_steps", "0", *args]
+    argv = [
+        "--config",
+        TINY,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "0",
+        *args,
+    ]
     return train.main(argv, train_dataset=train_ds, eval_dataset=eval_ds)
 
 
@@ -215,13 +271,27 @@ def test_in_memory_dataset_and_skip_counting(tmp_path):
     ds = make_split(6, 3)
     rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
     rows["image"][1] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
-    broken = datasets.Dataset.from_dict(rows, features=datasets.Features(
-        {"image": datasets.Image(decode=False), "label": datasets.Image()}))
+    broken = datasets.Dataset.from_dict(
+        rows, features=datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Image()})
+    )
     with pytest.raises(D.BadSampleError, match="image cannot be decoded"):
         main_in_process(["--class_names", *CLASSES], tmp_path / "a", broken)
     # a full epoch (3 steps of 2), so that the broken row is read whatever accelerate's sampler order
-    res = main_in_process(["--class_names", *CLASSES, "--on_bad_sample", "skip", "--max_train_steps", "3",
-                           "--max_bad_sample_fraction", "0.5"], tmp_path / "b", broken, make_split(3, 4))
+    res = main_in_process(
+        [
+            "--class_names",
+            *CLASSES,
+            "--on_bad_sample",
+            "skip",
+            "--max_train_steps",
+            "3",
+            "--max_bad_sample_fraction",
+            "0.5",
+        ],
+        tmp_path / "b",
+        broken,
+        make_split(3, 4),
+    )
     assert res["completed_steps"] == 3 and res["skipped_samples"] >= 1
     assert 0 < res["eval_num_pixels"] < 3 * 64 * 64
 
@@ -237,7 +307,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     with pytest.raises(D.BadSampleError, match=r"outside \[0, 2\)"):
         main_in_process(["--class_names", "red", "green"], tmp_path / "c", good)
     with_names = good.add_column("category", [0] * 4).cast_column(
-        "category", datasets.ClassLabel(names=["red", "green", "blue", "cyan"]))
+        "category", datasets.ClassLabel(names=["red", "green", "blue", "cyan"])
+    )
     with pytest.raises(D.DataError, match="disagrees"):
         main_in_process(["--class_names", *CLASSES, "--class_names_feature", "category"], tmp_path / "d", with_names)
     # class names from the dataset features when the recipe gives none
@@ -272,8 +343,23 @@ def test_streaming_from_save_to_disk_folder(tmp_path):
     datasets.DatasetDict({"train": make_split(6, 7), "validation": make_split(3, 8)}).save_to_disk(folder)
     import train
 
-    res = train.main(["--config", TINY, "--output_dir", str(tmp_path / "out"), "--dataset_name", folder,
-                      "--streaming", "--max_train_steps", "4", "--checkpointing_steps", "2", "--class_names", *CLASSES])
+    res = train.main(
+        [
+            "--config",
+            TINY,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--dataset_name",
+            folder,
+            "--streaming",
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "2",
+            "--class_names",
+            *CLASSES,
+        ]
+    )
     assert res["completed_steps"] == 4 and 0 < res["eval_num_pixels"] < 3 * 64 * 64  # 3 images, ignore rows excluded
 
 
@@ -281,16 +367,45 @@ def test_recipes_parse_and_cli_overrides(tmp_path):
     import train
 
     for name in ("catseg_coco_stuff_vitb", "catseg_coco_stuff_vitl", "tiny_test"):
-        r = train.parse_args(["--config", os.path.join(REPO, "configuration", "training", f"{name}.yaml"),
-                              "--output_dir", str(tmp_path)])
+        r = train.parse_args(
+            [
+                "--config",
+                os.path.join(REPO, "configuration", "training", f"{name}.yaml"),
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
         assert r.learning_rate == 2e-4 and r.clip_lr_multiplier == 0.01 and r.max_grad_norm == 0.01
-    r = train.parse_args(["--config", TINY, "--output_dir", str(tmp_path), "--learning_rate", "1e-3",
-                          "--photometric_distortion", "false", "--class_names", "a", "b"])
+    r = train.parse_args(
+        [
+            "--config",
+            TINY,
+            "--output_dir",
+            str(tmp_path),
+            "--learning_rate",
+            "1e-3",
+            "--photometric_distortion",
+            "false",
+            "--class_names",
+            "a",
+            "b",
+        ]
+    )
     assert r.learning_rate == 1e-3 and r.photometric_distortion is False and r.class_names == ["a", "b"]
-    vitb = train.parse_args(["--config", os.path.join(REPO, "configuration", "training", "catseg_coco_stuff_vitb.yaml"),
-                             "--output_dir", str(tmp_path)])
+    vitb = train.parse_args(
+        [
+            "--config",
+            os.path.join(REPO, "configuration", "training", "catseg_coco_stuff_vitb.yaml"),
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert (vitb.crop_size, vitb.max_train_steps, vitb.lr_scheduler_type, vitb.num_warmup_steps) == (
-        384, 80000, "cosine", 0)
+        384,
+        80000,
+        "cosine",
+        0,
+    )
     help_text = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, env=env()).stdout
     for name in train.RECIPE_FIELDS:
         assert f"--{name}" in help_text
@@ -302,12 +417,31 @@ from test_hub_publish import hub  # noqa: E402,F401  (loopback Hub stub fixture)
 def test_push_to_hub_uploads_the_complete_repo(hub, tmp_path):  # noqa: F811
     from safetensors.torch import load as load_bytes
 
-    res = main_in_process(["--class_names", *CLASSES, "--push_to_hub", "--hub_model_id", "tester/disa-trained",
-                           "--hub_token", "stub-token"], tmp_path, make_split(4, 0), make_split(2, 1))
+    res = main_in_process(
+        [
+            "--class_names",
+            *CLASSES,
+            "--push_to_hub",
+            "--hub_model_id",
+            "tester/disa-trained",
+            "--hub_token",
+            "stub-token",
+        ],
+        tmp_path,
+        make_split(4, 0),
+        make_split(2, 1),
+    )
     assert res["completed_steps"] == 2
     files = hub.files("tester/disa-trained")
-    assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md",
-            "modeling_disa.py", "pipeline_disa.py"} <= set(files)
+    assert {
+        "model.safetensors",
+        "config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "README.md",
+        "modeling_disa.py",
+        "pipeline_disa.py",
+    } <= set(files)
     assert not any(name.startswith(("checkpoints/", "logs/")) for name in files)
     pushed, local = load_bytes(files["model.safetensors"]), weights(str(tmp_path / "out"))
     assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
@@ -336,17 +470,32 @@ def test_fsdp_config_runs_as_ddp_on_cpu(tmp_path):
     the installed version: launched on 2 CPU processes it gives DDP over gloo, not FSDP. If accelerate starts
     supporting FSDP on CPU, this fails: then launch the training script with the config here instead."""
     probe = tmp_path / "probe.py"
-    probe.write_text(PROBE.format(repo=REPO, preset=os.path.join(REPO, "configuration", "models", "disa-tiny"),
-                                  out=str(tmp_path)))
+    probe.write_text(
+        PROBE.format(repo=REPO, preset=os.path.join(REPO, "configuration", "models", "disa-tiny"), out=str(tmp_path))
+    )
     e = env()
     e["ACCELERATE_USE_CPU"] = "true"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "configuration", "accelerate", "fsdp.yaml"), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), str(probe)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "configuration", "accelerate", "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(29500 + (os.getpid() + 7) % 1000),
+        str(probe),
+    ]
     proc = subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = sorted(path.read_text().split()[1:] for path in tmp_path.glob("probe-*.txt"))
-    assert lines == [["0", "2", "MULTI_CPU", "DistributedDataParallel"], ["1", "2", "MULTI_CPU", "DistributedDataParallel"]]
+    assert lines == [
+        ["0", "2", "MULTI_CPU", "DistributedDataParallel"],
+        ["1", "2", "MULTI_CPU", "DistributedDataParallel"],
+    ]
 
 
 def test_run_failing_before_its_first_step_leaves_nothing_behind(tmp_path):
@@ -376,8 +525,12 @@ def test_accelerate_rotation_is_not_crash_atomic(tmp_path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(
-        project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2))
+    accelerator = Accelerator(
+        cpu=True,
+        project_config=ProjectConfiguration(
+            project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2
+        ),
+    )
     accelerator.prepare(torch.nn.Linear(2, 2))  # something for save_state to write
     accelerator.save_state()
     accelerator.save_state()

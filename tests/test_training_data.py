@@ -71,8 +71,15 @@ def test_train_transform_keeps_image_and_label_aligned(ignore, dtype, seed):
     h, w = 150, 230  # not square, short side resized up to 96 then cropped to 64 (random offset + flip)
     label = blocky_label(h, w, 20, 7, seed, ignore=ignore, dtype=dtype)
     image = paint(label, ignore)
-    tf = D.TrainTransform(PROC, crop_size=64, resize_short_side=96, max_long_side=1333, photometric=False,
-                          hflip_prob=0.5, ignore_index=ignore)
+    tf = D.TrainTransform(
+        PROC,
+        crop_size=64,
+        resize_short_side=96,
+        max_long_side=1333,
+        photometric=False,
+        hflip_prob=0.5,
+        ignore_index=ignore,
+    )
     for k in range(6):
         rng = np.random.default_rng([seed, k])
         pv, lab = tf(image, label, rng)
@@ -163,10 +170,16 @@ def test_ssd_pipeline_uses_the_reference_ranges_and_order():
     assert brightness.brightness_limit == pytest.approx((-32 / 255, 32 / 255)) and brightness.p == 0.5
     assert brightness.contrast_limit == (0.0, 0.0) and brightness.brightness_by_max
     first, last = order.transforms  # OneOf: contrast first or last, chosen with equal probability
-    assert [type(t).__name__ for t in first.transforms] == ["RandomBrightnessContrast", "ScaleSaturation",
-                                                           "HueSaturationValue"]
-    assert [type(t).__name__ for t in last.transforms] == ["ScaleSaturation", "HueSaturationValue",
-                                                          "RandomBrightnessContrast"]
+    assert [type(t).__name__ for t in first.transforms] == [
+        "RandomBrightnessContrast",
+        "ScaleSaturation",
+        "HueSaturationValue",
+    ]
+    assert [type(t).__name__ for t in last.transforms] == [
+        "ScaleSaturation",
+        "HueSaturationValue",
+        "RandomBrightnessContrast",
+    ]
     assert first.p == last.p and order.p == 1.0
     for seq in (first, last):
         contrast = [t for t in seq.transforms if isinstance(t, D.A.RandomBrightnessContrast)][0]
@@ -239,8 +252,7 @@ def test_ssd_pipeline_distribution_matches_the_reference():
     img = np.random.default_rng(4).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
 
     def features(outs):
-        return np.array([[*o.reshape(-1, 3).mean(0), cv2.cvtColor(o, cv2.COLOR_RGB2HSV)[..., 1].mean()]
-                         for o in outs])
+        return np.array([[*o.reshape(-1, 3).mean(0), cv2.cvtColor(o, cv2.COLOR_RGB2HSV)[..., 1].mean()] for o in outs])
 
     fa, fb = features(_draws(ours, img, n, 5)), features(_draws(ssd_reference, img, n, 6))
     for k in range(fa.shape[1]):
@@ -257,9 +269,11 @@ def test_photometric_distortion_is_seeded_and_leaves_the_label_alone():
     assert np.array_equal(again, outs[7])  # same generator state, same draw
     label = blocky_label(32, 48, 8, 7, 0)
     a = D.TrainTransform(PROC, crop_size=24, resize_short_side=32, photometric=True, hflip_prob=0.0)(
-        img, label, np.random.default_rng(3))
+        img, label, np.random.default_rng(3)
+    )
     b = D.TrainTransform(PROC, crop_size=24, resize_short_side=32, photometric=False, hflip_prob=0.0)(
-        img, label, np.random.default_rng(3))
+        img, label, np.random.default_rng(3)
+    )
     assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
 
 
@@ -271,8 +285,9 @@ def test_normalisation_is_the_image_processor():
     pv, _ = tf(img, label, np.random.default_rng(0))
     expect = PROC(images=img, do_resize=False, return_tensors="pt")["pixel_values"][0]
     assert torch.equal(pv, expect)
-    independent = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
-                   ) / torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    independent = (
+        torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
+    ) / torch.tensor(OPENAI_CLIP_STD)[:, None, None]
     assert torch.allclose(pv, independent, atol=1e-5)
     pv, lab = D.EvalTransform(PROC, size=32)(img, label)
     out = PROC(images=img, segmentation_maps=label, size={"height": 32, "width": 32}, return_tensors="pt")
@@ -306,8 +321,9 @@ def make_ds(n=6, size=(40, 56), num_classes=5, ignore=255, label_dtype=np.uint8,
 
 
 def preparer(num_classes=5, ignore=255, transform=None, **kw):
-    return D.SamplePreparer("image", "annotation", num_classes, ignore,
-                            transform or D.EvalTransform(PROC, size=32), **kw)
+    return D.SamplePreparer(
+        "image", "annotation", num_classes, ignore, transform or D.EvalTransform(PROC, size=32), **kw
+    )
 
 
 def test_dataset_wrapper_augmentation_is_keyed_by_seed_epoch_and_row():
@@ -338,8 +354,9 @@ def test_load_parquet_folder_and_save_to_disk(tmp_path):
     assert len(splits["train"]) == 4 and len(splits["validation"]) == 1
     streamed = D.load_raw_splits(str(disk), streaming=True)
     assert isinstance(streamed["train"], datasets.IterableDataset)
-    w = D.StreamingSegmentationDataset(D.disable_image_decoding(streamed["train"], ["image", "annotation"]),
-                                       preparer())
+    w = D.StreamingSegmentationDataset(
+        D.disable_image_decoding(streamed["train"], ["image", "annotation"]), preparer()
+    )
     assert len(list(w)) == 4
     with pytest.raises(D.DataError, match="split 'test' not found"):
         D.load_raw_splits(str(disk), validation_split="test")
@@ -369,8 +386,9 @@ def corrupt_ds():
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(buf, format="PNG")
     rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
     rows["image"][2] = {"bytes": buf.getvalue()[:40], "path": None}  # truncated PNG
-    return datasets.Dataset.from_dict(rows, features=datasets.Features(
-        {"image": datasets.Image(decode=False), "annotation": datasets.Image()}))
+    return datasets.Dataset.from_dict(
+        rows, features=datasets.Features({"image": datasets.Image(decode=False), "annotation": datasets.Image()})
+    )
 
 
 def test_corrupted_image_errors_or_is_counted_when_skipped():
@@ -393,8 +411,9 @@ def test_label_values_out_of_range_error():
     with pytest.raises(D.BadSampleError, match=r"outside \[0, 3\) and are not the ignore value 255"):
         w[0]
     # 16-bit labels keep their 65535 ignore value through decoding, resizing and checking
-    ds16 = D.disable_image_decoding(make_ds(2, num_classes=5, ignore=65535, label_dtype=np.uint16),
-                                    ["image", "annotation"])
+    ds16 = D.disable_image_decoding(
+        make_ds(2, num_classes=5, ignore=65535, label_dtype=np.uint16), ["image", "annotation"]
+    )
     item = D.SegmentationDataset(ds16, preparer(num_classes=5, ignore=65535))[0]
     assert (item["labels"] == 65535).any() and item["labels"].max() == 65535
     with pytest.raises(D.BadSampleError, match="not the ignore value 255"):
@@ -406,8 +425,10 @@ def test_colour_label_and_size_mismatch_are_bad_samples():
     with pytest.raises(D.BadSampleError, match="colour image"):
         D.decode_label(lab_rgb, 0)
     p = preparer()
-    row = {"image": Image.fromarray(np.zeros((8, 8, 3), np.uint8)),
-           "annotation": Image.fromarray(np.zeros((9, 8), np.uint8))}
+    row = {
+        "image": Image.fromarray(np.zeros((8, 8, 3), np.uint8)),
+        "annotation": Image.fromarray(np.zeros((9, 8), np.uint8)),
+    }
     with pytest.raises(D.BadSampleError, match="label map is"):
         p(row, 0, np.random.default_rng(0))
 

@@ -90,8 +90,9 @@ def synthetic_sdm_outputs(batch=2, classes=3, grid=4):
 def test_saliency_figure_layout_and_pixels():
     image = gray_image(40, 40)  # 4x4 grid -> 10x10 pixel cells
     saliency, foreground = synthetic_sdm_outputs()
-    figure = np.asarray(render_saliency(image, saliency[0], foreground[0], ["cat", "sky", "road"], classes=[0, 1],
-                                        alpha=0.6))
+    figure = np.asarray(
+        render_saliency(image, saliency[0], foreground[0], ["cat", "sky", "road"], classes=[0, 1], alpha=0.6)
+    )
     assert figure.shape == (2 * (TITLE_HEIGHT + 40), 80, 3)
     row0 = figure[TITLE_HEIGHT : TITLE_HEIGHT + 40]
     hot = np.rint(0.4 * GRAY + 0.6 * 255).astype(np.uint8)  # normalised 1 -> white in the hot map
@@ -132,18 +133,46 @@ def test_cli_writes_an_overlay(tiny_model, tiny_processor, tmp_path, capsys):
     tiny_processor.save_pretrained(tmp_path / "model")
     image = Image.fromarray((np.random.RandomState(0).rand(50, 70, 3) * 255).astype(np.uint8))
     image.save(tmp_path / "img.png")
-    assert main(["--model", str(tmp_path / "model"), "--image", str(tmp_path / "img.png"), "--labels", "cat", "sky",
-                 "--output", str(tmp_path / "overlay.png")]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "model"),
+                "--image",
+                str(tmp_path / "img.png"),
+                "--labels",
+                "cat",
+                "sky",
+                "--output",
+                str(tmp_path / "overlay.png"),
+            ]
+        )
+        == 0
+    )
     overlay = Image.open(tmp_path / "overlay.png")
     assert overlay.height >= 50 and overlay.width > 70
     inputs = tiny_processor(images=image, text=["cat", "sky"])
     with torch.no_grad():
         logits = tiny_model(**inputs).logits
     expected = tiny_processor.post_process_semantic_segmentation(
-        type("O", (), {"logits": logits})(), target_sizes=[(50, 70)])[0].numpy()
+        type("O", (), {"logits": logits})(), target_sizes=[(50, 70)]
+    )[0].numpy()
     reference = np.asarray(overlay_segmentation(image, expected, ["cat", "sky"]))
     np.testing.assert_array_equal(np.asarray(overlay), reference)
     # no SDM in this model: asking for saliency is a clear error
-    assert main(["--model", str(tmp_path / "model"), "--image", str(tmp_path / "img.png"), "--output",
-                 str(tmp_path / "o.png"), "--saliency_output", str(tmp_path / "s.png")]) == 1
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "model"),
+                "--image",
+                str(tmp_path / "img.png"),
+                "--output",
+                str(tmp_path / "o.png"),
+                "--saliency_output",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 1
+    )
     assert "use_sdm=True" in capsys.readouterr().out

@@ -41,16 +41,33 @@ def source_tree(folder: Path) -> Path:
     it (and no stale `build/lib` files from an earlier build get into the wheel); links are kept as links."""
     for name in ("setup.py", "README.md", "model_card.md"):
         shutil.copy2(REPO / name, folder / name)
-    shutil.copytree(REPO / "modeling_disa", folder / "modeling_disa", symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        REPO / "modeling_disa",
+        folder / "modeling_disa",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     return folder
 
 
 def test_installed_wheel_needs_nothing_outside_itself(tmp_path):
     (tmp_path / "src").mkdir()
     source = source_tree(tmp_path / "src")
-    run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "wheels")], cwd=str(tmp_path))
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheels"),
+        ],
+        cwd=str(tmp_path),
+    )
     (wheel,) = (tmp_path / "wheels").glob("modeling_disa-*.whl")
 
     venv = tmp_path / "venv"
@@ -63,8 +80,11 @@ def test_installed_wheel_needs_nothing_outside_itself(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     # pip of the current environment, installing into the scratch venv's site-packages (the venv has no pip).
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-         str(wheel)], env=env, cwd=str(tmp_path))
+    run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        env=env,
+        cwd=str(tmp_path),
+    )
 
     proc = run([str(python), "-c", CHECK], env=env, cwd=str(tmp_path))
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -78,7 +78,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
     found = []
     for name in os.listdir(root):
         path = os.path.join(root, name)
-        step = name[len(CHECKPOINT_PREFIX):]
+        step = name[len(CHECKPOINT_PREFIX) :]
         if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
             found.append((int(step), path))
     return [path for _, path in sorted(found)]

@@ -26,8 +26,9 @@ import io
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -417,20 +418,32 @@ def ssd_colour_distortion(
     shift from a continuous uniform where the reference draws an integer."""
 
     def contrast():
-        return A.RandomBrightnessContrast(brightness_limit=(0.0, 0.0),
-                                          contrast_limit=(contrast_range[0] - 1.0, contrast_range[1] - 1.0), p=prob)
+        return A.RandomBrightnessContrast(
+            brightness_limit=(0.0, 0.0), contrast_limit=(contrast_range[0] - 1.0, contrast_range[1] - 1.0), p=prob
+        )
 
     def saturation_hue():
-        return [ScaleSaturation(saturation_range, p=prob),
-                A.HueSaturationValue(hue_shift_limit=(-hue_delta, hue_delta), sat_shift_limit=(0, 0),
-                                     val_shift_limit=(0, 0), p=prob)]
+        return [
+            ScaleSaturation(saturation_range, p=prob),
+            A.HueSaturationValue(
+                hue_shift_limit=(-hue_delta, hue_delta), sat_shift_limit=(0, 0), val_shift_limit=(0, 0), p=prob
+            ),
+        ]
 
-    brightness = A.RandomBrightnessContrast(brightness_limit=(-brightness_delta / 255.0, brightness_delta / 255.0),
-                                            contrast_limit=(0.0, 0.0), brightness_by_max=True, p=prob)
-    return A.Compose([
-        brightness,
-        A.OneOf([A.Sequential([contrast(), *saturation_hue()]), A.Sequential([*saturation_hue(), contrast()])], p=1.0),
-    ])
+    brightness = A.RandomBrightnessContrast(
+        brightness_limit=(-brightness_delta / 255.0, brightness_delta / 255.0),
+        contrast_limit=(0.0, 0.0),
+        brightness_by_max=True,
+        p=prob,
+    )
+    return A.Compose(
+        [
+            brightness,
+            A.OneOf(
+                [A.Sequential([contrast(), *saturation_hue()]), A.Sequential([*saturation_hue(), contrast()])], p=1.0
+            ),
+        ]
+    )
 
 
 def photometric_distortion(img: np.ndarray, rng: np.random.Generator, pipeline: A.Compose | None = None) -> np.ndarray:
@@ -508,8 +521,9 @@ class EvalTransform:
     size: int = 384
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng=None):
-        out = self.image_processor(images=image, segmentation_maps=label, size={"height": self.size,
-                                   "width": self.size}, return_tensors="pt")
+        out = self.image_processor(
+            images=image, segmentation_maps=label, size={"height": self.size, "width": self.size}, return_tensors="pt"
+        )
         return out["pixel_values"][0], out["labels"][0]
 
 
@@ -598,8 +612,14 @@ class StreamingSegmentationDataset(torch.utils.data.IterableDataset):
     """Iterable wrapper for `datasets.IterableDataset` (streaming). Shuffling uses the `datasets` buffer shuffle
     (seeded; `set_epoch` reseeds it); the augmentation RNG is keyed by (seed, epoch, position in the stream)."""
 
-    def __init__(self, hf_dataset, preparer: SamplePreparer, seed: int = 0, on_bad_sample: str = "error",
-                 max_consecutive_skips: int = 16):
+    def __init__(
+        self,
+        hf_dataset,
+        preparer: SamplePreparer,
+        seed: int = 0,
+        on_bad_sample: str = "error",
+        max_consecutive_skips: int = 16,
+    ):
         self.ds = hf_dataset
         self.preparer = preparer
         self.seed = int(seed)
@@ -650,4 +670,3 @@ def check_bad_fraction(num_skipped: int, num_seen: int, max_fraction: float, min
             f"{num_skipped} bad samples skipped out of {num_seen + num_skipped} read "
             f"(> {max_fraction:.1%}): refusing to keep training on this data"
         )
-

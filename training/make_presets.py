@@ -31,20 +31,46 @@ PACKAGED = ("disa-tiny",)
 OPENAI_TEXT_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
 
 VIT_B_16 = dict(
-    text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
-                     projection_dim=512, **OPENAI_TEXT_IDS),
-    vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                       image_size=224, patch_size=16, projection_dim=512),
+    text_config=dict(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_hidden_layers=12,
+        projection_dim=512,
+        **OPENAI_TEXT_IDS,
+    ),
+    vision_config=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        image_size=224,
+        patch_size=16,
+        projection_dim=512,
+    ),
     projection_dim=512,
     clip_resolution=384,
     guidance_layers=[3, 7],
 )
 
 VIT_L_14_336 = dict(
-    text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                     projection_dim=768, **OPENAI_TEXT_IDS),
-    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
-                       image_size=336, patch_size=14, projection_dim=768),
+    text_config=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        projection_dim=768,
+        **OPENAI_TEXT_IDS,
+    ),
+    vision_config=dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=16,
+        num_hidden_layers=24,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    ),
     projection_dim=768,
     clip_resolution=336,
     guidance_layers=[7, 15],
@@ -85,12 +111,27 @@ SMALL_HEAD = dict(
 
 def tiny_config(tokenizer: CLIPTokenizer) -> DiSaConfig:
     return DiSaConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=128, patch_size=16, projection_dim=32),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=128,
+            patch_size=16,
+            projection_dim=32,
+        ),
         projection_dim=32,
         clip_resolution=128,
         class_cap=16,
@@ -105,12 +146,27 @@ def toy_config(use_disa: bool) -> DiSaConfig:
 
     tokenizer = build_tokenizer()
     return DiSaConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=64, patch_size=8, projection_dim=64),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+            projection_dim=64,
+        ),
         projection_dim=64,
         clip_resolution=64,
         class_cap=0,
@@ -157,8 +213,15 @@ def main() -> None:
         prompt_templates=list(config.prompt_templates),
     )
     processor.save_pretrained(PRESETS / "disa-tiny")
-    for folder in ("catseg-vit-b-16", "catseg-vit-l-14-336", "disa-vit-b-16", "disa-vit-l-14-336", "disa-tiny",
-                   "disa-toy", "catseg-toy"):
+    for folder in (
+        "catseg-vit-b-16",
+        "catseg-vit-l-14-336",
+        "disa-vit-b-16",
+        "disa-vit-l-14-336",
+        "disa-tiny",
+        "disa-toy",
+        "catseg-toy",
+    ):
         strip_remote_code(PRESETS / folder)
     for name in PACKAGED:
         shutil.rmtree(PACKAGED_PRESETS / name, ignore_errors=True)

@@ -35,11 +35,14 @@ def optimizer_param_groups(
         part = "clip" if name.startswith("clip.") else "head"
         decay = id(param) not in no_decay
         key = part if decay else f"{part}_no_decay"
-        group = groups.setdefault(key, {
-            "name": key,
-            "params": [],
-            "lr": learning_rate * (clip_lr_multiplier if part == "clip" else 1.0),
-            "weight_decay": weight_decay if decay else weight_decay_norm,
-        })
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "lr": learning_rate * (clip_lr_multiplier if part == "clip" else 1.0),
+                "weight_decay": weight_decay if decay else weight_decay_norm,
+            },
+        )
         group["params"].append(param)
     return list(groups.values())

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert the official raw releases of the open-vocabulary segmentation evaluation datasets into `datasets` parquet, one config per evaluation dataset.
+"""Convert the official raw releases of the open-vocabulary segmentation evaluation datasets into `datasets` parquet,
+one config per evaluation dataset.
 
     python training/prepare_datasets.py ade150 --raw_root /data/ADEChallengeData2016 --output /data/disa-benchmarks
     python training/prepare_datasets.py ade847 --raw_root /data/ADE20K_2021_17_01 --output ...
@@ -27,8 +28,8 @@ import io
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -96,7 +97,7 @@ def rle_decode(segmentation: dict[str, object]) -> np.ndarray:
     pos, val = 0, 0
     for n in counts:
         if val:
-            flat[pos:pos + n] = 1
+            flat[pos : pos + n] = 1
         pos += n
         val ^= 1
     if pos != h * w:
@@ -113,10 +114,16 @@ def iter_ade150(root: Path, bench: DatasetDefinition) -> Iterator[tuple[str, Exa
         raw = np.array(Image.open(ann))
         if raw.dtype != np.uint8:
             raise ValueError(f"{ann}: expected 8-bit annotations, got {raw.dtype}.")
-        label = (raw.astype(np.int16) - 1)
+        label = raw.astype(np.int16) - 1
         label[label < 0] = bench.ignore_index  # 0 (other) -> 255, k -> k-1
-        yield "validation", {"image": _file_image(img_dir / (ann.stem + ".jpg")), "label": _label_image(label, bench),
-                             "image_id": ann.stem}
+        yield (
+            "validation",
+            {
+                "image": _file_image(img_dir / (ann.stem + ".jpg")),
+                "label": _label_image(label, bench),
+                "image_id": ann.stem,
+            },
+        )
 
 
 def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -159,8 +166,14 @@ def iter_ade847(root: Path, bench: DatasetDefinition) -> Iterator[tuple[str, Exa
         label = lut[class_mask]
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG")  # PIL default quality, as the detectron2 script
-        yield "validation", {"image": {"bytes": buf.getvalue(), "path": None}, "label": _label_image(label, bench),
-                             "image_id": img_path.stem}
+        yield (
+            "validation",
+            {
+                "image": {"bytes": buf.getvalue(), "path": None},
+                "label": _label_image(label, bench),
+                "image_id": img_path.stem,
+            },
+        )
 
 
 def _voc2010(root: Path) -> Path:
@@ -187,8 +200,14 @@ def iter_pc59(root: Path, bench: DatasetDefinition, annotations: Path | None = N
         full = np.zeros((info["height"], info["width"]), dtype=np.int64)  # 0 = background
         for a in annos.get(image_id, []):  # painted in file order, later annotations win
             full[rle_decode(a["segmentation"]) > 0] = a["category_id"]
-        yield "validation", {"image": _file_image(voc / "JPEGImages" / info["file_name"]),
-                             "label": _label_image(lut[full], bench), "image_id": Path(info["file_name"]).stem}
+        yield (
+            "validation",
+            {
+                "image": _file_image(voc / "JPEGImages" / info["file_name"]),
+                "label": _label_image(lut[full], bench),
+                "image_id": Path(info["file_name"]).stem,
+            },
+        )
 
 
 def iter_pc459(root: Path, bench: DatasetDefinition, val_list: Path | None = None) -> Iterator[tuple[str, Example]]:
@@ -207,8 +226,14 @@ def iter_pc459(root: Path, bench: DatasetDefinition, val_list: Path | None = Non
         label_map = scipy.io.loadmat(mat)["LabelMap"].astype(np.int64)
         if label_map.min() < 1 or label_map.max() > bench.num_classes:
             raise ValueError(f"{mat}: LabelMap values outside [1, {bench.num_classes}].")
-        yield "validation", {"image": _file_image(voc / "JPEGImages" / f"{line}.jpg"),
-                             "label": _label_image(label_map - 1, bench), "image_id": line}
+        yield (
+            "validation",
+            {
+                "image": _file_image(voc / "JPEGImages" / f"{line}.jpg"),
+                "label": _label_image(label_map - 1, bench),
+                "image_id": line,
+            },
+        )
 
 
 def _iter_voc(root: Path, bench: DatasetDefinition, background: int | None) -> Iterator[tuple[str, Example]]:
@@ -250,13 +275,24 @@ def iter_coco_stuff171(
         if not ann_dir.is_dir():
             raise FileNotFoundError(f"{ann_dir} not found: expected coco-stuff/{{images,annotations}}/{sub}.")
         for ann in sorted(ann_dir.glob("*.png")):
-            yield split, {"image": _file_image(root / "images" / sub / (ann.stem + ".jpg")),
-                          "label": _label_image(lut[np.array(Image.open(ann))], bench), "image_id": ann.stem}
+            yield (
+                split,
+                {
+                    "image": _file_image(root / "images" / sub / (ann.stem + ".jpg")),
+                    "label": _label_image(lut[np.array(Image.open(ann))], bench),
+                    "image_id": ann.stem,
+                },
+            )
 
 
 CONVERTERS: dict[str, Callable] = {
-    "ade150": iter_ade150, "ade847": iter_ade847, "pc59": iter_pc59, "pc459": iter_pc459,
-    "voc20": iter_voc20, "voc20b": iter_voc20b, "coco_stuff171": iter_coco_stuff171,
+    "ade150": iter_ade150,
+    "ade847": iter_ade847,
+    "pc59": iter_pc59,
+    "pc459": iter_pc459,
+    "voc20": iter_voc20,
+    "voc20b": iter_voc20b,
+    "coco_stuff171": iter_coco_stuff171,
 }
 
 
@@ -272,22 +308,37 @@ def features_for(bench: DatasetDefinition):
 def _write_readme(output: Path) -> None:
     configs = sorted(p.name for p in (output / "data").iterdir() if p.is_dir() and not p.name.startswith("."))
     lines = ["---", "configs:"]
-    body = ["", "# DiSa open-vocabulary segmentation evaluation datasets", "",
-            "Converted with `training/prepare_datasets.py` from the official raw releases. Columns: `image`, "
-            "`label` (PNG; 16-bit for 16-bit datasets), `image_id`.", "",
-            "| config | classes | label dtype | ignore | splits |", "|---|---|---|---|---|"]
+    body = [
+        "",
+        "# DiSa open-vocabulary segmentation evaluation datasets",
+        "",
+        "Converted with `training/prepare_datasets.py` from the official raw releases. Columns: `image`, "
+        "`label` (PNG; 16-bit for 16-bit datasets), `image_id`.",
+        "",
+        "| config | classes | label dtype | ignore | splits |",
+        "|---|---|---|---|---|",
+    ]
     for c in configs:
         meta = json.loads((output / "data" / c / "metadata.json").read_text())
         lines += [f"- config_name: {c}", "  data_files:"]
         for split in meta["splits"]:
             lines += [f"  - split: {split}", f"    path: data/{c}/{split}-*.parquet"]
-        body.append(f"| {c} | {meta['num_classes']} | {meta['label_dtype']} | {meta['ignore_index']} | "
-                    f"{', '.join(f'{s} ({n})' for s, n in meta['splits'].items())} |")
+        body.append(
+            f"| {c} | {meta['num_classes']} | {meta['label_dtype']} | {meta['ignore_index']} | "
+            f"{', '.join(f'{s} ({n})' for s, n in meta['splits'].items())} |"
+        )
     (output / "README.md").write_text("\n".join(lines + ["---"] + body) + "\n")
 
 
-def convert(name: str, raw_root: Path, output: Path, max_images: int | None = None, shard_size: int = 1000,
-            push_to_hub: str | None = None, **kwargs) -> Path:
+def convert(
+    name: str,
+    raw_root: Path,
+    output: Path,
+    max_images: int | None = None,
+    shard_size: int = 1000,
+    push_to_hub: str | None = None,
+    **kwargs,
+) -> Path:
     import datasets
 
     bench = load_evaluation_dataset(name)
@@ -326,9 +377,14 @@ def convert(name: str, raw_root: Path, output: Path, max_images: int | None = No
             for i, p in enumerate(paths):
                 p.rename(tmp / f"{split}-{i:05d}-of-{len(paths):05d}.parquet")
         meta = bench.to_metadata()
-        meta.update({"splits": counts, "columns": {"image": "Image", "label": f"Image ({bench.label_dtype} PNG)",
-                                                    "image_id": "string"},
-                     "label_rule": bench.raw.get("label_rule"), "raw_release": bench.raw.get("release")})
+        meta.update(
+            {
+                "splits": counts,
+                "columns": {"image": "Image", "label": f"Image ({bench.label_dtype} PNG)", "image_id": "string"},
+                "label_rule": bench.raw.get("label_rule"),
+                "raw_release": bench.raw.get("release"),
+            }
+        )
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
         old = None
         if final.exists():
@@ -364,22 +420,33 @@ def load_prepared(output: Path, name: str):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(CONVERTERS) + ["all"])
-    parser.add_argument("--raw_root", type=Path, required=True,
-                        help="raw release folder (for 'all': a folder holding ADEChallengeData2016, "
-                             "ADE20K_2021_17_01, "
-                             "VOCdevkit/VOC2010, VOCdevkit/VOC2012, coco-stuff)")
+    parser.add_argument(
+        "--raw_root",
+        type=Path,
+        required=True,
+        help="raw release folder (for 'all': a folder holding ADEChallengeData2016, "
+        "ADE20K_2021_17_01, "
+        "VOCdevkit/VOC2010, VOCdevkit/VOC2012, coco-stuff)",
+    )
     parser.add_argument("--output", type=Path, required=True, help="dataset repo folder to write")
     parser.add_argument("--max_images", type=int, default=None, help="per split, for quick checks")
     parser.add_argument("--shard_size", type=int, default=1000, help="images per parquet file")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
-                        help="also upload the config(s) to this repo")
+    parser.add_argument(
+        "--push_to_hub", default=None, metavar="REPO_ID", help="also upload the config(s) to this repo"
+    )
     parser.add_argument("--pc59_annotations", type=Path, default=None, help="trainval_merged.json (default VOC2010/)")
     parser.add_argument("--pc459_val_list", type=Path, default=None, help="pascalcontext_val.txt (default VOC2010/)")
     args = parser.parse_args(argv)
     names = sorted(CONVERTERS) if args.dataset == "all" else [args.dataset]
-    sub = {"ade150": "ADEChallengeData2016", "ade847": "ADE20K_2021_17_01", "pc59": "VOCdevkit/VOC2010",
-           "pc459": "VOCdevkit/VOC2010", "voc20": "VOCdevkit/VOC2012", "voc20b": "VOCdevkit/VOC2012",
-           "coco_stuff171": "coco-stuff"}
+    sub = {
+        "ade150": "ADEChallengeData2016",
+        "ade847": "ADE20K_2021_17_01",
+        "pc59": "VOCdevkit/VOC2010",
+        "pc459": "VOCdevkit/VOC2010",
+        "voc20": "VOCdevkit/VOC2012",
+        "voc20b": "VOCdevkit/VOC2012",
+        "coco_stuff171": "coco-stuff",
+    }
     for name in names:
         root = args.raw_root / sub[name] if args.dataset == "all" else args.raw_root
         extra = {}

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a DiSa model on the open-vocabulary evaluation datasets (CAT-Seg protocol) -> JSON + Markdown (+ model-index).
+"""Evaluate a DiSa model on the open-vocabulary evaluation datasets (CAT-Seg protocol) -> JSON, Markdown and a
+model-index.
 
     python training/run_evaluation.py --model org/disa-vit-b-16 \
         --datasets ade847 pc459 ade150 pc59 voc20 voc20b --data_dir /data/disa-benchmarks \
@@ -83,17 +84,34 @@ def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1,
         ex = ds[i]
         label = torch.from_numpy(np.array(ex["label"]).astype(np.int64)).to(device)
         pix = to_pixel_values(processor.image_processor, ex["image"], device)
-        seg = predict_segmentation(model, pix, text_embeds, mode=args.mode, short_side=args.short_side or None,
-                                   output_size=tuple(label.shape), warp_size=args.warp_size,
-                                   window_size=args.window_size, stride=args.stride, batch_size=args.views_per_batch,
-                                   autocast_dtype=dtype)
+        seg = predict_segmentation(
+            model,
+            pix,
+            text_embeds,
+            mode=args.mode,
+            short_side=args.short_side or None,
+            output_size=tuple(label.shape),
+            warp_size=args.warp_size,
+            window_size=args.window_size,
+            stride=args.stride,
+            batch_size=args.views_per_batch,
+            autocast_dtype=dtype,
+        )
         cm.update(seg[0], label)
     cm.reduce(reduce_fn)
     res = cm.compute(rule=args.miou_rule)
     row = results_table_row(res, bench.scored_names)
-    row.update({"dataset": bench.name, "display_name": bench.display_name, "short_name": bench.short_name,
-                "num_images": n, "num_classes": bench.num_classes, "miou_rule": args.miou_rule,
-                "seconds": round(time.perf_counter() - start, 2)})
+    row.update(
+        {
+            "dataset": bench.name,
+            "display_name": bench.display_name,
+            "short_name": bench.short_name,
+            "num_images": n,
+            "num_classes": bench.num_classes,
+            "miou_rule": args.miou_rule,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
     return row
 
 
@@ -107,12 +125,18 @@ def markdown_table(model_name: str, rows: list[dict]) -> str:
 def model_index(model_name: str, rows: list[dict], dataset_repo: str | None) -> list[dict]:
     results = []
     for r in rows:
-        results.append({
-            "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
-            "dataset": {"type": dataset_repo or r["dataset"], "name": r["display_name"], "config": r["dataset"],
-                        "split": "validation"},
-            "metrics": [{"type": "mean_iou", "value": round(r["mIoU"], 2), "name": "mIoU"}],
-        })
+        results.append(
+            {
+                "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
+                "dataset": {
+                    "type": dataset_repo or r["dataset"],
+                    "name": r["display_name"],
+                    "config": r["dataset"],
+                    "split": "validation",
+                },
+                "metrics": [{"type": "mean_iou", "value": round(r["mIoU"], 2), "name": "mIoU"}],
+            }
+        )
     return [{"name": model_name, "results": results}]
 
 
@@ -167,13 +191,26 @@ def main(argv=None) -> dict:
         rows.append(row)
         if rank == 0:
             print(f"{bench.display_name}: mIoU {row['mIoU']:.2f} ({row['num_images']} images, {row['seconds']} s)")
-    out = {"model": args.model,
-           "protocol": {"mode": args.mode, "short_side": args.short_side, "warp_size": args.warp_size,
-                        "window_size": args.window_size, "stride": args.stride, "dtype": args.dtype,
-                        "miou_rule": args.miou_rule},
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "torch": torch.__version__, "device": str(device), "world_size": world},
-           "results": {r["dataset"]: r for r in rows}}
+    out = {
+        "model": args.model,
+        "protocol": {
+            "mode": args.mode,
+            "short_side": args.short_side,
+            "warp_size": args.warp_size,
+            "window_size": args.window_size,
+            "stride": args.stride,
+            "dtype": args.dtype,
+            "miou_rule": args.miou_rule,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "world_size": world,
+        },
+        "results": {r["dataset"]: r for r in rows},
+    }
     if rank == 0:
         table = markdown_table(Path(args.model).name if os.path.isdir(args.model) else args.model, rows)
         print(table)

@@ -37,15 +37,30 @@ import numpy as np  # noqa: E402
 
 WORLDS = {"unbiased": 1.0, "foreground_biased": 0.25}
 COLUMNS = ("all", "seen", "unseen", "stuff", "things", "unseen_stuff")
-SCORE_KEYS = {"all": "mIoU", "seen": "seen", "unseen": "unseen", "stuff": "stuff", "things": "things",
-              "unseen_stuff": "unseen_stuff"}
+SCORE_KEYS = {
+    "all": "mIoU",
+    "seen": "seen",
+    "unseen": "unseen",
+    "stuff": "stuff",
+    "things": "things",
+    "unseen_stuff": "unseen_stuff",
+}
 
 # The first-wave reconstruction of SDM (kept for the ablation): ITM cross-attention over CLIP tokens with its loss
 # reaching CLIP, fixed k for every class, the learned averaging gate.
-FIRST_WAVE = {"use_sdm": True, "use_hrm": True, "saliency_source": "gradcam", "sdm_input_gradient_scale": 1.0,
-              "foreground_topk_mode": "fixed", "presence_threshold": None, "fusion": "weighted",
-              "branch_attention": "restricted", "adaptive_saliency_mass": 0.5, "adaptive_max_ratio": 0.5,
-              "sdm_background_init": "independent"}
+FIRST_WAVE = {
+    "use_sdm": True,
+    "use_hrm": True,
+    "saliency_source": "gradcam",
+    "sdm_input_gradient_scale": 1.0,
+    "foreground_topk_mode": "fixed",
+    "presence_threshold": None,
+    "fusion": "weighted",
+    "branch_attention": "restricted",
+    "adaptive_saliency_mass": 0.5,
+    "adaptive_max_ratio": 0.5,
+    "sdm_background_init": "independent",
+}
 CATSEG_PRESET = "configuration/models/catseg-toy"
 DISA_PRESET = "configuration/models/disa-toy"
 # each fix on top of the one before, as the ablation added them
@@ -68,8 +83,10 @@ MODELS = {
     "cost-saliency+own+presence+shared": (DISA_PRESET, SHARED),
     "cost-saliency+own+presence+shared+copy": (DISA_PRESET, {**SHARED, "sdm_background_init": "copy"}),
     "cost-saliency+own+presence+copy": (DISA_PRESET, {**COST, "sdm_background_init": "copy"}),
-    "cost-saliency+own+presence+shared+mass0.9": (DISA_PRESET, {**SHARED, "adaptive_saliency_mass": 0.9,
-                                                                "adaptive_max_ratio": 0.9}),
+    "cost-saliency+own+presence+shared+mass0.9": (
+        DISA_PRESET,
+        {**SHARED, "adaptive_saliency_mass": 0.9, "adaptive_max_ratio": 0.9},
+    ),
 }
 DEFAULT_MODELS = ("catseg", "disa", "disa-first-wave")
 
@@ -77,9 +94,15 @@ DEFAULT_MODELS = ("catseg", "disa", "disa-first-wave")
 def machine_info() -> dict:
     import torch
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": "cpu", "threads_per_run": 1}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "threads_per_run": 1,
+    }
 
 
 def _write_json(path: str, value) -> None:
@@ -91,8 +114,11 @@ def _write_json(path: str, value) -> None:
 
 
 def toy_world_settings(args, world: str) -> dict:
-    values = {"seed": args.world_seed, "stuff_caption_rate": WORLDS[world] if world != "foreground_biased"
-              else args.stuff_caption_rate, "compare_catseg": False}
+    values = {
+        "seed": args.world_seed,
+        "stuff_caption_rate": WORLDS[world] if world != "foreground_biased" else args.stuff_caption_rate,
+        "compare_catseg": False,
+    }
     if args.cache_dir:
         values["cache_dir"] = args.cache_dir
     if args.smoke:
@@ -105,9 +131,24 @@ def recipe_for(args, world: str, model: str, seed: int, output_dir: str):
     from toy_world import job as toy_world_job
 
     preset, overrides = MODELS[model]
-    argv = ["--model_preset", preset, "--seed", str(seed), "--output_dir", output_dir, "--overwrite_output_dir",
-            "true", "--max_train_steps", str(args.steps), "--report_to", "none", "--logging_steps", "100",
-            "--toy_world", json.dumps(toy_world_settings(args, world))]
+    argv = [
+        "--model_preset",
+        preset,
+        "--seed",
+        str(seed),
+        "--output_dir",
+        output_dir,
+        "--overwrite_output_dir",
+        "true",
+        "--max_train_steps",
+        str(args.steps),
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "100",
+        "--toy_world",
+        json.dumps(toy_world_settings(args, world)),
+    ]
     if overrides:
         argv += ["--model_config_overrides", json.dumps(overrides)]
     if args.smoke:
@@ -139,10 +180,14 @@ def score_split(model, images: np.ndarray, labels: np.ndarray, text: dict, batch
     with torch.no_grad():
         text_embeds = model.get_text_embeddings(**text)
         for i in range(0, len(images), batch_size):
-            out = model(pixel_values=normalize_images(images[i:i + batch_size]), text_embeds=text_embeds,
-                        output_saliency=model.config.use_sdm)
-            logits = torch.nn.functional.interpolate(out.logits.float(), size=labels.shape[-2:], mode="bilinear",
-                                                     align_corners=False)
+            out = model(
+                pixel_values=normalize_images(images[i : i + batch_size]),
+                text_embeds=text_embeds,
+                output_saliency=model.config.use_sdm,
+            )
+            logits = torch.nn.functional.interpolate(
+                out.logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+            )
             preds.append(logits.argmax(1).numpy())
             if out.itm_logits is not None:
                 presence_logits.append(out.itm_logits.float().numpy())
@@ -170,9 +215,9 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
     import datasets
     import torch
 
-    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
     import toy_world as W
     import train as T
+    from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
     torch.set_num_threads(1)
     output_dir = os.path.join(args.work_dir, "runs", f"{world}-{model_name}-{seed}")
@@ -190,12 +235,18 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
     test_labels = np.stack([np.asarray(lab) for lab in test["label"]]).astype(np.int64)
     world_settings = W.WorldSettings(**info["world_settings"])
     dev = W.generate_split(world_settings, "dev", num=args.num_dev)
-    row = {"world": world, "model": model_name, "seed": seed,
-           "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"], "world_seed": args.world_seed,
-           "overrides": MODELS[model_name][1], **score_split(model, test_images, test_labels, text),
-           "dev": score_split(model, np.stack(dev["image"]), np.stack(dev["label"]).astype(np.int64), text),
-           "train_seconds": round(train_seconds, 1),
-           "clip_zero_shot_accuracy": info["clip_pretraining"]["zero_shot_accuracy"]}
+    row = {
+        "world": world,
+        "model": model_name,
+        "seed": seed,
+        "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"],
+        "world_seed": args.world_seed,
+        "overrides": MODELS[model_name][1],
+        **score_split(model, test_images, test_labels, text),
+        "dev": score_split(model, np.stack(dev["image"]), np.stack(dev["label"]).astype(np.int64), text),
+        "train_seconds": round(train_seconds, 1),
+        "clip_zero_shot_accuracy": info["clip_pretraining"]["zero_shot_accuracy"],
+    }
     return row
 
 
@@ -218,13 +269,16 @@ def world_baselines(args, world: str) -> dict:
     images = np.stack([np.asarray(im.convert("RGB")) for im in test["image"]])
     labels = np.stack([np.asarray(lab) for lab in test["label"]]).astype(np.int64)
     size = labels.shape[-1]
-    pred = _predict(lambda pv: W.dense_clip_logits(clip, pv, text["input_ids"], text["attention_mask"], size),
-                    images, 32, size)
+    pred = _predict(
+        lambda pv: W.dense_clip_logits(clip, pv, text["input_ids"], text["attention_mask"], size), images, 32, size
+    )
     with torch.no_grad():
         scores = subset_scores(pred, labels)
-    return {"stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"],
-            "clip_zero_shot_accuracy": info["clip_pretraining"]["zero_shot_accuracy"],
-            "dense_clip": {column: scores[key] for column, key in SCORE_KEYS.items()}}
+    return {
+        "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"],
+        "clip_zero_shot_accuracy": info["clip_pretraining"]["zero_shot_accuracy"],
+        "dense_clip": {column: scores[key] for column, key in SCORE_KEYS.items()},
+    }
 
 
 def summarise(rows: list[dict], split: str = "test") -> list[dict]:
@@ -237,19 +291,29 @@ def summarise(rows: list[dict], split: str = "test") -> list[dict]:
         entry = {"world": world, "model": model, "split": split, "seeds": len(items)}
         for column in COLUMNS:
             values = np.array([item[column] for item in items], dtype=np.float64)
-            entry[column] = {"mean": float(np.nanmean(values)), "sd": float(np.nanstd(values, ddof=1))
-                             if len(values) > 1 else 0.0, "min": float(np.nanmin(values))}
+            entry[column] = {
+                "mean": float(np.nanmean(values)),
+                "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0,
+                "min": float(np.nanmin(values)),
+            }
         out.append(entry)
     return out
 
 
 def markdown_table(summary: list[dict], steps: int) -> str:
-    lines = [f"Toy world, {steps} training steps, mean +- sd over training seeds (mIoU %, test split unless noted)",
-             "", "| world | split | model | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 4) + "|"]
+    lines = [
+        f"Toy world, {steps} training steps, mean +- sd over training seeds (mIoU %, test split unless noted)",
+        "",
+        "| world | split | model | seeds | " + " | ".join(COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 4) + "|",
+    ]
     for entry in summary:
         cells = [f"{entry[c]['mean']:.1f} +- {entry[c]['sd']:.1f}" for c in COLUMNS]
-        lines.append(f"| {entry['world']} | {entry['split']} | {entry['model']} | {entry['seeds']} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {entry['world']} | {entry['split']} | {entry['model']} | {entry['seeds']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -257,8 +321,9 @@ README_START = "<!-- toy_world_comparison.json: start (generated by training/toy
 README_END = "<!-- toy_world_comparison.json: end -->"
 
 
-def headline_table(summary: list[dict], steps: int, baselines: dict | None = None,
-                   models=("catseg", "disa", "disa-first-wave")) -> str:
+def headline_table(
+    summary: list[dict], steps: int, baselines: dict | None = None, models=("catseg", "disa", "disa-first-wave")
+) -> str:
     """The README / model-card table: test split, the shipped models, mean +- sd over seeds, and per world the
     dense-CLIP baseline (no head) and the CLIP's zero-shot stuff / thing accuracy."""
     names = {"catseg": "CAT-Seg mode", "disa": "DiSa (shipped defaults)", "disa-first-wave": "DiSa, first design"}
@@ -268,19 +333,27 @@ def headline_table(summary: list[dict], steps: int, baselines: dict | None = Non
             if entry["split"] != "test" or entry["world"] != world or entry["model"] not in models:
                 continue
             cells = [f"{entry[c]['mean']:.1f} +- {entry[c]['sd']:.1f}" for c in COLUMNS]
-            lines.append(f"| {world.replace('_', '-')} | {names[entry['model']]} | {entry['seeds']} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {world.replace('_', '-')} | {names[entry['model']]} | {entry['seeds']} | "
+                + " | ".join(cells)
+                + " |"
+            )
         if baselines and world in baselines:
             dense = baselines[world]["dense_clip"]
-            lines.append(f"| {world.replace('_', '-')} | dense CLIP, no head | - | "
-                         + " | ".join(f"{dense[c]:.1f}" for c in COLUMNS) + " |")
+            lines.append(
+                f"| {world.replace('_', '-')} | dense CLIP, no head | - | "
+                + " | ".join(f"{dense[c]:.1f}" for c in COLUMNS)
+                + " |"
+            )
     if baselines:
         lines.append("")
         for world, base in baselines.items():
             acc = base["clip_zero_shot_accuracy"]
-            lines.append(f"- {world.replace('_', '-')} world (captions name a stuff region with probability "
-                         f"{base['stuff_caption_rate']:g}): toy CLIP zero-shot accuracy {100 * acc['stuff_all']:.0f} % "
-                         f"on stuff, {100 * acc['things_all']:.0f} % on things.")
+            lines.append(
+                f"- {world.replace('_', '-')} world (captions name a stuff region with probability "
+                f"{base['stuff_caption_rate']:g}): toy CLIP zero-shot accuracy {100 * acc['stuff_all']:.0f} % "
+                f"on stuff, {100 * acc['things_all']:.0f} % on things."
+            )
     return f"Test mIoU %, {steps} training steps, mean +- sd over training seeds:\n\n" + "\n".join(lines) + "\n"
 
 
@@ -313,8 +386,14 @@ def bar_chart(summary: list[dict], path: str) -> None:
             if entry is None:
                 continue
             x = np.arange(len(COLUMNS)) + (i - (len(models) - 1) / 2) * width
-            ax.bar(x, [entry[c]["mean"] for c in COLUMNS], width, yerr=[entry[c]["sd"] for c in COLUMNS],
-                   label=model, capsize=2)
+            ax.bar(
+                x,
+                [entry[c]["mean"] for c in COLUMNS],
+                width,
+                yerr=[entry[c]["sd"] for c in COLUMNS],
+                label=model,
+                capsize=2,
+            )
         ax.set_xticks(np.arange(len(COLUMNS)), COLUMNS, fontsize=8)
         ax.set_title(world)
         ax.set_ylabel("test mIoU %")
@@ -338,13 +417,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu"], help="rows run on CPU (the toy world is tiny)")
     parser.add_argument("--cache_dir", default=None, help="toy-world cache (default ~/.cache/disa/toy_world)")
     parser.add_argument("--work_dir", default=os.path.join(REPO_ROOT, "runs", "toy-world-comparison"))
-    parser.add_argument("--output", default=os.path.join(REPO_ROOT, "benchmarks", "results",
-                                                         "toy_world_comparison.json"))
+    parser.add_argument(
+        "--output", default=os.path.join(REPO_ROOT, "benchmarks", "results", "toy_world_comparison.json")
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny world, 3 steps, for CI")
-    parser.add_argument("--update_docs", action="store_true",
-                        help="rewrite the generated comparison table in README.md and model_card.md")
-    parser.add_argument("--collect_only", action="store_true",
-                        help="train nothing: summarise the rows already finished under --work_dir")
+    parser.add_argument(
+        "--update_docs",
+        action="store_true",
+        help="rewrite the generated comparison table in README.md and model_card.md",
+    )
+    parser.add_argument(
+        "--collect_only",
+        action="store_true",
+        help="train nothing: summarise the rows already finished under --work_dir",
+    )
     parser.add_argument("--row", nargs=3, metavar=("WORLD", "MODEL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -365,8 +451,13 @@ def main(argv=None) -> int:
     for world in args.worlds:
         recipe_for(args, world, "catseg", args.seeds[0], os.path.join(args.work_dir, "prepare"))
     # seed-major order: a sweep stopped half-way still has complete seeds for every model
-    todo = [(w, m, s) for s in args.seeds for w in args.worlds for m in args.models
-            if not os.path.isfile(row_path(args, w, m, s))]
+    todo = [
+        (w, m, s)
+        for s in args.seeds
+        for w in args.worlds
+        for m in args.models
+        if not os.path.isfile(row_path(args, w, m, s))
+    ]
     print(f"[comparison] {len(todo)} rows to train ({args.steps} steps each), {args.jobs} at a time", flush=True)
     if args.jobs <= 1:
         for w, m, s in todo:
@@ -384,9 +475,17 @@ def write_results(args, argv) -> int:
         raise SystemExit(f"no finished rows under {args.work_dir}")
     summary = summarise(rows, "test") + summarise(rows, "dev")
     baselines = {world: world_baselines(args, world) for world in dict.fromkeys(r["world"] for r in rows)}
-    result = {"machine": machine_info(), "steps": args.steps, "world_seed": args.world_seed, "baselines": baselines,
-              "stuff_caption_rate": args.stuff_caption_rate, "smoke": args.smoke, "rows": rows, "summary": summary,
-              "command": "python training/toy_world_comparison.py " + " ".join(argv or sys.argv[1:])}
+    result = {
+        "machine": machine_info(),
+        "steps": args.steps,
+        "world_seed": args.world_seed,
+        "baselines": baselines,
+        "stuff_caption_rate": args.stuff_caption_rate,
+        "smoke": args.smoke,
+        "rows": rows,
+        "summary": summary,
+        "command": "python training/toy_world_comparison.py " + " ".join(argv or sys.argv[1:]),
+    }
     _write_json(args.output, result)
     table = markdown_table(summary, args.steps)
     base = os.path.splitext(args.output)[0]

@@ -55,18 +55,25 @@ def _f(default, help):
 @dataclass
 class TrainingRecipe:
     # ---- model
-    model_name_or_path: str | None = _f(None, "A saved DiSa folder (save_pretrained) to start from. "
-                                                 "Overrides model_preset / clip_model_name_or_path.")
-    model_preset: str | None = _f("configuration/models/disa-vit-b-16",
-                                     "DiSaConfig preset folder (relative to the repo root or absolute).")
-    clip_model_name_or_path: str | None = _f(None, "Pretrained HF CLIP (Hub id or folder) for the preset; "
-                                                      "empty = random CLIP (tests only).")
-    processor_name_or_path: str | None = _f(None, "Where to load the DiSaProcessor from (default: the model "
-                                                     "folder, then the preset, then the CLIP tokenizer).")
-    model_config_overrides: dict | str | None = _f(None, "DiSaConfig values that replace the preset's (yaml mapping; "
-                                                         "on the command line e.g. '{fusion: own}').")
-    clip_finetune: Literal["qv", "none", "full"] = _f("qv", "CLIP parameters to train: qv (CAT-Seg: Q/V projection "
-                                                            "weights), none, full.")
+    model_name_or_path: str | None = _f(
+        None, "A saved DiSa folder (save_pretrained) to start from. Overrides model_preset / clip_model_name_or_path."
+    )
+    model_preset: str | None = _f(
+        "configuration/models/disa-vit-b-16", "DiSaConfig preset folder (relative to the repo root or absolute)."
+    )
+    clip_model_name_or_path: str | None = _f(
+        None, "Pretrained HF CLIP (Hub id or folder) for the preset; empty = random CLIP (tests only)."
+    )
+    processor_name_or_path: str | None = _f(
+        None,
+        "Where to load the DiSaProcessor from (default: the model folder, then the preset, then the CLIP tokenizer).",
+    )
+    model_config_overrides: dict | str | None = _f(
+        None, "DiSaConfig values that replace the preset's (yaml mapping; on the command line e.g. '{fusion: own}')."
+    )
+    clip_finetune: Literal["qv", "none", "full"] = _f(
+        "qv", "CLIP parameters to train: qv (CAT-Seg: Q/V projection weights), none, full."
+    )
     # ---- data
     dataset_name: str | None = _f(None, "Hub dataset id, local parquet/arrow folder, or save_to_disk folder.")
     dataset_config_name: str | None = _f(None, "datasets config name.")
@@ -75,8 +82,9 @@ class TrainingRecipe:
     validation_fraction: float = _f(0.0, "If the validation split is missing, carve this fraction out of train.")
     image_column: str = _f("image", "Image column.")
     label_column: str = _f("label", "Label-map column (single-channel class ids).")
-    class_names: list[str] | None = _f(None, "Class names (list, or one JSON/text file); default: the dataset's "
-                                                "ClassLabel feature.")
+    class_names: list[str] | None = _f(
+        None, "Class names (list, or one JSON/text file); default: the dataset's ClassLabel feature."
+    )
     class_names_feature: str | None = _f(None, "Column whose ClassLabel feature holds the class names.")
     ignore_index: int = _f(255, "Label value to ignore (255 for 8-bit label maps, 65535 for 16-bit).")
     reduce_labels: bool = _f(False, "ADE-style labels: 0 -> ignore, k -> k-1.")
@@ -84,9 +92,12 @@ class TrainingRecipe:
     shuffle_buffer_size: int = _f(1000, "Shuffle buffer for streaming.")
     max_train_samples: int | None = _f(None, "Truncate the training split (debugging).")
     max_eval_samples: int | None = _f(None, "Truncate the validation split.")
-    on_bad_sample: Literal["error", "skip"] = _f("error", "Bad sample (undecodable image, label out of range, size "
-                                                          "mismatch): 'error' stops with its index; 'skip' replaces "
-                                                          "it by the next sample and counts it.")
+    on_bad_sample: Literal["error", "skip"] = _f(
+        "error",
+        "Bad sample (undecodable image, label out of range, size "
+        "mismatch): 'error' stops with its index; 'skip' replaces "
+        "it by the next sample and counts it.",
+    )
     max_bad_sample_fraction: float = _f(0.01, "With on_bad_sample=skip: stop when more than this fraction is bad.")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
     cache_dir: str | None = _f(None, "datasets cache folder.")
@@ -94,8 +105,9 @@ class TrainingRecipe:
     crop_size: int = _f(384, "Random crop size (square).")
     resize_short_side: int = _f(384, "Training short-side resize (ResizeShortestEdge).")
     max_long_side: int = _f(1333, "Cap of the long side after the short-side resize.")
-    photometric_distortion: bool = _f(True, "SSD colour jitter (brightness +-32, contrast/saturation 0.5-1.5, "
-                                            "hue +-18).")
+    photometric_distortion: bool = _f(
+        True, "SSD colour jitter (brightness +-32, contrast/saturation 0.5-1.5, hue +-18)."
+    )
     hflip_prob: float = _f(0.5, "Horizontal flip probability.")
     eval_size: int = _f(384, "Validation: images and labels resized to eval_size x eval_size (whole-image, fast).")
     # ---- optimisation (CAT-Seg: AdamW 2e-4, CLIP x0.01, wd 1e-4 (0 on norms), cosine to 0, no warmup, clip 0.01)
@@ -106,8 +118,9 @@ class TrainingRecipe:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    lr_scheduler_type: Literal[tuple(s.value for s in SchedulerType)] = _f("cosine", "transformers.get_scheduler "
-                                                                                     "schedule.")
+    lr_scheduler_type: Literal[tuple(s.value for s in SchedulerType)] = _f(
+        "cosine", "transformers.get_scheduler schedule."
+    )
     num_warmup_steps: int = _f(0, "Warmup optimiser steps.")
     max_train_steps: int | None = _f(80000, "Optimiser steps (overrides num_train_epochs).")
     num_train_epochs: float | None = _f(None, "Epochs, used when max_train_steps is empty.")
@@ -118,10 +131,13 @@ class TrainingRecipe:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate autocast.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on CUDA (CAT-Seg: set_float32_matmul_precision('high')).")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in CLIP and the aggregator.")
-    ddp_find_unused_parameters: bool = _f(False, "DDP find_unused_parameters. Off (accelerate's default): every "
-                                                 "trainable parameter gets a gradient each step (unused ones are "
-                                                 "frozen). Set it when the vocabulary has class_cap or more classes "
-                                                 "(the class-padding tokens are then unused).")
+    ddp_find_unused_parameters: bool = _f(
+        False,
+        "DDP find_unused_parameters. Off (accelerate's default): every "
+        "trainable parameter gets a gradient each step (unused ones are "
+        "frozen). Set it when the vocabulary has class_cap or more classes "
+        "(the class-padding tokens are then unused).",
+    )
     seed: int = _f(42, "Seed of the model init, the shuffle and the augmentation.")
     # ---- checkpoints, validation, logging, output
     output_dir: str | None = _f(None, "Where checkpoints/, logs and the final model go.")
@@ -132,17 +148,21 @@ class TrainingRecipe:
     eval_steps: int = _f(5000, "Validate every N optimiser steps (0 = only at the end).")
     eval_before_training: bool = _f(False, "Also validate before the first step.")
     logging_steps: int = _f(20, "Log the training loss every N optimiser steps.")
-    report_to: str = _f("auto", "accelerate trackers: auto (tensorboard if installed), none, all, tensorboard, "
-                                "wandb...")
+    report_to: str = _f(
+        "auto", "accelerate trackers: auto (tensorboard if installed), none, all, tensorboard, wandb..."
+    )
     project_name: str = _f("disa", "Tracker project name.")
     push_to_hub: bool = _f(False, "Upload output_dir to the Hub at the end.")
     hub_model_id: str | None = _f(None, "Hub repo id for push_to_hub.")
     hub_token: str | None = _f(None, "Hub token (default: the cached login).")
     # ---- offline toy world (dataset_name: toy-world; see training/toy_world/job.py)
-    toy_world: dict | str | None = _f(None, "Toy-world settings (yaml mapping; on the command line a yaml/JSON "
-                                            "string such as '{num_train: 64}', merged into the recipe's mapping): "
-                                            "world size, seed, toy CLIP pretraining, comparison runs. Used when "
-                                            "dataset_name is toy-world.")
+    toy_world: dict | str | None = _f(
+        None,
+        "Toy-world settings (yaml mapping; on the command line a yaml/JSON "
+        "string such as '{num_train: 64}', merged into the recipe's mapping): "
+        "world size, seed, toy CLIP pretraining, comparison runs. Used when "
+        "dataset_name is toy-world.",
+    )
 
     def __post_init__(self):
         # mapping fields arrive as yaml/JSON strings from the command line (as TrainingArguments' dict fields do)
@@ -169,10 +189,16 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(TrainingRecipe, description="Train DiSa with accelerate (CAT-Seg recipe). Every "
-                              "recipe field below can be set in the --config yaml and overridden here.")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="Recipe yaml (configuration/training/*.yaml; "
-                        "default: the offline toy world, toy_world.yaml).")
+    parser = HfArgumentParser(
+        TrainingRecipe,
+        description="Train DiSa with accelerate (CAT-Seg recipe). Every "
+        "recipe field below can be set in the --config yaml and overridden here.",
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="Recipe yaml (configuration/training/*.yaml; default: the offline toy world, toy_world.yaml).",
+    )
     return parser
 
 
@@ -211,8 +237,14 @@ def check_recipe(r: TrainingRecipe) -> None:
         problems.append("set max_train_steps or num_train_epochs")
     if r.streaming and r.max_train_steps is None:
         problems.append("streaming needs max_train_steps (the length of a stream is unknown)")
-    for name in ("crop_size", "resize_short_side", "eval_size", "per_device_train_batch_size",
-                 "per_device_eval_batch_size", "gradient_accumulation_steps"):
+    for name in (
+        "crop_size",
+        "resize_short_side",
+        "eval_size",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+    ):
         if getattr(r, name) <= 0:
             problems.append(f"{name} must be > 0")
     if r.push_to_hub and not r.hub_model_id:
@@ -291,8 +323,14 @@ def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_
         if not r.dataset_name:
             raise SystemExit("--dataset_name is required")
         splits = D.load_raw_splits(
-            _repo_path(r.dataset_name), r.dataset_config_name, r.train_split, r.validation_split or None,
-            streaming=r.streaming, cache_dir=r.cache_dir, validation_fraction=r.validation_fraction, seed=r.seed,
+            _repo_path(r.dataset_name),
+            r.dataset_config_name,
+            r.train_split,
+            r.validation_split or None,
+            streaming=r.streaming,
+            cache_dir=r.cache_dir,
+            validation_fraction=r.validation_fraction,
+            seed=r.seed,
         )
         train_dataset, eval_dataset = splits["train"], splits["validation"]
     columns = [r.image_column, r.label_column]
@@ -312,11 +350,17 @@ def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_
     ):
         D.resolve_class_names(class_names, eval_names, source="validation split")
     if r.max_train_samples is not None:
-        train_dataset = train_dataset.take(r.max_train_samples) if r.streaming else train_dataset.select(
-            range(min(r.max_train_samples, len(train_dataset))))
+        train_dataset = (
+            train_dataset.take(r.max_train_samples)
+            if r.streaming
+            else train_dataset.select(range(min(r.max_train_samples, len(train_dataset))))
+        )
     if eval_dataset is not None and r.max_eval_samples is not None:
-        eval_dataset = eval_dataset.take(r.max_eval_samples) if r.streaming else eval_dataset.select(
-            range(min(r.max_eval_samples, len(eval_dataset))))
+        eval_dataset = (
+            eval_dataset.take(r.max_eval_samples)
+            if r.streaming
+            else eval_dataset.select(range(min(r.max_eval_samples, len(eval_dataset))))
+        )
     train_dataset = D.disable_image_decoding(train_dataset, columns)
     if eval_dataset is not None:
         eval_dataset = D.disable_image_decoding(eval_dataset, columns)
@@ -324,8 +368,12 @@ def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_
     num_classes = len(class_names)
     train_tf = D.TrainTransform(
         image_processor,
-        crop_size=r.crop_size, resize_short_side=r.resize_short_side, max_long_side=r.max_long_side,
-        photometric=r.photometric_distortion, hflip_prob=r.hflip_prob, ignore_index=r.ignore_index,
+        crop_size=r.crop_size,
+        resize_short_side=r.resize_short_side,
+        max_long_side=r.max_long_side,
+        photometric=r.photometric_distortion,
+        hflip_prob=r.hflip_prob,
+        ignore_index=r.ignore_index,
     )
     prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, r.ignore_index, train_tf, r.reduce_labels)
     if r.streaming:
@@ -335,8 +383,14 @@ def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_
         train = D.SegmentationDataset(train_dataset, prep, seed=r.seed, on_bad_sample=r.on_bad_sample)
     evaluation = None
     if eval_dataset is not None:
-        eval_prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, r.ignore_index,
-                                     D.EvalTransform(image_processor, r.eval_size), r.reduce_labels)
+        eval_prep = D.SamplePreparer(
+            r.image_column,
+            r.label_column,
+            num_classes,
+            r.ignore_index,
+            D.EvalTransform(image_processor, r.eval_size),
+            r.reduce_labels,
+        )
         if r.streaming:
             evaluation = D.StreamingSegmentationDataset(eval_dataset, eval_prep, seed=r.seed, on_bad_sample="error")
         else:
@@ -492,20 +546,26 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
 
     # ---- data
     with accelerator.main_process_first():
-        train_set, eval_set, class_names = build_datasets(
-            r, processor.image_processor, train_dataset, eval_dataset
-        )
-    text_inputs = {k: v.to(accelerator.device) for k, v in tokenize_classes(processor, class_names).items()
-                   if v is not None}
+        train_set, eval_set, class_names = build_datasets(r, processor.image_processor, train_dataset, eval_dataset)
+    text_inputs = {
+        k: v.to(accelerator.device) for k, v in tokenize_classes(processor, class_names).items() if v is not None
+    }
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=r.per_device_train_batch_size, shuffle=not r.streaming,
-        collate_fn=D.collate_segmentation, num_workers=r.dataloader_num_workers, drop_last=False,
+        train_set,
+        batch_size=r.per_device_train_batch_size,
+        shuffle=not r.streaming,
+        collate_fn=D.collate_segmentation,
+        num_workers=r.dataloader_num_workers,
+        drop_last=False,
     )
     eval_loader = None
     if eval_set is not None:
         eval_loader = torch.utils.data.DataLoader(
-            eval_set, batch_size=r.per_device_eval_batch_size, shuffle=False,
-            collate_fn=D.collate_segmentation, num_workers=r.dataloader_num_workers,
+            eval_set,
+            batch_size=r.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=D.collate_segmentation,
+            num_workers=r.dataloader_num_workers,
         )
 
     # ---- optimiser and schedule
@@ -522,8 +582,12 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
         steps_per_epoch = math.ceil(len(train_loader) / r.gradient_accumulation_steps)
         max_train_steps = r.max_train_steps or math.ceil(r.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(r.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=r.num_warmup_steps,
-                                 num_training_steps=max_train_steps)
+    lr_scheduler = get_scheduler(
+        r.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=r.num_warmup_steps,
+        num_training_steps=max_train_steps,
+    )
     lr_scheduler = accelerator.prepare(lr_scheduler)
 
     # ---- everything checked: now write the output folder
@@ -541,25 +605,35 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
         hub_api = HfApi(token=r.hub_token)
         hub_api.create_repo(r.hub_model_id, exist_ok=True)
     if trackers:
-        accelerator.init_trackers(r.project_name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                          for k, v in dataclasses.asdict(r).items()})
+        accelerator.init_trackers(
+            r.project_name,
+            config={
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(r).items()
+            },
+        )
     total_batch = r.per_device_train_batch_size * accelerator.num_processes * r.gradient_accumulation_steps
-    logger.info(f"classes={len(class_names)} train_samples={len(train_set) if not r.streaming else 'stream'} "
-                f"processes={accelerator.num_processes} total_batch={total_batch} steps={max_train_steps}",
-                main_process_only=True)
+    logger.info(
+        f"classes={len(class_names)} train_samples={len(train_set) if not r.streaming else 'stream'} "
+        f"processes={accelerator.num_processes} total_batch={total_batch} steps={max_train_steps}",
+        main_process_only=True,
+    )
 
     # ---- resume
-    progress_state = C.TrainingProgress(num_processes=accelerator.num_processes,
-                                        per_device_train_batch_size=r.per_device_train_batch_size,
-                                        gradient_accumulation_steps=r.gradient_accumulation_steps)
+    progress_state = C.TrainingProgress(
+        num_processes=accelerator.num_processes,
+        per_device_train_batch_size=r.per_device_train_batch_size,
+        gradient_accumulation_steps=r.gradient_accumulation_steps,
+    )
     C.register_progress(accelerator, progress_state)
     completed_steps, start_epoch, resume_batches = 0, 0, 0
     skipped_total, seen_total = 0, 0
     if resume_path:
         accelerator.load_state(resume_path)  # also restores progress_state
         st = progress_state
-        if (st.num_processes, st.per_device_train_batch_size) != (accelerator.num_processes,
-                                                                   r.per_device_train_batch_size):
+        if (st.num_processes, st.per_device_train_batch_size) != (
+            accelerator.num_processes,
+            r.per_device_train_batch_size,
+        ):
             logger.warning("resuming with another process count / batch size: the data order will differ")
         completed_steps, start_epoch, resume_batches = st.completed_steps, st.epoch, st.batches_in_epoch
         if accelerator.is_main_process:  # totals over processes; restored on rank 0 only
@@ -569,8 +643,10 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
         progress_state.gradient_accumulation_steps = r.gradient_accumulation_steps
         if steps_per_epoch is not None and resume_batches >= len(train_loader):
             start_epoch, resume_batches = start_epoch + 1, 0
-        logger.info(f"resumed from {resume_path} at step {completed_steps} (epoch {start_epoch}, "
-                    f"{resume_batches} batches in)", main_process_only=True)
+        logger.info(
+            f"resumed from {resume_path} at step {completed_steps} (epoch {start_epoch}, {resume_batches} batches in)",
+            main_process_only=True,
+        )
 
     log_path = os.path.join(r.output_dir, "log.jsonl")
 
@@ -586,13 +662,16 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
             return None
         metrics = evaluate(model, eval_loader, accelerator, text_inputs, len(class_names), r.ignore_index)
         log({f"eval/{k}": v for k, v in metrics.items()}, step)
-        logger.info(f"step {step}: eval mIoU {metrics['mIoU']:.2f} pixel acc {metrics['pixel_accuracy']:.2f}",
-                    main_process_only=True)
+        logger.info(
+            f"step {step}: eval mIoU {metrics['mIoU']:.2f} pixel acc {metrics['pixel_accuracy']:.2f}",
+            main_process_only=True,
+        )
         return metrics
 
     # ---- training loop
-    progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
-                    desc="train")
+    progress = tqdm(
+        total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train"
+    )
     metrics = None
     if r.eval_before_training and completed_steps == 0:
         metrics = run_eval(0)
@@ -636,20 +715,33 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
                 mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
                 elapsed = time.perf_counter() - step_start
                 lrs = {f"train/lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                log({"train/loss": mean_loss, **lrs,
-                     "train/skipped_samples": skipped_total, "train/epoch": epoch,
-                     "train/sec_per_step": elapsed / r.logging_steps}, completed_steps)
+                log(
+                    {
+                        "train/loss": mean_loss,
+                        **lrs,
+                        "train/skipped_samples": skipped_total,
+                        "train/epoch": epoch,
+                        "train/sec_per_step": elapsed / r.logging_steps,
+                    },
+                    completed_steps,
+                )
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum.zero_()
                 loss_count = 0
                 step_start = time.perf_counter()
             if r.checkpointing_steps and completed_steps % r.checkpointing_steps == 0:
-                counts = accelerator.reduce(torch.tensor([skipped_total, seen_total], device=accelerator.device),
-                                            "sum").tolist()
-                progress_state.load_state_dict({
-                    "completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                    "skipped_samples": counts[0], "seen_samples": counts[1],
-                })
+                counts = accelerator.reduce(
+                    torch.tensor([skipped_total, seen_total], device=accelerator.device), "sum"
+                ).tolist()
+                progress_state.load_state_dict(
+                    {
+                        "completed_steps": completed_steps,
+                        "epoch": epoch,
+                        "batches_in_epoch": batches_in_epoch,
+                        "skipped_samples": counts[0],
+                        "seen_samples": counts[1],
+                    }
+                )
                 C.save_checkpoint(accelerator, r.output_dir, completed_steps, r.checkpoints_total_limit)
             if r.eval_steps and completed_steps % r.eval_steps == 0 and completed_steps < max_train_steps:
                 metrics = run_eval(completed_steps)
@@ -658,16 +750,18 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
                 break
     progress.close()
     if skipped_total:
-        logger.warning(f"{skipped_total} bad training samples were skipped (on_bad_sample=skip)",
-                       main_process_only=True)
+        logger.warning(
+            f"{skipped_total} bad training samples were skipped (on_bad_sample=skip)", main_process_only=True
+        )
 
     # ---- final validation, save, push
     metrics = run_eval(completed_steps) or metrics
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.set_default_vocabulary(class_names, processor.tokenizer)
-    unwrapped.save_pretrained(r.output_dir, is_main_process=accelerator.is_main_process,
-                              state_dict=accelerator.get_state_dict(model))
+    unwrapped.save_pretrained(
+        r.output_dir, is_main_process=accelerator.is_main_process, state_dict=accelerator.get_state_dict(model)
+    )
     skipped_all = int(accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum"))
     results = {"completed_steps": completed_steps, "skipped_samples": skipped_all, "class_names": class_names}
     if metrics:
@@ -681,8 +775,7 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
             # results), not the raw output folder with its checkpoints and logs
             from modeling_disa.hub import publish_to_hub
 
-            publish_to_hub(unwrapped, processor, r.hub_model_id, token=r.hub_token,
-                           commit_message="End of training")
+            publish_to_hub(unwrapped, processor, r.hub_model_id, token=r.hub_token, commit_message="End of training")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

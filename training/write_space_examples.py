@@ -42,8 +42,11 @@ def write_space_examples(output_dir: str | os.PathLike = OUTPUT_DIR, num: int = 
         Image.fromarray(scene).resize((EXAMPLE_SIZE, EXAMPLE_SIZE), Image.NEAREST).save(partial)
         os.replace(partial, path)
         paths.append(path)
-    manifest = {"images": [path.name for path in paths], "labels": list(CLASS_NAMES),
-                "source": "toy-world test scenes (python training/write_space_examples.py)"}
+    manifest = {
+        "images": [path.name for path in paths],
+        "labels": list(CLASS_NAMES),
+        "source": "toy-world test scenes (python training/write_space_examples.py)",
+    }
     partial = folder / (MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(partial, folder / MANIFEST)

@@ -15,27 +15,44 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 
 # The six open-vocabulary evaluation datasets in the column order of the published tables.
-EVALUATION_DATASETS: Tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
-TRAINING_DATASETS: Tuple[str, ...] = ("coco_stuff171",)
-ALL_DATASETS: Tuple[str, ...] = EVALUATION_DATASETS + TRAINING_DATASETS
+EVALUATION_DATASETS: tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "voc20", "voc20b")
+TRAINING_DATASETS: tuple[str, ...] = ("coco_stuff171",)
+ALL_DATASETS: tuple[str, ...] = EVALUATION_DATASETS + TRAINING_DATASETS
 
 _ALIASES = {
-    "a847": "ade847", "ade20k847": "ade847", "ade847": "ade847",
-    "pc459": "pc459", "pascalcontext459": "pc459", "context459": "pc459",
-    "a150": "ade150", "ade20k150": "ade150", "ade150": "ade150", "ade20k": "ade150",
-    "pc59": "pc59", "pascalcontext59": "pc59", "context59": "pc59",
-    "voc20": "voc20", "pas20": "voc20", "pascalvoc20": "voc20", "voc": "voc20",
-    "voc20b": "voc20b", "pas20b": "voc20b", "pascalvoc20b": "voc20b",
-    "cocostuff171": "coco_stuff171", "cocostuff": "coco_stuff171", "coco171": "coco_stuff171",
+    "a847": "ade847",
+    "ade20k847": "ade847",
+    "ade847": "ade847",
+    "pc459": "pc459",
+    "pascalcontext459": "pc459",
+    "context459": "pc459",
+    "a150": "ade150",
+    "ade20k150": "ade150",
+    "ade150": "ade150",
+    "ade20k": "ade150",
+    "pc59": "pc59",
+    "pascalcontext59": "pc59",
+    "context59": "pc59",
+    "voc20": "voc20",
+    "pas20": "voc20",
+    "pascalvoc20": "voc20",
+    "voc": "voc20",
+    "voc20b": "voc20b",
+    "pas20b": "voc20b",
+    "pascalvoc20b": "voc20b",
+    "cocostuff171": "coco_stuff171",
+    "cocostuff": "coco_stuff171",
+    "coco171": "coco_stuff171",
     "coco": "coco_stuff171",
 }
 
@@ -82,17 +99,17 @@ class DatasetDefinition:
     display_name: str
     short_name: str
     hub_config: str
-    class_names: Tuple[str, ...]
+    class_names: tuple[str, ...]
     label_dtype: str
     ignore_index: int
     split: str
     num_images: int
     miou_rule: str = "present_in_gt"
-    prediction_fold: Optional[Tuple[int, int]] = None
-    scored_class_names: Optional[Tuple[str, ...]] = None
+    prediction_fold: tuple[int, int] | None = None
+    scored_class_names: tuple[str, ...] | None = None
     synonym_separator: str = ","
     class_names_source: str = ""
-    raw: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -106,13 +123,13 @@ class DatasetDefinition:
         return len(self.scored_names)
 
     @property
-    def scored_names(self) -> Tuple[str, ...]:
+    def scored_names(self) -> tuple[str, ...]:
         if self.scored_class_names is not None:
             return self.scored_class_names
         return tuple(first_synonym(n, self.synonym_separator) for n in self.class_names)
 
     @property
-    def prompt_names(self) -> List[str]:
+    def prompt_names(self) -> list[str]:
         """Names that go into the prompt template (first synonym of each class)."""
         return [first_synonym(n, self.synonym_separator) for n in self.class_names]
 
@@ -120,7 +137,7 @@ class DatasetDefinition:
     def numpy_label_dtype(self) -> np.dtype:
         return np.dtype(self.label_dtype)
 
-    def prompts(self, template: str = "A photo of a {} in the scene") -> List[str]:
+    def prompts(self, template: str = "A photo of a {} in the scene") -> list[str]:
         return [template.format(n) for n in self.prompt_names]
 
     # ------------------------------------------------------------------ rules
@@ -155,7 +172,7 @@ class DatasetDefinition:
             f"{', ...' if len(bad) > 5 else ''})."
         )
 
-    def to_metadata(self) -> Dict[str, Any]:
+    def to_metadata(self) -> dict[str, Any]:
         """Label conventions as a JSON-able dict (written into the prepared dataset's metadata)."""
         return {
             "dataset": self.name,
@@ -172,7 +189,7 @@ class DatasetDefinition:
         }
 
 
-def _from_json(data: Dict[str, Any]) -> DatasetDefinition:
+def _from_json(data: dict[str, Any]) -> DatasetDefinition:
     ev = data.get("eval") or {}
     fold = ev.get("prediction_fold")
     prompt = data.get("prompt") or {}
@@ -201,15 +218,17 @@ def _from_json(data: Dict[str, Any]) -> DatasetDefinition:
         )
     info = np.iinfo(definition.numpy_label_dtype)
     if not (definition.num_scored_classes <= definition.ignore_index <= info.max):
-        raise ValueError(f"Dataset {definition.name!r}: ignore_index {definition.ignore_index} is not a free "
-                         f"{definition.label_dtype} value above the class ids.")
+        raise ValueError(
+            f"Dataset {definition.name!r}: ignore_index {definition.ignore_index} is not a free "
+            f"{definition.label_dtype} value above the class ids."
+        )
     return definition
 
 
-_CACHE: Dict[str, DatasetDefinition] = {}
+_CACHE: dict[str, DatasetDefinition] = {}
 
 
-def load_evaluation_dataset(name_or_path: Union[str, os.PathLike]) -> DatasetDefinition:
+def load_evaluation_dataset(name_or_path: str | os.PathLike) -> DatasetDefinition:
     """Load a definition by name/alias (``"ade847"``, ``"A-847"``) or from a ``.json`` path."""
     path = Path(name_or_path)
     if str(name_or_path).endswith(".json") and path.is_file():
@@ -225,12 +244,20 @@ def load_evaluation_dataset(name_or_path: Union[str, os.PathLike]) -> DatasetDef
     return _CACHE[key]
 
 
-def list_evaluation_datasets() -> List[str]:
+def list_evaluation_datasets() -> list[str]:
     return list(ALL_DATASETS)
 
 
 __all__ = [
-    "ALL_DATASETS", "EVALUATION_DATASETS", "TRAINING_DATASETS", "DatasetDefinition", "ClassListMismatchError",
-    "UnknownDatasetError", "definitions_dir", "canonical_name", "first_synonym", "list_evaluation_datasets",
+    "ALL_DATASETS",
+    "EVALUATION_DATASETS",
+    "TRAINING_DATASETS",
+    "DatasetDefinition",
+    "ClassListMismatchError",
+    "UnknownDatasetError",
+    "definitions_dir",
+    "canonical_name",
+    "first_synonym",
+    "list_evaluation_datasets",
     "load_evaluation_dataset",
 ]

@@ -25,13 +25,13 @@ Standalone: depends on torch and NumPy only.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 RULES = ("present_in_gt", "present_in_gt_or_pred")
-ArrayLike = Union[torch.Tensor, np.ndarray]
+ArrayLike = torch.Tensor | np.ndarray
 
 
 def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
@@ -58,13 +58,16 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
 # this function (the `evaluate` module must stay self-contained). Change both;
 # tests/test_metrics.py::test_evaluate_module_arithmetic_is_the_package_copy checks that they agree.
 def metrics_from_confusion_matrix(
-    confusion: ArrayLike, rule: str = "present_in_gt", nan_to_num: Optional[float] = None
-) -> Dict[str, object]:
+    confusion: ArrayLike, rule: str = "present_in_gt", nan_to_num: float | None = None
+) -> dict[str, object]:
     """Metrics from a ``(K, K)`` confusion matrix with rows = ground truth and columns = prediction."""
     if rule not in RULES:
         raise ValueError(f"Unknown mIoU averaging rule {rule!r}; choose one of {RULES}.")
-    cm = confusion.detach().cpu().double().numpy() if isinstance(confusion, torch.Tensor) else np.asarray(
-        confusion, dtype=np.float64)
+    cm = (
+        confusion.detach().cpu().double().numpy()
+        if isinstance(confusion, torch.Tensor)
+        else np.asarray(confusion, dtype=np.float64)
+    )
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"Confusion matrix must be square, got shape {cm.shape}.")
     tp = np.diag(cm)
@@ -82,7 +85,7 @@ def metrics_from_confusion_matrix(
     mean_acc = float(np.nansum(acc) / n_gt) if n_gt else float("nan")
     overall = float(tp.sum() / total) if total > 0 else float("nan")
     fw = float(np.nansum(np.where(valid, iou, 0.0) * (gt / total))) if total > 0 else float("nan")
-    out: Dict[str, object] = {
+    out: dict[str, object] = {
         "mean_iou": mean_iou,
         "mean_accuracy": mean_acc,
         "overall_accuracy": overall,
@@ -118,9 +121,9 @@ class SegmentationConfusionMatrix:
         self,
         num_classes: int,
         ignore_index: int = 255,
-        prediction_fold: Optional[Tuple[int, int]] = None,
-        num_pred_classes: Optional[int] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        prediction_fold: tuple[int, int] | None = None,
+        num_pred_classes: int | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         if num_classes <= 0:
             raise ValueError("num_classes must be positive.")
@@ -133,19 +136,24 @@ class SegmentationConfusionMatrix:
         if self.prediction_fold is None and self.num_pred_classes != self.num_classes:
             raise ValueError("num_pred_classes differs from num_classes but no prediction_fold maps them.")
         self._device = torch.device(device) if device is not None else None
-        self.confusion: Optional[torch.Tensor] = None
-        self._lut: Optional[torch.Tensor] = None
-        self._ones: Optional[torch.Tensor] = None
-        self._flat: Optional[torch.Tensor] = None
+        self.confusion: torch.Tensor | None = None
+        self._lut: torch.Tensor | None = None
+        self._ones: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
         if self._device is not None:
             self.reset()
 
     @classmethod
-    def from_dataset_definition(cls, definition, device=None) -> "SegmentationConfusionMatrix":
+    def from_dataset_definition(cls, definition, device=None) -> SegmentationConfusionMatrix:
         """Build from a :class:`modeling_disa.evaluation.dataset_definitions.DatasetDefinition` (fold and ignore
         value included)."""
-        return cls(definition.num_scored_classes, definition.ignore_index, definition.prediction_fold,
-                   definition.num_classes, device=device)
+        return cls(
+            definition.num_scored_classes,
+            definition.ignore_index,
+            definition.prediction_fold,
+            definition.num_classes,
+            device=device,
+        )
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
@@ -177,7 +185,8 @@ class SegmentationConfusionMatrix:
         vals = torch.unique(t[bad])[:10].tolist()
         raise ValueError(
             f"Ground truth holds values {vals} outside [0, {k}) that are not the ignore value "
-            f"{self.ignore_index}. Wrong ignore_index, or a label map from another dataset?")
+            f"{self.ignore_index}. Wrong ignore_index, or a label map from another dataset?"
+        )
 
     @torch.no_grad()
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
@@ -196,7 +205,8 @@ class SegmentationConfusionMatrix:
         if p.shape != t.shape:
             raise ValueError(
                 f"Prediction shape {tuple(p.shape)} does not match label shape {tuple(t.shape)}; resize the "
-                "prediction to the label size (bilinear on probabilities before argmax) first.")
+                "prediction to the label size (bilinear on probabilities before argmax) first."
+            )
         if p.numel() == 0:
             return
         # predictions: one min/max pass
@@ -235,9 +245,7 @@ class SegmentationConfusionMatrix:
         self._flat.scatter_add_(0, idx, self._ones[:n])
 
     # ---------------------------------------------------------------- distributed
-    def reduce(
-        self, reduce_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    ) -> "SegmentationConfusionMatrix":
+    def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SegmentationConfusionMatrix:
         """Sum the matrix over processes, in place.
 
         ``reduce_fn`` receives the local matrix and returns the summed one, e.g.
@@ -254,10 +262,10 @@ class SegmentationConfusionMatrix:
             torch.distributed.all_reduce(self.confusion, op=torch.distributed.ReduceOp.SUM)
         return self
 
-    def reduce_with_accelerator(self, accelerator) -> "SegmentationConfusionMatrix":
+    def reduce_with_accelerator(self, accelerator) -> SegmentationConfusionMatrix:
         return self.reduce(lambda t: accelerator.reduce(t, reduction="sum"))
 
-    def merge(self, other: "SegmentationConfusionMatrix") -> "SegmentationConfusionMatrix":
+    def merge(self, other: SegmentationConfusionMatrix) -> SegmentationConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise ValueError("Cannot merge confusion matrices of different sizes.")
         if self.confusion is None:
@@ -267,16 +275,16 @@ class SegmentationConfusionMatrix:
         return self
 
     # ---------------------------------------------------------------- results
-    def compute(self, rule: str = "present_in_gt", nan_to_num: Optional[float] = None) -> Dict[str, object]:
+    def compute(self, rule: str = "present_in_gt", nan_to_num: float | None = None) -> dict[str, object]:
         if self.confusion is None:
             self.reset()
         return metrics_from_confusion_matrix(self.confusion, rule=rule, nan_to_num=nan_to_num)
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {"confusion": self.confusion.cpu() if self.confusion is not None else None}
 
 
-def results_table_row(results: Dict[str, object], class_names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+def results_table_row(results: dict[str, object], class_names: Sequence[str] | None = None) -> dict[str, float]:
     """Flatten :meth:`compute` output into JSON-friendly floats (percent) with per-class IoU by name."""
     row = {
         "mIoU": 100.0 * float(results["mean_iou"]),

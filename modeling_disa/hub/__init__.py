@@ -30,7 +30,8 @@ Space (`repo_type="space"`, `space_sdk="gradio"`) and uploads it in one commit:
 Evaluation results (a dict or a JSON file) may be any of:
 `{"ade150": {"mIoU": 31.5, "mAcc": 50.1}, ...}`, the same under a `"results"` key, a list of
 `{"dataset": "ade150", "mIoU": 31.5, ...}` entries (as training/run_evaluation.py writes them; the name may also be
-under `"name"`, or `"benchmark"` as older result files have it), or `{"ade150": 31.5}` (mIoU). Metric names: `mIoU`/`mean_iou`,
+under `"name"`, or `"benchmark"` as older result files have it), or `{"ade150": 31.5}` (mIoU). Metric names:
+`mIoU`/`mean_iou`,
 `mAcc`/`mean_accuracy`, `pAcc`/`pixel_accuracy`/`overall_accuracy`, `fwIoU`/`frequency_weighted_iou`; values are
 written as given (the project's evaluation writes percentages). Other keys are ignored.
 """
@@ -90,8 +91,12 @@ def _dataset_info(name: str) -> dict:
         definition = load_evaluation_dataset(name)
     except Exception:  # noqa: BLE001 - unknown dataset names are published as given
         return info
-    info.update(name=definition.name, display_name=definition.display_name, split=definition.split,
-                config=definition.hub_config)
+    info.update(
+        name=definition.name,
+        display_name=definition.display_name,
+        split=definition.split,
+        config=definition.hub_config,
+    )
     return info
 
 
@@ -261,9 +266,7 @@ def save_for_hub(
     if getattr(model.config, "model_type", None) != "disa":
         raise TypeError(f"expected a DiSa model, got {type(model).__name__}.")
     if processor is not None and not hasattr(processor, "tokenize_class_names"):
-        raise TypeError(
-            f"expected the DiSaProcessor (image processor + tokenizer), got {type(processor).__name__}."
-        )
+        raise TypeError(f"expected the DiSaProcessor (image processor + tokenizer), got {type(processor).__name__}.")
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     card_kwargs["tags"] = list(card_kwargs.get("tags") or []) + list(getattr(model, "model_tags", None) or [])
@@ -330,8 +333,15 @@ def publish_to_hub(
     _check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token, library_name="modeling_disa")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_for_hub(model, processor, tmp, repo_id=repo_id, eval_results=eval_results,
-                              max_shard_size=max_shard_size, **card_kwargs)
+        folder = save_for_hub(
+            model,
+            processor,
+            tmp,
+            repo_id=repo_id,
+            eval_results=eval_results,
+            max_shard_size=max_shard_size,
+            **card_kwargs,
+        )
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         return api.upload_folder(
             folder_path=folder,
@@ -369,17 +379,23 @@ def save_space(
     """
     _check_repo_id(model_repo, "model_repo")
     if space_dir is None and not (PACKAGE_DIR.parent / "setup.py").is_file():
-        raise FileNotFoundError("the demo app is not part of the installed package: pass space_dir= (--space_dir) "
-                                "pointing at the repository's space/ folder.")
+        raise FileNotFoundError(
+            "the demo app is not part of the installed package: pass space_dir= (--space_dir) "
+            "pointing at the repository's space/ folder."
+        )
     source = Path(space_dir) if space_dir is not None else SPACE_DIR
     missing = [name for name in ("app.py", "requirements.txt", "README.md") if not (source / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"the Space folder {str(source)!r} lacks {missing}; pass space_dir= (--space_dir) "
-                                "pointing at the repository's space/ folder.")
+        raise FileNotFoundError(
+            f"the Space folder {str(source)!r} lacks {missing}; pass space_dir= (--space_dir) "
+            "pointing at the repository's space/ folder."
+        )
     card = SpaceCard.load(source / "README.md")
     if card.data.get("sdk") != SPACE_SDK or not (source / str(card.data.get("app_file"))).is_file():
-        raise ValueError(f"{source / 'README.md'} must declare sdk: {SPACE_SDK} and an app_file present in the "
-                         f"folder, got sdk={card.data.get('sdk')!r}, app_file={card.data.get('app_file')!r}.")
+        raise ValueError(
+            f"{source / 'README.md'} must declare sdk: {SPACE_SDK} and an app_file present in the "
+            f"folder, got sdk={card.data.get('sdk')!r}, app_file={card.data.get('app_file')!r}."
+        )
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
@@ -421,16 +437,21 @@ def publish_space(
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_space(tmp, model_repo, space_dir=space_dir)
         if not api.repo_exists(model_repo):
-            warnings.warn(f"the Space serves {model_repo}, which does not exist on the Hub yet: publish it with "
-                          "`python -m modeling_disa.hub --model_dir DIR --repo_id " + model_repo + "`.", stacklevel=2)
+            warnings.warn(
+                f"the Space serves {model_repo}, which does not exist on the Hub yet: publish it with "
+                "`python -m modeling_disa.hub --model_dir DIR --repo_id " + model_repo + "`.",
+                stacklevel=2,
+            )
         api.create_repo(repo_id, repo_type="space", space_sdk=SPACE_SDK, private=private, exist_ok=True)
         return api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="space", commit_message=commit_message)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def space_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modeling_disa.hub space",
-                                     description="Publish the Gradio demo Space that serves a DiSa model repo.")
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_disa.hub space",
+        description="Publish the Gradio demo Space that serves a DiSa model repo.",
+    )
     parser.add_argument("--repo_id", required=True, help="the Space, 'org/name'")
     parser.add_argument("--model_repo", required=True, help="the model repo the app serves, 'org/name'")
     parser.add_argument("--space_dir", default=None, help="the app folder (default: the repository's space/)")
@@ -443,8 +464,14 @@ def space_main(argv=None) -> int:
         folder = save_space(args.output_dir, args.model_repo, space_dir=args.space_dir)
         print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
         return 0
-    info = publish_space(args.repo_id, args.model_repo, space_dir=args.space_dir, token=args.token,
-                         private=args.private or None, commit_message=args.commit_message)
+    info = publish_space(
+        args.repo_id,
+        args.model_repo,
+        space_dir=args.space_dir,
+        token=args.token,
+        private=args.private or None,
+        commit_message=args.commit_message,
+    )
     print(f"uploaded to the Space {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
 
@@ -453,9 +480,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["space"]:  # a subcommand in front of the model-publishing options, which keep their form
         return space_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="The demo Space: python -m modeling_disa.hub space --help")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The demo Space: python -m modeling_disa.hub space --help",
+    )
     parser.add_argument("--model_dir", required=True, help="folder with the saved model and processor")
     parser.add_argument("--repo_id", required=True, help="target repo, 'org/name'")
     parser.add_argument("--eval_results", default=None, help="evaluation results JSON")
@@ -474,15 +503,25 @@ def main(argv=None) -> int:
 
     model = DiSaForOpenVocabSegmentation.from_pretrained(args.model_dir)
     processor = DiSaProcessor.from_pretrained(args.model_dir)
-    card_kwargs = dict(template=args.template, base_model=args.base_model, datasets=args.dataset,
-                       dataset_repo=args.dataset_repo)
+    card_kwargs = dict(
+        template=args.template, base_model=args.base_model, datasets=args.dataset, dataset_repo=args.dataset_repo
+    )
     if args.output_dir:
-        folder = save_for_hub(model, processor, args.output_dir, repo_id=args.repo_id, eval_results=args.eval_results,
-                              **card_kwargs)
+        folder = save_for_hub(
+            model, processor, args.output_dir, repo_id=args.repo_id, eval_results=args.eval_results, **card_kwargs
+        )
         print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
         return 0
-    info = publish_to_hub(model, processor, args.repo_id, args.eval_results, token=args.token,
-                          private=args.private or None, commit_message=args.commit_message, **card_kwargs)
+    info = publish_to_hub(
+        model,
+        processor,
+        args.repo_id,
+        args.eval_results,
+        token=args.token,
+        private=args.private or None,
+        commit_message=args.commit_message,
+        **card_kwargs,
+    )
     print(f"uploaded to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
 

@@ -14,7 +14,7 @@ from .routing import TokenRoute, unmixed_layers
 def linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, groups: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """"Transformers are RNNs" attention with the elu+1 feature map.
+    """ "Transformers are RNNs" attention with the elu+1 feature map.
 
     Args:
         q, k, v (`(R, L, heads, head_dim)`): R rows (pixels) of L tokens (classes).
@@ -63,7 +63,9 @@ class DiSaClassAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor | None = None):
         """q, k, v `(R, T, D)` -> `(R, T, D)`; `groups` `(R, T)` bool restricts attention."""
         heads = (self.num_heads, -1)
-        out = linear_attention(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), self.eps, groups)
+        out = linear_attention(
+            q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), self.eps, groups
+        )
         return out.flatten(-2)
 
 
@@ -76,7 +78,9 @@ class DiSaClassTokenLayers(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attention = DiSaClassAttention(dim, guidance_dim, config.num_attention_heads, config.linear_attention_eps)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim * config.mlp_ratio), nn.ReLU(), nn.Linear(dim * config.mlp_ratio, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim * config.mlp_ratio), nn.ReLU(), nn.Linear(dim * config.mlp_ratio, dim)
+        )
         if config.class_cap > 0:
             self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim))
             self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim))

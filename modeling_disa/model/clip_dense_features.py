@@ -88,7 +88,9 @@ def dense_clip_features(
     if output_attentions:
         # CLIPAttention returns (output, weights) and CLIPEncoderLayer drops the weights; transformers records them
         # with a hook on CLIPAttention too (`CLIPPreTrainedModel._can_record_outputs`).
-        hooks = [block.self_attn.register_forward_hook(lambda _m, _i, out: attentions.append(out[1])) for block in blocks]
+        hooks = [
+            block.self_attn.register_forward_hook(lambda _m, _i, out: attentions.append(out[1])) for block in blocks
+        ]
     try:
         for index, block in enumerate(blocks):
             hidden = block(hidden, None)

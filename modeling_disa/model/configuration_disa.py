@@ -221,7 +221,10 @@ class DiSaConfig(PreTrainedConfig):
                 f"`guidance_layers` must be two block indices in [0, {n - 2}] (the last block is the dense layer), "
                 f"got {layers}."
             )
-        if self.text_config.projection_dim != self.projection_dim or self.vision_config.projection_dim != self.projection_dim:
+        if (
+            self.text_config.projection_dim != self.projection_dim
+            or self.vision_config.projection_dim != self.projection_dim
+        ):
             raise ValueError(
                 f"`projection_dim` ({self.projection_dim}) must equal text_config.projection_dim "
                 f"({self.text_config.projection_dim}) and vision_config.projection_dim "
@@ -233,11 +236,19 @@ class DiSaConfig(PreTrainedConfig):
             raise ValueError(f"`clip_finetune` must be one of {CLIP_FINETUNE_MODES}, got {self.clip_finetune!r}.")
         templates = list(self.prompt_templates)
         if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
-            raise ValueError(f"`prompt_templates` must be a non-empty list of strings with one '{{}}', got {templates}.")
+            raise ValueError(
+                f"`prompt_templates` must be a non-empty list of strings with one '{{}}', got {templates}."
+            )
 
     def validate_heads(self):
-        if len(self.decoder_dims) != 2 or len(self.decoder_guidance_dims) != 2 or len(self.decoder_guidance_proj_dims) != 2:
-            raise ValueError("`decoder_dims`, `decoder_guidance_dims` and `decoder_guidance_proj_dims` need 2 values each.")
+        if (
+            len(self.decoder_dims) != 2
+            or len(self.decoder_guidance_dims) != 2
+            or len(self.decoder_guidance_proj_dims) != 2
+        ):
+            raise ValueError(
+                "`decoder_dims`, `decoder_guidance_dims` and `decoder_guidance_proj_dims` need 2 values each."
+            )
         for dim, proj in zip([self.hidden_dim, self.decoder_dims[0]], self.decoder_guidance_proj_dims):
             if proj >= dim:
                 raise ValueError(
@@ -272,7 +283,8 @@ class DiSaConfig(PreTrainedConfig):
             raise ValueError(f"`itm_loss_weight` must be >= 0, got {self.itm_loss_weight}.")
         if not 0 <= self.sdm_input_gradient_scale <= 1:
             raise ValueError(
-                f"`sdm_input_gradient_scale` must be in [0, 1] (0 detaches SDM's inputs), got {self.sdm_input_gradient_scale}."
+                "`sdm_input_gradient_scale` must be in [0, 1] (0 detaches SDM's inputs), got "
+                f"{self.sdm_input_gradient_scale}."
             )
         if self.presence_threshold is not None and not 0 < self.presence_threshold < 1:
             raise ValueError(
@@ -323,8 +335,6 @@ class DiSaConfig(PreTrainedConfig):
             )
 
 
-
-
 def prompt_name(name: str) -> str:
     """The name a class is prompted with: its first synonym (`"building, edifice"` -> `"building"`), as CAT-Seg."""
     return name.split(",")[0].strip()
@@ -351,7 +361,7 @@ def validate_class_names(class_names, allow_shared_prompts: bool = False) -> lis
     if empty:
         raise ValueError(
             f"class names {empty[:5]} have an empty first synonym, which is the name that gets prompted: put the "
-            "name first (\"cat, kitty\"), without a leading comma."
+            'name first ("cat, kitty"), without a leading comma.'
         )
     if allow_shared_prompts:
         return names

@@ -123,7 +123,9 @@ class DiSaImageProcessor(PilBackend):
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
         # Own flattening: transformers' helper rejects 2-D (grayscale) arrays, which are supported here.
         def is_single(item):
-            return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3))
+            return isinstance(item, Image.Image) or (
+                isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3)
+            )
 
         if is_single(images):
             return [images]
@@ -136,7 +138,8 @@ class DiSaImageProcessor(PilBackend):
             for item in flat:
                 if not is_single(item):
                     raise TypeError(
-                        f"unsupported image {type(item).__name__}: pass PIL images, or 2-D/3-D NumPy arrays or tensors "
+                        f"unsupported image {type(item).__name__}: pass PIL images, or 2-D/3-D NumPy arrays or "
+                        "tensors "
                         "(paths and URLs are not opened here; load the image first)."
                     )
             return flat

@@ -33,13 +33,12 @@ Standalone: torch only.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-SizeLike = Union[int, Tuple[int, int]]
+SizeLike = int | tuple[int, int]
 
 # CAT-Seg's sliding-window protocol for 384-pixel views (catseg: TEST.SLIDING_WINDOW, out_res 640, overlap 0.333).
 CATSEG_WARP_SIZE = 640
@@ -62,7 +61,7 @@ def sliding_window_geometry(window_size: int = CATSEG_WINDOW_SIZE) -> dict:
     }
 
 
-def window_starts(length: int, window: int, stride: int) -> List[int]:
+def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Start offsets covering ``[0, length)`` with windows of ``window`` and step ``stride``.
 
     The last window is aligned to the end when the stride does not divide ``length - window``.
@@ -76,13 +75,13 @@ def window_starts(length: int, window: int, stride: int) -> List[int]:
     return starts
 
 
-def _resize(x: torch.Tensor, size: Tuple[int, int], antialias: bool = False) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
 
-def short_side_size(height: int, width: int, short_side: int, max_size: Optional[int] = 2560) -> Tuple[int, int]:
+def short_side_size(height: int, width: int, short_side: int, max_size: int | None = 2560) -> tuple[int, int]:
     """Output size of detectron2's ``ResizeShortestEdge(short_side, max_size)``."""
     scale = short_side / min(height, width)
     new_h, new_w = height * scale, width * scale
@@ -92,7 +91,7 @@ def short_side_size(height: int, width: int, short_side: int, max_size: Optional
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -101,9 +100,16 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 UPSAMPLE_MODES = ("logits", "probabilities")
 
 
-def _run_views(model: Callable, views: torch.Tensor, text_embeds: Optional[torch.Tensor], batch_size: Optional[int],
-               out_size: Tuple[int, int], autocast_dtype: Optional[torch.dtype], upsample: str = "logits",
-               **model_kwargs) -> torch.Tensor:
+def _run_views(
+    model: Callable,
+    views: torch.Tensor,
+    text_embeds: torch.Tensor | None,
+    batch_size: int | None,
+    out_size: tuple[int, int],
+    autocast_dtype: torch.dtype | None,
+    upsample: str = "logits",
+    **model_kwargs,
+) -> torch.Tensor:
     """Model on ``views`` (N,3,h,w) in chunks -> float32 sigmoid probabilities (N,T,*out_size); ``upsample``:
     resize the ``"logits"`` then take the sigmoid, or take the sigmoid and resize the ``"probabilities"``."""
     if upsample not in UPSAMPLE_MODES:
@@ -111,12 +117,14 @@ def _run_views(model: Callable, views: torch.Tensor, text_embeds: Optional[torch
     if text_embeds is None and "input_ids" in model_kwargs and hasattr(model, "get_text_embeddings"):
         # encode the vocabulary once for all chunks of views
         with _autocast(views.device, autocast_dtype):
-            text_embeds = model.get_text_embeddings(model_kwargs.pop("input_ids"), model_kwargs.pop("attention_mask", None))
+            text_embeds = model.get_text_embeddings(
+                model_kwargs.pop("input_ids"), model_kwargs.pop("attention_mask", None)
+            )
     n = views.shape[0]
     bs = n if not batch_size else batch_size
     outs = []
     for i in range(0, n, bs):
-        chunk = views[i:i + bs]
+        chunk = views[i : i + bs]
         with _autocast(views.device, autocast_dtype):
             kwargs = dict(model_kwargs)
             if text_embeds is not None:
@@ -124,9 +132,13 @@ def _run_views(model: Callable, views: torch.Tensor, text_embeds: Optional[torch
             logits = model(pixel_values=chunk, **kwargs).logits
         logits = logits.float()
         if logits.dim() != 4 or logits.shape[0] != chunk.shape[0]:
-            raise ValueError(f"Model returned logits of shape {tuple(logits.shape)} for {chunk.shape[0]} views; "
-                             "expected (views, classes, h, w).")
-        outs.append(_resize(logits, out_size).sigmoid() if upsample == "logits" else _resize(logits.sigmoid(), out_size))
+            raise ValueError(
+                f"Model returned logits of shape {tuple(logits.shape)} for {chunk.shape[0]} views; "
+                "expected (views, classes, h, w)."
+            )
+        outs.append(
+            _resize(logits, out_size).sigmoid() if upsample == "logits" else _resize(logits.sigmoid(), out_size)
+        )
     return torch.cat(outs, 0)
 
 
@@ -134,15 +146,15 @@ def _run_views(model: Callable, views: torch.Tensor, text_embeds: Optional[torch
 def sliding_window_probs(
     model: Callable,
     pixel_values: torch.Tensor,
-    text_embeds: Optional[torch.Tensor] = None,
+    text_embeds: torch.Tensor | None = None,
     *,
     warp_size: int = CATSEG_WARP_SIZE,
     window_size: int = CATSEG_WINDOW_SIZE,
     stride: int = CATSEG_STRIDE,
     global_view: bool = True,
-    output_size: Optional[Sequence[Tuple[int, int]]] = None,
-    batch_size: Optional[int] = None,
-    autocast_dtype: Optional[torch.dtype] = None,
+    output_size: Sequence[tuple[int, int]] | None = None,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
     upsample: str = "logits",
     **model_kwargs,
 ) -> torch.Tensor:
@@ -158,21 +170,22 @@ def sliding_window_probs(
     warped = _resize(pixel_values.float(), (warp_size, warp_size))
     starts = window_starts(warp_size, window_size, stride)
     crops = [(y, x) for y in starts for x in starts]
-    views = [warped[:, :, y:y + window_size, x:x + window_size] for (y, x) in crops]
+    views = [warped[:, :, y : y + window_size, x : x + window_size] for (y, x) in crops]
     if global_view:
         views.append(_resize(warped, (window_size, window_size)))
     nv = len(views)
     # (B*nv, 3, win, win), image-major so that one image's views are contiguous
     stacked = torch.stack(views, dim=1).reshape(b * nv, 3, window_size, window_size).to(pixel_values.dtype)
-    probs = _run_views(model, stacked, text_embeds, batch_size, (window_size, window_size), autocast_dtype,
-                       upsample, **model_kwargs)
+    probs = _run_views(
+        model, stacked, text_embeds, batch_size, (window_size, window_size), autocast_dtype, upsample, **model_kwargs
+    )
     t = probs.shape[1]
     probs = probs.view(b, nv, t, window_size, window_size)
     canvas = probs.new_zeros((b, t, warp_size, warp_size))
     count = probs.new_zeros((1, 1, warp_size, warp_size))
     for i, (y, x) in enumerate(crops):
-        canvas[:, :, y:y + window_size, x:x + window_size] += probs[:, i]
-        count[:, :, y:y + window_size, x:x + window_size] += 1
+        canvas[:, :, y : y + window_size, x : x + window_size] += probs[:, i]
+        count[:, :, y : y + window_size, x : x + window_size] += 1
     final = canvas / count
     if global_view:
         final = (final + _resize(probs[:, -1], (warp_size, warp_size))) / 2
@@ -184,12 +197,12 @@ def sliding_window_probs(
 def whole_image_probs(
     model: Callable,
     pixel_values: torch.Tensor,
-    text_embeds: Optional[torch.Tensor] = None,
+    text_embeds: torch.Tensor | None = None,
     *,
     input_size: int = CATSEG_WINDOW_SIZE,
-    output_size: Optional[Tuple[int, int]] = None,
-    batch_size: Optional[int] = None,
-    autocast_dtype: Optional[torch.dtype] = None,
+    output_size: tuple[int, int] | None = None,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
     upsample: str = "probabilities",
     **model_kwargs,
 ) -> torch.Tensor:
@@ -208,12 +221,12 @@ def whole_image_probs(
 def predict_segmentation(
     model: Callable,
     pixel_values: torch.Tensor,
-    text_embeds: Optional[torch.Tensor] = None,
+    text_embeds: torch.Tensor | None = None,
     *,
     mode: str = "sliding",
-    short_side: Optional[int] = 640,
-    max_size: Optional[int] = 2560,
-    output_size: Optional[Tuple[int, int]] = None,
+    short_side: int | None = 640,
+    max_size: int | None = 2560,
+    output_size: tuple[int, int] | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Label map ``(B, H, W)`` (int64) for images at their original size ``(H, W)``.

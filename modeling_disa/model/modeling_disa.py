@@ -199,7 +199,11 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.sdm = DiSaSaliencyDisentanglement(config) if config.use_sdm else None
         self.post_init()
         # (skipped on the meta device, where from_pretrained builds the model before loading both branches)
-        if self.sdm is not None and config.sdm_background_init == "copy" and not next(self.aggregator.parameters()).is_meta:
+        if (
+            self.sdm is not None
+            and config.sdm_background_init == "copy"
+            and not next(self.aggregator.parameters()).is_meta
+        ):
             # The background branch starts as the foreground one: the routing, which keeps moving while the presence
             # head learns, then never sends a token to weights that have not been trained for it.
             self._copy_foreground_to_background()
@@ -234,7 +238,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 param.requires_grad_(False)
             else:
                 param.requires_grad_(
-                    ".encoder.layers." in name and name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight"))
+                    ".encoder.layers." in name
+                    and name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight"))
                 )
         unused = set(self.unused_parameter_names())
         for name, param in self.named_parameters():
@@ -290,7 +295,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         return model
 
     @classmethod
-    def from_pretrained(cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs):
+    def from_pretrained(
+        cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs
+    ):
         """`PreTrainedModel.from_pretrained`, except that a checkpoint whose tensor shapes disagree with the config
         raises (naming the keys) instead of silently re-initialising them; pass `ignore_mismatched_sizes=True` to
         accept the re-initialisation (e.g. a head of another width). A checkpoint that only has pickle weights
@@ -301,7 +308,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         mismatched = info.get("mismatched_keys") or []
         if mismatched and not ignore_mismatched_sizes:
-            details = "; ".join(f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in sorted(mismatched)[:20])
+            details = "; ".join(
+                f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in sorted(mismatched)[:20]
+            )
             raise ValueError(
                 f"{len(mismatched)} checkpoint tensors do not match the model's shapes ({details}). Check that the "
                 "config matches the checkpoint, or pass ignore_mismatched_sizes=True to re-initialise them."
@@ -366,8 +375,15 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 stacklevel=2,
             )
             return super().push_to_hub(
-                repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
-                token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                max_shard_size=max_shard_size,
+                tags=tags,
             )
 
         return publish_to_hub(
@@ -404,7 +420,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             `modeling_disa.model.inference` do.
         """
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
-            raise ValueError(f"input_ids must be (num_classes * num_prompts, length) with >= 1 row, got {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"input_ids must be (num_classes * num_prompts, length) with >= 1 row, got {tuple(input_ids.shape)}."
+            )
         prompts = self.config.num_prompts
         if input_ids.shape[0] % prompts:
             raise ValueError(
@@ -487,7 +505,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     @staticmethod
     def _check_labels(labels: torch.Tensor, batch: int) -> None:
         if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a tensor of class ids (batch, height, width), got {type(labels).__name__}.")
+            raise TypeError(
+                f"labels must be a tensor of class ids (batch, height, width), got {type(labels).__name__}."
+            )
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(
                 f"labels must hold integer class ids (torch.long), got dtype {labels.dtype}; convert class-id maps "
@@ -539,7 +559,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         )
         if output_attentions and self.clip.vision_model.config._attn_implementation != "eager":
             raise ValueError(
-                "output_attentions=True needs eager attention in the CLIP vision tower (SDPA does not return attention "
+                "output_attentions=True needs eager attention in the CLIP vision tower (SDPA does not return "
+                "attention "
                 f"weights; it uses {self.clip.vision_model.config._attn_implementation!r}): load the model with "
                 "`attn_implementation='eager'` or call `model.set_attn_implementation('eager')`."
             )

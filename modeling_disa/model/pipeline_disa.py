@@ -111,8 +111,9 @@ def _image_size(image) -> tuple[int, int]:
 
 
 def _resize_bilinear(maps: torch.Tensor, target_size) -> torch.Tensor:
-    return F.interpolate(maps[None].float(), size=tuple(int(s) for s in target_size), mode="bilinear",
-                         align_corners=False)[0]
+    return F.interpolate(
+        maps[None].float(), size=tuple(int(s) for s in target_size), mode="bilinear", align_corners=False
+    )[0]
 
 
 def segments_from_logits(logits: torch.Tensor, target_size, labels) -> list[dict]:
@@ -192,18 +193,27 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             vocabulary = tuple(labels)
         else:  # the default vocabulary: its stored prompt tokens and names
             config = self.model.config
-            vocabulary = (tuple(map(tuple, getattr(config, "label_token_ids", None) or ())),
-                          tuple(sorted((str(k), v) for k, v in (getattr(config, "id2label", None) or {}).items())))
+            vocabulary = (
+                tuple(map(tuple, getattr(config, "label_token_ids", None) or ())),
+                tuple(sorted((str(k), v) for k, v in (getattr(config, "id2label", None) or {}).items())),
+            )
         templates = tuple(getattr(self.processor, "prompt_templates", None) or ())
-        key = (labels is None, vocabulary, templates, str(self.device), str(self.model.dtype),
-               self._text_weights_state())
+        key = (
+            labels is None,
+            vocabulary,
+            templates,
+            str(self.device),
+            str(self.model.dtype),
+            self._text_weights_state(),
+        )
         if key in self._text_embedding_cache:
             self._text_embedding_cache.move_to_end(key)
             return self._text_embedding_cache[key]
         names, tokens = self._vocabulary(labels)
         with torch.no_grad():
-            text_embeds = self.model.get_text_embeddings(tokens["input_ids"].to(self.device),
-                                                         tokens["attention_mask"].to(self.device))
+            text_embeds = self.model.get_text_embeddings(
+                tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+            )
         if self.text_embedding_cache_size > 0:
             self._text_embedding_cache[key] = (names, text_embeds)
             while len(self._text_embedding_cache) > self.text_embedding_cache_size:
@@ -228,7 +238,9 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             plus `"saliency"` and `"foreground_mask"` arrays with `output_saliency`); for a list of images, a list
             of such lists (`[]` for an empty list).
         """
-        unexpected = sorted(set(kwargs) - {"batch_size", "num_workers", "timeout", "inference_mode", "output_saliency"})
+        unexpected = sorted(
+            set(kwargs) - {"batch_size", "num_workers", "timeout", "inference_mode", "output_saliency"}
+        )
         if unexpected:
             raise TypeError(f"unexpected arguments {unexpected} for the {PIPELINE_TASK} pipeline.")
         self._check_options(kwargs.get("inference_mode"), kwargs.get("output_saliency"))
@@ -252,7 +264,10 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             )
         id2label = getattr(config, "id2label", None) or {}
         input_ids, attention_mask = self.model.default_vocabulary_tokens()
-        return [id2label[i] for i in sorted(id2label, key=int)], {"input_ids": input_ids, "attention_mask": attention_mask}
+        return [id2label[i] for i in sorted(id2label, key=int)], {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+        }
 
     def _check_options(self, inference_mode, output_saliency) -> None:
         if inference_mode is not None and inference_mode not in INFERENCE_MODES:
@@ -260,8 +275,9 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
         if output_saliency and not getattr(self.model.config, "use_sdm", False):
             raise ValueError("output_saliency=True needs a model with the saliency module (config.use_sdm=True).")
 
-    def _sanitize_parameters(self, _labels=None, _text_embeds=None, timeout=None, inference_mode=None,
-                             output_saliency=None, **kwargs):
+    def _sanitize_parameters(
+        self, _labels=None, _text_embeds=None, timeout=None, inference_mode=None, output_saliency=None, **kwargs
+    ):
         # `_labels` / `_text_embeds` come from `__call__` (validated labels and their embeddings for this call)
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)} for the {PIPELINE_TASK} pipeline.")
@@ -307,8 +323,9 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
 
             # batch_size=None: every view of the batch in one forward pass, all with this call's text embeddings;
             # CAT-Seg's sliding-window order (logits resized to the view size, then the sigmoid)
-            result["probabilities"] = sliding_window_probs(model_call, pixel_values, text_embeds,
-                                                           **self.sliding_window_geometry(), **model_kwargs)
+            result["probabilities"] = sliding_window_probs(
+                model_call, pixel_values, text_embeds, **self.sliding_window_geometry(), **model_kwargs
+            )
             (outputs,) = calls
             views = outputs.logits.shape[0] // batch
             image_view = slice(views - 1, None, views)  # views are image-major; the global view comes last
@@ -324,7 +341,9 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
     def postprocess(self, model_outputs, labels=None):
         target_size = model_outputs["target_size"].reshape(-1)[:2].tolist()
         if "probabilities" in model_outputs:
-            results = segments_from_probabilities(model_outputs["probabilities"][0].detach().cpu(), target_size, labels)
+            results = segments_from_probabilities(
+                model_outputs["probabilities"][0].detach().cpu(), target_size, labels
+            )
         else:
             results = segments_from_logits(model_outputs["logits"][0].detach().cpu(), target_size, labels)
         if "saliency" in model_outputs:

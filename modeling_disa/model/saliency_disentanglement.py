@@ -257,7 +257,9 @@ class DiSaBranchFusion(nn.Module):
         return self(foreground, background, own, context)
 
 
-def branch_ensembles(volume: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def branch_ensembles(
+    volume: torch.Tensor, foreground: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routed volume `(B, D, T, h, w)` + foreground mask `(B, T, h, w)` -> the two branch views (each token keeps
     its own branch's feature and sees the other branch's class-wise mean in place of the missing one) and the
     context map (the other branch's class-wise mean at every token)."""

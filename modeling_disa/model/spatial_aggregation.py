@@ -213,8 +213,10 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
         rows, windows = route.mask.shape[0], (self.grid // self.window) ** 2
         q_fg, k_fg, v_fg = self.project(foreground, guidance_foreground)
         q_bg, k_bg, v_bg = self.background.project(background, guidance_background)
-        q, k, v = (windowed.merge(a, b).view(rows, windows, self.window**2, -1)
-                   for a, b in ((q_fg, q_bg), (k_fg, k_bg), (v_fg, v_bg)))
+        q, k, v = (
+            windowed.merge(a, b).view(rows, windows, self.window**2, -1)
+            for a, b in ((q_fg, q_bg), (k_fg, k_bg), (v_fg, v_bg))
+        )
         groups = windowed.mask.view(rows, windows, -1) if self.restrict_to_branch else None
         attended_fg, attended_bg = windowed.split(self._attend_windows(q, k, v, groups))
         return self.update(foreground, attended_fg), self.background.update(background, attended_bg)
@@ -273,8 +275,10 @@ class DiSaSpatialAggregation(nn.Module):
             # LayerNorm is per token: each branch normalises the (B*N, G) guidance once, and every routed token
             # reads the row of its image and position (token b*T*N + t*N + n -> row b*N + n)
             positions = height * width
-            rows = [(index // (classes * positions)) * positions + index % positions
-                    for index in (route.foreground, route.background)]
+            rows = [
+                (index // (classes * positions)) * positions + index % positions
+                for index in (route.foreground, route.background)
+            ]
             guidance = guidance.reshape(batch * positions, -1)
             guidance_fg = self.guidance_norm(guidance).index_select(0, rows[0])
             guidance_bg = self.background_guidance_norm(guidance).index_select(0, rows[1])

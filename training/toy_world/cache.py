@@ -46,12 +46,22 @@ def ensure_world_dataset(settings: WorldSettings, cache_root: str | None = None)
     """Folder of the world's `save_to_disk` DatasetDict for these settings (generated and written atomically)."""
     final = os.path.join(cache_root or default_cache_root(), f"world-{settings.key()}")
     if not os.path.isfile(os.path.join(final, "world.json")):
+
         def write(tmp):
             build_dataset(settings).save_to_disk(tmp)
             with open(os.path.join(tmp, "world.json"), "w") as fh:
-                json.dump({"settings": asdict(settings), "class_names": CLASS_NAMES, "seen_names": SEEN_NAMES,
-                           "unseen_names": [CLASS_NAMES[i] for i in UNSEEN_IDS],
-                           "stuff_names": [CLASS_NAMES[i] for i in STUFF_IDS],
-                           "thing_names": [CLASS_NAMES[i] for i in THING_IDS]}, fh, indent=1)
+                json.dump(
+                    {
+                        "settings": asdict(settings),
+                        "class_names": CLASS_NAMES,
+                        "seen_names": SEEN_NAMES,
+                        "unseen_names": [CLASS_NAMES[i] for i in UNSEEN_IDS],
+                        "stuff_names": [CLASS_NAMES[i] for i in STUFF_IDS],
+                        "thing_names": [CLASS_NAMES[i] for i in THING_IDS],
+                    },
+                    fh,
+                    indent=1,
+                )
+
         write_atomically(final, write)
     return final

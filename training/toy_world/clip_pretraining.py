@@ -52,8 +52,9 @@ class ClipSettings:
         values = asdict(self)
         if values["stuff_caption_rate"] == 1.0:  # the unbiased world keeps the cache key it had before the setting
             del values["stuff_caption_rate"]
-        blob = json.dumps({"clip": values, "words": words, "vocab": CLASS_NAMES, "version": WORLD_VERSION},
-                          sort_keys=True)
+        blob = json.dumps(
+            {"clip": values, "words": words, "vocab": CLASS_NAMES, "version": WORLD_VERSION}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -62,19 +63,32 @@ def clip_config(settings: ClipSettings, tokenizer):
 
     h = settings.hidden_size
     return CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=4 * h,
-                         num_hidden_layers=settings.text_layers, num_attention_heads=4,
-                         max_position_embeddings=tokenizer.model_max_length, projection_dim=settings.projection_dim,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=settings.vision_layers,
-                           num_attention_heads=4, image_size=settings.image_size, patch_size=settings.patch_size,
-                           projection_dim=settings.projection_dim),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=h,
+            intermediate_size=4 * h,
+            num_hidden_layers=settings.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=settings.projection_dim,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=h,
+            intermediate_size=4 * h,
+            num_hidden_layers=settings.vision_layers,
+            num_attention_heads=4,
+            image_size=settings.image_size,
+            patch_size=settings.patch_size,
+            projection_dim=settings.projection_dim,
+        ),
         projection_dim=settings.projection_dim,
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _image_processor(patch_size: int):
     from modeling_disa.model import DiSaImageProcessor
 
@@ -88,16 +102,18 @@ def normalize_images(images: np.ndarray, patch_size: int = 8):
     return _image_processor(patch_size)(images=np.ascontiguousarray(images), return_tensors="pt")["pixel_values"]
 
 
-def pretraining_batch(rng: np.random.Generator, batch_size: int, image_size: int, max_things: int = 2,
-                      stuff_caption_rate: float = 1.0):
+def pretraining_batch(
+    rng: np.random.Generator, batch_size: int, image_size: int, max_things: int = 2, stuff_caption_rate: float = 1.0
+):
     """Image-caption pairs of every concept (seen and unseen): a quarter single-stuff images, the rest scenes. A
     pair whose caption would name nothing (a stuff-only image whose stuff went unnamed) is redrawn."""
     all_ids = list(range(len(CLASS_NAMES)))
     images, captions = [], []
     while len(images) < batch_size:
         kind = rng.random()
-        img, _, present = render_scene(rng, all_ids, image_size, max_things=0 if kind < 0.25 else max_things,
-                                       single_stuff_prob=0.5)
+        img, _, present = render_scene(
+            rng, all_ids, image_size, max_things=0 if kind < 0.25 else max_things, single_stuff_prob=0.5
+        )
         caption = caption_for(rng, present, stuff_caption_rate)
         if caption is not None:
             images.append(img)
@@ -119,16 +135,22 @@ def pretrain_clip(settings: ClipSettings, output_dir: str, progress: bool = True
     model = CLIPModel(clip_config(settings, tokenizer))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=settings.warmup_steps,
-                              num_training_steps=settings.steps)
+    scheduler = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps
+    )
     losses = []
     bar = tqdm(range(settings.steps), desc="toy CLIP pretraining", disable=not progress)
     for step in bar:
-        images, captions = pretraining_batch(rng, settings.batch_size, settings.image_size, settings.max_things,
-                                             settings.stuff_caption_rate)
+        images, captions = pretraining_batch(
+            rng, settings.batch_size, settings.image_size, settings.max_things, settings.stuff_caption_rate
+        )
         text = tokenizer(captions, padding=True, return_tensors="pt")
-        out = model(pixel_values=normalize_images(images, settings.patch_size), input_ids=text["input_ids"],
-                    attention_mask=text["attention_mask"], return_loss=True)
+        out = model(
+            pixel_values=normalize_images(images, settings.patch_size),
+            input_ids=text["input_ids"],
+            attention_mask=text["attention_mask"],
+            return_loss=True,
+        )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -138,9 +160,13 @@ def pretrain_clip(settings: ClipSettings, output_dir: str, progress: bool = True
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
-    summary = {"steps": settings.steps, "first_loss": float(np.mean(losses[:20])),
-               "final_loss": float(np.mean(losses[-50:])), "seconds": round(time.perf_counter() - start, 1),
-               "zero_shot_accuracy": clip_zero_shot_accuracy(model, tokenizer, settings)}
+    summary = {
+        "steps": settings.steps,
+        "first_loss": float(np.mean(losses[:20])),
+        "final_loss": float(np.mean(losses[-50:])),
+        "seconds": round(time.perf_counter() - start, 1),
+        "zero_shot_accuracy": clip_zero_shot_accuracy(model, tokenizer, settings),
+    }
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -168,8 +194,13 @@ def clip_zero_shot_accuracy(model, tokenizer, settings: ClipSettings, num: int =
     thing_rng = np.random.default_rng([settings.seed, 98])  # its own stream: the stuff figures stay comparable
     for c in thing_rng.choice(THING_IDS, size=num):
         ground = [s for s in STUFF_IDS if VOCAB["colors"][s] != VOCAB["colors"][c]]
-        img, _, present = render_scene(thing_rng, [int(thing_rng.choice(ground)), int(c)], settings.image_size,
-                                       max_things=1, single_stuff_prob=1.0)
+        img, _, present = render_scene(
+            thing_rng,
+            [int(thing_rng.choice(ground)), int(c)],
+            settings.image_size,
+            max_things=1,
+            single_stuff_prob=1.0,
+        )
         if int(c) in present:
             thing_ids.append(int(c))
             thing_images.append(img)
@@ -186,7 +217,9 @@ def clip_zero_shot_accuracy(model, tokenizer, settings: ClipSettings, num: int =
         return float(correct.mean()), float(correct[seen].mean()), float(correct[~seen].mean())
 
     out = {}
-    for kind, ids, images, pool in (("stuff", stuff_ids, stuff_images, STUFF_IDS),
-                                    ("things", thing_ids, thing_images, THING_IDS)):
+    for kind, ids, images, pool in (
+        ("stuff", stuff_ids, stuff_images, STUFF_IDS),
+        ("things", thing_ids, thing_images, THING_IDS),
+    ):
         out[f"{kind}_all"], out[f"{kind}_seen"], out[f"{kind}_unseen"] = accuracy(ids, images, pool)
     return out

@@ -57,10 +57,19 @@ def prepare(r, repo_path=lambda p: p):
 
     s = settings_from_recipe(r)
     cache = s["cache_dir"] or W.default_cache_root()
-    world = W.WorldSettings(seed=s["seed"], image_size=s["image_size"], num_train=s["num_train"],
-                            num_validation=s["num_validation"], num_test=s["num_test"])
-    clip_values = {"seed": s["seed"], "image_size": s["image_size"], "stuff_caption_rate": s["stuff_caption_rate"],
-                   **(s["clip"] or {})}
+    world = W.WorldSettings(
+        seed=s["seed"],
+        image_size=s["image_size"],
+        num_train=s["num_train"],
+        num_validation=s["num_validation"],
+        num_test=s["num_test"],
+    )
+    clip_values = {
+        "seed": s["seed"],
+        "image_size": s["image_size"],
+        "stuff_caption_rate": s["stuff_caption_rate"],
+        **(s["clip"] or {}),
+    }
     clip = W.ClipSettings(**clip_values)
     t0 = time.perf_counter()
     world_dir = W.ensure_world_dataset(world, cache)
@@ -69,16 +78,27 @@ def prepare(r, repo_path=lambda p: p):
     t2 = time.perf_counter()
     with open(os.path.join(clip_dir, "toy_clip_pretraining.json")) as fh:
         clip_info = json.load(fh)
-    print(f"[toy world] dataset {world_dir} ({t1 - t0:.1f}s); toy CLIP {clip_dir} ({t2 - t1:.1f}s, pretraining "
-          f"loss {clip_info['first_loss']:.3f} -> {clip_info['final_loss']:.3f}, zero-shot stuff accuracy "
-          f"{clip_info['zero_shot_accuracy']})", flush=True)
+    print(
+        f"[toy world] dataset {world_dir} ({t1 - t0:.1f}s); toy CLIP {clip_dir} ({t2 - t1:.1f}s, pretraining "
+        f"loss {clip_info['first_loss']:.3f} -> {clip_info['final_loss']:.3f}, zero-shot stuff accuracy "
+        f"{clip_info['zero_shot_accuracy']})",
+        flush=True,
+    )
     prepared = dataclasses.replace(
-        r, dataset_name=world_dir, clip_model_name_or_path=clip_dir, class_names_feature="classes",
+        r,
+        dataset_name=world_dir,
+        clip_model_name_or_path=clip_dir,
+        class_names_feature="classes",
         validation_split=r.validation_split or "validation",
     )
-    info = {"world_dir": world_dir, "clip_dir": clip_dir, "world_settings": dataclasses.asdict(world),
-            "clip_settings": dataclasses.asdict(clip), "clip_pretraining": clip_info,
-            "prepare_seconds": {"world": round(t1 - t0, 1), "clip": round(t2 - t1, 1)}}
+    info = {
+        "world_dir": world_dir,
+        "clip_dir": clip_dir,
+        "world_settings": dataclasses.asdict(world),
+        "clip_settings": dataclasses.asdict(clip),
+        "clip_pretraining": clip_info,
+        "prepare_seconds": {"world": round(t1 - t0, 1), "clip": round(t2 - t1, 1)},
+    }
     return prepared, s, info
 
 
@@ -95,9 +115,13 @@ def run(r, train_fn, repo_path=lambda p: p) -> dict:
     if s["compare_catseg"]:
         t = time.perf_counter()
         print("[toy world] training CAT-Seg mode (SDM / HRM off) on the seen classes", flush=True)
-        catseg = dataclasses.replace(prepared, model_preset=s["catseg_preset"], model_name_or_path=None,
-                                     output_dir=os.path.join(prepared.output_dir, "catseg-mode"),
-                                     overwrite_output_dir=True)
+        catseg = dataclasses.replace(
+            prepared,
+            model_preset=s["catseg_preset"],
+            model_name_or_path=None,
+            output_dir=os.path.join(prepared.output_dir, "catseg-mode"),
+            overwrite_output_dir=True,
+        )
         train_fn(catseg)
         timings["train_catseg"] = round(time.perf_counter() - t, 1)
         runs["CAT-Seg mode"] = catseg.output_dir
@@ -110,8 +134,10 @@ def run(r, train_fn, repo_path=lambda p: p) -> dict:
     report["disa_training"] = {k: v for k, v in disa_train.items() if k != "eval_per_class_iou"}
     write_report(prepared.output_dir, report)
     print(report["table_markdown"], flush=True)
-    print(f"[toy world] done in {timings['total']:.0f}s; results in {prepared.output_dir}/toy_world_results.json",
-          flush=True)
+    print(
+        f"[toy world] done in {timings['total']:.0f}s; results in {prepared.output_dir}/toy_world_results.json",
+        flush=True,
+    )
     return report
 
 
@@ -145,7 +171,7 @@ def _predict(fn, images: np.ndarray, batch_size: int, size: int) -> np.ndarray:
     preds = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            logits = fn(normalize_images(images[i:i + batch_size])).float()
+            logits = fn(normalize_images(images[i : i + batch_size])).float()
             logits = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
             preds.append(logits.argmax(1).numpy())
     return np.concatenate(preds)
@@ -166,15 +192,22 @@ def subset_scores(pred: np.ndarray, labels: np.ndarray) -> dict:
         vals = [iou[i] for i in ids if iou[i] == iou[i]]
         return float(np.mean(vals)) if vals else float("nan")
 
-    out = {"mIoU": mean(range(len(W.CLASS_NAMES))), "seen": mean(W.SEEN_IDS), "unseen": mean(W.UNSEEN_IDS),
-           "stuff": mean(W.STUFF_IDS), "things": mean(W.THING_IDS),
-           "unseen_stuff": mean([i for i in W.UNSEEN_IDS if i in W.STUFF_IDS]),
-           "unseen_things": mean([i for i in W.UNSEEN_IDS if i in W.THING_IDS]),
-           "pixel_accuracy": float(res["pixel_accuracy"]) * 100}
-    out["harmonic"] = (2 * out["seen"] * out["unseen"] / (out["seen"] + out["unseen"])
-                       if out["seen"] + out["unseen"] > 0 else 0.0)
-    out["per_class_iou"] = {W.CLASS_NAMES[i]: (None if iou[i] != iou[i] else float(iou[i]))
-                            for i in range(len(W.CLASS_NAMES))}
+    out = {
+        "mIoU": mean(range(len(W.CLASS_NAMES))),
+        "seen": mean(W.SEEN_IDS),
+        "unseen": mean(W.UNSEEN_IDS),
+        "stuff": mean(W.STUFF_IDS),
+        "things": mean(W.THING_IDS),
+        "unseen_stuff": mean([i for i in W.UNSEEN_IDS if i in W.STUFF_IDS]),
+        "unseen_things": mean([i for i in W.UNSEEN_IDS if i in W.THING_IDS]),
+        "pixel_accuracy": float(res["pixel_accuracy"]) * 100,
+    }
+    out["harmonic"] = (
+        2 * out["seen"] * out["unseen"] / (out["seen"] + out["unseen"]) if out["seen"] + out["unseen"] > 0 else 0.0
+    )
+    out["per_class_iou"] = {
+        W.CLASS_NAMES[i]: (None if iou[i] != iou[i] else float(iou[i])) for i in range(len(W.CLASS_NAMES))
+    }
     return out
 
 
@@ -200,17 +233,26 @@ def make_report(r, s, info, runs: dict) -> dict:
         results[name] = subset_scores(pred, labels)
     clip = CLIPModel.from_pretrained(info["clip_dir"]).eval()
     clip_res = models["DiSa"].config.clip_resolution
-    pred = _predict(lambda pv: W.dense_clip_logits(clip, pv, text["input_ids"], text["attention_mask"], clip_res),
-                    images, bs, size)
+    pred = _predict(
+        lambda pv: W.dense_clip_logits(clip, pv, text["input_ids"], text["attention_mask"], clip_res), images, bs, size
+    )
     results["dense CLIP (untrained head)"] = subset_scores(pred, labels)
     majority = _train_majority_class(info["world_dir"])
     results[f"majority class ({W.CLASS_NAMES[majority]})"] = subset_scores(np.full_like(labels, majority), labels)
 
     pictures = make_pictures(r.output_dir, test, images, models["DiSa"], processor, int(s["sample_index"]))
     table = results_table(results, len(images))
-    return {"results": results, "pictures": pictures, "table_markdown": table, "class_names": W.CLASS_NAMES,
-            "seen_classes": W.SEEN_NAMES, "unseen_classes": [W.CLASS_NAMES[i] for i in W.UNSEEN_IDS],
-            "num_test_images": len(images), "toy_world": info, "runs": runs}
+    return {
+        "results": results,
+        "pictures": pictures,
+        "table_markdown": table,
+        "class_names": W.CLASS_NAMES,
+        "seen_classes": W.SEEN_NAMES,
+        "unseen_classes": [W.CLASS_NAMES[i] for i in W.UNSEEN_IDS],
+        "num_test_images": len(images),
+        "toy_world": info,
+        "runs": runs,
+    }
 
 
 def make_pictures(output_dir, test, images, model, processor, index: int) -> dict:
@@ -232,28 +274,48 @@ def make_pictures(output_dir, test, images, model, processor, index: int) -> dic
     seg, seg_labels = segmentation_from_pipeline(result)
     overlay_path = os.path.join(output_dir, "sample_overlay.png")
     overlay_segmentation(image, seg, seg_labels).save(overlay_path)
-    out = {"sample_image": sample_path, "overlay": overlay_path,
-           "sample_classes": [W.CLASS_NAMES[c] for c in test[index]["classes"]],
-           "pipeline_labels": [r["label"] for r in result]}
+    out = {
+        "sample_image": sample_path,
+        "overlay": overlay_path,
+        "sample_classes": [W.CLASS_NAMES[c] for c in test[index]["classes"]],
+        "pipeline_labels": [r["label"] for r in result],
+    }
     if model.config.use_sdm:
         inputs = processor(images=image, text=list(W.CLASS_NAMES), return_tensors="pt")
         with torch.no_grad():
-            o = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                      attention_mask=inputs.get("attention_mask"), output_saliency=True)
+            o = model(
+                pixel_values=inputs["pixel_values"],
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                output_saliency=True,
+            )
         present = [W.CLASS_NAMES.index(n) for n in out["sample_classes"]]
         saliency_path = os.path.join(output_dir, "sample_saliency.png")
-        render_saliency(image, o.saliency[0], o.foreground_mask[0], labels=list(W.CLASS_NAMES),
-                        classes=present).save(saliency_path)
+        render_saliency(image, o.saliency[0], o.foreground_mask[0], labels=list(W.CLASS_NAMES), classes=present).save(
+            saliency_path
+        )
         out["saliency"] = saliency_path
     return out
 
 
 def results_table(results: dict, num_images: int) -> str:
-    cols = [("mIoU", "all"), ("seen", "seen"), ("unseen", "unseen"), ("harmonic", "h-mean"), ("stuff", "stuff"),
-            ("things", "things"), ("unseen_stuff", "unseen stuff"), ("unseen_things", "unseen things")]
-    lines = [f"Toy world test split: {num_images} images, 24 classes (16 seen, 8 unseen; 12 stuff, 12 things), "
-             "mIoU % over the classes present in the ground truth",
-             "", "| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cols = [
+        ("mIoU", "all"),
+        ("seen", "seen"),
+        ("unseen", "unseen"),
+        ("harmonic", "h-mean"),
+        ("stuff", "stuff"),
+        ("things", "things"),
+        ("unseen_stuff", "unseen stuff"),
+        ("unseen_things", "unseen things"),
+    ]
+    lines = [
+        f"Toy world test split: {num_images} images, 24 classes (16 seen, 8 unseen; 12 stuff, 12 things), "
+        "mIoU % over the classes present in the ground truth",
+        "",
+        "| model | " + " | ".join(c[1] for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     for name, res in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{res[k]:.1f}" for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"

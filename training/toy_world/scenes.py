@@ -25,8 +25,27 @@ COLORS = {
 }
 TEXTURES = ("stripes", "dots", "noise")  # stuff
 SHAPES = ("circle", "square", "triangle")  # things
-PROMPT_WORDS = ("a", "an", "photo", "of", "the", "in", "scene", "and", "with", "on", "picture", "image", "showing",
-                "there", "is", "are", "some", "background", "shape")
+PROMPT_WORDS = (
+    "a",
+    "an",
+    "photo",
+    "of",
+    "the",
+    "in",
+    "scene",
+    "and",
+    "with",
+    "on",
+    "picture",
+    "image",
+    "showing",
+    "there",
+    "is",
+    "are",
+    "some",
+    "background",
+    "shape",
+)
 CAPTION_TEMPLATES = ("a photo of {}", "{}", "a picture showing {}", "an image of {}", "there is {}")
 DEFAULT_SEED = 0
 WORLD_VERSION = 2  # bump when the rendering changes: it is part of the cache keys
@@ -96,8 +115,9 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
     return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
 
 
-def render_scene(rng: np.random.Generator, class_ids: list[int], size: int = 64, max_things: int = 2,
-                 single_stuff_prob: float = 0.3):
+def render_scene(
+    rng: np.random.Generator, class_ids: list[int], size: int = 64, max_things: int = 2, single_stuff_prob: float = 0.3
+):
     """One scene drawn from the classes in `class_ids` (global ids). -> (uint8 (size, size, 3) image,
     uint8 (size, size) label map of global ids, list of global ids present, in drawing order)."""
     stuff_pool = [c for c in class_ids if VOCAB["kinds"][c] == "stuff"]
@@ -201,13 +221,21 @@ def build_dataset(settings: WorldSettings):
     for split in ("train", "validation", "test"):
         raw = generate_split(settings, split)
         names = SEEN_NAMES if split != "test" else CLASS_NAMES
-        features = datasets.Features({
-            "image": datasets.Image(), "label": datasets.Image(), "caption": datasets.Value("string"),
-            "classes": datasets.Sequence(datasets.ClassLabel(names=list(names))),
-        })
-        out[split] = datasets.Dataset.from_dict({
-            "image": [Image.fromarray(a) for a in raw["image"]],
-            "label": [Image.fromarray(a) for a in raw["label"]],
-            "caption": raw["caption"], "classes": raw["classes"],
-        }, features=features)
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "label": datasets.Image(),
+                "caption": datasets.Value("string"),
+                "classes": datasets.Sequence(datasets.ClassLabel(names=list(names))),
+            }
+        )
+        out[split] = datasets.Dataset.from_dict(
+            {
+                "image": [Image.fromarray(a) for a in raw["image"]],
+                "label": [Image.fromarray(a) for a in raw["label"]],
+                "caption": raw["caption"],
+                "classes": raw["classes"],
+            },
+            features=features,
+        )
     return datasets.DatasetDict(out)

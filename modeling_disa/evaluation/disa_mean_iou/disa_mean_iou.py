@@ -20,8 +20,6 @@ histograms: a ground-truth value outside ``[0, num_labels)`` that is not ``ignor
 ``[0, num_labels)``, or a prediction/reference size mismatch.
 """
 
-from typing import Dict, Optional
-
 import datasets
 import evaluate
 import numpy as np
@@ -69,7 +67,7 @@ def _to_array(x) -> np.ndarray:
 
 
 def _apply_reference_transforms(
-    label: np.ndarray, label_map: Optional[Dict[int, int]], reduce_labels: bool
+    label: np.ndarray, label_map: dict[int, int] | None, reduce_labels: bool
 ) -> np.ndarray:
     label = label.astype(np.int64)
     if label_map:
@@ -95,8 +93,10 @@ def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_labels: int, ignor
     if label.size:
         bad = (label < 0) | (label >= k)
         if bad.any():
-            raise ValueError(f"References hold values {np.unique(label[bad])[:10].tolist()} outside [0, {k}) that are "
-                             f"not ignore_index={ignore_index}.")
+            raise ValueError(
+                f"References hold values {np.unique(label[bad])[:10].tolist()} outside [0, {k}) that are "
+                f"not ignore_index={ignore_index}."
+            )
         badp = (pred < 0) | (pred >= k)
         if badp.any():
             raise ValueError(f"Predictions hold class ids {np.unique(pred[badp])[:10].tolist()} outside [0, {k}).")
@@ -106,7 +106,7 @@ def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_labels: int, ignor
 # Copied from modeling_disa.evaluation.metrics.metrics_from_confusion_matrix (the IoU / accuracy arithmetic, fewer
 # outputs, mean_iou's default rule): this module is loaded alone by `evaluate.load(path)`, so it cannot import the
 # package. A checked copy: tests/test_metrics.py::test_evaluate_module_arithmetic_is_the_package_copy.
-def metrics_from_confusion(cm: np.ndarray, rule: str = "present_in_gt_or_pred", nan_to_num: Optional[float] = None):
+def metrics_from_confusion(cm: np.ndarray, rule: str = "present_in_gt_or_pred", nan_to_num: float | None = None):
     if rule not in RULES:
         raise ValueError(f"Unknown miou_rule {rule!r}; choose one of {RULES}.")
     cm = cm.astype(np.float64)
@@ -142,12 +142,22 @@ class DisaMeanIoU(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
-            reference_urls=["https://github.com/facebookresearch/detectron2/blob/main/detectron2/evaluation/sem_seg_evaluation.py"],
+            reference_urls=[
+                "https://github.com/facebookresearch/detectron2/blob/main/detectron2/evaluation/sem_seg_evaluation.py"
+            ],
         )
 
-    def _compute(self, predictions, references, num_labels: int, ignore_index: int, nan_to_num: Optional[int] = None,
-                 label_map: Optional[Dict[int, int]] = None, reduce_labels: bool = False,
-                 miou_rule: str = "present_in_gt_or_pred"):
+    def _compute(
+        self,
+        predictions,
+        references,
+        num_labels: int,
+        ignore_index: int,
+        nan_to_num: int | None = None,
+        label_map: dict[int, int] | None = None,
+        reduce_labels: bool = False,
+        miou_rule: str = "present_in_gt_or_pred",
+    ):
         if len(predictions) != len(references):
             raise ValueError(f"Got {len(predictions)} predictions and {len(references)} references.")
         cm = np.zeros((num_labels, num_labels), dtype=np.int64)
