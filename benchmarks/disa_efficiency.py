@@ -10,7 +10,7 @@
   models run interleaved in one process (median of the per-round ratios), on the chosen device.
 
 Writes benchmarks/results/disa_efficiency_<device>.json.
-Usage: python benchmarks/disa_efficiency.py [--device cpu|cuda] [--rounds 5] [--skip-flops] [--skip-latency]
+Usage: python benchmarks/disa_efficiency.py [--device cpu|cuda] [--rounds 5] [--skip_flops] [--skip_latency]
        [--dtype float32|bfloat16] [--threads N]
 """
 
@@ -156,8 +156,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--skip-flops", action="store_true", help="keep the GFLOPs of an earlier result file")
-    parser.add_argument("--skip-latency", action="store_true", help="keep the latency of an earlier result file")
+    parser.add_argument("--skip_flops", action="store_true", help="keep the GFLOPs of an earlier result file")
+    parser.add_argument("--skip_latency", action="store_true", help="keep the latency of an earlier result file")
     parser.add_argument("--output", default=None)
     parser.add_argument(
         "--threads",
