@@ -15,12 +15,10 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
+from bench_common import RESULTS, load_model, machine_info, write_json
 from torch.profiler import ProfilerActivity, profile, record_function
-
-from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 
 # module-name prefixes timed as one range each (inclusive); names that a configuration lacks are skipped
 MODULES = (
@@ -43,7 +41,6 @@ MODULES = (
     "decoder.up2.refinement",
     "decoder.head",
 )
-PRESETS = Path(__file__).resolve().parent.parent / "configuration" / "models"
 OPERATORS = (
     "aten::index_select",
     "aten::index_copy_",
@@ -60,12 +57,6 @@ OPERATORS = (
     "aten::scaled_dot_product_attention",
     "aten::einsum",
 )
-
-
-def build(preset: str) -> DiSaForOpenVocabSegmentation:
-    config = DiSaConfig.from_pretrained(PRESETS / preset)
-    torch.manual_seed(0)
-    return DiSaForOpenVocabSegmentation(config).eval()
 
 
 def wrap_modules(model) -> list:
@@ -110,7 +101,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    models = {mode: build(f"{mode}-vit-b-16") for mode in ("catseg", "disa")}
+    models = {mode: load_model(f"{mode}-vit-b-16") for mode in ("catseg", "disa")}
     for model in models.values():
         wrap_modules(model)
     pixels = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
@@ -132,10 +123,10 @@ def main() -> None:
     result["view_ratio_disa_over_catseg"] = round(
         result["seconds"]["disa"]["view"] / result["seconds"]["catseg"]["view"], 4
     )
-    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
+    result["machine"] = machine_info("cpu")
     print(json.dumps(result, indent=1))
-    output = Path(__file__).resolve().parent / "results" / f"{args.output}.json"
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    output = RESULTS / f"{args.output}.json"
+    write_json(output, result)
     print(f"wrote {output}")
 
 
