@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from disa_efficiency import machine  # noqa: E402 - after the environment it reads
+from bench_common import machine_info  # noqa: E402 - after the environment it reads
 
 
 def load_app():
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
                 "classes": len(example_world),
                 "saliency": True,
                 "load_average_before": os.getloadavg(),
-                "machine": machine("cpu"),
+                "machine": machine_info("cpu"),
                 "modes": {},
             }
             for mode in app.MODES:

@@ -9,14 +9,13 @@ Writes benchmarks/results/miou_speed.json. Usage: python benchmarks/miou_speed.p
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import machine_info
 
 from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix  # noqa: E402
 
@@ -100,11 +99,6 @@ def main():
             "mean_iou": float(r["mean_iou"]),
         }
         print(kind, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[kind].items()})
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except Exception:
-        pass
     out = {
         "benchmark": "miou_accumulation_speed",
         "num_classes": K,
@@ -115,14 +109,7 @@ def main():
         "maps_per_update": args.batch,
         "repeats": args.repeats,
         "results": results,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": cpu,
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
+        "machine": {**machine_info("cpu"), "numpy": np.__version__},
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
