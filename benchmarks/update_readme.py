@@ -218,7 +218,7 @@ def toy_world_rows(d):
     return [
         (
             f"toy world ({world}, default job) test mIoU, {seeds} seeds, {d['steps']} steps, after the restructure",
-            f"`python {d['command'].split('python ', 1)[-1]}`",
+            f"`{d['command']}`",
             "; ".join(cell(m) for m in by_model) + " (the headline table was trained with the data order before "
             "accelerate's seedable sampler)",
         )
