@@ -133,6 +133,132 @@ def test_reduce_across_processes_sums():
     assert torch.equal(before, whole.confusion)
 
 
+def bincount_confusion(pairs, k, ignore):
+    """Independent reference: (K, K) counts of every (prediction, ground truth) pair given, by np.bincount."""
+    cm = np.zeros((k, k), np.int64)
+    for p, g in pairs:
+        m = g != ignore
+        cm += np.bincount(g[m].astype(np.int64) * k + p[m].astype(np.int64), minlength=k * k).reshape(k, k)
+    return cm
+
+
+def test_update_reduce_update_counts_every_pixel_once():
+    """Single process: any interleaving of update and reduce (with or without a reduce_fn) counts each pixel once."""
+    k, ignore = 6, 255
+    p = np.array([[0, 1]])
+    g = np.array([[0, 1]])
+    cm = SegmentationConfusionMatrix(k, ignore)
+    cm.update(p, g)
+    cm.reduce()
+    cm.update(p, g)
+    assert int(cm.confusion.sum()) == 4
+    np.testing.assert_array_equal(cm.confusion.numpy(), bincount_confusion([(p, g)] * 2, k, ignore))
+
+    rng = np.random.default_rng(7)
+    preds, gts = random_maps(rng, 9, k, ignore)
+    steps = ["update", "reduce", "update", "update", "reduce", "reduce", "update", "compute", "update", "reduce"]
+    for reduce_fn in (None, lambda t: t.clone()):  # no process group / accelerate's single-process reduce
+        cm = SegmentationConfusionMatrix(k, ignore)
+        cm.reduce(reduce_fn)  # reduce before any update is allowed and counts nothing
+        seen = []
+        for step, (p, g) in zip(steps * 2, zip(preds * 2, gts * 2)):
+            if step == "update":
+                cm.update(p, g)
+                seen.append((p, g))
+            elif step == "reduce":
+                cm.reduce(reduce_fn)
+            else:
+                res = cm.compute()
+                assert res["num_pixels"] == sum(int(np.sum(g != ignore)) for _, g in seen)
+            np.testing.assert_array_equal(cm.confusion.numpy(), bincount_confusion(seen, k, ignore))
+
+
+def test_reduce_under_interleaved_updates_simulated_all_reduce():
+    """Two ranks in threads with a barrier-synchronised sum (the semantics of accelerate's reduce(t, "sum")):
+    after every reduce both ranks hold the counts of all pixels either rank has seen, each once."""
+    import threading
+
+    k, ignore, world = 5, 255, 2
+    rng = np.random.default_rng(3)
+    data = [random_maps(rng, 6, k, ignore, shape=(7, 9)) for _ in range(world)]
+    # per step: how many maps each rank adds before the collective reduce (uneven on purpose, zeros included)
+    plan = [(1, 0), (2, 1), (0, 0), (1, 3), (2, 2)]
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def all_reduce_sum(rank):
+        def fn(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            t.zero_()  # the tensor handed over is scratch space; the result is what counts
+            return total
+
+        return fn
+
+    results, errors = [[None] * len(plan) for _ in range(world)], []
+
+    def run(rank):
+        try:
+            cm, used = SegmentationConfusionMatrix(k, ignore), 0
+            for step, counts in enumerate(plan):
+                for _ in range(counts[rank]):
+                    cm.update(data[rank][0][used], data[rank][1][used])
+                    used += 1
+                cm.reduce(all_reduce_sum(rank))
+                results[rank][step] = cm.confusion.numpy().copy()
+        except BaseException as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for step in range(len(plan)):
+        seen = []
+        for rank in range(world):
+            n = sum(c[rank] for c in plan[: step + 1])
+            seen += list(zip(data[rank][0][:n], data[rank][1][:n]))
+        expected = bincount_confusion(seen, k, ignore)
+        for rank in range(world):
+            np.testing.assert_array_equal(results[rank][step], expected, err_msg=f"rank {rank}, step {step}")
+
+
+def test_reduce_with_torch_distributed_process_group(tmp_path):
+    """The default path (no reduce_fn, a process group initialised): update -> reduce -> update -> reduce."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        k, ignore = 4, 255
+        p, g = np.array([[0, 1, 2]]), np.array([[0, 1, 255]])
+        cm = SegmentationConfusionMatrix(k, ignore)
+        cm.update(p, g)
+        cm.reduce()
+        cm.update(p, g)
+        cm.reduce()
+        cm.reduce()
+        np.testing.assert_array_equal(cm.confusion.numpy(), bincount_confusion([(p, g)] * 2, k, ignore))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reduce_rejects_a_reduction_that_is_not_a_sum():
+    cm = SegmentationConfusionMatrix(3, 255)
+    cm.update(np.array([[0, 1, 2]]), np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="gather"):
+        cm.reduce(lambda t: torch.cat([t, t]))  # accelerator.gather instead of reduce
+    with pytest.raises(ValueError, match="integers"):
+        cm.reduce(lambda t: t.double())
+    with pytest.raises(ValueError, match="not average"):
+        cm.reduce(lambda t: t // 2)
+    np.testing.assert_array_equal(cm.confusion.numpy(), np.eye(3, dtype=np.int64))  # state untouched
+
+
 def test_voc20b_fold():
     cm = SegmentationConfusionMatrix(21, 255, prediction_fold=(20, 20), num_pred_classes=59)
     g = np.array([[20, 20, 3, 255]])

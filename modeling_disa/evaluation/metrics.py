@@ -136,10 +136,14 @@ class SegmentationConfusionMatrix:
         if self.prediction_fold is None and self.num_pred_classes != self.num_classes:
             raise ValueError("num_pred_classes differs from num_classes but no prediction_fold maps them.")
         self._device = torch.device(device) if device is not None else None
-        self.confusion: torch.Tensor | None = None
         self._lut: torch.Tensor | None = None
         self._ones: torch.Tensor | None = None
+        # This process's own counts live in `_flat` (never replaced, only added to). `_others` holds the counts the
+        # other processes had at the last `reduce`. Keeping them apart lets `reduce` always sum the local counts,
+        # so updates after a reduce are kept and a repeated reduce does not count any pixel twice.
         self._flat: torch.Tensor | None = None
+        self._local: torch.Tensor | None = None
+        self._others: torch.Tensor | None = None
         if self._device is not None:
             self.reset()
 
@@ -157,13 +161,24 @@ class SegmentationConfusionMatrix:
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
+        """Zero all counts (this process's and those gathered from other processes)."""
         k = self.num_classes
         self._flat = torch.zeros(k * k + k, dtype=torch.int64, device=self._device or "cpu")
-        self.confusion = self._flat[: k * k].view(k, k)
+        self._local = self._flat[: k * k].view(k, k)
+        self._others = None
+
+    @property
+    def confusion(self) -> torch.Tensor | None:
+        """The ``(K, K)`` int64 counts: this process's pixels plus, after :meth:`reduce`, the other processes'
+        pixels as of that reduce. A new tensor (editing it leaves the counts unchanged); ``None`` before the first
+        update, reduce or reset."""
+        if self._local is None:
+            return None
+        return self._local.clone() if self._others is None else self._local + self._others
 
     @property
     def device(self) -> torch.device:
-        return self.confusion.device if self.confusion is not None else (self._device or torch.device("cpu"))
+        return self._flat.device if self._flat is not None else (self._device or torch.device("cpu"))
 
     # ---------------------------------------------------------------- update
     def _row_lut(self, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -195,10 +210,10 @@ class SegmentationConfusionMatrix:
         Raises ``ValueError`` for a shape mismatch, for ground-truth values that are neither a class id nor
         the ignore value, and for predicted ids outside the class range.
         """
-        if self.confusion is None:
+        if self._flat is None:
             self._device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
             self.reset()
-        device = self.confusion.device
+        device = self._flat.device
         k = self.num_classes
         p = _as_tensor(pred, device)
         t = _as_tensor(target, device)
@@ -246,42 +261,69 @@ class SegmentationConfusionMatrix:
 
     # ---------------------------------------------------------------- distributed
     def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SegmentationConfusionMatrix:
-        """Sum the matrix over processes, in place.
+        """Sum the matrix over processes; afterwards :attr:`confusion` and :meth:`compute` cover all processes.
 
-        ``reduce_fn`` receives the local matrix and returns the summed one, e.g.
-        ``lambda t: accelerator.reduce(t, reduction="sum")``. Without it, ``torch.distributed`` is used when
-        initialised; otherwise this is a no-op (single process).
+        ``reduce_fn`` receives a copy of this process's own ``(K, K)`` counts and returns (or fills in place)
+        their sum over all processes, e.g. ``lambda t: accelerator.reduce(t, reduction="sum")``. Without it,
+        ``torch.distributed.all_reduce`` is used when a process group is initialised; otherwise the run is
+        single-process and nothing changes. Every call sums each process's own counts afresh, so updates may
+        continue after a reduce and a repeated reduce counts no pixel twice (every process must call it the same
+        number of times, as for any collective).
         """
-        if self.confusion is None:
+        if self._flat is None:
             self.reset()
+        local = self._local.clone()
         if reduce_fn is not None:
-            out = reduce_fn(self.confusion)
-            if out is not None:
-                self.confusion = out.to(torch.int64)
+            out = reduce_fn(local)
+            total = local if out is None else out
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.confusion, op=torch.distributed.ReduceOp.SUM)
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)
+            total = local
+        else:
+            self._others = None
+            return self
+        if not isinstance(total, torch.Tensor) or tuple(total.shape) != tuple(self._local.shape):
+            got = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+            raise ValueError(
+                f"reduce_fn must return the ({self.num_classes}, {self.num_classes}) sum over processes, got {got}; "
+                "use a sum all-reduce such as `lambda t: accelerator.reduce(t, reduction='sum')`, not a gather."
+            )
+        if total.is_floating_point() or total.is_complex() or total.dtype == torch.bool:
+            raise ValueError(
+                f"reduce_fn returned dtype {total.dtype}; pixel counts must stay integers (use reduction='sum')."
+            )
+        others = total.to(device=self._local.device, dtype=torch.int64) - self._local
+        if bool((others < 0).any()):
+            raise ValueError(
+                "reduce_fn returned counts below this process's own counts; it must sum over processes "
+                "(reduction='sum'), not average or take a maximum."
+            )
+        self._others = others
         return self
 
     def reduce_with_accelerator(self, accelerator) -> SegmentationConfusionMatrix:
         return self.reduce(lambda t: accelerator.reduce(t, reduction="sum"))
 
     def merge(self, other: SegmentationConfusionMatrix) -> SegmentationConfusionMatrix:
+        """Add ``other``'s counts to this process's own counts (a later :meth:`reduce` sums them with the rest)."""
         if other.num_classes != self.num_classes:
             raise ValueError("Cannot merge confusion matrices of different sizes.")
-        if self.confusion is None:
+        if self._flat is None:
             self.reset()
-        if other.confusion is not None:
-            self.confusion += other.confusion.to(self.confusion.device)
+        theirs = other.confusion
+        if theirs is not None:
+            self._local += theirs.to(self._local.device)
         return self
 
     # ---------------------------------------------------------------- results
     def compute(self, rule: str = "present_in_gt", nan_to_num: float | None = None) -> dict[str, object]:
-        if self.confusion is None:
+        if self._flat is None:
             self.reset()
         return metrics_from_confusion_matrix(self.confusion, rule=rule, nan_to_num=nan_to_num)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"confusion": self.confusion.cpu() if self.confusion is not None else None}
+        confusion = self.confusion
+        return {"confusion": confusion.cpu() if confusion is not None else None}
 
 
 def results_table_row(results: dict[str, object], class_names: Sequence[str] | None = None) -> dict[str, float]:
