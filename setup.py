@@ -19,8 +19,8 @@ TRAIN = [
     "pyyaml>=6",
     "tqdm>=4.66",
 ]
-# scipy: Pascal Context .mat files
-EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10"]
+# scipy: Pascal Context .mat files; OpenCV: ADE-847's resize, the official preparation's cv2.resize calls
+EVAL = ["datasets>=4.0", "evaluate>=0.4.6", "pyyaml>=6", "tqdm>=4.66", "scipy>=1.10", "opencv-python-headless>=4.9"]
 DEMO = ["gradio>=6,<7"]  # space/app.py
 BENCH = ["matplotlib>=3.8"]  # benchmarks/: plots of the comparison and cost figures
 # gradio_client drives the demo over HTTP, selenium drives it in headless Chromium (Debian: chromium, chromium-driver)

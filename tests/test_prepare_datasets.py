@@ -66,14 +66,107 @@ def test_ade847_full_index_mapping_16bit_and_resize(tmp_path):
     np.testing.assert_array_equal(lab, [[0, 846, 65535], [5, 65535, 846]])
 
 
-def test_ade847_resize_rule():
-    img = np.zeros((600, 1000, 3), np.uint8)
-    lab = np.arange(600 * 1000).reshape(600, 1000)
-    i2, l2 = prep._resize_short_side(img, lab, 512)
-    assert i2.shape == (512, round(1000 / 600 * 512), 3) and l2.shape == i2.shape[:2]
-    assert l2[0, 0] == 0 and l2[-1, -1] in lab  # nearest keeps original values
-    i3, _ = prep._resize_short_side(np.zeros((500, 900, 3), np.uint8), np.zeros((500, 900)), 512)
-    assert i3.shape == (500, 900, 3)  # short side <= 512: untouched
+def nearest_source_index(src, dst):
+    """OpenCV's INTER_NEAREST rule, written out: source index min(floor(x * (1 / (dst / src))), src - 1), in double."""
+    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1)
+
+
+def opencv_linear_u8_downscale(img, nh, nw):
+    """OpenCV's INTER_LINEAR on uint8 for a downscale, written out: float32 source positions, 11-bit fixed-point
+    weights, its rounding of the vertical pass; an exact 2x downscale in both axes is a 2x2 box average instead."""
+    h, w = img.shape[:2]
+    im = img.astype(np.int64)
+    if (h, w) == (2 * nh, 2 * nw):
+        return ((im[0::2, 0::2] + im[1::2, 0::2] + im[0::2, 1::2] + im[1::2, 1::2] + 2) >> 2).astype(np.uint8)
+
+    def taps(src, dst):
+        pos = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
+        first = np.floor(pos).astype(np.int64)
+        frac = pos - first.astype(np.float32)
+        return first, np.rint((np.float32(1) - frac) * 2048).astype(np.int64), np.rint(frac * 2048).astype(np.int64)
+
+    x, a0, a1 = taps(w, nw)
+    y, b0, b1 = taps(h, nh)
+    rows = im[:, x] * a0[None, :, None] + im[:, x + 1] * a1[None, :, None]
+    out = ((b0[:, None, None] * (rows[y] >> 4)) >> 16) + ((b1[:, None, None] * (rows[y + 1] >> 4)) >> 16)
+    return ((out + 2) >> 2).astype(np.uint8)
+
+
+def ade_full_size(h, w):
+    """The official short-side rule, written out (short side 512, long side rounded)."""
+    if min(h, w) <= 512:
+        return h, w
+    return (512, round(w / h * 512)) if w >= h else (round(h / w * 512), 512)
+
+
+def test_ade847_resize_follows_the_official_opencv_calls():
+    rng = np.random.default_rng(0)
+    # (530, 700) -> (512, 676): a float32 source index takes the neighbouring column at 169 and 338
+    sizes = [(530, 700), (1024, 1536), (700, 530), (2000, 3000), (513, 514), (600, 1000)]
+    for h, w in sizes:
+        nh, nw = ade_full_size(h, w)
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        lab = np.arange(h * w, dtype=np.int32).reshape(h, w)  # every pixel its own id: shows which one was taken
+        i2, l2 = prep._resize_short_side(img, lab, 512)
+        rows, cols = nearest_source_index(h, nh), nearest_source_index(w, nw)
+        np.testing.assert_array_equal(l2, lab[rows[:, None], cols[None, :]], err_msg=f"{h}x{w}")
+        np.testing.assert_array_equal(i2, opencv_linear_u8_downscale(img, nh, nw), err_msg=f"{h}x{w}")
+    float32_cols = np.floor(np.arange(676, dtype=np.float32) * np.float32(700 / 676)).astype(np.int64)
+    assert np.flatnonzero(float32_cols != nearest_source_index(700, 676)).tolist() == [169, 338]
+    i3, l3 = prep._resize_short_side(np.zeros((500, 900, 3), np.uint8), np.zeros((500, 900), np.int32), 512)
+    assert i3.shape == (500, 900, 3) and l3.shape == (500, 900)  # short side <= 512: untouched
+
+
+def test_ade847_label_index_rule_over_many_image_sizes():
+    """Short sides 513-3000: the nearest rule is separable, so one row and one column of each real size suffice."""
+    rng = np.random.default_rng(1)
+    differs_in_float32 = 0
+    for _ in range(400):
+        short = int(rng.integers(513, 3001))
+        long = int(rng.integers(short, 2 * short + 1))
+        h, w = (short, long) if rng.random() < 0.5 else (long, short)
+        nh, nw = prep._short_side_size(h, w, 512)
+        assert (nh, nw) == ade_full_size(h, w)
+        for src, dst in ((h, nh), (w, nw)):
+            line = np.arange(src, dtype=np.int32)[None]
+            np.testing.assert_array_equal(prep._resize_label_nearest(line, 1, dst)[0], nearest_source_index(src, dst))
+            f32 = np.floor(np.arange(dst, dtype=np.float32) * np.float32(src / dst)).astype(np.int64)
+            differs_in_float32 += bool((np.minimum(f32, src - 1) != nearest_source_index(src, dst)).any())
+    assert differs_in_float32 > 0  # the sweep holds sizes where a float32 index would pick other rows or columns
+
+
+def test_ade847_resized_end_to_end(tmp_path):
+    """A 530 x 700 raw image and segmentation PNG through the converter: the stored label is the official nearest
+    resize of the class-id map mapped to the 847 ids, and the stored JPEG is PIL's encoding of the official bilinear
+    resize."""
+    import io
+
+    raw = tmp_path / "ADE20K_2021_17_01"
+    src = load_evaluation_dataset("ade847").raw["source_ids"]
+    rng = np.random.default_rng(2)
+    h, w = 530, 700
+    ids = np.asarray(src)[rng.integers(0, 847, (h, w))]
+    ids[rng.random((h, w)) < 0.1] = 3  # 3 is not one of the 847 -> ignore
+    seg = np.zeros((h, w, 3), dtype=np.uint8)
+    seg[..., 0] = (ids // 256) * 10 + 3
+    seg[..., 1] = ids % 256
+    d = raw / "images/ADE/validation/abbey"
+    png(d / "ADE_val_00000007_seg.png", seg)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(img).save(d / "ADE_val_00000007.png")  # lossless stand-in, read back as the converter reads it
+    (d / "ADE_val_00000007.png").rename(d / "ADE_val_00000007.jpg")
+    prep.convert("ade847", raw, tmp_path / "out")
+    labels, dd = labels_of(tmp_path / "out", "ade847")
+    nh, nw = ade_full_size(h, w)
+    rows, cols = nearest_source_index(h, nh), nearest_source_index(w, nw)
+    to_847 = np.full(ids.max() + 1, 65535, dtype=np.int64)
+    to_847[np.asarray(src)] = np.arange(847)
+    expected = to_847[ids[rows[:, None], cols[None, :]]]
+    np.testing.assert_array_equal(labels["ADE_val_00000007"], expected)
+    buf = io.BytesIO()
+    Image.fromarray(opencv_linear_u8_downscale(img, nh, nw)).save(buf, format="JPEG")
+    stored = dd["validation"].cast_column("image", type(dd["validation"].features["image"])(decode=False))
+    assert stored[0]["image"]["bytes"] == buf.getvalue()
 
 
 def coco_rle_encode(mask):

@@ -3,7 +3,7 @@
 one config per evaluation dataset.
 
     python training/prepare_datasets.py ade150 --raw_root /data/ADEChallengeData2016 --output /data/disa-benchmarks
-    python training/prepare_datasets.py ade847 --raw_root /data/ADE20K_2021_17_01 --output ...
+    python training/prepare_datasets.py ade847 --raw_root /data/ADE20K_2021_17_01 --output ...     (OpenCV)
     python training/prepare_datasets.py pc59   --raw_root /data/VOCdevkit/VOC2010  --output ...  (trainval_merged.json)
     python training/prepare_datasets.py pc459  --raw_root /data/VOCdevkit/VOC2010  --output ... (trainval/*.mat, scipy)
     python training/prepare_datasets.py voc20  --raw_root /data/VOCdevkit/VOC2012  --output ...   (also voc20b)
@@ -126,25 +126,64 @@ def iter_ade150(root: Path, bench: DatasetDefinition) -> Iterator[tuple[str, Exa
         )
 
 
-def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """detectron2/Mask2Former ADE-full rule: short side > max_size -> max_size; image bilinear (cv2 INTER_LINEAR
-    equivalent: half-pixel centres, no antialias), label nearest (floor(dst * scale), as cv2 INTER_NEAREST)."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = img.shape[:2]
+def _short_side_size(h: int, w: int, max_size: int = 512) -> tuple[int, int] | None:
+    """ADE20K-full preparation rule (detectron2 / MaskFormer / CAT-Seg ``prepare_ade20k_full_sem_seg.py``): a short
+    side above ``max_size`` becomes ``max_size`` and the long side ``round(long / short * max_size)``; ``None`` when
+    the short side is at most ``max_size`` (no resize)."""
     if w >= h > max_size:
-        nh, nw = max_size, round(w / float(h) * max_size)
-    elif h >= w > max_size:
-        nh, nw = round(h / float(w) * max_size), max_size
-    else:
+        return max_size, round(w / float(h) * max_size)
+    if h >= w > max_size:
+        return round(h / float(w) * max_size), max_size
+    return None
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError(
+            "ade847 resizes images and labels with OpenCV, as the official preparation script does: "
+            "pip install opencv-python-headless (included in the package's 'eval' extra)."
+        ) from e
+    return cv2
+
+
+def _resize_label_nearest(lab: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(H, W)`` integer class-id map -> ``(height, width)`` int32 with ``cv2.INTER_NEAREST`` on the int32 map, as
+    the official script calls it. OpenCV takes source column ``min(floor(x * (1 / (width / W))), W - 1)`` (rows
+    likewise) in double precision; a float32 index, as in ``torch.nn.functional.interpolate``, picks the
+    neighbouring row or column on some sizes."""
+    if lab.size and (int(lab.min()) < np.iinfo(np.int32).min or int(lab.max()) > np.iinfo(np.int32).max):
+        raise ValueError("class ids do not fit the int32 map the official script resizes.")
+    cv2 = _cv2()
+    return cv2.resize(np.ascontiguousarray(lab, dtype=np.int32), (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def _resize_short_side(img: np.ndarray, lab: np.ndarray, max_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an ADE20K-full image and its class-id map by :func:`_short_side_size` with OpenCV, called as the
+    official script calls it, so the output is identical, not merely close: the image with ``cv2.INTER_LINEAR``
+    (OpenCV's fixed-point bilinear on uint8; a float bilinear differs from it by 1 on some values) and the map
+    with :func:`_resize_label_nearest`.
+
+    Args:
+        img: ``(H, W, 3)`` uint8 image.
+        lab: ``(H, W)`` integer class-id map.
+    Returns:
+        The resized ``(H', W', 3)`` uint8 image and ``(H', W')`` int32 map, or both unchanged when the short side
+        is at most ``max_size``.
+    """
+    h, w = img.shape[:2]
+    if lab.shape != (h, w):
+        raise ValueError(f"label map shape {lab.shape} differs from the image's {(h, w)}.")
+    if img.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {img.dtype}.")
+    size = _short_side_size(h, w, max_size)
+    if size is None:
         return img, lab
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-    img = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-    y = torch.from_numpy(lab.astype(np.int64))[None, None].float()
-    lab = F.interpolate(y, size=(nh, nw), mode="nearest")[0, 0].long().numpy()
-    return img, lab
+    nh, nw = size
+    cv2 = _cv2()
+    img = cv2.resize(np.ascontiguousarray(img), (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return img, _resize_label_nearest(lab, nh, nw)
 
 
 def iter_ade847(root: Path, bench: DatasetDefinition) -> Iterator[tuple[str, Example]]:
