@@ -11,7 +11,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 
-from modeling_disa.evaluation.boundary import BoundaryIoU, boundary_dilation, boundary_labels  # noqa: E402
+from modeling_disa.evaluation.boundary import (  # noqa: E402
+    BoundaryIoU,
+    boundary_dilation,
+    boundary_iou_from_counts,
+    boundary_labels,
+)
 from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix, foreground_bias_rates  # noqa: E402
 
 METRIC_DIR = os.path.join(os.path.dirname(__file__), "..", "modeling_disa", "evaluation", "disa_mean_iou")
@@ -362,8 +367,6 @@ def test_evaluate_module_boundary_iou_is_the_package_copy(ratio, nan_to_num):
         counts[0] = np.minimum(counts[0], np.minimum(counts[1], counts[2]))
         for rule in ("present_in_gt", "present_in_gt_or_pred"):
             theirs = copy.boundary_iou_from_counts(counts, rule, nan_to_num)
-            from modeling_disa.evaluation.boundary import boundary_iou_from_counts
-
             mine = boundary_iou_from_counts(counts[0], counts[1], counts[2], rule, nan_to_num)
             for key in ("mean_boundary_iou", "per_category_boundary_iou"):
                 np.testing.assert_allclose(theirs[key], mine[key], rtol=1e-12, equal_nan=True, err_msg=key)
