@@ -142,3 +142,95 @@ def test_cli_bad_inputs(tiny_model, voc_data, tmp_path):
         meta_file.write_text(json.dumps(saved))
     with pytest.raises(FileNotFoundError, match="prepare_datasets"):
         cli.main(["--model", str(model_dir), "--datasets", "ade150", "--data_dir", str(voc_data)])
+
+
+@pytest.fixture(scope="module")
+def voc_blocky(tmp_path_factory):
+    """Two VOC images with blocky labels (regions, not noise) and an ignore band, prepared as voc20 and voc20b."""
+    root = tmp_path_factory.mktemp("raw_blocky") / "VOC2012"
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    rng = np.random.default_rng(1)
+    ids = ["b1", "b2"]
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids))
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"JPEGImages/{i}.jpg")
+        lab = rng.integers(0, 21, (3, 4)).repeat(16, 0).repeat(16, 1).astype(np.uint8)
+        lab[:, 30:32] = 255
+        im = Image.new("P", (64, 48))
+        im.putdata(lab.flatten().tolist())
+        im.putpalette(list(range(256)) * 3)
+        im.save(root / f"SegmentationClass/{i}.png")
+    out = tmp_path_factory.mktemp("prepared_blocky")
+    prep.convert("voc20", root, out)
+    prep.convert("voc20b", root, out)
+    return out
+
+
+WINDOW_ARGS = ["--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0"]
+
+
+def test_cli_boundary_iou_and_foreground_bias(tiny_model, voc_blocky, tmp_path):
+    """--boundary_iou and --thing_classes against the official boundary rule (cv2 erosions) and pixel counting over
+    the predictions of the same pipeline, on PAS-20b (prediction fold)."""
+    from test_measures import direct_foreground_bias, reference_boundary_iou
+
+    from modeling_disa import DiSaProcessor
+    from modeling_disa.evaluation.dataset_definitions import load_evaluation_dataset
+    from modeling_disa.model.inference import predict_segmentation
+
+    model_dir, model = tiny_model
+    bench = load_evaluation_dataset("voc20b")
+    things = list(bench.scored_names[:20])  # the VOC objects; "background" is the stuff class
+    split = tmp_path / "things.json"
+    split.write_text(json.dumps({"PAS-20b": things}))
+    args = ["--model", str(model_dir), "--datasets", "voc20b", "--data_dir", str(voc_blocky), *WINDOW_ARGS]
+    args += ["--boundary_iou", "--boundary_dilation_ratio", "0.05", "--thing_classes", str(split)]
+    args += ["--output", str(tmp_path / "r.json")]
+    args += ["--markdown", str(tmp_path / "r.md")]
+    out = cli.main(args)
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert out["protocol"]["boundary_dilation_ratio"] == 0.05
+    row = res["voc20b"]
+    assert row["thing_classes"] == things and row["boundary_dilation_ratio"] == 0.05
+    assert "boundary IoU" in (tmp_path / "r.md").read_text() and "stuff -> thing" in (tmp_path / "r.md").read_text()
+
+    proc = DiSaProcessor.from_pretrained(model_dir)
+    m = type(model).from_pretrained(model_dir).eval()
+    tok = proc(text=bench.prompt_names, allow_shared_prompts=True)
+    te = m.get_text_embeddings(tok["input_ids"], tok["attention_mask"])
+    preds, gts = [], []
+    for ex in prep.load_prepared(voc_blocky, "voc20b")["validation"]:
+        pix = proc.image_processor(images=ex["image"], do_resize=False, return_tensors="pt")["pixel_values"]
+        preds.append(
+            predict_segmentation(m, pix, te, short_side=None, warp_size=64, window_size=48, stride=16)[0].numpy()
+        )
+        gts.append(np.array(ex["label"]).astype(np.int64))
+    mean, per_class = reference_boundary_iou(preds, gts, 21, 255, 0.05, fold=(20, 20))  # d = 4 px here, not 2
+    assert row["boundary_IoU"] == pytest.approx(100 * mean, abs=1e-9)
+    for name, value in zip(bench.scored_names, per_class):
+        assert (row["per_class_boundary_iou"][name] is None) == bool(np.isnan(value))
+    s2t, t2s, _, _ = direct_foreground_bias(preds, gts, np.arange(21) < 20, 255, fold=(20, 20))
+    assert row["stuff_predicted_as_thing"] == pytest.approx(100 * s2t, abs=1e-9)
+    assert row["thing_predicted_as_stuff"] == pytest.approx(100 * t2s, abs=1e-9)
+
+
+def test_cli_measure_flags_refuse_bad_input(tiny_model, voc_blocky, tmp_path):
+    model_dir, _ = tiny_model
+    base = ["--model", str(model_dir), "--datasets", "voc20b", "--data_dir", str(voc_blocky), *WINDOW_ARGS]
+    with pytest.raises(SystemExit):  # the width without the measure would be accepted and ignored
+        cli.main([*base, "--boundary_dilation_ratio", "0.05"])
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--boundary_iou", "--boundary_dilation_ratio", "0"])
+    split = tmp_path / "things.json"
+    for spec, message in [
+        ({"ade150": ["wall"]}, "not evaluated"),
+        ({"voc20b": ["aeroplane", "zebra"]}, "not scored classes"),
+        ({"voc20b": []}, "non-empty list"),
+        ({"voc20b": ["cat"], "PAS-20b": ["dog"]}, "two thing splits"),
+        (["cat"], "JSON object"),
+    ]:
+        split.write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=message):
+            cli.main([*base, "--thing_classes", str(split)])

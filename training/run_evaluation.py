@@ -12,6 +12,12 @@ layout on the Hub, one config per evaluation dataset). Inference: ``--mode slidi
 confusion matrix over the whole split, averaged over classes present in the ground truth
 (``--miou_rule present_in_gt_or_pred`` for the other rule). Under ``accelerate launch`` each process takes every
 n-th image and the matrices are summed.
+
+Optional measures: ``--boundary_iou`` adds Boundary IoU (IoU of the class boundary regions, 2 % of the image diagonal
+wide by default, ``--boundary_dilation_ratio``), averaged with the same rule; ``--thing_classes split.json`` adds the
+foreground-bias rates (share of stuff / background pixels predicted as a thing class, and the reverse) for every
+dataset the file names: ``{"voc20b": ["aeroplane", ...]}``, thing classes by their scored names, every other scored
+class counting as stuff. The dataset definitions carry no thing / stuff split, so it is always the user's.
 """
 
 from __future__ import annotations
@@ -26,12 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling_disa.evaluation.boundary import DEFAULT_DILATION_RATIO, BoundaryIoU
 from modeling_disa.evaluation.dataset_definitions import (
     EVALUATION_DATASETS,
     ClassListMismatchError,
     load_evaluation_dataset,
 )
-from modeling_disa.evaluation.metrics import RULES, SegmentationConfusionMatrix, results_table_row
+from modeling_disa.evaluation.metrics import (
+    RULES,
+    SegmentationConfusionMatrix,
+    foreground_bias_rates,
+    results_table_row,
+)
 from modeling_disa.model.inference import predict_segmentation
 
 
@@ -69,7 +81,54 @@ def to_pixel_values(image_processor, image, device) -> torch.Tensor:
     return image_processor(images=image, do_resize=False, return_tensors="pt")["pixel_values"].to(device)
 
 
-def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> dict:
+def load_thing_split(path: Path, benches) -> dict[str, np.ndarray]:
+    """``{dataset: [thing class names]}`` JSON -> ``{definition name: is_thing (K,) bool}`` for the evaluated
+    datasets; refuses datasets that are not evaluated and names that are not scored classes of theirs."""
+    spec = json.loads(Path(path).read_text())
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(
+            f"{path}: expected a JSON object {{dataset: [thing class names]}}, got {type(spec).__name__}."
+        )
+    by_name = {b.name: b for b in benches}
+    masks = {}
+    for key, things in spec.items():
+        bench = by_name.get(load_evaluation_dataset(key).name)
+        if bench is None:
+            raise ValueError(f"{path} names dataset {key!r}, which is not evaluated (--datasets {' '.join(by_name)}).")
+        if bench.name in masks:
+            raise ValueError(f"{path} gives {bench.name} two thing splits (keys naming the same dataset).")
+        names = list(bench.scored_names)
+        if not isinstance(things, list) or not things:
+            raise ValueError(f"{path}: {key!r} needs a non-empty list of thing class names.")
+        unknown = [t for t in things if t not in names]
+        if unknown:
+            raise ValueError(f"{path}: {unknown[:5]} are not scored classes of {bench.name} (e.g. {names[:3]}).")
+        masks[bench.name] = np.isin(names, things)
+    return masks
+
+
+def extra_measures(boundary: BoundaryIoU | None, cm, is_thing, bench, rule: str) -> dict:
+    """Boundary IoU and foreground-bias rates (percent) for a result row, where asked for."""
+    row = {}
+    if boundary is not None:
+        res = boundary.compute(rule=rule)
+        row["boundary_IoU"] = 100.0 * res["mean_boundary_iou"]
+        row["boundary_dilation_ratio"] = res["dilation_ratio"]
+        row["per_class_boundary_iou"] = {
+            n: (None if np.isnan(v) else 100.0 * float(v))
+            for n, v in zip(bench.scored_names, res["per_category_boundary_iou"])
+        }
+    if is_thing is not None:
+        rates = foreground_bias_rates(cm.confusion, is_thing)
+        for key in ("stuff_predicted_as_thing", "thing_predicted_as_stuff"):
+            row[key] = None if np.isnan(rates[key]) else 100.0 * rates[key]
+        row["thing_classes"] = [n for n, t in zip(bench.scored_names, is_thing) if t]
+    return row
+
+
+def evaluate_dataset(
+    model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None, is_thing=None
+) -> dict:
     # CAT-Seg's protocol prompts every class by its first synonym, even where classes share one (ADE-847 has three
     # "bag" classes): reproduce it rather than refuse the list as a user vocabulary would be refused
     names = bench.prompt_names
@@ -77,6 +136,10 @@ def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1,
     with torch.no_grad():
         text_embeds = model.get_text_embeddings(tok["input_ids"].to(device), tok["attention_mask"].to(device))
     cm = SegmentationConfusionMatrix.from_dataset_definition(bench, device=device)
+    boundary = None
+    if args.boundary_iou:
+        ratio = args.boundary_dilation_ratio or DEFAULT_DILATION_RATIO
+        boundary = BoundaryIoU.from_dataset_definition(bench, ratio, device=device)
     n = len(ds) if args.max_images is None else min(len(ds), args.max_images)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     start = time.perf_counter()
@@ -98,9 +161,14 @@ def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1,
             autocast_dtype=dtype,
         )
         cm.update(seg[0], label)
+        if boundary is not None:
+            boundary.update(seg[0], label)
     cm.reduce(reduce_fn)
+    if boundary is not None:
+        boundary.reduce(reduce_fn)
     res = cm.compute(rule=args.miou_rule)
     row = results_table_row(res, bench.scored_names)
+    row.update(extra_measures(boundary, cm, is_thing, bench, args.miou_rule))
     row.update(
         {
             "dataset": bench.name,
@@ -119,7 +187,22 @@ def markdown_table(model_name: str, rows: list[dict]) -> str:
     head = "| model | " + " | ".join(r["short_name"] for r in rows) + " |"
     sep = "|---|" + "---|" * len(rows)
     vals = f"| {model_name} | " + " | ".join(f"{r['mIoU']:.1f}" for r in rows) + " |"
-    return "\n".join([head, sep, vals]) + "\n"
+    lines = [head, sep, vals]
+    for key, label in EXTRA_MEASURE_ROWS:
+        if any(r.get(key) is not None for r in rows):
+            lines.append(
+                f"| {model_name} {label} | "
+                + " | ".join("-" if r.get(key) is None else f"{r[key]:.1f}" for r in rows)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+EXTRA_MEASURE_ROWS = (
+    ("boundary_IoU", "boundary IoU"),
+    ("stuff_predicted_as_thing", "stuff -> thing %"),
+    ("thing_predicted_as_stuff", "thing -> stuff %"),
+)
 
 
 def model_index(model_name: str, rows: list[dict], dataset_repo: str | None) -> list[dict]:
@@ -158,12 +241,30 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--miou_rule", choices=list(RULES), default="present_in_gt")
     p.add_argument("--max_images", type=int, default=None)
+    p.add_argument("--boundary_iou", action="store_true", help="also report Boundary IoU (Cheng et al., CVPR 2021)")
+    p.add_argument(
+        "--boundary_dilation_ratio",
+        type=float,
+        default=None,
+        help=f"Boundary IoU width as a fraction of the image diagonal (default {DEFAULT_DILATION_RATIO})",
+    )
+    p.add_argument(
+        "--thing_classes",
+        type=Path,
+        default=None,
+        help="JSON {dataset: [thing class names]}: adds the foreground-bias rates for those datasets",
+    )
     p.add_argument("--output", type=Path, default=None, help="JSON results")
     p.add_argument("--markdown", type=Path, default=None, help="Markdown table")
     p.add_argument("--model_index", type=Path, default=None, help="write model-index results (JSON or .yaml)")
     args = p.parse_args(argv)
 
     benches = [load_evaluation_dataset(b) for b in args.datasets]  # unknown names fail here, before loading anything
+    if args.boundary_dilation_ratio is not None and not args.boundary_iou:
+        p.error("--boundary_dilation_ratio is set but --boundary_iou is not: add --boundary_iou.")
+    if args.boundary_dilation_ratio is not None and not args.boundary_dilation_ratio > 0:
+        p.error(f"--boundary_dilation_ratio must be positive, got {args.boundary_dilation_ratio}.")
+    thing_masks = load_thing_split(args.thing_classes, benches) if args.thing_classes else {}
 
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
@@ -187,7 +288,9 @@ def main(argv=None) -> dict:
     rows = []
     for bench in benches:
         ds = load_split(bench, args.data_dir, args.hub_dataset, args.split)
-        row = evaluate_dataset(model, processor, bench, ds, args, device, rank, world, reduce_fn)
+        row = evaluate_dataset(
+            model, processor, bench, ds, args, device, rank, world, reduce_fn, thing_masks.get(bench.name)
+        )
         rows.append(row)
         if rank == 0:
             print(f"{bench.display_name}: mIoU {row['mIoU']:.2f} ({row['num_images']} images, {row['seconds']} s)")
@@ -201,6 +304,10 @@ def main(argv=None) -> dict:
             "stride": args.stride,
             "dtype": args.dtype,
             "miou_rule": args.miou_rule,
+            "boundary_dilation_ratio": (args.boundary_dilation_ratio or DEFAULT_DILATION_RATIO)
+            if args.boundary_iou
+            else None,
+            "thing_classes": str(args.thing_classes) if args.thing_classes else None,
         },
         "machine": {
             "platform": platform.platform(),

@@ -340,4 +340,50 @@ def results_table_row(results: dict[str, object], class_names: Sequence[str] | N
     return row
 
 
-__all__ = ["RULES", "SegmentationConfusionMatrix", "metrics_from_confusion_matrix", "results_table_row"]
+# Checked copy: `foreground_bias_from_confusion` in modeling_disa/evaluation/disa_mean_iou/disa_mean_iou.py is "Copied
+# from" this function; tests/test_metrics.py::test_evaluate_module_foreground_bias_is_the_package_copy checks them.
+def foreground_bias_rates(confusion: ArrayLike, is_thing: ArrayLike) -> dict[str, float | int]:
+    """Foreground bias from a ``(K, K)`` confusion matrix (rows = ground truth, columns = prediction).
+
+    Args:
+        confusion: dataset-wide confusion matrix over the scored (non-ignored) pixels.
+        is_thing: boolean ``(K,)``, True for a thing (object) class, False for a stuff / background class.
+
+    Returns:
+        ``stuff_predicted_as_thing``: share of stuff / background ground-truth pixels predicted as a thing class;
+        ``thing_predicted_as_stuff``: share of thing ground-truth pixels predicted as a stuff class (NaN where the
+        ground truth holds no pixel of that kind); ``num_stuff_pixels`` and ``num_thing_pixels``.
+    """
+    cm = (
+        confusion.detach().cpu().double().numpy()
+        if isinstance(confusion, torch.Tensor)
+        else np.asarray(confusion, dtype=np.float64)
+    )
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"Confusion matrix must be square, got shape {cm.shape}.")
+    thing = is_thing.detach().cpu().numpy() if isinstance(is_thing, torch.Tensor) else np.asarray(is_thing)
+    if thing.dtype != np.bool_ or thing.shape != (cm.shape[0],):
+        raise ValueError(
+            f"is_thing must be a boolean vector of one entry per class ({cm.shape[0]}), got dtype {thing.dtype} and "
+            f"shape {thing.shape}; build it from thing class ids with e.g. np.isin(np.arange(K), thing_ids)."
+        )
+    stuff = ~thing
+    n_stuff = cm[stuff].sum()
+    n_thing = cm[thing].sum()
+    stuff_as_thing = cm[np.ix_(stuff, thing)].sum()
+    thing_as_stuff = cm[np.ix_(thing, stuff)].sum()
+    return {
+        "stuff_predicted_as_thing": float(stuff_as_thing / n_stuff) if n_stuff > 0 else float("nan"),
+        "thing_predicted_as_stuff": float(thing_as_stuff / n_thing) if n_thing > 0 else float("nan"),
+        "num_stuff_pixels": int(n_stuff),
+        "num_thing_pixels": int(n_thing),
+    }
+
+
+__all__ = [
+    "RULES",
+    "SegmentationConfusionMatrix",
+    "foreground_bias_rates",
+    "metrics_from_confusion_matrix",
+    "results_table_row",
+]
