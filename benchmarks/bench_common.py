@@ -17,8 +17,12 @@ PRESETS = REPO / "configuration" / "models"
 RESULTS = REPO / "benchmarks" / "results"
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' datasheets, keyed by a substring of
-# `torch.cuda.get_device_name()`; the first matching key wins, so more specific names come first.
+# `torch.cuda.get_device_name()`; the longest matching key wins (the PCIe and NVL boards of a chip are slower).
 BF16_PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H800 PCIe": 756e12,
     "H100": 989e12,
     "H200": 989e12,
     "H800": 989e12,
@@ -42,12 +46,13 @@ BF16_PEAK_FLOPS = {
 
 def bf16_peak_flops(device_name: str) -> tuple[float | None, str]:
     """(peak FLOP/s or None, note) for a CUDA device name."""
-    for key, peak in BF16_PEAK_FLOPS.items():
-        if key in device_name:
-            if peak is None:
-                return None, f"{device_name} ({key}) has no bf16 tensor-core peak: MFU not defined"
-            return peak, f"dense bf16 peak of {key} from the vendor datasheet"
-    return None, f"unknown device {device_name!r}: add its dense bf16 peak to BF16_PEAK_FLOPS for an MFU"
+    key = max((key for key in BF16_PEAK_FLOPS if key in device_name), key=len, default=None)
+    if key is None:
+        return None, f"unknown device {device_name!r}: add its dense bf16 peak to BF16_PEAK_FLOPS for an MFU"
+    peak = BF16_PEAK_FLOPS[key]
+    if peak is None:
+        return None, f"{device_name} ({key}) has no bf16 tensor-core peak: MFU not defined"
+    return peak, f"dense bf16 peak of {key} from the vendor datasheet"
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:

@@ -527,13 +527,30 @@ def test_own_and_residual_fusion_start_from_each_tokens_own_branch(tiny_processo
         torch.testing.assert_close(residual(**inputs).logits, own(**inputs).logits)
 
 
-def test_own_fusion_of_masked_branches_keeps_each_tokens_branch():
-    model = build(use_sdm=True, saliency_source="cost", fusion="own", branch_mode="masked")
-    fusion = model.sdm.fusion
-    fg, bg = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 4, 2, 3, 3)
-    mask = (torch.rand(1, 2, 3, 3) > 0.5).unsqueeze(1).float()
-    own = fg * mask + bg * (1 - mask)
-    assert torch.equal(fusion(fg, bg, own, bg * mask + fg * (1 - mask)), own)
+@pytest.mark.parametrize("branch_mode", ["masked", "routed"])
+def test_own_fusion_gives_every_token_its_own_branch_output(tiny_processor, branch_mode):
+    """fusion="own": the decoder reads, at every foreground token, the foreground branch's output and elsewhere the
+    background branch's (masked: the two aggregator runs, picked by the saliency mask here; routed: the one routed
+    aggregator run, which already holds each token's own branch)."""
+    model = build(use_sdm=True, saliency_source="cost", fusion="own", branch_mode=branch_mode).eval()
+    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
+    runs, decoded = [], []
+    hooks = [
+        model.aggregator.register_forward_hook(lambda _m, _a, out: runs.append(out)),
+        model.decoder.register_forward_hook(lambda _m, args, _o: decoded.append(args[0])),
+    ]
+    with torch.no_grad():
+        mask = model(**inputs, output_saliency=True).foreground_mask
+    for hook in hooks:
+        hook.remove()
+    assert mask.any() and not mask.all()  # both branches hold tokens
+    if branch_mode == "masked":
+        foreground, background = runs
+        assert not torch.equal(foreground, background)
+        expected = torch.where(mask.unsqueeze(1), foreground, background)
+    else:
+        (expected,) = runs
+    assert torch.equal(decoded[0], expected)
 
 
 def test_copied_background_branch_with_shared_attention_starts_as_catseg(tiny_processor):

@@ -278,7 +278,7 @@ def test_coco_stuff171_and_atomic_rewrite(tmp_path):
     assert set(dd) == {"train", "validation"}
     # a failing conversion leaves the previous config intact and no temp folders behind
     (root / "annotations/val2017/000000000139.png").write_bytes(b"not a png")
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="000000000139.png"):  # PIL's error names the unreadable file
         prep.convert("coco_stuff171", root, out)
     labels2, _ = labels_of(out, "coco_stuff171")
     np.testing.assert_array_equal(labels2["000000000139"], labels["000000000139"])

@@ -121,7 +121,7 @@ def test_mismatched_shapes_name_the_keys(saved, tiny_config):
         values.pop(key, None)
     values["hidden_dim"] = 48
     with pytest.raises(
-        Exception,
+        ValueError,
         match=r"aggregator\.layers\.0\.class_aggregation\.attention\.k\.bias: checkpoint \(32,\) vs model \(48,\)",
     ):
         DiSaForOpenVocabSegmentation.from_pretrained(saved, config=DiSaConfig(**values))
