@@ -70,12 +70,14 @@ def to_pixel_values(image_processor, image, device) -> torch.Tensor:
 
 
 def evaluate_dataset(model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None) -> dict:
-    # CAT-Seg's protocol prompts every class by its first synonym, even where classes share one (ADE-847 has three
-    # "bag" classes): reproduce it rather than refuse the list as a user vocabulary would be refused
-    names = bench.prompt_names
-    tok = processor(text=names, allow_shared_prompts=True)
+    # CAT-Seg's protocol prompts every class by its first synonym (the processor applies CAT-Seg's rule to the
+    # official names), even where classes share one (ADE-847 has three "bag" classes): reproduce it rather than
+    # refuse the list as a user vocabulary would be refused
+    tok = processor(text=list(bench.class_names), allow_shared_prompts=True)
     with torch.no_grad():
-        text_embeds = model.get_text_embeddings(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+        text_embeds = model.get_text_embeddings(
+            tok["input_ids"].to(device), tok["attention_mask"].to(device), prompt_templates=tok["prompt_templates"]
+        )
     cm = SegmentationConfusionMatrix.from_dataset_definition(bench, device=device)
     n = len(ds) if args.max_images is None else min(len(ds), args.max_images)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
