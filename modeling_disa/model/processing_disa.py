@@ -33,7 +33,8 @@ class DiSaProcessor(ProcessorMixin):
     `processor(images=..., text=["cat", "grass"], segmentation_maps=None, return_tensors="pt")` returns
     `pixel_values` `(batch, 3, S, S)`, `input_ids` / `attention_mask` `(T * P, L)` (one row per class and prompt
     template, class-major, padded to the longest prompt), `prompt_templates` (the P templates used, a list of
-    strings) and, with maps, `labels`. `text` is the class vocabulary shared by every image of the batch.
+    strings, which `inputs.to(device)` leaves as it is) and, with maps, `labels`. `text` is the class vocabulary
+    shared by every image of the batch.
 
     Synonyms follow CAT-Seg's rule exactly: a class is prompted with `name.split(", ")[0]`, the text before its
     first comma-and-space (`"building, edifice"` -> `"building"`), nothing stripped; a comma without a space is part
