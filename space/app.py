@@ -133,12 +133,18 @@ def format_labels(names: list[str]) -> str:
 
 def parse_labels(text: str | None) -> list[str]:
     """Class names from the text box: separated by commas, or by semicolons / new lines when there are any (then
-    a name may hold synonyms, `building, edifice`). Raises `gr.Error` for none or repeated names."""
+    a name may hold synonyms, `building, edifice`). Synonyms are written back separated by ", " whatever the
+    spacing typed (`building,edifice` -> `building, edifice`): the model prompts a class by the text before its
+    first ", " (CAT-Seg's rule), so a bare comma would otherwise stay part of the prompted name. Raises `gr.Error`
+    for none or repeated names."""
     text = text or ""
     separators = ";\n" if any(s in text for s in ";\n") else ","
     for separator in separators[1:]:
         text = text.replace(separator, separators[0])
-    names = [" ".join(name.split()).strip(", ") for name in text.split(separators[0])]  # "a, ;" holds no "," class
+    names = []
+    for name in text.split(separators[0]):
+        synonyms = (" ".join(part.split()) for part in name.split(","))
+        names.append(", ".join(synonym for synonym in synonyms if synonym))  # "a, ;" holds no "," class
     names = [name for name in names if name]
     if not names:
         raise input_error("No labels", "Enter at least one class name, e.g. <code>red stripes, blue circle</code>.")

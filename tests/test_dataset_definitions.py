@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modeling_disa.evaluation.dataset_definitions import (
+    ALL_DATASETS,
     EVALUATION_DATASETS,
     ClassListMismatchError,
     UnknownDatasetError,
@@ -60,10 +61,34 @@ def test_lists_are_mutually_consistent():
 def test_prompt_handling_first_synonym():
     a847 = load_evaluation_dataset("ade847")
     assert a847.class_names[1] == "building, edifice" and a847.prompt_names[1] == "building"
-    assert load_evaluation_dataset("ade150").prompt_names[7] == "bed"  # source has "bed " with a trailing space
+    # CAT-Seg does not strip: its source has "bed " with a trailing space (CLIP's tokenizer drops it)
+    ade150 = load_evaluation_dataset("ade150")
+    assert ade150.prompt_names[7] == "bed " and ade150.scored_names[7] == "bed"
     assert first_synonym("person, individual, someone") == "person"
     assert a847.prompts("a photo of a {}.")[0] == "a photo of a wall."
     assert all("," not in p and p == p.strip() and p for p in a847.prompt_names)
+
+
+@pytest.mark.parametrize("name", ["a,b", "building, edifice", "a , b", "a,  b", "bed ", "x, y,z"])
+def test_first_synonym_is_catseg_rule(name):
+    assert first_synonym(name) == name.split(", ")[0]  # CAT-Seg's get_text_embeds, written out
+
+
+def test_every_shipped_list_is_prompted_by_catseg_rule():
+    for name in ALL_DATASETS:
+        names = json.loads((definitions_dir() / f"{name}.json").read_text())["class_names"]
+        assert load_evaluation_dataset(name).prompt_names == [n.split(", ")[0] for n in names], name
+
+
+def test_definition_cannot_change_the_prompt_rule(tmp_path):
+    data = json.loads((definitions_dir() / "voc20.json").read_text())
+    path = tmp_path / "custom.json"
+    for prompt in ({"synonym_separator": ","}, {"synonym_separator": ", ", "strip": True}):
+        path.write_text(json.dumps({**data, "prompt": prompt}))
+        with pytest.raises(ValueError, match="not CAT-Seg's rule"):
+            load_evaluation_dataset(path)
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "prompt"}))
+    assert load_evaluation_dataset(path).prompt_names == list(data["class_names"])
 
 
 def test_aliases_and_unknown_names():

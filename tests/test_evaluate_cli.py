@@ -234,3 +234,25 @@ def test_cli_measure_flags_refuse_bad_input(tiny_model, voc_blocky, tmp_path):
         split.write_text(json.dumps(spec))
         with pytest.raises(ValueError, match=message):
             cli.main([*base, "--thing_classes", str(split)])
+
+
+def test_cli_refuses_a_processor_with_other_prompt_templates(voc_data, tmp_path):
+    """A 2-template model saved with a 1-template processor: the 20 VOC prompts would be read as 10 classes."""
+    from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
+
+    templates = ["A photo of a {} in the scene", "a sketch of a {}"]
+    config = DiSaConfig.from_pretrained(TINY, prompt_templates=templates, label_token_ids=None)
+    torch.manual_seed(0)
+    DiSaForOpenVocabSegmentation(config).save_pretrained(tmp_path / "model")
+    processor = DiSaProcessor.from_pretrained(TINY)
+    processor.save_pretrained(tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--datasets", "voc20", "--data_dir", str(voc_data), "--mode"]
+    args += ["whole", "--window_size", "48", "--short_side", "0", "--output", str(tmp_path / "r.json")]
+    with pytest.raises(ValueError, match=r"templates \['A photo of a \{\} in the scene'\].*'a sketch of a \{\}'\]"):
+        cli.main(args)
+    assert not (tmp_path / "r.json").exists()
+    # the model's own templates: evaluated
+    DiSaProcessor(processor.image_processor, processor.tokenizer, prompt_templates=templates).save_pretrained(
+        tmp_path / "model"
+    )
+    assert 0 <= cli.main(args)["results"]["voc20"]["mIoU"] <= 100

@@ -203,6 +203,41 @@ def test_processor_builds_prompts_with_first_synonym(tiny_processor):
     assert torch.equal(out["attention_mask"], expected["attention_mask"])
 
 
+def catseg_prompt_name(name):
+    """CAT-Seg's rule, written out from its `get_text_embeds`: the text before the first ", ", nothing stripped."""
+    return name.split(", ")[0]
+
+
+@pytest.mark.parametrize(
+    "name", ["a,b", "building, edifice", "a , b", "a,  b", "person, individual, someone", "bed ", "tv,monitor, screen"]
+)
+def test_synonyms_follow_catseg_rule(tiny_processor, name):
+    from modeling_disa.model.configuration_disa import prompt_name
+
+    assert prompt_name(name) == catseg_prompt_name(name)
+    out = tiny_processor(text=[name])
+    expected = tiny_processor.tokenizer([f"A photo of a {catseg_prompt_name(name)} in the scene"], return_tensors="pt")
+    assert torch.equal(out["input_ids"], expected["input_ids"])
+
+
+def test_shipped_class_lists_are_prompted_as_catseg_prompts_them(tiny_processor):
+    """Every shipped definition, verbatim names through the processor (as run_evaluation.py passes them), against
+    CAT-Seg's rule applied to the JSON's names; and token for token the same as the previous rule (split on "," and
+    strip): the rules differ on ADE-150's "bed " only, and CLIP's tokenizer reads white space runs as one space."""
+    import json
+
+    from modeling_disa.evaluation.dataset_definitions import ALL_DATASETS, definitions_dir
+
+    template = tiny_processor.prompt_templates[0]
+    for name in ALL_DATASETS:
+        names = json.loads((definitions_dir() / f"{name}.json").read_text())["class_names"]
+        got = tiny_processor(text=names, allow_shared_prompts=True)["input_ids"]
+        official = tiny_processor.tokenizer([template.format(catseg_prompt_name(n)) for n in names], padding=True)
+        assert got.tolist() == official["input_ids"], name
+        previous = [template.format(n.split(",")[0].strip()) for n in names]
+        assert got.tolist() == tiny_processor.tokenizer(previous, padding=True)["input_ids"], name
+
+
 @pytest.mark.parametrize(
     "text, error, message",
     [
@@ -234,6 +269,23 @@ def test_dataset_protocol_may_share_prompts(tiny_processor):
     assert out["input_ids"].shape[0] == 847
     with pytest.raises(ValueError, match="empty first synonym"):
         tiny_processor(text=["cat", ", dog"], allow_shared_prompts=True)
+
+
+def test_call_arguments_default_none_and_allow_shared_prompts_is_a_routed_text_option(tiny_processor):
+    import inspect
+
+    explicit = [
+        p
+        for name, p in inspect.signature(DiSaProcessor.__call__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    assert [p.name for p in explicit if p.default is not None] == []  # transformers' processor convention
+    names = ["bag", "bag, handbag"]  # both prompted as "bag"
+    with pytest.raises(ValueError, match="are all prompted as 'bag'"):
+        tiny_processor(text=names)
+    expected = tiny_processor.tokenizer(["A photo of a bag in the scene"] * 2, return_tensors="pt")["input_ids"]
+    for kwargs in ({"allow_shared_prompts": True}, {"text_kwargs": {"allow_shared_prompts": True}}):
+        assert torch.equal(tiny_processor(text=names, **kwargs)["input_ids"], expected)
 
 
 def test_folder_without_tokenizer_files_names_them(tmp_path, tiny_processor):

@@ -281,6 +281,12 @@ def test_model_source_order_and_the_missing_model_message(app, model_dir, tmp_pa
     assert app.resolve_model_source("org/from-arg", readme)[0] == "org/from-arg"
 
 
+def test_typed_synonyms_are_separated_as_the_model_reads_them(app):
+    # the box promises synonyms after a comma; the model prompts the text before the first ", " (CAT-Seg's rule)
+    assert app.parse_labels("building,edifice; sky ,  blue;car") == ["building, edifice", "sky, blue", "car"]
+    assert app.parse_labels("a ,b") == ["a", "b"]  # commas separate classes when there is no semicolon
+
+
 def test_label_parsing_and_default_vocabulary(app, model_dir):
     assert app.parse_labels(" red  stripes,blue circle , ,") == ["red stripes", "blue circle"]
     assert app.parse_labels("building, edifice; sky\ncar") == ["building, edifice", "sky", "car"]

@@ -338,6 +338,24 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
         train.parse_args(["--config", str(bad_yaml), "--output_dir", str(tmp_path)])
 
 
+def test_processor_with_other_prompt_templates_is_refused(tmp_path):
+    """A 2-template model with the preset's 1-template processor: the 4 classes' prompts would train as 2 classes."""
+    from modeling_disa import DiSaProcessor
+
+    good = make_split(4, 5)
+    templates = ["A photo of a {} in the scene", "a sketch of a {}"]
+    overrides = ["--model_config_overrides", json.dumps({"prompt_templates": templates, "label_token_ids": None})]
+    with pytest.raises(ValueError, match=r"prompt templates \['A photo of a \{\} in the scene'\]"):
+        main_in_process(["--class_names", *CLASSES, *overrides], tmp_path / "a", good)
+    preset = DiSaProcessor.from_pretrained(os.path.join(REPO, "configuration", "models", "disa-tiny"))
+    folder = tmp_path / "processor"
+    DiSaProcessor(preset.image_processor, preset.tokenizer, prompt_templates=templates).save_pretrained(folder)
+    res = main_in_process(
+        ["--class_names", *CLASSES, *overrides, "--processor_name_or_path", str(folder)], tmp_path / "b", good
+    )
+    assert res["completed_steps"] == 2
+
+
 def test_streaming_from_save_to_disk_folder(tmp_path):
     folder = str(tmp_path / "disk")
     datasets.DatasetDict({"train": make_split(6, 7), "validation": make_split(3, 8)}).save_to_disk(folder)

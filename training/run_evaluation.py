@@ -129,12 +129,14 @@ def extra_measures(boundary: BoundaryIoU | None, cm, is_thing, bench, rule: str)
 def evaluate_dataset(
     model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None, is_thing=None
 ) -> dict:
-    # CAT-Seg's protocol prompts every class by its first synonym, even where classes share one (ADE-847 has three
-    # "bag" classes): reproduce it rather than refuse the list as a user vocabulary would be refused
-    names = bench.prompt_names
-    tok = processor(text=names, allow_shared_prompts=True)
+    # CAT-Seg's protocol prompts every class by its first synonym (the processor applies
+    # CAT-Seg's rule to the official names), even where classes share one (ADE-847 has three "bag" classes): reproduce
+    # it rather than refuse the list as a user vocabulary would be refused
+    tok = processor(text=list(bench.class_names), allow_shared_prompts=True)
     with torch.no_grad():
-        text_embeds = model.get_text_embeddings(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+        text_embeds = model.get_text_embeddings(
+            tok["input_ids"].to(device), tok["attention_mask"].to(device), prompt_templates=tok["prompt_templates"]
+        )
     cm = SegmentationConfusionMatrix.from_dataset_definition(bench, device=device)
     boundary = None
     if args.boundary_iou:

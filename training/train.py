@@ -307,7 +307,8 @@ def build_model_and_processor(r: TrainingRecipe):
 
 def tokenize_classes(processor, class_names: list[str]) -> dict:
     enc = processor(text=list(class_names), return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
+    # `prompt_templates` lets the model refuse prompts built with other templates than its config's
+    return {k: enc.get(k) for k in ("input_ids", "attention_mask", "prompt_templates")}
 
 
 # =====================================================================================================================
@@ -548,8 +549,11 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     with accelerator.main_process_first():
         train_set, eval_set, class_names = build_datasets(r, processor.image_processor, train_dataset, eval_dataset)
     text_inputs = {
-        k: v.to(accelerator.device) for k, v in tokenize_classes(processor, class_names).items() if v is not None
+        k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+        for k, v in tokenize_classes(processor, class_names).items()
+        if v is not None
     }
+    model.check_prompt_templates(text_inputs.get("prompt_templates"))  # before any step; every forward checks too
     train_loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=r.per_device_train_batch_size,

@@ -4,8 +4,10 @@ The definitions live in ``modeling_disa/evaluation/definitions/<name>.json`` (cl
 ``datasets/*.json``, label dtype, ignore value, evaluation rules, Hub config name, raw-release mapping).
 This module only loads them and applies the two rules that are not plain data:
 
-* prompt handling: a class entry may hold comma-separated synonyms (``"building, edifice"``); only the
-  first synonym is prompted, stripped of surrounding white space (``"bed "`` -> ``"bed"``);
+* prompt handling: a class entry may hold synonyms separated by a comma and a space (``"building, edifice"``);
+  only the first synonym is prompted, by CAT-Seg's rule ``name.split(", ")[0]`` (nothing stripped: ADE-150's
+  ``"bed "`` is prompted as ``"bed "``, which CLIP's tokenizer reads as ``"bed"``; a bare comma is part of the
+  name);
 * prediction folding (PAS-20b): every predicted index ``>= fold.from`` becomes ``fold.to`` before scoring.
 
 Standalone on purpose: imports only the standard library, NumPy and (lazily) torch, never the model files.
@@ -77,9 +79,21 @@ def definitions_dir() -> Traversable:
     return files(__package__).joinpath("definitions")
 
 
-def first_synonym(name: str, separator: str = ",") -> str:
-    """``"building, edifice"`` -> ``"building"``; ``"bed "`` -> ``"bed"``."""
-    return name.split(separator)[0].strip()
+# CAT-Seg's synonym separator (its `get_text_embeds` prompts `classname.split(", ")[0]`): the rule of the model's
+# `prompt_name`, which the processor applies to the names `run_evaluation.py` passes; repeated here so that this
+# module does not import the model files.
+SYNONYM_SEPARATOR = ", "
+
+
+def first_synonym(name: str) -> str:
+    """The prompted name, by CAT-Seg's rule: ``"building, edifice"`` -> ``"building"``; ``"bed "`` -> ``"bed "``
+    (not stripped); ``"a,b"`` -> ``"a,b"``."""
+    return name.split(SYNONYM_SEPARATOR)[0]
+
+
+def _name_key(name: str) -> str:
+    # white space is not part of what CLIP's tokenizer reads (it collapses runs of it), nor of a class's identity
+    return " ".join(name.split())
 
 
 def canonical_name(name: str) -> str:
@@ -107,7 +121,6 @@ class DatasetDefinition:
     miou_rule: str = "present_in_gt"
     prediction_fold: tuple[int, int] | None = None
     scored_class_names: tuple[str, ...] | None = None
-    synonym_separator: str = ","
     class_names_source: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -126,12 +139,12 @@ class DatasetDefinition:
     def scored_names(self) -> tuple[str, ...]:
         if self.scored_class_names is not None:
             return self.scored_class_names
-        return tuple(first_synonym(n, self.synonym_separator) for n in self.class_names)
+        return tuple(_name_key(first_synonym(n)) for n in self.class_names)
 
     @property
     def prompt_names(self) -> list[str]:
-        """Names that go into the prompt template (first synonym of each class)."""
-        return [first_synonym(n, self.synonym_separator) for n in self.class_names]
+        """Names that go into the prompt template (first synonym of each class, by CAT-Seg's rule)."""
+        return [first_synonym(n) for n in self.class_names]
 
     @property
     def numpy_label_dtype(self) -> np.dtype:
@@ -155,17 +168,19 @@ class DatasetDefinition:
     def check_class_names(self, names: Sequence[str], what: str = "class list") -> None:
         """Raise :class:`ClassListMismatchError` unless ``names`` equals this dataset's class list.
 
-        Entries may be given either verbatim (with synonyms) or as prompt names (first synonym).
+        Entries may be given either verbatim (with synonyms) or as prompt names (first synonym); white space does
+        not count.
         """
         names = list(names)
-        if names == list(self.class_names) or [first_synonym(n) for n in names] == self.prompt_names:
+        mine = [_name_key(n) for n in self.prompt_names]
+        theirs = [_name_key(first_synonym(n)) for n in names]
+        if names == list(self.class_names) or theirs == mine:
             return
         if len(names) != self.num_classes:
             raise ClassListMismatchError(
                 f"{what} has {len(names)} classes but dataset {self.name!r} has {self.num_classes}."
             )
-        mine = self.prompt_names
-        bad = [(i, n, m) for i, (n, m) in enumerate(zip(names, mine)) if first_synonym(n) != m]
+        bad = [(i, n, m) for i, (n, t, m) in enumerate(zip(names, theirs, mine)) if t != m]
         shown = ", ".join(f"#{i}: {n!r} != {m!r}" for i, n, m in bad[:5])
         raise ClassListMismatchError(
             f"{what} does not match dataset {self.name!r}: {len(bad)} of {len(names)} names differ ({shown}"
@@ -193,7 +208,13 @@ def _from_json(data: dict[str, Any]) -> DatasetDefinition:
     ev = data.get("eval") or {}
     fold = ev.get("prediction_fold")
     prompt = data.get("prompt") or {}
-    sep = (prompt.get("synonym_separator") or ",").strip() or ","
+    # the prompt rule is CAT-Seg's, applied by the model's processor: a definition may state it, not change it
+    if set(prompt) - {"synonym_separator"} or prompt.get("synonym_separator", SYNONYM_SEPARATOR) != SYNONYM_SEPARATOR:
+        raise ValueError(
+            f"Definition file for {data['name']!r}: prompt settings {prompt} are not CAT-Seg's rule, the only one the "
+            "processor applies (the text before the first comma-and-space, nothing stripped); write "
+            '"prompt": {"synonym_separator": ", "} or leave "prompt" out.'
+        )
     definition = DatasetDefinition(
         name=data["name"],
         display_name=data.get("display_name", data["name"]),
@@ -207,7 +228,6 @@ def _from_json(data: dict[str, Any]) -> DatasetDefinition:
         miou_rule=ev.get("miou_rule", "present_in_gt"),
         prediction_fold=(int(fold["from"]), int(fold["to"])) if fold else None,
         scored_class_names=tuple(ev["scored_class_names"]) if ev.get("scored_class_names") else None,
-        synonym_separator=sep,
         class_names_source=data.get("class_names_source", ""),
         raw=data.get("raw") or {},
     )
@@ -258,6 +278,7 @@ __all__ = [
     "definitions_dir",
     "canonical_name",
     "first_synonym",
+    "SYNONYM_SEPARATOR",
     "list_evaluation_datasets",
     "load_evaluation_dataset",
 ]

@@ -267,6 +267,8 @@ def save_for_hub(
         raise TypeError(f"expected a DiSa model, got {type(model).__name__}.")
     if processor is not None and not hasattr(processor, "tokenize_class_names"):
         raise TypeError(f"expected the DiSaProcessor (image processor + tokenizer), got {type(processor).__name__}.")
+    if processor is not None:
+        model.check_prompt_templates(processor.prompt_templates)  # a repository whose pipeline would misname masks
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     card_kwargs["tags"] = list(card_kwargs.get("tags") or []) + list(getattr(model, "model_tags", None) or [])

@@ -335,17 +335,28 @@ class DiSaConfig(PreTrainedConfig):
             )
 
 
+# CAT-Seg separates a class's synonyms by a comma AND a space (`"building, edifice"`); a bare comma is in the name.
+SYNONYM_SEPARATOR = ", "
+
+
 def prompt_name(name: str) -> str:
-    """The name a class is prompted with: its first synonym (`"building, edifice"` -> `"building"`), as CAT-Seg."""
-    return name.split(",")[0].strip()
+    """The name a class is prompted with, by CAT-Seg's rule (`name.split(", ")[0]`, nothing stripped): the text
+    before the first `", "` (`"building, edifice"` -> `"building"`), or the whole name when it holds none
+    (`"a,b"` -> `"a,b"`)."""
+    return name.split(SYNONYM_SEPARATOR)[0]
+
+
+def _prompt_key(name: str) -> str:
+    # CLIP's tokenizer collapses runs of white space, so names differing only there get identical prompts' tokens
+    return " ".join(prompt_name(name).split())
 
 
 def validate_class_names(class_names, allow_shared_prompts: bool = False) -> list[str]:
     """Check a class vocabulary: a non-empty list of distinct, non-empty strings whose prompted names (first
-    synonyms, `prompt_name`) are non-empty and distinct.
+    synonyms, `prompt_name`) are not blank and distinct (white space aside).
 
     Two classes prompted with the same name (`"building, edifice"` and `"building, house"`) would get identical
-    logits, so the later one could never win the argmax; a name whose first synonym is empty (`", cat"`) would prompt
+    logits, so the later one could never win the argmax; a name whose first synonym is blank (`", cat"`) would prompt
     nothing. `allow_shared_prompts=True` accepts shared prompts (and repeated names): only for reproducing a benchmark
     protocol whose class list has them (CAT-Seg's ADE-847 list prompts e.g. three classes as "bag").
     """
@@ -357,7 +368,7 @@ def validate_class_names(class_names, allow_shared_prompts: bool = False) -> lis
     bad = [n for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
         raise TypeError(f"class names must be non-empty strings, got {bad[:5]}.")
-    empty = [name for name in names if not prompt_name(name)]
+    empty = [name for name in names if not _prompt_key(name)]
     if empty:
         raise ValueError(
             f"class names {empty[:5]} have an empty first synonym, which is the name that gets prompted: put the "
@@ -374,7 +385,7 @@ def validate_class_names(class_names, allow_shared_prompts: bool = False) -> lis
         raise ValueError(f"duplicate class names {duplicates[:5]}: every class must appear once.")
     by_prompt = {}
     for name in names:
-        by_prompt.setdefault(prompt_name(name), []).append(name)
+        by_prompt.setdefault(_prompt_key(name), []).append(name)
     shared = [(prompt, group) for prompt, group in by_prompt.items() if len(group) > 1]
     if shared:
         details = "; ".join(f"{group} are all prompted as {prompt!r}" for prompt, group in shared[:5])
@@ -387,11 +398,18 @@ def validate_class_names(class_names, allow_shared_prompts: bool = False) -> lis
 
 def format_prompts(class_names, templates, allow_shared_prompts: bool = False) -> list[str]:
     """Prompts for a vocabulary (checked with `validate_class_names`), class-major (P templates per class); names
-    holding synonyms (`"building, edifice"`) use the first synonym, as CAT-Seg does."""
+    holding synonyms (`"building, edifice"`) use the first synonym, by CAT-Seg's rule (`prompt_name`)."""
     names = validate_class_names(class_names, allow_shared_prompts=allow_shared_prompts)
     return [template.format(prompt_name(name)) for name in names for template in templates]
 
 
 DiSaConfig.register_for_auto_class()
 
-__all__ = ["DiSaConfig", "DEFAULT_PROMPT_TEMPLATE", "format_prompts", "prompt_name", "validate_class_names"]
+__all__ = [
+    "DiSaConfig",
+    "DEFAULT_PROMPT_TEMPLATE",
+    "SYNONYM_SEPARATOR",
+    "format_prompts",
+    "prompt_name",
+    "validate_class_names",
+]

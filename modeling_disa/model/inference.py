@@ -24,7 +24,8 @@ logits' resolution and upsamples the probabilities to the image size (CAT-Seg's 
 ``upsample="logits"`` resizes the logits first).
 
 Text embeddings: pass ``text_embeds`` (``model.get_text_embeddings(...)``, computed once per vocabulary). Given
-``input_ids`` instead, a model with ``get_text_embeddings`` encodes them once per call, not once per chunk of views.
+``input_ids`` instead (with the processor's ``attention_mask`` and ``prompt_templates``, which the model checks
+against its config), a model with ``get_text_embeddings`` encodes them once per call, not once per chunk of views.
 
 Accumulation is always in float32; ``autocast_dtype=torch.bfloat16`` runs the model under autocast.
 Standalone: torch only.
@@ -118,7 +119,9 @@ def _run_views(
         # encode the vocabulary once for all chunks of views
         with _autocast(views.device, autocast_dtype):
             text_embeds = model.get_text_embeddings(
-                model_kwargs.pop("input_ids"), model_kwargs.pop("attention_mask", None)
+                model_kwargs.pop("input_ids"),
+                model_kwargs.pop("attention_mask", None),
+                prompt_templates=model_kwargs.pop("prompt_templates", None),
             )
     n = views.shape[0]
     bs = n if not batch_size else batch_size

@@ -402,8 +402,28 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         )
 
     # ------------------------------------------------------------------ text side
+    def check_prompt_templates(self, prompt_templates) -> None:
+        """Refuse prompts built with other templates than `config.prompt_templates` (the model reads P of them per
+        class, in that order: prompts of another count or order would be read as other classes or as another
+        template's channel). `prompt_templates` is what `DiSaProcessor` returns beside `input_ids`; None checks
+        nothing."""
+        if prompt_templates is None:
+            return
+        expected = list(self.config.prompt_templates)
+        given = [prompt_templates] if isinstance(prompt_templates, str) else list(prompt_templates)
+        if given != expected:
+            raise ValueError(
+                f"the prompts were built with the prompt templates {given}, but this model's config.prompt_templates "
+                f"is {expected} ({len(expected)} prompts per class, in that order). Build the processor from the "
+                "model's folder (`DiSaProcessor.from_pretrained(model_folder)`), or pass "
+                "`prompt_templates=model.config.prompt_templates` to `DiSaProcessor(...)`."
+            )
+
     def get_text_embeddings(
-        self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        prompt_templates: list[str] | None = None,
     ) -> torch.FloatTensor:
         """
         L2-normalised prompt embeddings.
@@ -412,6 +432,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             input_ids (`(T * P, L)`): prompt tokens, class-major (P = `config.num_prompts` templates per class),
                 padded to the longest prompt (the causal mask makes that identical to padding to 77).
             attention_mask (`(T * P, L)`, *optional*).
+            prompt_templates (`list[str]`, *optional*): the templates the prompts were built with (returned by
+                `DiSaProcessor`); refused unless equal to `config.prompt_templates` (`check_prompt_templates`).
+                Without them only the row count is checked (a multiple of P).
 
         Returns:
             `(T, P, projection_dim)`, computed by the text encoder on every call (the model keeps no cache). To run
@@ -419,6 +442,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             compute this once and pass it as `forward(..., text_embeds=...)`, as the pipeline and
             `modeling_disa.model.inference` do.
         """
+        self.check_prompt_templates(prompt_templates)
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ValueError(
                 f"input_ids must be (num_classes * num_prompts, length) with >= 1 row, got {tuple(input_ids.shape)}."
@@ -535,12 +559,15 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        prompt_templates: list[str] | None = None,
     ) -> DiSaSegmentationOutput | tuple:
         r"""
         Args:
             pixel_values (`(B, 3, H, W)`): CLIP-normalised images (see `DiSaImageProcessor`); resized to
                 `config.clip_resolution` inside.
             input_ids / attention_mask (`(T * P, L)`): class prompts shared by the batch (see `DiSaProcessor`).
+            prompt_templates (`list[str]`, *optional*): the templates the prompts (or `text_embeds`) were built with,
+                as `DiSaProcessor` returns them; refused unless equal to `config.prompt_templates`.
             text_embeds (`(T, P, C)` or `(T, C)`): precomputed prompt embeddings (`get_text_embeddings`) instead of
                 `input_ids`; the way to reuse one vocabulary's encoding across calls.
             labels (`(B, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
@@ -565,6 +592,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 "`attn_implementation='eager'` or call `model.set_attn_implementation('eager')`."
             )
         self._check_pixel_values(pixel_values)
+        self.check_prompt_templates(prompt_templates)
         batch = pixel_values.shape[0]
         if labels is not None:
             self._check_labels(labels, batch)

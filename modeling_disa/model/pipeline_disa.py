@@ -173,6 +173,8 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
                 "the open-vocabulary-segmentation pipeline needs the DiSa processor (image processor + tokenizer); "
                 "the repository must hold processor_config.json and the tokenizer files."
             )
+        # prompts built with other templates than the model's would be read as other classes (masks named wrongly)
+        self.model.check_prompt_templates(self.processor.prompt_templates)
         self._text_embedding_cache = OrderedDict()
 
     def clear_text_embedding_cache(self) -> None:
@@ -212,7 +214,9 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
         names, tokens = self._vocabulary(labels)
         with torch.no_grad():
             text_embeds = self.model.get_text_embeddings(
-                tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+                tokens["input_ids"].to(self.device),
+                tokens["attention_mask"].to(self.device),
+                prompt_templates=tokens.get("prompt_templates"),
             )
         if self.text_embedding_cache_size > 0:
             self._text_embedding_cache[key] = (names, text_embeds)
