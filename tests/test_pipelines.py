@@ -28,8 +28,26 @@ def make_image(seed: int, size=(90, 120)) -> Image.Image:
     return Image.fromarray(array)
 
 
+class Segments(dict):
+    """{label: (bool mask (H, W), score)}, with `margin` (H, W): the top-1 minus top-2 class probability of the
+    reference, which tells a real disagreement from a float near-tie (batched and single runs, or the sliding
+    window's views, sum in another order: a pixel whose two best classes tie within float noise may flip)."""
+
+    margin = None
+
+
+NEAR_TIE = 1e-5
+
+
+def with_margin(out: dict, probabilities: torch.Tensor) -> Segments:
+    top2 = probabilities.topk(2, dim=0).values
+    segments = Segments(out)
+    segments.margin = (top2[0] - top2[1]).numpy()
+    return segments
+
+
 def reference_segments(model, processor, image, labels=None):
-    """{label: (bool mask (H, W), score)} from the model directly."""
+    """{label: (bool mask (H, W), score)} from the model directly (`Segments`, with the near-tie margin)."""
     inputs = (
         processor(images=image, text=labels)
         if labels
@@ -47,7 +65,7 @@ def reference_segments(model, processor, image, labels=None):
     for class_id in np.unique(segmentation.numpy()):
         mask = segmentation.numpy() == class_id
         out[names[class_id]] = (mask, float(probabilities[class_id].numpy()[mask].mean()))
-    return out
+    return with_margin(out, probabilities)
 
 
 def as_dict(result):
@@ -58,11 +76,18 @@ def assert_same_segments(result, reference, image, check_scores=True):
     got = as_dict(result)
     assert len(got) == len(result), "one entry per label"
     assert set(got) == set(reference)
+    margin = getattr(reference, "margin", None)
     for label, (mask, score) in reference.items():
         assert got[label][0].shape == (image.height, image.width)
-        np.testing.assert_array_equal(got[label][0], mask)
+        differ = got[label][0] != mask
+        if margin is None or not differ.any():
+            np.testing.assert_array_equal(got[label][0], mask)
+        else:
+            # only float near-ties may flip, and only a few pixels
+            assert margin[differ].max() <= NEAR_TIE, f"{label}: pixels flipped where the classes do not tie"
+            assert differ.sum() <= max(1, differ.size // 1000)
         if check_scores:
-            assert got[label][1] == pytest.approx(score, abs=1e-5)
+            assert got[label][1] == pytest.approx(score, abs=1e-5 if not differ.any() else 1e-3)
     # the masks partition the image
     assert sum(m.astype(int) for m, _ in got.values()).min() == 1
 
@@ -249,10 +274,13 @@ def test_sliding_window_matches_the_protocol_run_view_by_view(sdm_segmenter, tin
         probabilities, size=(image.height, image.width), mode="bilinear", align_corners=False
     )[0]
     segmentation = probabilities.argmax(dim=0).numpy()
-    reference = {
-        LABELS[c]: (segmentation == c, float(probabilities[c].numpy()[segmentation == c].mean()))
-        for c in np.unique(segmentation)
-    }
+    reference = with_margin(
+        {
+            LABELS[c]: (segmentation == c, float(probabilities[c].numpy()[segmentation == c].mean()))
+            for c in np.unique(segmentation)
+        },
+        probabilities,
+    )
     assert_same_segments(sdm_segmenter(image, candidate_labels=LABELS, inference_mode="sliding"), reference, image)
 
 
