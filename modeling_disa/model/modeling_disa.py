@@ -198,7 +198,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.decoder = DiSaDecoder(config)
         self.sdm = DiSaSaliencyDisentanglement(config) if config.use_sdm else None
         self.post_init()
-        # (skipped on the meta device, where from_pretrained builds the model before loading both branches)
+        # Skipped on the meta device, where `from_pretrained` builds the model: it copies after loading, into the
+        # background tensors that the checkpoint lacks.
         if (
             self.sdm is not None
             and config.sdm_background_init == "copy"
@@ -209,16 +210,34 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             self._copy_foreground_to_background()
         self.configure_clip_finetuning(config.clip_finetune)
 
+    def _background_twins(self) -> dict[str, str]:
+        """`{state-dict name of a background-branch tensor: name of its foreground (host) twin}`: every aggregation
+        block's `background` child mirrors the block's own per-token layers, and each spatial layer's
+        `background_guidance_norm` mirrors its `guidance_norm`. Empty without SDM."""
+        twins = {}
+        for prefix, module in self.aggregator.named_modules(prefix="aggregator"):
+            for child, host in (("background", ""), ("background_guidance_norm", "guidance_norm.")):
+                branch = getattr(module, child, None)
+                if isinstance(branch, nn.Module):
+                    twins.update({f"{prefix}.{child}.{key}": f"{prefix}.{host}{key}" for key in branch.state_dict()})
+        return twins
+
     @torch.no_grad()
-    def _copy_foreground_to_background(self) -> None:
-        """Set every aggregation block's `background` weights (and the background guidance norms) to its own."""
-        for module in self.aggregator.modules():
-            background = getattr(module, "background", None)
-            if background is not None:
-                own = {k: v for k, v in module.state_dict().items() if k in background.state_dict()}
-                background.load_state_dict(own)
-            if getattr(module, "background_guidance_norm", None) is not None:
-                module.background_guidance_norm.load_state_dict(module.guidance_norm.state_dict())
+    def _copy_foreground_to_background(self, names: set[str] | None = None) -> None:
+        """Set the background branch's tensors to their foreground twins' values (`_background_twins`): all of them,
+        or only those named in `names` (state-dict names; `from_pretrained` passes the ones the checkpoint lacked)."""
+        tensors = self.state_dict(keep_vars=True)
+        for background, host in self._background_twins().items():
+            if names is not None and background not in names:
+                continue
+            if tensors[background].is_meta or tensors[host].is_meta:
+                # copying on the meta device is a silent no-op (weights offloaded by a `device_map` live elsewhere)
+                raise ValueError(
+                    f"cannot start the background branch as a copy of the foreground one: {background} or {host} "
+                    "is on the meta device (offloaded by device_map). Load without offloading, or pass "
+                    "sdm_background_init='independent'."
+                )
+            tensors[background].copy_(tensors[host])
 
     # ------------------------------------------------------------------ CLIP fine-tuning and optimiser groups
     def configure_clip_finetuning(self, mode: str = "qv") -> None:
@@ -298,10 +317,25 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     def from_pretrained(
         cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs
     ):
-        """`PreTrainedModel.from_pretrained`, except that a checkpoint whose tensor shapes disagree with the config
-        raises (naming the keys) instead of silently re-initialising them; pass `ignore_mismatched_sizes=True` to
-        accept the re-initialisation (e.g. a head of another width). A checkpoint that only has pickle weights
-        (`pytorch_model.bin`) is read with `torch.load(weights_only=True)`, with a warning saying how to convert it."""
+        """`PreTrainedModel.from_pretrained`, with three differences:
+
+        - A checkpoint whose tensor shapes disagree with the config raises (naming the keys) instead of silently
+          re-initialising them; pass `ignore_mismatched_sizes=True` to accept the re-initialisation (e.g. a head of
+          another width).
+        - With SDM and `sdm_background_init="copy"`, background-branch tensors that the checkpoint lacks (or that were
+          re-initialised for a shape mismatch) start as copies of their foreground twins, as in a model built
+          directly; background tensors present in the checkpoint are kept as loaded. Every other missing tensor
+          (e.g. SDM's presence head) is initialised by the model's own rule (`_init_weights`).
+        - A checkpoint that only has pickle weights (`pytorch_model.bin`) is read with
+          `torch.load(weights_only=True)`, with a warning saying how to convert it.
+
+        Upgrading CAT-Seg weights to DiSa: a CAT-Seg-mode folder (`use_sdm=False`, e.g. written by
+        `python -m modeling_disa.convert_catseg` from the official CAT-Seg weights) loads as a DiSa model with
+        `DiSaForOpenVocabSegmentation.from_pretrained(folder, use_sdm=True)`. The CLIP, cost-embedding, aggregation
+        and decoder weights are the checkpoint's, the background branch starts as a copy of the aggregation weights,
+        and SDM's presence head is newly initialised (listed as missing in the load report): fine-tune before use.
+        With the default `branch_attention="shared"` and `fusion="own"`, the two branches are then identical and
+        the model computes exactly the CAT-Seg model's logits, until training moves the branches apart."""
         if args:
             _warn_if_pickle_checkpoint(args[0], kwargs)
         # transformers' own refusal only points at a logged table; load permissively, then refuse with the keys.
@@ -315,6 +349,11 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 f"{len(mismatched)} checkpoint tensors do not match the model's shapes ({details}). Check that the "
                 "config matches the checkpoint, or pass ignore_mismatched_sizes=True to re-initialise them."
             )
+        if model.sdm is not None and model.config.sdm_background_init == "copy":
+            # `__init__` cannot copy here (it runs on the meta device, before loading), so the tensors that did not
+            # come from the checkpoint are copied now; loaded ones (a trained DiSa checkpoint) stay as they are.
+            not_loaded = set(info.get("missing_keys") or ()) | {key for key, *_ in mismatched}
+            model._copy_foreground_to_background(not_loaded)
         # Loading replaces the parameter tensors (all `requires_grad=True`), so re-apply the fine-tuning rule.
         model.configure_clip_finetuning(model.config.clip_finetune)
         return (model, info) if output_loading_info else model
