@@ -82,6 +82,33 @@ class DiSaSegmentationOutput(ModelOutput):
         return tuple(self[k].to_tuple() if k == "vision_model_output" else self[k] for k in self.keys())
 
 
+# How `from_clip_pretrained` finds the CLIP checkpoint (passed on to `CLIPModel.from_pretrained`).
+CLIP_LOADING_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "proxies",
+    "use_safetensors",
+    "variant",
+    "weights_only",
+    "disable_mmap",
+)
+# DiSa config fields that `from_clip_pretrained` takes from the CLIP checkpoint.
+CLIP_CONFIG_SETTINGS = ("text_config", "vision_config", "projection_dim", "logit_scale_init_value")
+# Serialised config fields that are not settings a caller chooses.
+_NOT_SETTINGS = (
+    "model_type",
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "dtype",
+    *CLIP_CONFIG_SETTINGS,
+)
+
+
 def _initialisation_group(name: str) -> int:
     """Order in which `initialize_weights` draws the head's random weights: the CAT-Seg host first, then SDM's
     saliency head, its background branch, its fusion, then HRM's levels. A model with SDM / HRM switched on thus
@@ -289,29 +316,60 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     ) -> "DiSaForOpenVocabSegmentation":
         """
         Build a DiSa model around a pretrained HF CLIP checkpoint (e.g. `"openai/clip-vit-base-patch16"`), with a
-        randomly initialised head. The CLIP tower configs come from the checkpoint; every other setting from
-        `config` (a `DiSaConfig`, or a preset folder such as `configuration/models/disa-vit-b-16`).
-        `kwargs` go to `CLIPModel.from_pretrained` (`revision`, `cache_dir`, `local_files_only`, ...).
+        randomly initialised head (initialised by the same rule as a model built directly, the background branch
+        a copy of the foreground one with `sdm_background_init="copy"`). The CLIP tower configs come from the
+        checkpoint; every other setting from `config` (a `DiSaConfig`, or a preset folder such as
+        `configuration/models/disa-vit-b-16`). The model is returned in training mode.
+
+        Keyword arguments:
+        - `dtype` (default `torch.float32`; `"auto"` keeps the CLIP checkpoint's): the dtype of every parameter.
+        - DiSa config settings (e.g. `use_sdm=True`): applied to `config`. Those that come from the CLIP checkpoint
+          (`text_config`, `vision_config`, `projection_dim`, `logit_scale_init_value`) are refused.
+        - `attn_implementation`, `device_map`: as in `from_pretrained`, for the whole model.
+        - `cache_dir`, `revision`, `local_files_only`, `token`, ...: how `CLIPModel.from_pretrained` finds the
+          checkpoint (`CLIP_LOADING_KWARGS`). Anything else is refused.
+
+        The CLIP weights are loaded once and become the model's parameters (no second copy of CLIP in memory).
         """
-        kwargs.setdefault("dtype", torch.float32)
-        clip = CLIPModel.from_pretrained(clip_name_or_path, **kwargs)
+        for key in ("torch_dtype", *CLIP_CONFIG_SETTINGS):
+            if key in kwargs:
+                fix = "pass dtype= instead" if key == "torch_dtype" else "it comes from the CLIP checkpoint"
+                raise ValueError(f"from_clip_pretrained does not take `{key}`: {fix}.")
+        setting_names = set(DiSaConfig().to_dict()) - set(_NOT_SETTINGS)
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in setting_names}
+        dtype = kwargs.pop("dtype", torch.float32)
+        model_kwargs = {key: kwargs.pop(key) for key in ("attn_implementation", "device_map") if key in kwargs}
+        unknown = sorted(set(kwargs) - set(CLIP_LOADING_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"from_clip_pretrained got unexpected keyword arguments {unknown}: it takes DiSa config settings, "
+                f"dtype, attn_implementation, device_map and the CLIP loading arguments {list(CLIP_LOADING_KWARGS)}."
+            )
+        clip = CLIPModel.from_pretrained(clip_name_or_path, dtype=dtype, **kwargs)
         if config is None:
             config = DiSaConfig()
         elif not isinstance(config, DiSaConfig):
             config = DiSaConfig.from_pretrained(config)
         values = config.to_dict()
+        values.update(settings)
         values.update(
             text_config=clip.config.text_config.to_dict(),
             vision_config=clip.config.vision_config.to_dict(),
             projection_dim=clip.config.projection_dim,
             logit_scale_init_value=clip.config.logit_scale_init_value,
         )
-        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        for key in ("model_type", "transformers_version", "architectures", "auto_map", "dtype"):
             values.pop(key, None)
-        model = cls(DiSaConfig(**values))
-        model.clip.load_state_dict(clip.state_dict(), strict=True)
-        model.configure_clip_finetuning(model.config.clip_finetune)
-        return model
+        # Loaded as a checkpoint that holds only the CLIP tensors: the model is built on the meta device, takes the
+        # CLIP tensors themselves (same storage, nothing copied when dtype and device already match) and initialises
+        # the missing head tensors, instead of building a randomly initialised CLIP and copying the loaded one in.
+        state_dict = {f"clip.{key}": tensor for key, tensor in clip.state_dict().items()}
+        del clip
+        model = cls.from_pretrained(
+            None, config=DiSaConfig(**values), state_dict=state_dict, dtype=dtype, **model_kwargs
+        )
+        model.config._name_or_path = ""  # not loaded from a DiSa checkpoint (`from_pretrained(None)` writes "None")
+        return model.train()
 
     @classmethod
     def from_pretrained(
