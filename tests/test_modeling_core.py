@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import tiny_configs
 import torch
 import torch.nn.functional as F
 from tiny_configs import PRESETS
@@ -338,7 +339,9 @@ def test_disa_vit_l_parameter_counts_against_the_paper():
     assert count() == 435_143_836
 
 
-def test_from_clip_pretrained_loads_clip_weights_and_sets_up_qv_finetuning(tmp_path, tiny_config):
+@pytest.fixture
+def clip_folder(tmp_path, tiny_config):
+    """A random CLIPModel with the tiny preset's towers, saved as a CLIP checkpoint (float32)."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(3)
@@ -350,12 +353,73 @@ def test_from_clip_pretrained_loads_clip_weights_and_sets_up_qv_finetuning(tmp_p
         )
     )
     clip.save_pretrained(tmp_path / "clip")
-    model = DiSaForOpenVocabSegmentation.from_clip_pretrained(tmp_path / "clip", config=PRESETS / "disa-tiny")
-    reference = clip.state_dict()
+    return tmp_path / "clip"
+
+
+def test_from_clip_pretrained_loads_clip_weights_and_sets_up_qv_finetuning(tmp_path, clip_folder, tiny_config):
+    from transformers import CLIPModel
+
+    model = DiSaForOpenVocabSegmentation.from_clip_pretrained(clip_folder, config=PRESETS / "disa-tiny")
+    reference = CLIPModel.from_pretrained(clip_folder).state_dict()
     loaded = model.clip.state_dict()
     assert reference.keys() == loaded.keys() and all(torch.equal(reference[k], loaded[k]) for k in reference)
     assert model.config.clip_resolution == 128 and model.config.hidden_dim == tiny_config.hidden_dim
+    assert model.training  # a new head, to be trained
     trainable = [n for n, p in model.clip.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in trainable)
     with pytest.raises(OSError):
         DiSaForOpenVocabSegmentation.from_clip_pretrained(tmp_path / "missing", config=PRESETS / "disa-tiny")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_from_clip_pretrained_builds_every_parameter_in_the_requested_dtype(clip_folder, dtype):
+    from safetensors.torch import load_file
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    expected = torch.float32 if dtype is None else dtype  # float32 unless asked otherwise
+    model = DiSaForOpenVocabSegmentation.from_clip_pretrained(
+        clip_folder, config=tiny_configs.tiny_config(use_sdm=True), **kwargs
+    )
+    assert {p.dtype for p in model.parameters()} == {expected}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} <= {expected}
+    assert model.config.dtype == expected
+    stored = load_file(clip_folder / "model.safetensors")
+    clip = model.clip.state_dict()
+    assert all(torch.equal(clip[k], v.to(expected)) for k, v in stored.items())
+    state = model.state_dict()  # the head is initialised as in a direct build: background = foreground
+    assert model._background_twins() and all(
+        torch.equal(state[b], state[f]) for b, f in model._background_twins().items()
+    )
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_from_clip_pretrained_holds_one_clip_copy(clip_folder, monkeypatch):
+    """The model's CLIP parameters are the loaded CLIPModel's tensors themselves, not copies of them."""
+    from transformers import CLIPModel
+
+    loaded, load = [], CLIPModel.from_pretrained
+    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    model = DiSaForOpenVocabSegmentation.from_clip_pretrained(
+        clip_folder, config=PRESETS / "disa-tiny", dtype=torch.bfloat16
+    )
+    (clip,) = loaded
+    mine = dict(model.clip.named_parameters())
+    assert mine.keys() == dict(clip.named_parameters()).keys()
+    assert all(mine[name].data_ptr() == param.data_ptr() for name, param in clip.named_parameters())
+
+
+def test_from_clip_pretrained_applies_or_refuses_each_keyword(clip_folder):
+    tiny = PRESETS / "disa-tiny"
+    model = DiSaForOpenVocabSegmentation.from_clip_pretrained(
+        clip_folder, config=tiny, use_sdm=True, fusion="residual", attn_implementation="eager"
+    )
+    assert model.config.use_sdm and model.sdm is not None and model.config.fusion == "residual"
+    assert model.clip.vision_model.config._attn_implementation == "eager"
+    with pytest.raises(Exception, match="`fusion` must be one of"):  # the config's validation error
+        DiSaForOpenVocabSegmentation.from_clip_pretrained(clip_folder, config=tiny, fusion="nonsense")
+    with pytest.raises(ValueError, match="projection_dim.*CLIP checkpoint"):
+        DiSaForOpenVocabSegmentation.from_clip_pretrained(clip_folder, config=tiny, projection_dim=16)
+    with pytest.raises(ValueError, match="dtype="):
+        DiSaForOpenVocabSegmentation.from_clip_pretrained(clip_folder, config=tiny, torch_dtype=torch.float16)
+    with pytest.raises(TypeError, match="nonsense"):
+        DiSaForOpenVocabSegmentation.from_clip_pretrained(clip_folder, config=tiny, nonsense=1)

@@ -1,13 +1,18 @@
 """Serialisation: safetensors round trip, Auto classes, remote code without the package, shape mismatches."""
 
 import json
+import math
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from tiny_configs import tiny_config
+from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, AutoProcessor
 
 from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaImageProcessor, DiSaProcessor
@@ -125,3 +130,123 @@ def test_mismatched_shapes_name_the_keys(saved, tiny_config):
         match=r"aggregator\.layers\.0\.class_aggregation\.attention\.k\.bias: checkpoint \(32,\) vs model \(48,\)",
     ):
         DiSaForOpenVocabSegmentation.from_pretrained(saved, config=DiSaConfig(**values))
+
+
+# Upgrading a CAT-Seg-mode checkpoint to DiSa. Background-branch tensors: the `background` twins of the aggregation
+# blocks' per-token layers and the spatial layers' background guidance norms; the host twin drops the prefix.
+BACKGROUND = re.compile(
+    r"^aggregator\.layers\.\d+\."
+    r"(spatial\.block_\d\.background\.|spatial\.background_guidance_norm\.|class_aggregation\.background\.)"
+)
+
+
+def host_twin(name: str) -> str:
+    return name.replace(".background.", ".").replace(".background_", ".")
+
+
+def test_catseg_checkpoint_loaded_with_sdm_copies_the_host_into_the_background_branch(saved):
+    stored = load_file(saved / "model.safetensors")  # a CAT-Seg-mode checkpoint (use_sdm=False)
+    model, info = DiSaForOpenVocabSegmentation.from_pretrained(saved, use_sdm=True, output_loading_info=True)
+    assert model.config.sdm_background_init == "copy"
+    state = model.state_dict()
+    background = [key for key in state if BACKGROUND.search(key)]
+    assert background and set(background) <= set(info["missing_keys"])
+    for key in background:
+        assert torch.equal(state[key], stored[host_twin(key)]), key
+    assert all(torch.equal(state[key], value) for key, value in stored.items())  # the host is the checkpoint's
+
+
+@pytest.mark.parametrize("overrides", [{}, {"presence_threshold": None}])
+def test_catseg_checkpoint_loaded_with_sdm_starts_as_catseg(saved, tiny_model, tiny_processor, overrides):
+    """The copied background branch with shared attention and `fusion="own"` (the defaults) routes tokens between
+    two identical branches, so the upgraded model computes the CAT-Seg model's logits at initialisation."""
+    torch.manual_seed(0)
+    inputs = dict(
+        tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=["cat", "dog", "sky", "road"])
+    )
+    disa = DiSaForOpenVocabSegmentation.from_pretrained(saved, use_sdm=True, **overrides)
+    assert disa.config.branch_attention == "shared" and disa.config.fusion == "own"
+    with torch.no_grad():
+        out = disa(**inputs, output_saliency=True)
+        assert out.foreground_mask.any() and not out.foreground_mask.all()  # tokens do take both branches
+        # last-bit tolerance: BLAS results can depend on the alignment of the memory-mapped loaded tensors
+        torch.testing.assert_close(out.logits, tiny_model(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_disa_checkpoint_keeps_its_background_branch(tmp_path):
+    torch.manual_seed(0)
+    model = DiSaForOpenVocabSegmentation(tiny_config(use_sdm=True))
+    with torch.no_grad():  # a trained background branch differs from its host
+        for name, param in model.named_parameters():
+            if BACKGROUND.search(name):
+                param.add_(torch.randn_like(param))
+    model.save_pretrained(tmp_path / "disa")
+    stored = load_file(tmp_path / "disa" / "model.safetensors")
+    loaded = DiSaForOpenVocabSegmentation.from_pretrained(tmp_path / "disa").state_dict()
+    assert loaded.keys() == stored.keys() and all(torch.equal(loaded[k], stored[k]) for k in stored)
+
+    # a checkpoint that lacks part of the branch: only the missing tensors are copied from their hosts
+    dropped = {key for key in stored if BACKGROUND.search(key) and key.startswith("aggregator.layers.1.")}
+    assert dropped
+    (tmp_path / "partial").mkdir()
+    shutil.copy(tmp_path / "disa" / "config.json", tmp_path / "partial" / "config.json")
+    save_file(
+        {k: v for k, v in stored.items() if k not in dropped},
+        tmp_path / "partial" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    partial = DiSaForOpenVocabSegmentation.from_pretrained(tmp_path / "partial").state_dict()
+    for key in stored:
+        assert torch.equal(partial[key], stored[host_twin(key)] if key in dropped else stored[key]), key
+
+
+def test_independent_background_init_is_not_a_copy(saved):
+    stored = load_file(saved / "model.safetensors")
+    state = DiSaForOpenVocabSegmentation.from_pretrained(
+        saved, use_sdm=True, sdm_background_init="independent"
+    ).state_dict()
+    # the randomly initialised matrices (norms and padding tokens start as ones and zeros in both branches)
+    drawn = [key for key in state if BACKGROUND.search(key) and key.endswith(".weight") and state[key].ndim >= 2]
+    assert drawn and not any(torch.equal(state[key], stored[host_twin(key)]) for key in drawn)
+
+
+def test_copying_into_an_offloaded_background_branch_is_refused(saved, tmp_path):
+    """Weights offloaded to disk sit on the meta device, where a copy would silently do nothing."""
+    top = ("clip", "cost_embedding", "appearance_guidance", "text_guidance", "guidance_upsampler", "decoder", "sdm")
+    device_map = {**dict.fromkeys(top, "cpu"), "aggregator": "disk"}
+    with pytest.raises(ValueError, match="meta device.*sdm_background_init='independent'"):
+        DiSaForOpenVocabSegmentation.from_pretrained(
+            saved, use_sdm=True, device_map=device_map, offload_folder=tmp_path / "offload"
+        )
+
+
+def test_tensors_missing_from_the_checkpoint_follow_the_initialisation_rule(saved):
+    """Tensors a CAT-Seg checkpoint lacks (SDM's presence head; here also the background branch) get the model's
+    initialisation, as in a direct build: deterministic ones exactly, drawn ones from PyTorch's default range."""
+    model, info = DiSaForOpenVocabSegmentation.from_pretrained(
+        saved, use_sdm=True, sdm_background_init="independent", output_loading_info=True
+    )
+    direct = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        direct.append(DiSaForOpenVocabSegmentation(model.config))
+    references = [m.state_dict() for m in direct]
+    state, modules = model.state_dict(), dict(model.named_modules())
+    missing = sorted(info["missing_keys"])
+    assert any(key.startswith("sdm.") for key in missing)
+    for key in missing:
+        value = state[key]
+        assert torch.isfinite(value).all(), key
+        if torch.equal(references[0][key], references[1][key]):  # not drawn: ones, zeros, ...
+            assert torch.equal(value, references[0][key]), key
+            continue
+        owner = modules[key.rsplit(".", 1)[0]]
+        assert isinstance(owner, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)), key
+        # kaiming_uniform(a=sqrt(5)) weights and the matching biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1 / math.sqrt(owner.weight[0].numel())
+        assert value.abs().max() <= bound and value.ne(0).all(), key
+        if value.numel() >= 256:
+            assert 0.8 < value.std() / (bound / math.sqrt(3)) < 1.2, key
+    # non-persistent buffers are rebuilt, not loaded
+    buffers = dict(direct[0].named_buffers())
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())

@@ -82,6 +82,33 @@ class DiSaSegmentationOutput(ModelOutput):
         return tuple(self[k].to_tuple() if k == "vision_model_output" else self[k] for k in self.keys())
 
 
+# How `from_clip_pretrained` finds the CLIP checkpoint (passed on to `CLIPModel.from_pretrained`).
+CLIP_LOADING_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "proxies",
+    "use_safetensors",
+    "variant",
+    "weights_only",
+    "disable_mmap",
+)
+# DiSa config fields that `from_clip_pretrained` takes from the CLIP checkpoint.
+CLIP_CONFIG_SETTINGS = ("text_config", "vision_config", "projection_dim", "logit_scale_init_value")
+# Serialised config fields that are not settings a caller chooses.
+_NOT_SETTINGS = (
+    "model_type",
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "dtype",
+    *CLIP_CONFIG_SETTINGS,
+)
+
+
 def _initialisation_group(name: str) -> int:
     """Order in which `initialize_weights` draws the head's random weights: the CAT-Seg host first, then SDM's
     saliency head, its background branch, its fusion, then HRM's levels. A model with SDM / HRM switched on thus
@@ -198,7 +225,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.decoder = DiSaDecoder(config)
         self.sdm = DiSaSaliencyDisentanglement(config) if config.use_sdm else None
         self.post_init()
-        # (skipped on the meta device, where from_pretrained builds the model before loading both branches)
+        # Skipped on the meta device, where `from_pretrained` builds the model: it copies after loading, into the
+        # background tensors that the checkpoint lacks.
         if (
             self.sdm is not None
             and config.sdm_background_init == "copy"
@@ -209,16 +237,34 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             self._copy_foreground_to_background()
         self.configure_clip_finetuning(config.clip_finetune)
 
+    def _background_twins(self) -> dict[str, str]:
+        """`{state-dict name of a background-branch tensor: name of its foreground (host) twin}`: every aggregation
+        block's `background` child mirrors the block's own per-token layers, and each spatial layer's
+        `background_guidance_norm` mirrors its `guidance_norm`. Empty without SDM."""
+        twins = {}
+        for prefix, module in self.aggregator.named_modules(prefix="aggregator"):
+            for child, host in (("background", ""), ("background_guidance_norm", "guidance_norm.")):
+                branch = getattr(module, child, None)
+                if isinstance(branch, nn.Module):
+                    twins.update({f"{prefix}.{child}.{key}": f"{prefix}.{host}{key}" for key in branch.state_dict()})
+        return twins
+
     @torch.no_grad()
-    def _copy_foreground_to_background(self) -> None:
-        """Set every aggregation block's `background` weights (and the background guidance norms) to its own."""
-        for module in self.aggregator.modules():
-            background = getattr(module, "background", None)
-            if background is not None:
-                own = {k: v for k, v in module.state_dict().items() if k in background.state_dict()}
-                background.load_state_dict(own)
-            if getattr(module, "background_guidance_norm", None) is not None:
-                module.background_guidance_norm.load_state_dict(module.guidance_norm.state_dict())
+    def _copy_foreground_to_background(self, names: set[str] | None = None) -> None:
+        """Set the background branch's tensors to their foreground twins' values (`_background_twins`): all of them,
+        or only those named in `names` (state-dict names; `from_pretrained` passes the ones the checkpoint lacked)."""
+        tensors = self.state_dict(keep_vars=True)
+        for background, host in self._background_twins().items():
+            if names is not None and background not in names:
+                continue
+            if tensors[background].is_meta or tensors[host].is_meta:
+                # copying on the meta device is a silent no-op (weights offloaded by a `device_map` live elsewhere)
+                raise ValueError(
+                    f"cannot start the background branch as a copy of the foreground one: {background} or {host} "
+                    "is on the meta device (offloaded by device_map). Load without offloading, or pass "
+                    "sdm_background_init='independent'."
+                )
+            tensors[background].copy_(tensors[host])
 
     # ------------------------------------------------------------------ CLIP fine-tuning and optimiser groups
     def configure_clip_finetuning(self, mode: str = "qv") -> None:
@@ -270,38 +316,84 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     ) -> "DiSaForOpenVocabSegmentation":
         """
         Build a DiSa model around a pretrained HF CLIP checkpoint (e.g. `"openai/clip-vit-base-patch16"`), with a
-        randomly initialised head. The CLIP tower configs come from the checkpoint; every other setting from
-        `config` (a `DiSaConfig`, or a preset folder such as `configuration/models/disa-vit-b-16`).
-        `kwargs` go to `CLIPModel.from_pretrained` (`revision`, `cache_dir`, `local_files_only`, ...).
+        randomly initialised head (initialised by the same rule as a model built directly, the background branch
+        a copy of the foreground one with `sdm_background_init="copy"`). The CLIP tower configs come from the
+        checkpoint; every other setting from `config` (a `DiSaConfig`, or a preset folder such as
+        `configuration/models/disa-vit-b-16`). The model is returned in training mode.
+
+        Keyword arguments:
+        - `dtype` (default `torch.float32`; `"auto"` keeps the CLIP checkpoint's): the dtype of every parameter.
+        - DiSa config settings (e.g. `use_sdm=True`): applied to `config`. Those that come from the CLIP checkpoint
+          (`text_config`, `vision_config`, `projection_dim`, `logit_scale_init_value`) are refused.
+        - `attn_implementation`, `device_map`: as in `from_pretrained`, for the whole model.
+        - `cache_dir`, `revision`, `local_files_only`, `token`, ...: how `CLIPModel.from_pretrained` finds the
+          checkpoint (`CLIP_LOADING_KWARGS`). Anything else is refused.
+
+        The CLIP weights are loaded once and become the model's parameters (no second copy of CLIP in memory).
         """
-        kwargs.setdefault("dtype", torch.float32)
-        clip = CLIPModel.from_pretrained(clip_name_or_path, **kwargs)
+        for key in ("torch_dtype", *CLIP_CONFIG_SETTINGS):
+            if key in kwargs:
+                fix = "pass dtype= instead" if key == "torch_dtype" else "it comes from the CLIP checkpoint"
+                raise ValueError(f"from_clip_pretrained does not take `{key}`: {fix}.")
+        setting_names = set(DiSaConfig().to_dict()) - set(_NOT_SETTINGS)
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in setting_names}
+        dtype = kwargs.pop("dtype", torch.float32)
+        model_kwargs = {key: kwargs.pop(key) for key in ("attn_implementation", "device_map") if key in kwargs}
+        unknown = sorted(set(kwargs) - set(CLIP_LOADING_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"from_clip_pretrained got unexpected keyword arguments {unknown}: it takes DiSa config settings, "
+                f"dtype, attn_implementation, device_map and the CLIP loading arguments {list(CLIP_LOADING_KWARGS)}."
+            )
+        clip = CLIPModel.from_pretrained(clip_name_or_path, dtype=dtype, **kwargs)
         if config is None:
             config = DiSaConfig()
         elif not isinstance(config, DiSaConfig):
             config = DiSaConfig.from_pretrained(config)
         values = config.to_dict()
+        values.update(settings)
         values.update(
             text_config=clip.config.text_config.to_dict(),
             vision_config=clip.config.vision_config.to_dict(),
             projection_dim=clip.config.projection_dim,
             logit_scale_init_value=clip.config.logit_scale_init_value,
         )
-        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        for key in ("model_type", "transformers_version", "architectures", "auto_map", "dtype"):
             values.pop(key, None)
-        model = cls(DiSaConfig(**values))
-        model.clip.load_state_dict(clip.state_dict(), strict=True)
-        model.configure_clip_finetuning(model.config.clip_finetune)
-        return model
+        # Loaded as a checkpoint that holds only the CLIP tensors: the model is built on the meta device, takes the
+        # CLIP tensors themselves (same storage, nothing copied when dtype and device already match) and initialises
+        # the missing head tensors, instead of building a randomly initialised CLIP and copying the loaded one in.
+        state_dict = {f"clip.{key}": tensor for key, tensor in clip.state_dict().items()}
+        del clip
+        model = cls.from_pretrained(
+            None, config=DiSaConfig(**values), state_dict=state_dict, dtype=dtype, **model_kwargs
+        )
+        model.config._name_or_path = ""  # not loaded from a DiSa checkpoint (`from_pretrained(None)` writes "None")
+        return model.train()
 
     @classmethod
     def from_pretrained(
         cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs
     ):
-        """`PreTrainedModel.from_pretrained`, except that a checkpoint whose tensor shapes disagree with the config
-        raises (naming the keys) instead of silently re-initialising them; pass `ignore_mismatched_sizes=True` to
-        accept the re-initialisation (e.g. a head of another width). A checkpoint that only has pickle weights
-        (`pytorch_model.bin`) is read with `torch.load(weights_only=True)`, with a warning saying how to convert it."""
+        """`PreTrainedModel.from_pretrained`, with three differences:
+
+        - A checkpoint whose tensor shapes disagree with the config raises (naming the keys) instead of silently
+          re-initialising them; pass `ignore_mismatched_sizes=True` to accept the re-initialisation (e.g. a head of
+          another width).
+        - With SDM and `sdm_background_init="copy"`, background-branch tensors that the checkpoint lacks (or that were
+          re-initialised for a shape mismatch) start as copies of their foreground twins, as in a model built
+          directly; background tensors present in the checkpoint are kept as loaded. Every other missing tensor
+          (e.g. SDM's presence head) is initialised by the model's own rule (`_init_weights`).
+        - A checkpoint that only has pickle weights (`pytorch_model.bin`) is read with
+          `torch.load(weights_only=True)`, with a warning saying how to convert it.
+
+        Upgrading CAT-Seg weights to DiSa: a CAT-Seg-mode folder (`use_sdm=False`, e.g. written by
+        `python -m modeling_disa.convert_catseg` from the official CAT-Seg weights) loads as a DiSa model with
+        `DiSaForOpenVocabSegmentation.from_pretrained(folder, use_sdm=True)`. The CLIP, cost-embedding, aggregation
+        and decoder weights are the checkpoint's, the background branch starts as a copy of the aggregation weights,
+        and SDM's presence head is newly initialised (listed as missing in the load report): fine-tune before use.
+        With the default `branch_attention="shared"` and `fusion="own"`, the two branches are then identical and
+        the model computes exactly the CAT-Seg model's logits, until training moves the branches apart."""
         if args:
             _warn_if_pickle_checkpoint(args[0], kwargs)
         # transformers' own refusal only points at a logged table; load permissively, then refuse with the keys.
@@ -315,6 +407,11 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 f"{len(mismatched)} checkpoint tensors do not match the model's shapes ({details}). Check that the "
                 "config matches the checkpoint, or pass ignore_mismatched_sizes=True to re-initialise them."
             )
+        if model.sdm is not None and model.config.sdm_background_init == "copy":
+            # `__init__` cannot copy here (it runs on the meta device, before loading), so the tensors that did not
+            # come from the checkpoint are copied now; loaded ones (a trained DiSa checkpoint) stay as they are.
+            not_loaded = set(info.get("missing_keys") or ()) | {key for key, *_ in mismatched}
+            model._copy_foreground_to_background(not_loaded)
         # Loading replaces the parameter tensors (all `requires_grad=True`), so re-apply the fine-tuning rule.
         model.configure_clip_finetuning(model.config.clip_finetune)
         return (model, info) if output_loading_info else model
