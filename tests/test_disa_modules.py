@@ -360,7 +360,7 @@ def test_every_new_parameter_gets_a_gradient(tiny_processor, overrides):
     new = [
         n
         for n, p in model.named_parameters()
-        if n.startswith("sdm.") or ".refinement." in n or re.search(BACKGROUND, n)
+        if (n.startswith("sdm.") or ".refinement." in n or re.search(BACKGROUND, n)) and p.requires_grad
     ]
     missing = [n for n in new if model.get_parameter(n).grad is None or model.get_parameter(n).grad.abs().sum() == 0]
     assert new and not missing, missing
@@ -611,3 +611,19 @@ def test_refinement_level_in_place_inference_equals_the_formula():
     assert torch.equal(in_place, trained.detach())
     torch.testing.assert_close(in_place, y.detach())
     trained.sum().backward()  # out of place with autograd: the backward pass works
+
+
+def test_frozen_cost_saliency_key_bias_cannot_change_any_output(tiny_processor):
+    """The one SDM parameter kept frozen (`unused_parameter_names`): a shift of the key bias moves every token's
+    attention logit of a class equally, which the softmax cancels, so no output moves and no gradient can exist."""
+    model = build(use_sdm=True, saliency_source="cost").eval()
+    assert "sdm.cost_saliency.key.bias" in model.unused_parameter_names()
+    assert not model.sdm.cost_saliency.key.bias.requires_grad
+    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128)], text=NAMES))
+    with torch.no_grad():
+        before = model(**inputs, output_saliency=True)
+        model.sdm.cost_saliency.key.bias += 3.0
+        after = model(**inputs, output_saliency=True)
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after.itm_logits, before.itm_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after.foreground_mask, before.foreground_mask)

@@ -294,8 +294,10 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.config.clip_finetune = mode
 
     def unused_parameter_names(self) -> list[str]:
-        """Parameters that no forward pass of this configuration reads (kept so that CLIP and CAT-Seg checkpoints
-        load unchanged); `configure_clip_finetuning` keeps them frozen."""
+        """Parameters that no forward pass of this configuration reads, or whose value cannot change any output
+        (kept so that CLIP, CAT-Seg and earlier DiSa checkpoints load unchanged); `configure_clip_finetuning` keeps
+        them frozen. The cost-saliency key's bias adds one constant to every token's attention logit of a class,
+        which the softmax over tokens cancels: its gradient is zero by construction."""
         last = self.config.vision_config.num_hidden_layers - 1
         names = ["clip.logit_scale"] + [
             f"clip.vision_model.encoder.layers.{last}.self_attn.{proj}_proj.{kind}"
@@ -308,6 +310,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 for name, _ in self.aggregator.named_parameters(prefix="aggregator")
                 if name.endswith(("class_aggregation.padding_tokens", "class_aggregation.padding_guidance"))
             ]
+        if self.sdm is not None and self.config.saliency_source == "cost":
+            names.append("sdm.cost_saliency.key.bias")
         return names
 
     @classmethod
