@@ -95,3 +95,98 @@ def test_packaged_tiny_preset_is_the_configuration_preset():
     assert sorted(p.name for p in packaged.iterdir()) == names and "config.json" in names
     for name in names:
         assert packaged.joinpath(name).read_bytes() == (source / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------- every way of making a config validates
+def _tiny_values():
+    values = DiSaConfig.from_pretrained(PRESETS / "disa-tiny").to_dict()
+    for key in ("model_type", "transformers_version"):
+        values.pop(key)
+    return values
+
+
+INVALID_KEYWORDS = [
+    ({"use_sdm": True, "fusion": "nonsense"}, "fusion"),
+    ({"branch_mode": "dual"}, "branch_mode"),
+    ({"window_size": 5}, "window_size"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", INVALID_KEYWORDS)
+def test_from_pretrained_keywords_are_validated(overrides, field):
+    with pytest.raises(StrictDataclassError, match=field):
+        DiSaConfig.from_pretrained(PRESETS / "disa-tiny", **overrides)
+    # as `PreTrainedModel.from_pretrained` calls it
+    with pytest.raises(StrictDataclassError, match=field):
+        DiSaConfig.from_pretrained(PRESETS / "disa-tiny", return_unused_kwargs=True, **overrides)
+
+
+@pytest.mark.parametrize("overrides, field", INVALID_KEYWORDS)
+def test_from_dict_keywords_are_validated(overrides, field):
+    with pytest.raises(StrictDataclassError, match=field):
+        DiSaConfig.from_dict(_tiny_values(), **overrides)
+
+
+@pytest.mark.parametrize("overrides, field", INVALID_KEYWORDS)
+def test_auto_config_keywords_are_validated(overrides, field):
+    from transformers import AutoConfig
+
+    with pytest.raises(StrictDataclassError, match=field):
+        AutoConfig.from_pretrained(PRESETS / "disa-tiny", **overrides)
+
+
+def test_keywords_are_applied_together_with_the_stored_values(tmp_path):
+    """A keyword is checked with the other keywords, not against the stored value it replaces: switching a stored
+    cost-head config to the CLIP-width head with its own head count is one valid change."""
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-tiny", saliency_source="gradcam", sdm_num_heads=4)
+    assert (config.saliency_source, config.sdm_num_heads) == ("gradcam", 4)
+    config.save_pretrained(tmp_path)
+    back = DiSaConfig.from_pretrained(tmp_path, saliency_source="cost", sdm_num_heads=8)
+    assert (back.saliency_source, back.sdm_num_heads) == ("cost", 8)
+
+
+@pytest.mark.parametrize("attribute, value", [("fusion", "nonsense"), ("branch_mode", "dual"), ("fuson", "sum")])
+def test_attribute_assignment_is_validated_before_a_model_is_built(attribute, value):
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-tiny", use_sdm=True)
+    setattr(config, attribute, value)
+    with pytest.raises(StrictDataclassError, match=attribute):
+        DiSaForOpenVocabSegmentation(config)
+
+
+def test_misspelled_settings_are_refused_on_every_path():
+    from transformers import AutoConfig
+
+    with pytest.raises(StrictDataclassError, match="did you mean `fusion`"):
+        DiSaConfig(fuson="sum")
+    with pytest.raises(StrictDataclassError, match="did you mean `fusion`"):
+        DiSaConfig.from_pretrained(PRESETS / "disa-tiny", fuson="sum")
+    with pytest.raises(StrictDataclassError, match="did you mean `use_sdm`"):
+        DiSaConfig.from_pretrained(PRESETS / "disa-tiny", use_sdn=True, return_unused_kwargs=True)
+    with pytest.raises(StrictDataclassError, match="did you mean `sdm_num_heads`"):
+        DiSaConfig.from_dict(_tiny_values(), sdm_heads=4)
+    with pytest.raises(StrictDataclassError, match="did you mean `branch_mode`"):
+        AutoConfig.from_pretrained(PRESETS / "disa-tiny", branchmode="masked")
+    with pytest.raises(StrictDataclassError, match="sdm_temperature"):
+        DiSaConfig(sdm_temperature=2.0)  # in DiSa's `sdm_` namespace without being a setting
+
+
+def test_keywords_of_other_loaders_are_left_to_them():
+    """`AutoTokenizer`, `AutoImageProcessor` and `PreTrainedModel.from_pretrained` pass their own keywords through
+    the config's `from_pretrained`: those are returned unused (or dropped), as transformers does, not refused."""
+    others = {
+        "use_fast": True,
+        "model_max_length": 77,
+        "size": {"height": 128, "width": 128},
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "key_mapping": None,
+        "something_else": 1,
+    }
+    config, unused = DiSaConfig.from_pretrained(PRESETS / "disa-tiny", return_unused_kwargs=True, **others)
+    assert unused == others
+    assert DiSaConfig.from_pretrained(PRESETS / "disa-tiny", **others).to_dict() == config.to_dict()
+    # transformers' own config keywords are applied
+    config = DiSaConfig.from_pretrained(PRESETS / "disa-tiny", attn_implementation="eager", output_hidden_states=True)
+    assert config._attn_implementation == "eager" and config.output_hidden_states is True

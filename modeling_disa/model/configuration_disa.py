@@ -5,8 +5,14 @@ reproduce the official CAT-Seg (CVPR'24) configs `vitb_384.yaml` / `vitl_336.yam
 are the project's choices where the DiSa paper is not available (see `model_card.md`).
 """
 
+import difflib
+from dataclasses import fields
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPT_TEMPLATE = "A photo of a {} in the scene"
 
@@ -22,6 +28,9 @@ LOSS_IGNORE_MODES = ("catseg", "mask")
 DENSE_RESIDUAL_MODES = ("cls", "token")
 CLASS_RESIDUAL_MODES = ("catseg", "standard")
 CLIP_FINETUNE_MODES = ("qv", "none", "full")
+
+# Keys transformers and the Hub keep on a config that are not model settings.
+HUB_METADATA_KEYS = ("model_type", "auto_map", "custom_pipelines")
 
 
 @strict
@@ -172,6 +181,49 @@ class DiSaConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # transformers keeps unknown keys as attributes (for old config files); a key that looks like a DiSa setting
+        # is refused by `validate_setting_names`, any other one is at least reported.
+        ignored = [
+            key
+            for key in kwargs
+            if key in self.__dict__
+            and not key.startswith("_")
+            and key not in HUB_METADATA_KEYS
+            and _looks_like_disa_setting(key) is None
+        ]
+        if ignored:
+            logger.warning(
+                f"DiSaConfig got {ignored}, which are not DiSa settings: they are kept as attributes (as transformers "
+                "keeps unknown keys) but nothing reads them."
+            )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "DiSaConfig":
+        """`PreTrainedConfig.from_dict` (which `from_pretrained` and `AutoConfig.from_pretrained` use), with the
+        keyword arguments checked as the constructor checks its own (transformers sets them as attributes after
+        construction, which only type-checks them): DiSa's settings are passed to the constructor together with the
+        stored ones, the whole config is validated again once the rest are applied, and a keyword that looks like
+        a DiSa setting but is none (a typo such as `fuson="sum"`) is refused instead of being dropped. Other unknown
+        keywords are left to transformers (returned with `return_unused_kwargs=True`, ignored otherwise), as
+        `AutoTokenizer` / `AutoProcessor` pass their own keywords through here.
+        """
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config_dict = dict(config_dict)
+        # DiSa's own settings go in with the stored ones, so the constructor checks the combination the caller asked
+        # for (a stored value that only the keyword makes valid, or the reverse); the CLIP sub-configs keep
+        # transformers' rule (a dict keyword updates the stored sub-config).
+        for key in [key for key in kwargs if key in _DISA_SETTINGS and key not in cls.sub_configs_defaults]:
+            config_dict[key] = kwargs.pop(key)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        for key in [key for key in unused if _looks_like_disa_setting(key) is not None]:
+            # refused just below by `validate_setting_names`, with the setting it resembles
+            setattr(config, key, unused.pop(key))
+        config.validate()
+        return (config, unused) if return_unused_kwargs else config
+
     # ------------------------------------------------------------------ derived values
     @property
     def grid_size(self) -> int:
@@ -188,7 +240,21 @@ class DiSaConfig(PreTrainedConfig):
             return self.foreground_topk
         return max(1, round(self.foreground_ratio * num_tokens))
 
-    # ------------------------------------------------------------------ validators (run at construction and save)
+    # ------------------------------------------------------------------ validators (run at construction and save,
+    # after `from_dict` applied its keyword arguments, and when a model is built)
+    def validate_setting_names(self):
+        for key in self.__dict__:
+            if key.startswith("_") or key in _DISA_SETTINGS:
+                continue
+            match = _looks_like_disa_setting(key)
+            if match is not None:
+                hint = (
+                    f"did you mean `{match}`?" if match else "the SDM / HRM settings are listed in DiSaConfig's docs"
+                )
+                raise ValueError(
+                    f"`{key}` is not a DiSaConfig setting ({hint}); it would be ignored, so it is refused."
+                )
+
     def validate_geometry(self):
         patch = self.vision_config.patch_size
         if self.clip_resolution % patch != 0:
@@ -390,6 +456,22 @@ def format_prompts(class_names, templates, allow_shared_prompts: bool = False) -
     holding synonyms (`"building, edifice"`) use the first synonym, as CAT-Seg does."""
     names = validate_class_names(class_names, allow_shared_prompts=allow_shared_prompts)
     return [template.format(prompt_name(name)) for name in names for template in templates]
+
+
+_BASE_FIELDS = {f.name for f in fields(PreTrainedConfig)}
+_DISA_SETTINGS = frozenset(f.name for f in fields(DiSaConfig)) - _BASE_FIELDS
+
+
+def _looks_like_disa_setting(key: str) -> str | None:
+    """For a key that is not a DiSa setting: the setting it looks like a misspelling of (`"fuson"` -> `"fusion"`),
+    `""` for one in DiSa's `sdm_` / `hrm_` namespaces, None for anything else (transformers'
+    and the Hub's own keys, which are far from every DiSa name)."""
+    if key.startswith("_") or key in _DISA_SETTINGS or key in _BASE_FIELDS:
+        return None
+    match = difflib.get_close_matches(key, sorted(_DISA_SETTINGS), n=1, cutoff=0.8)
+    if match:
+        return match[0]
+    return "" if key.startswith(("sdm_", "hrm_")) else None
 
 
 DiSaConfig.register_for_auto_class()

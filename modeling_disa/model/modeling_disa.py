@@ -172,6 +172,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     """
 
     def __init__(self, config: DiSaConfig):
+        # The constructor and `from_dict` validate, but attributes set afterwards (`config.fusion = ...`) are only
+        # type-checked: check the whole config before building modules from it.
+        config.validate()
         super().__init__(config)
         clip_config = CLIPConfig(
             text_config=config.text_config,
