@@ -190,3 +190,86 @@ def test_keywords_of_other_loaders_are_left_to_them():
     # transformers' own config keywords are applied
     config = DiSaConfig.from_pretrained(PRESETS / "disa-tiny", attn_implementation="eager", output_hidden_states=True)
     assert config._attn_implementation == "eager" and config.output_hidden_states is True
+
+
+# ---------------------------------------------------------------------- settings that never acted
+def _old_config_file(folder, **extra):
+    """The tiny preset's config.json as an older version saved it, with `extra` keys."""
+    data = json.loads((PRESETS / "disa-tiny" / "config.json").read_text())
+    data.update(extra)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("key, value", [("initializer_range", 0.02), ("initializer_factor", 1.0)])
+def test_removed_initializer_settings_are_refused_when_given(key, value):
+    assert key not in DiSaConfig().to_dict()
+    with pytest.raises(StrictDataclassError, match=key):
+        DiSaConfig(**{key: value})
+    with pytest.raises(StrictDataclassError, match=key):
+        DiSaConfig.from_pretrained(PRESETS / "disa-tiny", **{key: value})
+
+
+def test_old_config_with_removed_settings_loads_with_a_warning(tmp_path, caplog):
+    from transformers import AutoConfig
+
+    old = _old_config_file(tmp_path / "old", initializer_range=0.02, initializer_factor=1.0)
+    current = DiSaConfig.from_pretrained(PRESETS / "disa-tiny").to_diff_dict()
+    loaders = {
+        "from_pretrained": lambda: DiSaConfig.from_pretrained(old),
+        "auto": lambda: AutoConfig.from_pretrained(old),
+        "from_json_file": lambda: DiSaConfig.from_json_file(old / "config.json"),
+    }
+    for name, load in loaders.items():
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            config = load()
+        assert "initializer_range" in caplog.text and "initializer_factor" in caplog.text, name
+        assert not hasattr(config, "initializer_range") and not hasattr(config, "initializer_factor"), name
+        assert config.to_diff_dict() == current, name
+    config.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "initializer_range" not in saved and "initializer_factor" not in saved
+    # the CLIP towers' own initialisation settings are theirs and stay
+    assert saved["vision_config"]["initializer_range"] == 0.02
+
+
+@pytest.mark.parametrize("key, value", [("sdm_num_heads", 4), ("sdm_mlp_ratio", 2)])
+def test_clip_width_sdm_settings_are_refused_with_the_cost_head(key, value):
+    with pytest.raises(StrictDataclassError, match=rf"{key}={value}.*saliency_source"):
+        DiSaConfig(**{key: value})
+    with pytest.raises(StrictDataclassError, match=key):
+        DiSaConfig.from_pretrained(PRESETS / "disa-tiny", use_sdm=True, **{key: value})
+    for source in ("gradcam", "attention"):
+        assert getattr(DiSaConfig(saliency_source=source, **{key: value}), key) == value
+
+
+@pytest.mark.parametrize("heads, ratio", [(2, 1), (8, 3)])
+def test_clip_width_sdm_settings_act_with_the_clip_width_head(heads, ratio):
+    """sdm_num_heads splits the CLIP-width cross-attention into that many attention maps; sdm_mlp_ratio sets the
+    width of its MLP."""
+    import torch
+
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    config = DiSaConfig.from_pretrained(
+        PRESETS / "disa-tiny", use_sdm=True, saliency_source="gradcam", sdm_num_heads=heads, sdm_mlp_ratio=ratio
+    )
+    model = DiSaForOpenVocabSegmentation(config).eval()
+    width = config.vision_config.hidden_size
+    assert model.sdm.itm.fc1.weight.shape == (width * ratio, width)
+    queries, tokens = torch.randn(2, 3, config.projection_dim), torch.randn(2, 64, width)
+    _, attention, values = model.sdm.itm.attention(queries, tokens)
+    assert attention.shape == (2, heads, 3, 64) and values.shape == (2, heads, 64, width // heads)
+
+
+def test_old_cost_head_config_with_clip_width_settings_loads(tmp_path, caplog):
+    """Older presets stored sdm_num_heads=4 with the cost head, where it never acted: such a file loads with a
+    warning and the default; it keeps its value when the keywords switch to the head that reads it."""
+    old = _old_config_file(tmp_path / "old", saliency_source="cost", sdm_num_heads=4)
+    with caplog.at_level("WARNING"):
+        config = DiSaConfig.from_pretrained(old)
+    assert "sdm_num_heads=4" in caplog.text
+    assert config.sdm_num_heads == 8
+    assert DiSaConfig.from_pretrained(old, saliency_source="gradcam").sdm_num_heads == 4
