@@ -273,3 +273,18 @@ def test_old_cost_head_config_with_clip_width_settings_loads(tmp_path, caplog):
     assert "sdm_num_heads=4" in caplog.text
     assert config.sdm_num_heads == 8
     assert DiSaConfig.from_pretrained(old, saliency_source="gradcam").sdm_num_heads == 4
+
+
+def test_clip_finetuning_mode_is_checked_where_it_is_applied():
+    """`configure_clip_finetuning` is the second door for `clip_finetune`: an unknown mode must not run as "qv"."""
+    import torch
+
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    with torch.device("meta"):
+        model = DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained(PRESETS / "disa-tiny"))
+    with pytest.raises(ValueError, match="clip_finetune.*'qk'"):
+        model.configure_clip_finetuning("qk")
+    assert model.config.clip_finetune == "qv"
+    model.configure_clip_finetuning("none")
+    assert model.config.clip_finetune == "none" and not any(p.requires_grad for p in model.clip.parameters())
