@@ -1,8 +1,16 @@
 """Pinned outputs of `disa-tiny` (seed-fixed weights and inputs) in CAT-Seg mode and in DiSa modes, as transformers'
 integration tests pin an `expected_slice`: a refactor that changes what the model computes fails here.
 
-The values were produced by the code before the package was restructured; the tolerance only absorbs float
-differences between CPUs (summation order of vectorised kernels), far below what any real change moves.
+This is a change detector only: the numbers are what the code computed when they were pinned, not values known to
+be right, so a failure says that the computation moved, not which side is wrong, and no behaviour is checked only
+here (the modules are checked against direct computations in test_disa_modules.py / test_modeling_core.py).
+Every pinned mode is a valid configuration (`test_pinned_modes_are_valid_configurations`).
+
+The values were produced by the code before the package was restructured. `disa-masked-concat` replaced a mode
+that named the invalid `branch_mode="dual"`, which that code ran as `"masked"` (the value was only refused at
+save time then); the current code with `"masked"` reproduces those numbers, so they were kept. The tolerance only
+absorbs float differences between CPUs (summation order of vectorised kernels), far below what any real change
+moves.
 """
 
 from pathlib import Path
@@ -15,11 +23,13 @@ from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcesso
 TINY = Path(__file__).resolve().parents[1] / "configuration" / "models" / "disa-tiny"
 CLASS_NAMES = [f"class {i}" for i in range(20)]  # more than the tiny preset's class cap (16): the cap is exercised
 
-# the first SDM design (CLIP-width ITM block, fixed k, restricted attention, independent background branch)
+# the first SDM design (CLIP-width ITM block with 4 heads, fixed k, restricted attention, independent background
+# branch)
 FIRST_DESIGN = {
     "use_sdm": True,
     "use_hrm": True,
     "saliency_source": "gradcam",
+    "sdm_num_heads": 4,
     "sdm_input_gradient_scale": 1.0,
     "foreground_topk_mode": "fixed",
     "presence_threshold": None,
@@ -31,7 +41,8 @@ MODES = {
     "catseg": {},
     "disa": {"use_sdm": True, "use_hrm": True},
     "disa-first": FIRST_DESIGN,
-    "disa-dual": {**FIRST_DESIGN, "branch_mode": "dual", "fusion": "concat"},
+    # the two branches on their masked cost volumes, merged by concatenation + projection
+    "disa-masked-concat": {**FIRST_DESIGN, "branch_mode": "masked", "fusion": "concat"},
     "disa-restricted-copy": {
         "use_sdm": True,
         "use_hrm": True,
@@ -68,7 +79,7 @@ EXPECTED = {
         ],
         "train_logits": [[0.6652828, 0.6930259, 0.2802178], [0.662273, 0.6808072, 0.2880669]],
     },
-    "disa-dual": {
+    "disa-masked-concat": {
         "loss": 2.1636054515838623,
         "eval_logits": [
             [-0.0623974, -0.0996947, 0.5352862, -0.4863277],
@@ -105,6 +116,17 @@ def pinned_outputs(mode: str):
     with torch.no_grad():
         evaluation = model(**inputs)
     return train, evaluation
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_pinned_modes_are_valid_configurations(mode):
+    """A pinned mode must be a configuration the constructor accepts, with every override in effect."""
+    values = DiSaConfig.from_pretrained(TINY).to_dict()
+    for key in ("model_type", "transformers_version"):
+        values.pop(key)
+    config = DiSaConfig(**{**values, **MODES[mode]})
+    config.validate()
+    assert {key: getattr(config, key) for key in MODES[mode]} == MODES[mode]
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

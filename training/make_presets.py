@@ -105,7 +105,6 @@ SMALL_HEAD = dict(
     decoder_guidance_dims=[32, 16],
     decoder_guidance_proj_dims=[8, 4],
     decoder_group_norm_channels=8,
-    sdm_num_heads=4,
 )
 
 

@@ -46,12 +46,13 @@ SCORE_KEYS = {
     "unseen_stuff": "unseen_stuff",
 }
 
-# The first-wave reconstruction of SDM (kept for the ablation): ITM cross-attention over CLIP tokens with its loss
-# reaching CLIP, fixed k for every class, the learned averaging gate.
+# The first-wave reconstruction of SDM (kept for the ablation): ITM cross-attention over CLIP tokens (4 heads at the
+# toy CLIP's width 64) with its loss reaching CLIP, fixed k for every class, the learned averaging gate.
 FIRST_WAVE = {
     "use_sdm": True,
     "use_hrm": True,
     "saliency_source": "gradcam",
+    "sdm_num_heads": 4,
     "sdm_input_gradient_scale": 1.0,
     "foreground_topk_mode": "fixed",
     "presence_threshold": None,
@@ -67,7 +68,8 @@ DISA_PRESET = "configuration/models/disa-toy"
 DETACHED = {**FIRST_WAVE, "sdm_input_gradient_scale": 0.0}
 OWN = {**DETACHED, "fusion": "own"}
 PRESENCE = {**OWN, "presence_threshold": 0.5, "foreground_topk_mode": "adaptive"}
-COST = {**PRESENCE, "saliency_source": "cost"}
+# the cost head has no CLIP-width cross-attention, so the head count of the block it replaces does not apply
+COST = {**{k: v for k, v in PRESENCE.items() if k != "sdm_num_heads"}, "saliency_source": "cost"}
 SHARED = {**COST, "branch_attention": "shared"}
 MODELS = {
     "catseg": (CATSEG_PRESET, {}),

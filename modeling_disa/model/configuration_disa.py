@@ -5,8 +5,14 @@ reproduce the official CAT-Seg (CVPR'24) configs `vitb_384.yaml` / `vitl_336.yam
 are the project's choices where the DiSa paper is not available (see `model_card.md`).
 """
 
+import difflib
+from dataclasses import fields
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPT_TEMPLATE = "A photo of a {} in the scene"
 
@@ -22,6 +28,19 @@ LOSS_IGNORE_MODES = ("catseg", "mask")
 DENSE_RESIDUAL_MODES = ("cls", "token")
 CLASS_RESIDUAL_MODES = ("catseg", "standard")
 CLIP_FINETUNE_MODES = ("qv", "none", "full")
+
+# Settings that older versions had and that never acted: saved configs that carry them still load (the keys are
+# dropped with a warning); passing them anew is an error.
+REMOVED_SETTINGS = {
+    "initializer_range": "the head keeps PyTorch's default initialisation (as CAT-Seg's code), and CLIP's towers use "
+    "`text_config.initializer_range` / `vision_config.initializer_range`",
+    "initializer_factor": "the head keeps PyTorch's default initialisation (as CAT-Seg's code), and CLIP's towers use "
+    "`text_config.initializer_factor` / `vision_config.initializer_factor`",
+}
+# Settings that only configure the CLIP-width cross-attention of `saliency_source` "gradcam" / "attention".
+CLIP_WIDTH_SDM_SETTINGS = ("sdm_num_heads", "sdm_mlp_ratio")
+# Keys transformers and the Hub keep on a config that are not model settings.
+HUB_METADATA_KEYS = ("model_type", "auto_map", "custom_pipelines")
 
 
 @strict
@@ -70,9 +89,11 @@ class DiSaConfig(PreTrainedConfig):
     DiSa (all off = exactly the CAT-Seg core):
         use_sdm (`bool`): saliency-aware disentanglement (class-presence head with cross-attention, Grad-CAM
             saliency, foreground/background split, dual-branch aggregation, fusion).
-        sdm_num_heads (`int`): heads of the CLIP-width SDM cross-attention (`saliency_source` "gradcam" or
-            "attention"; *reconstruction*).
-        sdm_mlp_ratio (`int`): MLP ratio of that block (*reconstruction*).
+        sdm_num_heads (`int`, 8): heads of the CLIP-width SDM cross-attention, the presence head of `saliency_source`
+            "gradcam" or "attention" (*reconstruction*). The default `"cost"` head does not have that block (its
+            cross-attention has one class-agnostic attention map per class), so with `"cost"` this must keep its
+            default: another value is refused instead of being ignored.
+        sdm_mlp_ratio (`int`, 4): MLP ratio of that block; same rule with `"cost"`.
         itm_loss_weight (`float`): weight of the auxiliary image-text-matching (class-presence) BCE added to `loss`.
         sdm_input_gradient_scale (`float` in [0, 1]): how much of the presence loss's gradient reaches the
             features SDM reads (CLIP tokens and class embeddings, or the embedded cost volume). 0 detaches them:
@@ -169,8 +190,57 @@ class DiSaConfig(PreTrainedConfig):
     hrm_at_decoder: bool = True
     hrm_reduction: int = 4
 
-    initializer_range: float = 0.02
-    initializer_factor: float = 1.0
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # transformers keeps unknown keys as attributes (for old config files); a key that looks like a DiSa setting
+        # is refused by `validate_setting_names`, any other one is at least reported.
+        ignored = [
+            key
+            for key in kwargs
+            if key in self.__dict__
+            and not key.startswith("_")
+            and key not in HUB_METADATA_KEYS
+            and _looks_like_disa_setting(key) is None
+        ]
+        if ignored:
+            logger.warning(
+                f"DiSaConfig got {ignored}, which are not DiSa settings: they are kept as attributes (as transformers "
+                "keeps unknown keys) but nothing reads them."
+            )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "DiSaConfig":
+        """`PreTrainedConfig.from_dict` (which `from_pretrained` and `AutoConfig.from_pretrained` use), with the
+        keyword arguments checked as the constructor checks its own (transformers sets them as attributes after
+        construction, which only type-checks them): DiSa's settings are passed to the constructor together with the
+        stored ones, the whole config is validated again once the rest are applied, and a keyword that looks like
+        a DiSa setting but is none (a typo such as `fuson="sum"`) is refused instead of being dropped. Other unknown
+        keywords are left to transformers (returned with `return_unused_kwargs=True`, ignored otherwise), as
+        `AutoTokenizer` / `AutoProcessor` pass their own keywords through here.
+
+        Saved configs from older versions still load: settings that no longer exist (`REMOVED_SETTINGS`) and
+        CLIP-width SDM settings stored with `saliency_source="cost"`, where they never acted, are dropped with a
+        warning.
+        """
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config_dict = _drop_legacy_settings(dict(config_dict), kwargs)
+        # DiSa's own settings go in with the stored ones, so the constructor checks the combination the caller asked
+        # for (a stored value that only the keyword makes valid, or the reverse); the CLIP sub-configs keep
+        # transformers' rule (a dict keyword updates the stored sub-config).
+        for key in [key for key in kwargs if key in _DISA_SETTINGS and key not in cls.sub_configs_defaults]:
+            config_dict[key] = kwargs.pop(key)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        for key in [key for key in unused if _looks_like_disa_setting(key) is not None]:
+            # refused just below by `validate_setting_names`, with the setting it resembles
+            setattr(config, key, unused.pop(key))
+        config.validate()
+        return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def from_json_file(cls, json_file) -> "DiSaConfig":
+        """Read through `from_dict`, so that a file from an older version loads there too."""
+        return cls.from_dict(cls._dict_from_json_file(json_file))
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -188,7 +258,25 @@ class DiSaConfig(PreTrainedConfig):
             return self.foreground_topk
         return max(1, round(self.foreground_ratio * num_tokens))
 
-    # ------------------------------------------------------------------ validators (run at construction and save)
+    # ------------------------------------------------------------------ validators (run at construction and save,
+    # after `from_dict` applied its keyword arguments, and when a model is built)
+    def validate_setting_names(self):
+        for key in self.__dict__:
+            if key.startswith("_") or key in _DISA_SETTINGS:
+                continue
+            if key in REMOVED_SETTINGS:
+                raise ValueError(
+                    f"`{key}` is no longer a DiSa setting and never acted ({REMOVED_SETTINGS[key]}): remove it."
+                )
+            match = _looks_like_disa_setting(key)
+            if match is not None:
+                hint = (
+                    f"did you mean `{match}`?" if match else "the SDM / HRM settings are listed in DiSaConfig's docs"
+                )
+                raise ValueError(
+                    f"`{key}` is not a DiSaConfig setting ({hint}); it would be ignored, so it is refused."
+                )
+
     def validate_geometry(self):
         patch = self.vision_config.patch_size
         if self.clip_resolution % patch != 0:
@@ -328,6 +416,24 @@ class DiSaConfig(PreTrainedConfig):
             raise ValueError(f"`hrm_stages` entries must be in {HRM_STAGES}, got unknown {unknown}.")
         if self.hrm_reduction < 1:
             raise ValueError(f"`hrm_reduction` must be >= 1, got {self.hrm_reduction}.")
+        if self.sdm_num_heads < 1 or self.sdm_mlp_ratio < 1:
+            raise ValueError(
+                f"`sdm_num_heads` and `sdm_mlp_ratio` must be >= 1, got {self.sdm_num_heads} and {self.sdm_mlp_ratio}."
+            )
+        if self.saliency_source == "cost":
+            changed = {
+                key: getattr(self, key)
+                for key in CLIP_WIDTH_SDM_SETTINGS
+                if getattr(self, key) != _FIELD_DEFAULTS[key]
+            }
+            if changed:
+                settings = ", ".join(f"`{key}={value}`" for key, value in changed.items())
+                defaults = ", ".join(f"{key}={_FIELD_DEFAULTS[key]}" for key in changed)
+                raise ValueError(
+                    f"{settings} cannot apply with `saliency_source='cost'`: they configure the CLIP-width "
+                    "cross-attention of saliency_source 'gradcam' / 'attention', which the cost head does not have. "
+                    f"Leave them at their defaults ({defaults}) or choose saliency_source 'gradcam' or 'attention'."
+                )
         if self.use_sdm and self.vision_config.hidden_size % self.sdm_num_heads != 0:
             raise ValueError(
                 f"`sdm_num_heads` ({self.sdm_num_heads}) must divide the CLIP vision width "
@@ -401,6 +507,47 @@ def format_prompts(class_names, templates, allow_shared_prompts: bool = False) -
     holding synonyms (`"building, edifice"`) use the first synonym, by CAT-Seg's rule (`prompt_name`)."""
     names = validate_class_names(class_names, allow_shared_prompts=allow_shared_prompts)
     return [template.format(prompt_name(name)) for name in names for template in templates]
+
+
+_BASE_FIELDS = {f.name for f in fields(PreTrainedConfig)}
+_DISA_SETTINGS = frozenset(f.name for f in fields(DiSaConfig)) - _BASE_FIELDS
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(DiSaConfig)}
+
+
+def _looks_like_disa_setting(key: str) -> str | None:
+    """For a key that is not a DiSa setting: the setting it looks like a misspelling of (`"fuson"` -> `"fusion"`),
+    `""` for a removed setting or one in DiSa's `sdm_` / `hrm_` namespaces, None for anything else (transformers'
+    and the Hub's own keys, which are far from every DiSa name)."""
+    if key.startswith("_") or key in _DISA_SETTINGS or key in _BASE_FIELDS:
+        return None
+    if key in REMOVED_SETTINGS:
+        return ""
+    match = difflib.get_close_matches(key, sorted(_DISA_SETTINGS), n=1, cutoff=0.8)
+    if match:
+        return match[0]
+    return "" if key.startswith(("sdm_", "hrm_")) else None
+
+
+def _drop_legacy_settings(config_dict: dict, overrides: dict) -> dict:
+    """Remove from a stored config what older versions saved but never read (see `DiSaConfig.from_dict`)."""
+    removed = [key for key in REMOVED_SETTINGS if key in config_dict]
+    for key in removed:
+        config_dict.pop(key)
+    source = overrides.get("saliency_source", config_dict.get("saliency_source", _FIELD_DEFAULTS["saliency_source"]))
+    inert = []
+    if source == "cost":
+        inert = [
+            f"{key}={config_dict.pop(key)}"
+            for key in CLIP_WIDTH_SDM_SETTINGS
+            if key in config_dict and config_dict[key] != _FIELD_DEFAULTS[key]
+        ]
+    if removed or inert:
+        logger.warning(
+            f"This DiSa config was saved by an older version: dropped {removed + inert}, which never acted "
+            "(removed settings, or CLIP-width SDM settings stored with saliency_source='cost'). Save it again to "
+            "remove them from the file."
+        )
+    return config_dict
 
 
 DiSaConfig.register_for_auto_class()

@@ -33,7 +33,7 @@ from transformers.utils import (
 from .aggregation import DiSaCostAggregator
 from .class_aggregation import DiSaClassTokenLayers
 from .clip_dense_features import dense_clip_features
-from .configuration_disa import DiSaConfig, format_prompts
+from .configuration_disa import CLIP_FINETUNE_MODES, DiSaConfig, format_prompts
 from .cost_volume import DiSaCostEmbedding, cap_classes, cosine_cost_volume, scatter_classes
 from .decoder import DiSaDecoder, DiSaGuidanceUpsampler
 from .losses import disa_loss
@@ -199,6 +199,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
     """
 
     def __init__(self, config: DiSaConfig):
+        # The constructor and `from_dict` validate, but attributes set afterwards (`config.fusion = ...`) are only
+        # type-checked: check the whole config before building modules from it.
+        config.validate()
         super().__init__(config)
         clip_config = CLIPConfig(
             text_config=config.text_config,
@@ -277,6 +280,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         receives no gradient there either), CLIP's contrastive `logit_scale`, and with routed SDM the foreground
         branch's class-padding tokens (padding classes are background tokens, so they use the background branch's).
         """
+        if mode not in CLIP_FINETUNE_MODES:
+            # any other value would fall through to the "qv" rule while the config records it
+            raise ValueError(f"`clip_finetune` mode must be one of {CLIP_FINETUNE_MODES}, got {mode!r}.")
         for name, param in self.clip.named_parameters():
             if mode == "full":
                 param.requires_grad_(True)
