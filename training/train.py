@@ -7,7 +7,8 @@
 Every recipe field (see `TrainingRecipe` below, or `--help`) can be set in the yaml given by `--config` and
 overridden on the command line (`--field_name value`; booleans also bare, `--flag`, or `--no_flag` for those on by
 default; mapping fields as a yaml/JSON string); precedence: dataclass default < yaml < command line. A value the
-yaml sets cannot be emptied from the command line (argparse has no null): set it to null in a copy of the yaml.
+yaml sets cannot be emptied from the command line (argparse has no null), except a string, which `''` empties: set
+it to null in a copy of the yaml.
 Without `--config` the recipe is the offline toy world (`configuration/training/toy_world.yaml`).
 
 The script reads top to bottom in the order it runs:
@@ -16,7 +17,11 @@ The script reads top to bottom in the order it runs:
   3. data                         (`build_datasets`, see `training/data.py`)
   4. validation                   (`evaluate`: whole-image, confusion matrix gathered across processes)
   5. `main`: accelerator, optimiser (`training/optimization.py`), schedule, resume, training loop, checkpoints
-     (`training/checkpointing.py`), final `save_pretrained`, push.
+     (`training/checkpointing.py`), final `save_pretrained` (with push_to_hub, a complete Hub repository:
+     `modeling_disa.hub.save_for_hub`), push (the saved folder's top level, uploaded as it is).
+
+A recipe field left unset never replaces a value given elsewhere: `clip_finetune` / `ignore_index` keep the model
+config's, `mixed_precision` the launcher's. A setting that cannot apply is an error.
 """
 
 from __future__ import annotations
@@ -176,8 +181,9 @@ class TrainingRecipe:
     project_name: str = _f("disa", "Tracker project name.")
     push_to_hub: bool = _f(
         False,
-        "Upload the top level of output_dir at the end: the saved model repo (weights, config, processor, code, "
-        "model card), recipe.yaml, all_results.json, log.jsonl; not checkpoints/ or logs/.",
+        "Save output_dir as a complete Hub repository (weights, config with the pipeline, processor, code, model "
+        "card) and upload its top level at the end, as saved (with recipe.yaml, all_results.json, log.jsonl; not "
+        "checkpoints/ or logs/).",
     )
     hub_model_id: str | None = _f(None, "Hub repo id for push_to_hub.")
     hub_token: str | None = _f(None, "Hub token (default: the cached login).")
@@ -899,13 +905,16 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.set_default_vocabulary(class_names, processor.tokenizer)
-    # Gathered on every process (a collective under FSDP, where the unwrapped model only holds shards); the main
-    # process writes the complete Hub repository (weights, config with the pipeline, processor, code, model card).
+    # gathered on every process (a collective under FSDP, where the unwrapped model only holds shards)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        from modeling_disa.hub import save_for_hub
+        if r.push_to_hub:  # the complete Hub repository (config with the pipeline, code, model card), pushed below
+            from modeling_disa.hub import save_for_hub
 
-        save_for_hub(unwrapped, processor, r.output_dir, repo_id=r.hub_model_id, state_dict=state_dict)
+            save_for_hub(unwrapped, processor, r.output_dir, repo_id=r.hub_model_id, state_dict=state_dict)
+        else:
+            unwrapped.save_pretrained(r.output_dir, state_dict=state_dict)
+            processor.save_pretrained(r.output_dir)
     skipped_all = int(accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum"))
     results = {"completed_steps": completed_steps, "skipped_samples": skipped_all, "class_names": class_names}
     if metrics:
