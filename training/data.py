@@ -310,7 +310,7 @@ def decode_image(value, index) -> np.ndarray:
     except BadSampleError:
         raise
     except Exception as exc:  # PIL.UnidentifiedImageError, OSError (truncated), ...
-        raise BadSampleError(index, f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise BadSampleError(index, f"image cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
 def decode_label(value, index) -> np.ndarray:
@@ -338,7 +338,7 @@ def decode_label(value, index) -> np.ndarray:
     except BadSampleError:
         raise
     except Exception as exc:
-        raise BadSampleError(index, f"label cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise BadSampleError(index, f"label cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
 def validate_label(label: np.ndarray, num_classes: int, ignore_index: int, index) -> np.ndarray:
