@@ -209,6 +209,11 @@ def test_processor_for_a_pretrained_clip_follows_the_model_config(clip_with_patc
     assert processor(text=["cat", "dog", "sky"])["input_ids"].shape[0] == 3 * 2
     # an image of 15 px is larger than one /14 patch (the /16 default would refuse it)
     assert processor(images=np.zeros((15, 15, 3), np.uint8))["pixel_values"].shape == (1, 3, 112, 112)
+    # what the config fixes cannot be passed beside it
+    from modeling_disa import DiSaImageProcessor
+
+    with pytest.raises(ValueError, match="come from the model config"):
+        DiSaImageProcessor.from_model_config(config, patch_size=16)
 
 
 MIXED_PRECISION_PROBE = """
