@@ -256,3 +256,50 @@ def test_cli_refuses_a_processor_with_other_prompt_templates(voc_data, tmp_path)
         tmp_path / "model"
     )
     assert 0 <= cli.main(args)["results"]["voc20"]["mIoU"] <= 100
+
+
+FAST = ["--warp_size", "64", "--window_size", "48", "--stride", "16", "--short_side", "0"]
+
+
+def test_broken_distributed_launch_is_an_error_not_a_single_process_run(tiny_model, voc_data, tmp_path):
+    """Rank 1 of a 2-process launch whose rendezvous is missing (no MASTER_ADDR): going on as one process would score
+    every image on every rank and write the outputs; it must stop and say why."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir, _ = tiny_model
+    output = tmp_path / "r.json"
+    env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    script = ROOT / "training" / "run_evaluation.py"
+    args = ["--model", str(model_dir), "--datasets", "voc20", "--data_dir", str(voc_data), "--output", str(output)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, *FAST], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert "could not set up the distributed evaluation" in proc.stderr and "MASTER_ADDR" in proc.stderr
+    assert not output.exists()
+
+
+def test_split_option_is_the_split_scored_and_published(tiny_model, voc_data, tmp_path):
+    """`--split train` scores the train files and says so in the results and the model-index (which named the
+    validation split whatever was scored)."""
+    import shutil
+
+    import yaml
+
+    model_dir, _ = tiny_model
+    data = tmp_path / "data_dir"
+    shutil.copytree(voc_data, data)
+    folder = data / "data" / "voc20"
+    (val,) = folder.glob("validation-*.parquet")
+    shutil.move(val, folder / "train-00000-of-00001.parquet")  # only a train split is left
+    args = ["--model", str(model_dir), "--datasets", "voc20", "--data_dir", str(data), *FAST]
+    with pytest.raises(FileNotFoundError, match="No validation parquet files"):
+        cli.main(args)  # the default split is validation
+    out = cli.main([*args, "--split", "train", "--model_index", str(tmp_path / "mi.yaml")])
+    assert out["protocol"]["split"] == "train" and out["results"]["voc20"]["split"] == "train"
+    index = yaml.safe_load((tmp_path / "mi.yaml").read_text())["model-index"][0]["results"]
+    assert [entry["dataset"]["split"] for entry in index] == ["train"]

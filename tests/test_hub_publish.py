@@ -259,6 +259,19 @@ def test_save_for_hub_and_card_rendering(tiny_model, tiny_processor, tmp_path):
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "image-segmentation"
 
 
+def test_unreadable_dataset_definition_is_an_error_not_a_bare_name(tmp_path, monkeypatch):
+    """A name without a definition is published as given; a definition that exists but cannot be read is an error
+    (it would otherwise publish a known dataset without its display name, config and split)."""
+    from modeling_disa.hub import eval_results_to_model_index
+
+    (tmp_path / "ade150.json").write_text('{"name": "ade150", ')  # truncated
+    monkeypatch.setenv("DISA_DATASET_DEFINITIONS_DIR", str(tmp_path))
+    (entry,) = eval_results_to_model_index({"my-set": {"mIoU": 1.0}})
+    assert entry.dataset_name == "my-set" and entry.dataset_split is None
+    with pytest.raises(json.JSONDecodeError):
+        eval_results_to_model_index({"ade150": {"mIoU": 1.0}})
+
+
 @pytest.mark.parametrize(
     "results, error",
     [({"ade150": {"per_class_iou": {"a": 1.0}}}, ValueError), ([{"mIoU": 3.0}], ValueError), (3.0, TypeError)],

@@ -461,7 +461,15 @@ def test_push_to_hub_uploads_the_complete_repo(hub, tmp_path):  # noqa: F811
         "pipeline_disa.py",
     } <= set(files)
     assert not any(name.startswith(("checkpoints/", "logs/")) for name in files)
-    pushed, local = load_bytes(files["model.safetensors"]), weights(str(tmp_path / "out"))
+    # the push uploads the saved folder as it is (not a second save, which under FSDP would come from one rank's
+    # shards): exactly its top-level files, byte for byte
+    out = tmp_path / "out"
+    saved = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert {"recipe.yaml", "all_results.json", "log.jsonl", "README.md"} <= set(saved)
+    assert files.keys() == saved.keys()
+    assert all(files[name] == saved[name] for name in saved)
+    assert not any(b"stub-token" in content for content in files.values())  # the recipe's hub_token is masked
+    pushed, local = load_bytes(files["model.safetensors"]), weights(str(out))
     assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
     config = json.loads(files["config.json"])
     assert "open-vocabulary-segmentation" in config["custom_pipelines"]

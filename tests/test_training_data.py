@@ -395,8 +395,13 @@ def test_corrupted_image_errors_or_is_counted_when_skipped():
     ds = D.disable_image_decoding(corrupt_ds(), ["image", "annotation"])
     w = D.SegmentationDataset(ds, preparer(), on_bad_sample="error")
     w[1]
-    with pytest.raises(D.BadSampleError, match="index 2: image cannot be decoded"):
+    with pytest.raises(D.BadSampleError, match="index 2: image cannot be decoded") as caught:
         w[2]
+    # the decoder's own exception stays attached (its traceback shows where decoding failed)
+    assert isinstance(caught.value.__cause__, OSError)
+    with pytest.raises(D.BadSampleError, match="label cannot be decoded") as caught:
+        D.decode_label({"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}, 0)
+    assert isinstance(caught.value.__cause__, OSError)
     w = D.SegmentationDataset(ds, preparer(), on_bad_sample="skip")
     item = w[2]
     assert item["num_skipped"] == 1 and torch.equal(item["labels"], w[3]["labels"])

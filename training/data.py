@@ -83,6 +83,11 @@ def load_raw_splits(
 
     wanted = {"train": train_split, "validation": validation_split}
     if _is_save_to_disk_folder(dataset_name):
+        if dataset_config_name:
+            raise DataError(
+                f"{dataset_name!r} is a save_to_disk folder, which has no configs: drop dataset_config_name "
+                f"({dataset_config_name!r}) or point dataset_name at the dataset that has it"
+            )
         loaded = datasets.load_from_disk(dataset_name)
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict({train_split or "train": loaded})
@@ -102,6 +107,12 @@ def load_raw_splits(
         if split is None:
             out[role] = None
         elif split in loaded:
+            if role == "validation" and validation_fraction > 0:
+                raise DataError(
+                    f"validation_fraction ({validation_fraction}) carves a validation split out of train when there "
+                    f"is none, but {dataset_name!r} has the split {split!r}: drop validation_fraction to validate on "
+                    "that split"
+                )
             out[role] = loaded[split]
         elif role == "validation" and validation_fraction > 0 and not streaming and out.get("train") is not None:
             parts = out["train"].train_test_split(test_size=validation_fraction, seed=seed)
@@ -299,7 +310,7 @@ def decode_image(value, index) -> np.ndarray:
     except BadSampleError:
         raise
     except Exception as exc:  # PIL.UnidentifiedImageError, OSError (truncated), ...
-        raise BadSampleError(index, f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise BadSampleError(index, f"image cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
 def decode_label(value, index) -> np.ndarray:
@@ -327,7 +338,7 @@ def decode_label(value, index) -> np.ndarray:
     except BadSampleError:
         raise
     except Exception as exc:
-        raise BadSampleError(index, f"label cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise BadSampleError(index, f"label cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
 def validate_label(label: np.ndarray, num_classes: int, ignore_index: int, index) -> np.ndarray:

@@ -46,11 +46,12 @@ from modeling_disa.evaluation.metrics import (
 )
 from modeling_disa.model.inference import predict_segmentation
 
+DEFAULT_SPLIT = "validation"  # every evaluation dataset is scored on its validation split (COCO-Stuff's val2017)
 
-def load_split(bench, data_dir: Path | None, hub_dataset: str | None, split: str | None):
+
+def load_split(bench, data_dir: Path | None, hub_dataset: str | None, split: str):
     import datasets
 
-    split = split or ("validation" if bench.split != "train+validation" else "validation")
     if data_dir is not None:
         folder = Path(data_dir) / "data" / bench.hub_config
         meta_file = folder / "metadata.json"
@@ -127,7 +128,7 @@ def extra_measures(boundary: BoundaryIoU | None, cm, is_thing, bench, rule: str)
 
 
 def evaluate_dataset(
-    model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None, is_thing=None
+    model, processor, bench, ds, args, device, rank=0, world=1, reduce_fn=None, is_thing=None, split=DEFAULT_SPLIT
 ) -> dict:
     # CAT-Seg's protocol prompts every class by its first synonym (the processor applies
     # CAT-Seg's rule to the official names), even where classes share one (ADE-847 has three "bag" classes): reproduce
@@ -174,6 +175,7 @@ def evaluate_dataset(
     row.update(
         {
             "dataset": bench.name,
+            "split": split,
             "display_name": bench.display_name,
             "short_name": bench.short_name,
             "num_images": n,
@@ -217,12 +219,37 @@ def model_index(model_name: str, rows: list[dict], dataset_repo: str | None) -> 
                     "type": dataset_repo or r["dataset"],
                     "name": r["display_name"],
                     "config": r["dataset"],
-                    "split": "validation",
+                    "split": r["split"],
                 },
                 "metrics": [{"type": "mean_iou", "value": round(r["mIoU"], 2), "name": "mIoU"}],
             }
         )
     return [{"name": model_name, "results": results}]
+
+
+def process_layout(device: str | None) -> tuple[int, int, torch.device]:
+    """-> (rank, number of processes, device). Under `accelerate launch` / `torchrun` each process takes every n-th
+    image. A distributed launch that cannot be set up is an error: going on as one process would make every rank
+    score every image and write the outputs."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit(
+                f"launched as {os.environ['WORLD_SIZE']} processes (WORLD_SIZE), but accelerate, which splits the "
+                "images between them, is not installed: pip install accelerate, or run a single process."
+            ) from None
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        state = PartialState()
+    except Exception as error:
+        launch = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        raise RuntimeError(
+            f"could not set up the distributed evaluation ({type(error).__name__}: {error}); launch environment "
+            f"{launch}. Launch with `accelerate launch` or `torchrun`, or run one process with `python` (no "
+            "WORLD_SIZE / RANK set)."
+        ) from error
+    return state.process_index, state.num_processes, torch.device(device) if device else state.device
 
 
 def main(argv=None) -> dict:
@@ -232,7 +259,7 @@ def main(argv=None) -> dict:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data_dir", type=Path, help="folder written by training/prepare_datasets.py")
     src.add_argument("--hub_dataset", help="Hub dataset repo with one config per evaluation dataset")
-    p.add_argument("--split", default=None)
+    p.add_argument("--split", default=DEFAULT_SPLIT, help="split of every dataset to score")
     p.add_argument("--mode", choices=["sliding", "whole"], default="sliding")
     p.add_argument("--short_side", type=int, default=640, help="0 disables the test-mapper resize")
     p.add_argument("--warp_size", type=int, default=640)
@@ -270,15 +297,7 @@ def main(argv=None) -> dict:
 
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
-    try:
-        from accelerate import PartialState
-
-        state = PartialState()
-        rank, world = state.process_index, state.num_processes
-        device = torch.device(args.device) if args.device else state.device
-    except Exception:  # pragma: no cover
-        rank, world = 0, 1
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = process_layout(args.device)
     reduce_fn = None
     if world > 1:
         from accelerate.utils import reduce as acc_reduce
@@ -291,7 +310,17 @@ def main(argv=None) -> dict:
     for bench in benches:
         ds = load_split(bench, args.data_dir, args.hub_dataset, args.split)
         row = evaluate_dataset(
-            model, processor, bench, ds, args, device, rank, world, reduce_fn, thing_masks.get(bench.name)
+            model,
+            processor,
+            bench,
+            ds,
+            args,
+            device,
+            rank,
+            world,
+            reduce_fn,
+            thing_masks.get(bench.name),
+            split=args.split,
         )
         rows.append(row)
         if rank == 0:
@@ -299,6 +328,7 @@ def main(argv=None) -> dict:
     out = {
         "model": args.model,
         "protocol": {
+            "split": args.split,
             "mode": args.mode,
             "short_side": args.short_side,
             "warp_size": args.warp_size,

@@ -7,7 +7,8 @@
 Every recipe field (see `TrainingRecipe` below, or `--help`) can be set in the yaml given by `--config` and
 overridden on the command line (`--field_name value`; booleans also bare, `--flag`, or `--no_flag` for those on by
 default; mapping fields as a yaml/JSON string); precedence: dataclass default < yaml < command line. A value the
-yaml sets cannot be emptied from the command line (argparse has no null): set it to null in a copy of the yaml.
+yaml sets cannot be emptied from the command line (argparse has no null), except a string, which `''` empties: set
+it to null in a copy of the yaml.
 Without `--config` the recipe is the offline toy world (`configuration/training/toy_world.yaml`).
 
 The script reads top to bottom in the order it runs:
@@ -16,7 +17,11 @@ The script reads top to bottom in the order it runs:
   3. data                         (`build_datasets`, see `training/data.py`)
   4. validation                   (`evaluate`: whole-image, confusion matrix gathered across processes)
   5. `main`: accelerator, optimiser (`training/optimization.py`), schedule, resume, training loop, checkpoints
-     (`training/checkpointing.py`), final `save_pretrained`, push.
+     (`training/checkpointing.py`), final `save_pretrained` (with push_to_hub, a complete Hub repository:
+     `modeling_disa.hub.save_for_hub`), push (the saved folder's top level, uploaded as it is).
+
+A recipe field left unset never replaces a value given elsewhere: `clip_finetune` / `ignore_index` keep the model
+config's, `mixed_precision` the launcher's. A setting that cannot apply is an error.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,6 +48,7 @@ from optimization import optimizer_param_groups
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configuration", "training", "toy_world.yaml")
 MAPPING_FIELDS = ("model_config_overrides", "toy_world")
+HUB_IGNORE_PATTERNS = ["*/*"]  # push_to_hub uploads the top level of output_dir (the saved repo, recipe, results)
 
 # =====================================================================================================================
 # 1. Recipe
@@ -56,23 +63,35 @@ def _f(default, help):
 class TrainingRecipe:
     # ---- model
     model_name_or_path: str | None = _f(
-        None, "A saved DiSa folder (save_pretrained) to start from. Overrides model_preset / clip_model_name_or_path."
+        None,
+        "A saved DiSa model (save_pretrained folder or Hub id) to start from: its config and weights. Excludes "
+        "model_preset and clip_model_name_or_path (set them empty: --model_preset '').",
     )
     model_preset: str | None = _f(
-        "configuration/models/disa-vit-b-16", "DiSaConfig preset folder (relative to the repo root or absolute)."
+        None,
+        "DiSaConfig preset folder (relative to the repo root or absolute) of a new model; exactly one of "
+        "model_preset / model_name_or_path.",
     )
     clip_model_name_or_path: str | None = _f(
-        None, "Pretrained HF CLIP (Hub id or folder) for the preset; empty = random CLIP (tests only)."
+        None,
+        "Pretrained HF CLIP (Hub id or folder) for the preset's towers (their configs come from it); empty = random "
+        "CLIP (tests only). Only with model_preset.",
     )
     processor_name_or_path: str | None = _f(
         None,
-        "Where to load the DiSaProcessor from (default: the model folder, then the preset, then the CLIP tokenizer).",
+        "Where to load the DiSaProcessor from. Default: with clip_model_name_or_path, built from the model config "
+        "(prompt templates, input size, patch size) and the CLIP's tokenizer (and image mean/std, when it has an "
+        "image processor); otherwise the model folder's or the preset's.",
     )
     model_config_overrides: dict | str | None = _f(
-        None, "DiSaConfig values that replace the preset's (yaml mapping; on the command line e.g. '{fusion: own}')."
+        None,
+        "DiSaConfig values that replace the preset's or the saved model's (yaml mapping; on the command line e.g. "
+        "'{fusion: own}'); a name DiSaConfig does not have is an error.",
     )
-    clip_finetune: Literal["qv", "none", "full"] = _f(
-        "qv", "CLIP parameters to train: qv (CAT-Seg: Q/V projection weights), none, full."
+    clip_finetune: Literal["qv", "none", "full"] | None = _f(
+        None,
+        "CLIP parameters to train: qv (CAT-Seg: Q/V projection weights), none, full. Default: the model config's "
+        "clip_finetune.",
     )
     # ---- data
     dataset_name: str | None = _f(None, "Hub dataset id, local parquet/arrow folder, or save_to_disk folder.")
@@ -86,7 +105,11 @@ class TrainingRecipe:
         None, "Class names (list, or one JSON/text file); default: the dataset's ClassLabel feature."
     )
     class_names_feature: str | None = _f(None, "Column whose ClassLabel feature holds the class names.")
-    ignore_index: int = _f(255, "Label value to ignore (255 for 8-bit label maps, 65535 for 16-bit).")
+    ignore_index: int | None = _f(
+        None,
+        "Label value to ignore (255 for 8-bit label maps, 65535 for 16-bit). Default: the model config's "
+        "ignore_index.",
+    )
     reduce_labels: bool = _f(False, "ADE-style labels: 0 -> ignore, k -> k-1.")
     streaming: bool = _f(False, "Stream the data (datasets IterableDataset); needs max_train_steps.")
     shuffle_buffer_size: int = _f(1000, "Shuffle buffer for streaming.")
@@ -122,13 +145,17 @@ class TrainingRecipe:
         "cosine", "transformers.get_scheduler schedule."
     )
     num_warmup_steps: int = _f(0, "Warmup optimiser steps.")
-    max_train_steps: int | None = _f(80000, "Optimiser steps (overrides num_train_epochs).")
-    num_train_epochs: float | None = _f(None, "Epochs, used when max_train_steps is empty.")
+    max_train_steps: int | None = _f(None, "Optimiser steps; exactly one of max_train_steps / num_train_epochs.")
+    num_train_epochs: float | None = _f(None, "Epochs; exactly one of max_train_steps / num_train_epochs.")
     per_device_train_batch_size: int = _f(1, "Batch per process (CAT-Seg: 4 GPUs x 1 = 4).")
     per_device_eval_batch_size: int = _f(4, "Validation batch per process.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step.")
     max_grad_norm: float = _f(0.01, "Full-model L2 gradient clipping (0 = off).")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate autocast.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
+        None,
+        "accelerate autocast. Default: the launcher's (the accelerate config or `accelerate launch "
+        "--mixed_precision`; 'no' without one); a value given here takes precedence, as in accelerate.",
+    )
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on CUDA (CAT-Seg: set_float32_matmul_precision('high')).")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing in CLIP and the aggregator.")
     ddp_find_unused_parameters: bool = _f(
@@ -152,7 +179,12 @@ class TrainingRecipe:
         "auto", "accelerate trackers: auto (tensorboard if installed), none, all, tensorboard, wandb..."
     )
     project_name: str = _f("disa", "Tracker project name.")
-    push_to_hub: bool = _f(False, "Upload output_dir to the Hub at the end.")
+    push_to_hub: bool = _f(
+        False,
+        "Save output_dir as a complete Hub repository (weights, config with the pipeline, processor, code, model "
+        "card) and upload its top level at the end, as saved (with recipe.yaml, all_results.json, log.jsonl; not "
+        "checkpoints/ or logs/).",
+    )
     hub_model_id: str | None = _f(None, "Hub repo id for push_to_hub.")
     hub_token: str | None = _f(None, "Hub token (default: the cached login).")
     # ---- offline toy world (dataset_name: toy-world; see training/toy_world/job.py)
@@ -224,19 +256,70 @@ def parse_args(argv: list[str] | None = None) -> TrainingRecipe:
     return recipe
 
 
+def _choices(annotation) -> tuple | None:
+    """The values of a `Literal[...]` field annotation (also inside `Literal[...] | None`)."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    for member in typing.get_args(annotation):
+        if typing.get_origin(member) is Literal:
+            return typing.get_args(member)
+    return None
+
+
+# DiSaConfig values that `from_clip_pretrained` takes from the CLIP checkpoint (an override of them cannot apply)
+CLIP_CHECKPOINT_CONFIG_KEYS = ("text_config", "vision_config", "projection_dim", "logit_scale_init_value")
+# recipe fields that are also DiSaConfig values (unset: the model's)
+MODEL_CONFIG_FIELDS = ("clip_finetune", "ignore_index")
+
+
 def check_recipe(r: TrainingRecipe) -> None:
     """Checks argparse cannot make: yaml values bypass its `choices`, and some fields depend on each other."""
     problems = []
     for name, f in RECIPE_FIELDS.items():
-        choices = getattr(f.type, "__args__", None) if getattr(f.type, "__origin__", None) is Literal else None
-        if choices and getattr(r, name) not in choices:
-            problems.append(f"{name} must be one of {list(choices)}, got {getattr(r, name)!r}")
+        choices, value = _choices(f.type), getattr(r, name)
+        # (HfArgumentParser resolves the annotations in place and drops the `| None`: a None default marks them)
+        if choices and value not in choices and not (value is None and f.default is None):
+            problems.append(f"{name} must be one of {list(choices)}, got {value!r}")
     if not r.output_dir:
         problems.append("--output_dir is required")
+    if r.model_name_or_path and (r.model_preset or r.clip_model_name_or_path):
+        problems.append(
+            f"model_name_or_path ({r.model_name_or_path}) loads a saved model, its config and weights, so "
+            f"model_preset ({r.model_preset}) and clip_model_name_or_path ({r.clip_model_name_or_path}) cannot "
+            "apply: set them empty (--model_preset '' --clip_model_name_or_path '') or drop model_name_or_path"
+        )
+    if not r.model_name_or_path and not r.model_preset:
+        problems.append("set model_preset (a new model) or model_name_or_path (a saved one)")
+    overrides = r.model_config_overrides if isinstance(r.model_config_overrides, dict) else {}
+    for name in MODEL_CONFIG_FIELDS:
+        if getattr(r, name) is not None and name in overrides:
+            problems.append(
+                f"{name} is given twice, as a recipe field ({getattr(r, name)!r}) and in model_config_overrides "
+                f"({overrides[name]!r}): keep one"
+            )
+    from_clip = sorted(set(overrides) & set(CLIP_CHECKPOINT_CONFIG_KEYS))
+    if from_clip and r.clip_model_name_or_path:
+        problems.append(
+            f"model_config_overrides {from_clip} cannot apply: they come from the CLIP checkpoint "
+            f"{r.clip_model_name_or_path}"
+        )
     if r.max_train_steps is None and r.num_train_epochs is None:
         problems.append("set max_train_steps or num_train_epochs")
+    if r.max_train_steps is not None and r.num_train_epochs is not None:
+        problems.append(
+            f"set only one of max_train_steps ({r.max_train_steps}) and num_train_epochs ({r.num_train_epochs}); "
+            "to replace a yaml's max_train_steps by epochs, set it to null in a copy of the yaml"
+        )
+    if r.validation_fraction and (r.streaming or not r.validation_split):
+        problems.append(
+            "validation_fraction carves a validation split out of train: it needs a validation_split name and "
+            "no streaming"
+        )
     if r.streaming and r.max_train_steps is None:
         problems.append("streaming needs max_train_steps (the length of a stream is unknown)")
+    for name in ("max_train_steps", "num_train_epochs"):
+        if getattr(r, name) is not None and getattr(r, name) <= 0:
+            problems.append(f"{name} must be > 0")
     for name in (
         "crop_size",
         "resize_short_side",
@@ -253,6 +336,15 @@ def check_recipe(r: TrainingRecipe) -> None:
         raise SystemExit("invalid recipe:\n  " + "\n  ".join(problems))
 
 
+def recipe_record(r: TrainingRecipe) -> dict:
+    """The recipe as written to recipe.yaml and the trackers: every field, the Hub token masked (the output folder
+    is uploaded by push_to_hub)."""
+    values = dataclasses.asdict(r)
+    if values["hub_token"]:
+        values["hub_token"] = "<HUB_TOKEN>"
+    return values
+
+
 def _repo_path(path: str | None) -> str | None:
     if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
         return os.path.join(REPO_ROOT, path)
@@ -264,45 +356,86 @@ def _repo_path(path: str | None) -> str | None:
 # =====================================================================================================================
 
 
-def build_model_and_processor(r: TrainingRecipe):
-    from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
+def model_config_values(r: TrainingRecipe) -> dict:
+    """The DiSaConfig values the recipe sets: `model_config_overrides` plus the recipe fields that are config values
+    (`clip_finetune`, `ignore_index`) when given. Everything else stays the preset's or the saved model's."""
+    values = dict(r.model_config_overrides or {})
+    values.update({name: getattr(r, name) for name in MODEL_CONFIG_FIELDS if getattr(r, name) is not None})
+    return values
 
-    overrides = {"ignore_index": r.ignore_index, "clip_finetune": r.clip_finetune}
+
+def load_model_config(source: str, values: dict):
+    """`DiSaConfig.from_pretrained(source)` with `values` replacing its own; a name DiSaConfig does not have is an
+    error (from_pretrained would drop it silently)."""
+    from modeling_disa import DiSaConfig
+
+    config, unused = DiSaConfig.from_pretrained(source, return_unused_kwargs=True, **values)
+    if unused:
+        raise SystemExit(
+            f"model_config_overrides: DiSaConfig has no setting(s) {sorted(unused)} (check the spelling; the "
+            f"settings are those of {os.path.join(str(source), 'config.json')})"
+        )
+    return config
+
+
+def build_model(r: TrainingRecipe):
+    """-> (model, source folder or Hub id of its config). CLIP fine-tuning follows the (overridden) config's
+    `clip_finetune`, which the model applies when it is built or loaded."""
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    values = model_config_values(r)
     if r.model_name_or_path:
         source = _repo_path(r.model_name_or_path)
-        model = DiSaForOpenVocabSegmentation.from_pretrained(source, **overrides)
+        model = DiSaForOpenVocabSegmentation.from_pretrained(source, config=load_model_config(source, values))
     else:
         source = _repo_path(r.model_preset)
-        config = DiSaConfig.from_pretrained(source, **{**(r.model_config_overrides or {}), **overrides})
+        config = load_model_config(source, values)
         if r.clip_model_name_or_path:
             model = DiSaForOpenVocabSegmentation.from_clip_pretrained(r.clip_model_name_or_path, config)
         else:
             model = DiSaForOpenVocabSegmentation(config)
-    model.configure_clip_finetuning(r.clip_finetune)
+    return model, source
 
-    processor = None
-    errors = []
-    for candidate in (_repo_path(r.processor_name_or_path), source, r.clip_model_name_or_path):
-        if not candidate:
-            continue
-        try:
-            processor = DiSaProcessor.from_pretrained(candidate)
-            break
-        except Exception as exc:  # noqa: BLE001 - try the next place
-            errors.append(f"{candidate}: {type(exc).__name__}: {exc}")
-    if processor is None and r.clip_model_name_or_path:
-        from transformers import AutoTokenizer
 
-        from modeling_disa import DiSaImageProcessor
+def _find_file(name_or_path: str, filename: str) -> str | None:
+    """Path of `filename` in a folder or (cached / downloadable) Hub repo, None when it has none."""
+    from transformers.utils import cached_file
 
-        size = model.config.clip_resolution
-        processor = DiSaProcessor(
-            image_processor=DiSaImageProcessor(size={"height": size, "width": size}),
-            tokenizer=AutoTokenizer.from_pretrained(r.clip_model_name_or_path),
-        )
-    if processor is None:
-        raise SystemExit("could not load a DiSaProcessor:\n  " + "\n  ".join(errors))
-    return model, processor
+    return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False)
+
+
+def build_processor(r: TrainingRecipe, config, source: str):
+    """The DiSaProcessor: `processor_name_or_path` when given; with a pretrained CLIP, built from the model config
+    and the CLIP's tokenizer (the preset's own tokenizer, if any, belongs to its random towers); otherwise the one
+    saved with the model or the preset."""
+    from transformers import AutoTokenizer
+    from transformers.utils import PROCESSOR_NAME
+
+    from modeling_disa import DiSaProcessor
+
+    if r.processor_name_or_path:
+        return DiSaProcessor.from_pretrained(_repo_path(r.processor_name_or_path))
+    if r.clip_model_name_or_path:
+        # normalisation statistics are not part of the DiSa config: the CLIP checkpoint's image processor has them
+        statistics = {}
+        if preprocessor := _find_file(r.clip_model_name_or_path, "preprocessor_config.json"):
+            with open(preprocessor, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            statistics = {key: saved[key] for key in ("image_mean", "image_std") if key in saved}
+        tokenizer = AutoTokenizer.from_pretrained(r.clip_model_name_or_path)
+        return DiSaProcessor.from_model_config(config, tokenizer, **statistics)
+    if _find_file(source, PROCESSOR_NAME):
+        return DiSaProcessor.from_pretrained(source)
+    raise SystemExit(
+        f"no DiSaProcessor: {source} has no {PROCESSOR_NAME} and no clip_model_name_or_path gives a tokenizer. "
+        "Set processor_name_or_path, or save one beside the model "
+        "(`DiSaProcessor.from_model_config(config, tokenizer).save_pretrained(folder)`)."
+    )
+
+
+def build_model_and_processor(r: TrainingRecipe):
+    model, source = build_model(r)
+    return model, build_processor(r, model.config, source)
 
 
 def tokenize_classes(processor, class_names: list[str]) -> dict:
@@ -316,10 +449,15 @@ def tokenize_classes(processor, class_names: list[str]) -> dict:
 # =====================================================================================================================
 
 
-def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_dataset=None):
+def build_datasets(r: TrainingRecipe, image_processor, ignore_index: int, train_dataset=None, eval_dataset=None):
     """-> (train torch dataset, eval torch dataset or None, class names). Images are normalised by the model's
-    `image_processor`. In-memory `datasets` objects may be passed instead of `dataset_name` (used by tests and
-    notebooks)."""
+    `image_processor`; `ignore_index` is the model config's (the loss ignores the same value). In-memory `datasets`
+    objects may be passed instead of `dataset_name` (used by tests and notebooks)."""
+    if train_dataset is not None and (r.dataset_name or r.validation_fraction):
+        raise SystemExit(
+            "in-memory datasets were passed, so the recipe's dataset_name / validation_fraction cannot apply: "
+            "drop them or pass no datasets"
+        )
     if train_dataset is None:
         if not r.dataset_name:
             raise SystemExit("--dataset_name is required")
@@ -374,9 +512,9 @@ def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_
         max_long_side=r.max_long_side,
         photometric=r.photometric_distortion,
         hflip_prob=r.hflip_prob,
-        ignore_index=r.ignore_index,
+        ignore_index=ignore_index,
     )
-    prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, r.ignore_index, train_tf, r.reduce_labels)
+    prep = D.SamplePreparer(r.image_column, r.label_column, num_classes, ignore_index, train_tf, r.reduce_labels)
     if r.streaming:
         stream = train_dataset.shuffle(seed=r.seed, buffer_size=r.shuffle_buffer_size)
         train = D.StreamingSegmentationDataset(stream, prep, seed=r.seed, on_bad_sample=r.on_bad_sample)
@@ -388,7 +526,7 @@ def build_datasets(r: TrainingRecipe, image_processor, train_dataset=None, eval_
             r.image_column,
             r.label_column,
             num_classes,
-            r.ignore_index,
+            ignore_index,
             D.EvalTransform(image_processor, r.eval_size),
             r.reduce_labels,
         )
@@ -458,6 +596,11 @@ TOY_WORLD = "toy-world"
 
 def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
     r = parse_args(argv)
+    if r.toy_world is not None and r.dataset_name != TOY_WORLD:
+        raise SystemExit(
+            f"toy_world settings apply only with dataset_name {TOY_WORLD}, got {r.dataset_name!r} (without --config "
+            "the recipe is the toy world's: pass --config configuration/training/<recipe>.yaml for other data)"
+        )
     if r.dataset_name == TOY_WORLD and train_dataset is None:
         from toy_world import job as toy_world_job
 
@@ -539,6 +682,7 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     # ---- model, processor (same init on every process; DDP also broadcasts rank 0's weights)
     set_seed(r.seed)
     model, processor = build_model_and_processor(r)
+    ignore_index = model.config.ignore_index  # the loss's: the labels and the metric use the same value
     if r.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -547,7 +691,9 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
 
     # ---- data
     with accelerator.main_process_first():
-        train_set, eval_set, class_names = build_datasets(r, processor.image_processor, train_dataset, eval_dataset)
+        train_set, eval_set, class_names = build_datasets(
+            r, processor.image_processor, ignore_index, train_dataset, eval_dataset
+        )
     text_inputs = {
         k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
         for k, v in tokenize_classes(processor, class_names).items()
@@ -600,7 +746,9 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
         C.prepare_output_dir(r.output_dir, r.resume_from_checkpoint, r.overwrite_output_dir)
         if not resume_path:
             with open(os.path.join(r.output_dir, "recipe.yaml"), "w") as fh:
-                yaml.safe_dump(dataclasses.asdict(r), fh, sort_keys=False)
+                yaml.safe_dump(recipe_record(r), fh, sort_keys=False)
+            # a fresh run's log starts empty (an overwritten run's lines would otherwise stay in front of it)
+            open(os.path.join(r.output_dir, "log.jsonl"), "w").close()
     accelerator.wait_for_everyone()
     hub_api = None
     if r.push_to_hub and accelerator.is_main_process:
@@ -611,9 +759,7 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     if trackers:
         accelerator.init_trackers(
             r.project_name,
-            config={
-                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(r).items()
-            },
+            config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in recipe_record(r).items()},
         )
     total_batch = r.per_device_train_batch_size * accelerator.num_processes * r.gradient_accumulation_steps
     logger.info(
@@ -664,7 +810,7 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     def run_eval(step: int) -> dict | None:
         if eval_loader is None:
             return None
-        metrics = evaluate(model, eval_loader, accelerator, text_inputs, len(class_names), r.ignore_index)
+        metrics = evaluate(model, eval_loader, accelerator, text_inputs, len(class_names), ignore_index)
         log({f"eval/{k}": v for k, v in metrics.items()}, step)
         logger.info(
             f"step {step}: eval mIoU {metrics['mIoU']:.2f} pixel acc {metrics['pixel_accuracy']:.2f}",
@@ -763,23 +909,33 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.set_default_vocabulary(class_names, processor.tokenizer)
-    unwrapped.save_pretrained(
-        r.output_dir, is_main_process=accelerator.is_main_process, state_dict=accelerator.get_state_dict(model)
-    )
+    # gathered on every process (a collective under FSDP, where the unwrapped model only holds shards)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        if r.push_to_hub:  # the complete Hub repository (config with the pipeline, code, model card), pushed below
+            from modeling_disa.hub import save_for_hub
+
+            save_for_hub(unwrapped, processor, r.output_dir, repo_id=r.hub_model_id, state_dict=state_dict)
+        else:
+            unwrapped.save_pretrained(r.output_dir, state_dict=state_dict)
+            processor.save_pretrained(r.output_dir)
     skipped_all = int(accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum"))
     results = {"completed_steps": completed_steps, "skipped_samples": skipped_all, "class_names": class_names}
     if metrics:
         results.update({f"eval_{k}": v for k, v in metrics.items()})
     if accelerator.is_main_process:
-        processor.save_pretrained(r.output_dir)
         with open(os.path.join(r.output_dir, "all_results.json"), "w") as fh:
             json.dump(results, fh, indent=1)
         if hub_api is not None:
-            # the complete Hub repo (weights, processor, code, custom pipeline, model card with the validation
-            # results), not the raw output folder with its checkpoints and logs
-            from modeling_disa.hub import publish_to_hub
-
-            publish_to_hub(unwrapped, processor, r.hub_model_id, token=r.hub_token, commit_message="End of training")
+            # the files just saved, as they are (not a second save from this process's possibly sharded model);
+            # only the top level: checkpoints/, logs/ and any other subfolder stay local
+            hub_api.upload_folder(
+                folder_path=r.output_dir,
+                repo_id=r.hub_model_id,
+                repo_type="model",
+                commit_message="End of training",
+                ignore_patterns=HUB_IGNORE_PATTERNS,
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -85,11 +85,11 @@ DATASET_KEYS = ("dataset", "benchmark", "name")  # the evaluation dataset of a r
 def _dataset_info(name: str) -> dict:
     """Display name / split / config of an evaluation dataset from its definition, or the name itself."""
     info = {"name": name, "display_name": name, "split": None, "config": None}
-    try:
-        from ..evaluation.dataset_definitions import load_evaluation_dataset
+    from ..evaluation.dataset_definitions import UnknownDatasetError, load_evaluation_dataset
 
+    try:
         definition = load_evaluation_dataset(name)
-    except Exception:  # noqa: BLE001 - unknown dataset names are published as given
+    except UnknownDatasetError:  # a dataset without a definition is published under its own name
         return info
     info.update(
         name=definition.name,
@@ -258,11 +258,14 @@ def save_for_hub(
     repo_id: str | None = None,
     eval_results=None,
     max_shard_size: int | str | None = "50GB",
+    state_dict: dict | None = None,
     **card_kwargs,
 ) -> Path:
     """Write a complete Hub repository into `save_directory` (see the module docstring); returns the folder.
 
-    `processor=None` writes everything but the processor and tokenizer files (see `publish_to_hub`)."""
+    `processor=None` writes everything but the processor and tokenizer files (see `publish_to_hub`). `state_dict`:
+    the weights to write instead of the model's own parameters, e.g. the full state dict that accelerate's
+    `get_state_dict` gathers from FSDP shards (the sharded model's own parameters are not the full weights)."""
     if getattr(model.config, "model_type", None) != "disa":
         raise TypeError(f"expected a DiSa model, got {type(model).__name__}.")
     if processor is not None and not hasattr(processor, "tokenize_class_names"):
@@ -284,7 +287,7 @@ def save_for_hub(
         }
     }
     try:
-        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        model.save_pretrained(folder, max_shard_size=max_shard_size, state_dict=state_dict)
     finally:
         if previous is None:
             del model.config.custom_pipelines

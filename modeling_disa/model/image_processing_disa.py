@@ -116,6 +116,25 @@ class DiSaImageProcessor(PilBackend):
     ignore_index = 255
     patch_size = 16
 
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "DiSaImageProcessor":
+        """The image processor that matches a `DiSaConfig`: images resized to `config.clip_resolution` (square),
+        `patch_size` = `config.vision_config.patch_size` (the smallest image accepted), `ignore_index` =
+        `config.ignore_index`. `kwargs` (e.g. `image_mean` / `image_std` of the CLIP checkpoint's own image
+        processor) are passed to the constructor; the config holds no normalisation statistics, so the defaults
+        are OpenAI CLIP's."""
+        values = {
+            "size": {"height": config.clip_resolution, "width": config.clip_resolution},
+            "patch_size": config.vision_config.patch_size,
+            "ignore_index": config.ignore_index,
+        }
+        clashing = sorted(set(values) & set(kwargs))
+        if clashing:
+            raise ValueError(
+                f"{clashing} come from the model config; change them in the config instead of passing them here."
+            )
+        return cls(**values, **kwargs)
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, patch_size=None, **kwargs):
         rgb = to_rgb_uint8(image, patch_size or self.patch_size)
         return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))

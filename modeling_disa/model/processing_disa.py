@@ -8,7 +8,7 @@ from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import cached_file
 
 from .configuration_disa import DEFAULT_PROMPT_TEMPLATE, format_prompts
-from .image_processing_disa import DiSaImageProcessorKwargs
+from .image_processing_disa import DiSaImageProcessor, DiSaImageProcessorKwargs
 
 # Files from which a CLIP tokenizer can be built: the `tokenizers` serialisation, or the slow tokenizer's vocabulary.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -61,6 +61,15 @@ class DiSaProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, prompt_templates=None, **kwargs):
         self.prompt_templates = _check_templates(prompt_templates)
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, config, tokenizer, **image_processor_kwargs) -> "DiSaProcessor":
+        """The processor that matches a `DiSaConfig`, for a model that has no saved processor: the config's
+        `prompt_templates`, an image processor from `DiSaImageProcessor.from_model_config(config,
+        **image_processor_kwargs)` (input size `clip_resolution`, the CLIP patch size) and `tokenizer` (the CLIP
+        tokenizer of the model's text tower)."""
+        image_processor = DiSaImageProcessor.from_model_config(config, **image_processor_kwargs)
+        return cls(image_processor, tokenizer, prompt_templates=list(config.prompt_templates))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

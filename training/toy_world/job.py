@@ -269,7 +269,9 @@ def make_pictures(output_dir, test, images, model, processor, index: int) -> dic
     image = Image.fromarray(images[index]).resize((256, 256), Image.NEAREST)
     sample_path = os.path.join(output_dir, "sample_image.png")
     image.save(sample_path)
-    segmenter = pipeline(PIPELINE_TASK, model=output_dir, device="cpu")
+    # the loaded model and processor (the package's pipeline class): with push_to_hub the folder's config declares
+    # the pipeline for the Hub, which `pipeline(model=<folder>)` would only load as remote code
+    segmenter = pipeline(PIPELINE_TASK, model=model, processor=processor, device="cpu")
     result = segmenter(image, candidate_labels=list(W.CLASS_NAMES))
     seg, seg_labels = segmentation_from_pipeline(result)
     overlay_path = os.path.join(output_dir, "sample_overlay.png")
