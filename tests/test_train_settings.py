@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -118,8 +119,14 @@ def test_recipe_settings_that_cannot_apply_are_refused(case, saved_model, tmp_pa
 def test_misspelt_model_config_override_is_refused(tmp_path):
     import train
 
-    with pytest.raises(SystemExit, match=r"DiSaConfig has no setting\(s\) \['fusoin'\]"):
+    # a name close to a setting: DiSaConfig itself refuses it and names the setting meant
+    with pytest.raises(
+        StrictDataclassClassValidationError, match=r"`fusoin` is not a DiSaConfig setting \(did you mean `fusion`\?\)"
+    ):
         train.build_model_and_processor(parse(tmp_path, "--model_config_overrides", "{fusoin: own}"))
+    # any other unknown name: transformers would drop it as an unused keyword; the script refuses it
+    with pytest.raises(SystemExit, match=r"DiSaConfig has no setting\(s\) \['branch_fusion_style'\]"):
+        train.build_model_and_processor(parse(tmp_path, "--model_config_overrides", "{branch_fusion_style: own}"))
 
 
 def test_toy_world_settings_without_the_toy_world_are_refused(tmp_path):
