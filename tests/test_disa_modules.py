@@ -627,3 +627,15 @@ def test_frozen_cost_saliency_key_bias_cannot_change_any_output(tiny_processor):
     torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after.itm_logits, before.itm_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(after.foreground_mask, before.foreground_mask)
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(use_sdm=True), dict(use_hrm=True), dict(use_sdm=True, use_hrm=True, branch_mode="masked")]
+)
+def test_disa_parameter_names_are_what_disa_adds_to_the_host(overrides):
+    """The parameters DiSa adds = the DiSa model's parameters that the CAT-Seg-mode model of the same config lacks."""
+    disa = build(**overrides)
+    host = build(use_sdm=False, use_hrm=False)
+    expected = {n for n, _ in disa.named_parameters()} - {n for n, _ in host.named_parameters()}
+    assert expected and set(disa.disa_parameter_names()) == expected
+    assert host.disa_parameter_names() == []

@@ -265,3 +265,66 @@ def test_mixed_precision_is_the_launchers_unless_the_recipe_sets_it(tmp_path, re
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"MIXED_PRECISION {expected}" in proc.stdout
+
+
+UPGRADE_RECIPE = os.path.join(REPO, "configuration", "training", "upgrade_catseg_to_disa.yaml")
+
+
+@pytest.fixture(scope="module")
+def catseg_model(tmp_path_factory):
+    """A saved tiny CAT-Seg-mode model (use_sdm off), as converted official CAT-Seg weights would be."""
+    from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
+
+    folder = tmp_path_factory.mktemp("catseg")
+    torch.manual_seed(0)
+    DiSaForOpenVocabSegmentation(DiSaConfig.from_pretrained(TINY_PRESET, use_sdm=False)).save_pretrained(folder)
+    DiSaProcessor.from_pretrained(TINY_PRESET).save_pretrained(folder)
+    return str(folder)
+
+
+def test_upgrade_trains_only_what_disa_adds(catseg_model, tmp_path):
+    """The upgrade path: a CAT-Seg-mode model loaded with use_sdm, only DiSa's parameters trained; the host and CLIP
+    leave the run exactly as they came, the new parts move."""
+    from safetensors.torch import load_file
+
+    import train
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    argv = ["--config", TINY_RECIPE, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2"]
+    argv += ["--checkpointing_steps", "0", "--class_names", *CLASSES, "--model_name_or_path", catseg_model]
+    argv += ["--model_preset", "", "--model_config_overrides", "{use_sdm: true}", "--trainable_parameters", "disa"]
+    train.main(argv, train_dataset=make_split(4, 0))
+    host = load_file(os.path.join(catseg_model, "model.safetensors"))
+    trained = load_file(str(tmp_path / "out" / "model.safetensors"))
+    start = DiSaForOpenVocabSegmentation.from_pretrained(catseg_model, use_sdm=True)
+    new = set(start.disa_parameter_names())
+    assert new and new.isdisjoint(host)
+    for name, tensor in host.items():  # every CAT-Seg tensor, CLIP included, unchanged
+        assert torch.equal(trained[name], tensor), name
+    started = start.state_dict()
+    moved = [name for name in new if not torch.equal(trained[name], started[name])]
+    assert len(moved) > len(new) // 2  # the new parts trained (a few can get no gradient in 2 steps)
+
+
+def test_upgrade_settings_that_cannot_apply_are_refused(catseg_model, tmp_path):
+    import train
+
+    from_saved = ("--model_name_or_path", catseg_model, "--model_preset", "", "--trainable_parameters", "disa")
+    with pytest.raises(SystemExit, match="this model has none"):  # CAT-Seg mode: nothing DiSa adds to train
+        train.build_model_and_processor(parse(tmp_path, *from_saved))
+    with pytest.raises(SystemExit, match="clip_finetune 'qv' cannot apply with trainable_parameters 'disa'"):
+        train.check_recipe(parse(tmp_path, *from_saved, "--clip_finetune", "qv"))
+
+
+def test_upgrade_recipe_file_is_the_upgrade_path(catseg_model, tmp_path):
+    import train
+
+    r = train.parse_args(
+        ["--config", UPGRADE_RECIPE, "--model_name_or_path", catseg_model, "--output_dir", str(tmp_path / "o")]
+    )
+    train.check_recipe(r)
+    assert r.trainable_parameters == "disa" and r.model_config_overrides == {"use_sdm": True}
+    model, _ = train.build_model_and_processor(r)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(model.disa_parameter_names())
+    assert model.config.use_sdm and model.config.sdm_background_init == "copy"

@@ -93,6 +93,12 @@ class TrainingRecipe:
         "CLIP parameters to train: qv (CAT-Seg: Q/V projection weights), none, full. Default: the model config's "
         "clip_finetune.",
     )
+    trainable_parameters: Literal["all", "disa"] = _f(
+        "all",
+        "all: every parameter the model trains (the head, and CLIP as clip_finetune says); disa: only the parameters "
+        "DiSa adds to the CAT-Seg host (SDM, the background branch, HRM), the host and CLIP frozen: the upgrade path "
+        "from CAT-Seg weights (configuration/training/upgrade_catseg_to_disa.yaml).",
+    )
     # ---- data
     dataset_name: str | None = _f(None, "Hub dataset id, local parquet/arrow folder, or save_to_disk folder.")
     dataset_config_name: str | None = _f(None, "datasets config name.")
@@ -290,6 +296,11 @@ def check_recipe(r: TrainingRecipe) -> None:
         )
     if not r.model_name_or_path and not r.model_preset:
         problems.append("set model_preset (a new model) or model_name_or_path (a saved one)")
+    if r.trainable_parameters == "disa" and r.clip_finetune not in (None, "none"):
+        problems.append(
+            f"clip_finetune {r.clip_finetune!r} cannot apply with trainable_parameters 'disa', which trains only the "
+            "parameters DiSa adds (CLIP and the host stay frozen): drop clip_finetune or train all parameters"
+        )
     overrides = r.model_config_overrides if isinstance(r.model_config_overrides, dict) else {}
     for name in MODEL_CONFIG_FIELDS:
         if getattr(r, name) is not None and name in overrides:
@@ -435,7 +446,23 @@ def build_processor(r: TrainingRecipe, config, source: str):
 
 def build_model_and_processor(r: TrainingRecipe):
     model, source = build_model(r)
+    if r.trainable_parameters == "disa":
+        train_only_disa_parameters(model)
     return model, build_processor(r, model.config, source)
+
+
+def train_only_disa_parameters(model) -> None:
+    """Freeze everything but the parameters DiSa adds to the CAT-Seg host (`model.disa_parameter_names()`); those
+    that the model keeps frozen because no output depends on them stay frozen."""
+    names = set(model.disa_parameter_names())
+    if not names:
+        raise SystemExit(
+            "trainable_parameters 'disa' trains only the parameters DiSa adds to the CAT-Seg host, and this model has "
+            "none (use_sdm and use_hrm are off): set model_config_overrides {use_sdm: true} (and/or use_hrm), or "
+            "train all parameters"
+        )
+    for name, param in model.named_parameters():
+        param.requires_grad_(param.requires_grad and name in names)
 
 
 def tokenize_classes(processor, class_names: list[str]) -> dict:

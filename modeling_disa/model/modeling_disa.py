@@ -252,6 +252,18 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                     twins.update({f"{prefix}.{child}.{key}": f"{prefix}.{host}{key}" for key in branch.state_dict()})
         return twins
 
+    def disa_parameter_names(self) -> list[str]:
+        """Parameters that DiSa adds to the CAT-Seg host: SDM's presence / saliency head and fusion (`sdm.*`), the
+        background branch of every aggregation block, and HRM's refinements. Empty in CAT-Seg mode. Training only
+        these (with the host frozen) is the upgrade path from CAT-Seg weights: the model then starts as, and keeps,
+        the CAT-Seg host, and learns only what DiSa adds."""
+        background = {name for name in self._background_twins()}
+        return [
+            name
+            for name, _ in self.named_parameters()
+            if name.startswith("sdm.") or ".refinement." in f".{name}" or name in background
+        ]
+
     @torch.no_grad()
     def _copy_foreground_to_background(self, names: set[str] | None = None) -> None:
         """Set the background branch's tensors to their foreground twins' values (`_background_twins`): all of them,
