@@ -92,6 +92,11 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
         assert 0.0 <= base["dense_clip"]["pas20b"] <= 100.0 and 0.0 <= base["dense_clip"]["pas20b_fold"] <= 100.0
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the baselines alone, from the cached worlds: the same numbers as the sweep's
+    alone = tmp_path / "baselines.json"
+    assert script.main([str(alone) if a == str(out) else a for a in argv] + ["--baselines_only"]) == 0
+    assert json.loads(alone.read_text())["baselines"] == result["baselines"]
+
     # resume: only the removed row is trained again
     row_dir = tmp_path / "work" / "rows"
     files = sorted(row_dir.rglob("*.json"))

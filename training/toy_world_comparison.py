@@ -561,6 +561,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="train nothing: summarise the rows already finished under --work_dir",
     )
+    parser.add_argument(
+        "--baselines_only",
+        action="store_true",
+        help="train nothing: write each world's toy-CLIP baselines (zero-shot accuracy, dense CLIP on the 24 classes "
+        "and on the PAS-20b analog) to --output",
+    )
     parser.add_argument("--row", nargs=3, metavar=("WORLD", "MODEL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -575,6 +581,8 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.baselines_only:
+        return write_baselines(args, argv)
     if args.collect_only:
         return write_results(args, argv)
     # the worlds (dataset + toy CLIP) once, before any worker needs them
@@ -627,6 +635,31 @@ def write_results(args, argv) -> int:
     if args.update_docs:
         for doc in ("README.md", "model_card.md"):
             update_document(os.path.join(REPO_ROOT, doc), headline_table(summary, args.steps, baselines))
+    return 0
+
+
+def write_baselines(args, argv) -> int:
+    """What each world's toy CLIP does before any head is trained, without training a row."""
+    baselines = {world: world_baselines(args, world) for world in args.worlds}
+    _write_json(
+        args.output,
+        {
+            "machine": machine_info(),
+            "world_seed": args.world_seed,
+            "stuff_caption_rate": args.stuff_caption_rate,
+            "background_caption_rate": args.background_caption_rate,
+            "smoke": args.smoke,
+            "baselines": baselines,
+            "command": "python training/toy_world_comparison.py " + " ".join(argv or sys.argv[1:]),
+        },
+    )
+    for world, base in baselines.items():
+        dense = base["dense_clip"]
+        print(
+            f"[baselines] {world}: dense CLIP all {dense['all']:.1f}, stuff {dense['stuff']:.1f}, things "
+            f"{dense['things']:.1f}; PAS-20b analog {dense['pas20b']:.1f} (background IoU "
+            f"{dense['pas20b_background']:.1f}), folded {dense['pas20b_fold']:.1f}"
+        )
     return 0
 
 
