@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import toy_world as W
 
@@ -175,3 +176,112 @@ def test_dev_split_holds_all_classes_and_differs_from_test():
     assert not any((a == b).all() for a, b in zip(dev["image"], test["image"]))
     present = {c for classes in dev["classes"] for c in classes}
     assert present & set(W.UNSEEN_IDS) and max(present) < len(W.CLASS_NAMES)
+
+
+def test_background_captions_say_on_a_background_only_where_stuff_goes_unnamed():
+    rng = np.random.default_rng(0)
+    stuff, thing = W.STUFF_IDS[:2], W.THING_IDS[5]
+    unnamed = with_background = 0
+    for _ in range(2000):
+        cap = W.caption_for(rng, stuff + [thing], stuff_caption_rate=0.25, background_caption_rate=0.5)
+        assert W.CLASS_NAMES[thing] in cap
+        if all(W.CLASS_NAMES[c] in cap for c in stuff):
+            assert "background" not in cap
+        else:
+            unnamed += 1
+            with_background += cap.endswith(" on a background")
+    assert abs(with_background / unnamed - 0.5) < 0.04
+    # a stuff-only image whose stuff goes unnamed is "a background" instead of being redrawn
+    cap = W.caption_for(np.random.default_rng(1), stuff[:1], stuff_caption_rate=0.0, background_caption_rate=1.0)
+    assert cap is not None and cap.endswith("a background") and W.CLASS_NAMES[stuff[0]] not in cap
+    tok = W.build_tokenizer()
+    assert tok.tokenize("a photo of blue circle on a background")[-1] == "background</w>"
+
+    # rate 0 draws nothing extra: the existing worlds' captions (the rule below, written out) are unchanged
+    def caption_before_the_option(rng, present, rate):
+        present = [c for c in present if W.VOCAB["kinds"][c] == "thing" or rng.random() < rate]
+        if not present:
+            return None
+        names = [W.CLASS_NAMES[c] for c in present]
+        names = [names[i] for i in rng.permutation(len(names))]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        return W.CAPTION_TEMPLATES[int(rng.integers(len(W.CAPTION_TEMPLATES)))].format(listed)
+
+    a, b, draw = np.random.default_rng(5), np.random.default_rng(5), np.random.default_rng(6)
+    for _ in range(300):
+        present = [int(c) for c in draw.choice(24, size=int(draw.integers(1, 5)), replace=False)]
+        assert W.caption_for(a, present, 0.25) == caption_before_the_option(b, present, 0.25)
+    assert a.random() == b.random()
+    images, captions = W.pretraining_batch(np.random.default_rng(5), 64, 64, 2, 0.25, 1.0)
+    assert any(c.endswith(" on a background") for c in captions)
+
+
+def test_background_caption_rate_enters_the_clip_key_only_when_set_and_is_refused_where_it_cannot_act():
+    import hashlib
+    from dataclasses import asdict
+
+    settings = W.ClipSettings(stuff_caption_rate=0.25)
+    # the key of a world made before the setting existed: its fields without it
+    values = {k: v for k, v in asdict(settings).items() if k != "background_caption_rate"}
+    blob = json.dumps(
+        {"clip": values, "words": W.world_words(), "vocab": W.CLASS_NAMES, "version": W.WORLD_VERSION}, sort_keys=True
+    )
+    assert settings.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    assert W.ClipSettings(stuff_caption_rate=0.25, background_caption_rate=0.5).key() != settings.key()
+    with pytest.raises(ValueError, match="no effect"):
+        W.ClipSettings(background_caption_rate=0.5)  # the unbiased world names every stuff region
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        W.ClipSettings(stuff_caption_rate=0.25, background_caption_rate=1.5)
+
+
+def test_recipe_background_caption_rate_reaches_the_toy_clip(tmp_path, monkeypatch):
+    import dataclasses
+
+    import train
+    from toy_world import job
+
+    seen = {}
+
+    def fake_clip(settings, cache_root=None, progress=True):
+        seen["clip"] = settings
+        folder = tmp_path / "clip"
+        folder.mkdir(exist_ok=True)
+        (folder / "toy_clip_pretraining.json").write_text(
+            json.dumps({"first_loss": 1, "final_loss": 1, "zero_shot_accuracy": {}})
+        )
+        return str(folder)
+
+    monkeypatch.setattr(W, "ensure_world_dataset", lambda settings, cache_root=None: str(tmp_path / "world"))
+    monkeypatch.setattr(W, "ensure_toy_clip", fake_clip)
+    r = train.parse_args(["--toy_world", "{stuff_caption_rate: 0.25, background_caption_rate: 0.75}"])
+    _, _, info = job.prepare(r)
+    assert seen["clip"].background_caption_rate == 0.75 and info["clip_settings"]["background_caption_rate"] == 0.75
+    r = dataclasses.replace(r, toy_world={**r.toy_world, "clip": {"background_caption_rate": 0.5}})
+    with pytest.raises(SystemExit, match="toy_world mapping itself"):
+        job.prepare(r)
+
+
+def test_pas20b_analog_scores_things_and_background_like_a_direct_iou():
+    rng = np.random.default_rng(0)
+    labels = rng.choice([*W.STUFF_IDS[:3], *W.THING_IDS[:4], 255], size=(3, 8, 8))
+    pred24 = rng.choice(W.STUFF_IDS[:2] + W.THING_IDS[:5], size=labels.shape)
+    # the analog's ground truth: each thing keeps its place in THING_IDS, every stuff pixel is "background" (12)
+    target = np.full(labels.shape, 255)
+    for k, c in enumerate(W.THING_IDS):
+        target[labels == c] = k
+    target[np.isin(labels, W.STUFF_IDS)] = 12
+    assert np.array_equal(W.to_pas20b_ids(labels), target)
+    assert W.PAS20B_NAMES[12] == "background" and W.PAS20B_NAMES[:12] == [W.CLASS_NAMES[i] for i in W.THING_IDS]
+    folded = W.to_pas20b_ids(pred24)  # CAT-Seg's rule: any stuff name counts as background
+    assert set(np.unique(folded[np.isin(pred24, W.STUFF_IDS)])) == {12}
+    scores = W.pas20b_scores(folded, labels)
+    valid = target != 255
+    ious = {}
+    for k in np.unique(target[valid]):  # classes present in the ground truth
+        inter = ((folded == k) & (target == k) & valid).sum()
+        union = (((folded == k) | (target == k)) & valid).sum()
+        ious[int(k)] = 100 * inter / union
+    assert scores["mIoU"] == pytest.approx(np.mean(list(ious.values())), rel=1e-9)
+    assert scores["background"] == pytest.approx(ious[12], rel=1e-9)
+    assert scores["things"] == pytest.approx(np.mean([v for k, v in ious.items() if k != 12]), rel=1e-9)
+    assert scores["per_class_iou"][W.CLASS_NAMES[W.THING_IDS[6]]] is None  # absent from the ground truth

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import toy_world as W
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_PATH = Path(REPO)
 
@@ -53,6 +55,18 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
         for column in ("all", "seen", "unseen", "stuff", "things", "unseen_stuff"):
             assert 0.0 <= row[column] <= 100.0 and 0.0 <= row["dev"][column] <= 100.0
         assert ("presence_auroc" in row) == (row["model"] == "disa")
+        for scores in (row, row["dev"]):  # the PAS-20b analog is scored for every model, SDM's split for DiSa only
+            for column in ("pas20b", "pas20b_background", "pas20b_fold"):
+                assert 0.0 <= scores[column] <= 100.0
+            assert set(scores["pas20b_scores"]["prompted"]["per_class_iou"]) == set(W.PAS20B_NAMES)
+            localization = scores.get("saliency_localization")
+            assert (localization is not None) == (row["model"] == "disa")
+            if localization is not None:
+                # 16 test and 16 dev images in the smoke world, 24 classes each
+                assert localization["num_images"] == 16
+                assert localization["present_pairs"] + localization["absent_pairs"] == 16 * 24
+                share = localization["present_with_foreground"]
+                assert share is not None and 0.0 <= share <= 1.0
     assert {r["stuff_caption_rate"] for r in rows if r["world"] == "foreground_biased"} == {0.25}
     assert {r["stuff_caption_rate"] for r in rows if r["world"] == "unbiased"} == {1.0}
     # the summary is the mean / sd over the seeds of the rows
@@ -64,7 +78,26 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
         entry["stuff"]["sd"], np.std(values, ddof=1)
     )
     assert (tmp_path / "comparison.md").read_text().count("| unbiased |") == 4
+    # the new columns: summarised where every row of a (world, model) has them, tabled beside the old ones
+    for e in result["summary"]:
+        assert "pas20b" in e and "pas20b_fold" in e and ("fg_on_class" in e) == (e["model"] == "disa")
+    entry = next(e for e in result["summary"] if e["split"] == "dev" and e["model"] == "disa")
+    values = [
+        r["dev"]["saliency_localization"]["present_with_foreground"]
+        for r in rows
+        if r["model"] == "disa" and r["world"] == entry["world"]
+    ]
+    assert np.isclose(entry["fg_any"]["mean"], np.mean(values))
+    header = (tmp_path / "comparison.md").read_text().splitlines()[2]
+    assert "| pas20b |" in header and "| fg_on_class |" in header
+    for base in result["baselines"].values():
+        assert 0.0 <= base["dense_clip"]["pas20b"] <= 100.0 and 0.0 <= base["dense_clip"]["pas20b_fold"] <= 100.0
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the baselines alone, from the cached worlds: the same numbers as the sweep's
+    alone = tmp_path / "baselines.json"
+    assert script.main([str(alone) if a == str(out) else a for a in argv] + ["--baselines_only"]) == 0
+    assert json.loads(alone.read_text())["baselines"] == result["baselines"]
 
     # resume: only the removed row is trained again
     row_dir = tmp_path / "work" / "rows"

@@ -13,7 +13,14 @@ toy_world.yaml`, the same training path as `accelerate launch training/train.py`
 
 Worlds differ only in the captions the toy CLIP is pretrained on: `unbiased` names every concept of an image,
 `foreground_biased` always names the things but each stuff region only with probability `stuff_caption_rate`, as web
-alt-texts name the objects and rarely the wall or the floor.
+alt-texts name the objects and rarely the wall or the floor (and, with `--background_caption_rate`, says the things
+are "on a background" where a stuff region goes unnamed).
+
+Per row and split: mIoU over all / seen / unseen / stuff / things classes; the PAS-20b analog (`pas20b`: the 12 thing
+names plus "background", which covers every stuff pixel; `pas20b_fold`: CAT-Seg's PAS-20b rule on the 24-class
+prediction, every stuff name counting as background; see `toy_world/background_benchmark.py`); and for models with
+SDM its presence AUROC and where its foreground tokens land (`saliency_localization`,
+`modeling_disa.evaluation.saliency`).
 
 Each finished row is written at once (atomically) under `--work_dir`; a rerun skips finished rows, so a half-finished
 sweep resumes. Output: `--output` JSON `{"machine", "steps", "rows": [...], "summary": [...]}`, a Markdown table and a
@@ -45,6 +52,37 @@ SCORE_KEYS = {
     "things": "things",
     "unseen_stuff": "unseen_stuff",
 }
+# Columns added after the first committed sweep (rows without them stay valid): column -> path in a row. Summarised,
+# tabled and charted wherever the rows of a (world, model) all have them.
+EXTRA_COLUMNS = {
+    "pas20b": ("pas20b",),
+    "pas20b_bg": ("pas20b_background",),
+    "pas20b_fold": ("pas20b_fold",),
+    "fg_on_class": ("saliency_localization", "foreground_precision"),
+    "fg_recall": ("saliency_localization", "foreground_recall"),
+    "fg_any": ("saliency_localization", "present_with_foreground"),
+}
+SHARE_COLUMNS = ("fg_on_class", "fg_recall", "fg_any")  # shares in [0, 1], not mIoU %
+CHART_EXTRAS = ("pas20b", "pas20b_fold")
+
+
+def column_value(item: dict, column: str):
+    """A row's (or a dev dict's) value of a column; `KeyError` when the row has none."""
+    if column in SCORE_KEYS:
+        return item[column]
+    value = item
+    for key in EXTRA_COLUMNS[column]:
+        value = value[key]
+    return value
+
+
+def _has(item: dict, column: str) -> bool:
+    try:
+        column_value(item, column)
+    except KeyError:
+        return False
+    return True
+
 
 # The first-wave reconstruction of SDM (kept for the ablation): ITM cross-attention over CLIP tokens (4 heads at the
 # toy CLIP's width 64) with its loss reaching CLIP, fixed k for every class, the learned averaging gate.
@@ -121,6 +159,9 @@ def toy_world_settings(args, world: str) -> dict:
         "stuff_caption_rate": WORLDS[world] if world != "foreground_biased" else args.stuff_caption_rate,
         "compare_catseg": False,
     }
+    if world == "foreground_biased" and args.background_caption_rate:
+        # only where stuff goes unnamed: the unbiased world's captions name every region (the toy CLIP refuses it)
+        values["background_caption_rate"] = args.background_caption_rate
     if args.cache_dir:
         values["cache_dir"] = args.cache_dir
     if args.smoke:
@@ -170,32 +211,51 @@ def _auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
     return float(greater + 0.5 * ties)
 
 
-def score_split(model, images: np.ndarray, labels: np.ndarray, text: dict, batch_size: int = 32) -> dict:
-    """mIoU columns plus, for a model with SDM, its presence AUROC and how its foreground tokens are spent."""
+def score_split(
+    model, images: np.ndarray, labels: np.ndarray, text: dict, batch_size: int = 32, pas20b_text: dict | None = None
+) -> dict:
+    """mIoU columns, the PAS-20b analog (`pas20b_fold` always; `pas20b` when `pas20b_text`, the tokenized
+    `PAS20B_NAMES`, is given) plus, for a model with SDM, its presence AUROC and how its foreground tokens are spent
+    (`saliency_localization`: `modeling_disa.evaluation.saliency.SaliencyLocalization` on the 24-class run)."""
     import torch
 
     import toy_world as W
+    from modeling_disa.evaluation.saliency import SaliencyLocalization
     from toy_world import normalize_images
     from toy_world.job import subset_scores
 
-    preds, presence_logits, fg_counts = [], [], []
+    def upsampled_argmax(logits):
+        logits = torch.nn.functional.interpolate(
+            logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return logits.argmax(1).numpy()
+
+    preds, analog_preds, presence_logits, fg_counts = [], [], [], []
+    localization = SaliencyLocalization(ignore_index=255)
     with torch.no_grad():
         text_embeds = model.get_text_embeddings(**text)
+        analog_embeds = model.get_text_embeddings(**pas20b_text) if pas20b_text is not None else None
         for i in range(0, len(images), batch_size):
-            out = model(
-                pixel_values=normalize_images(images[i : i + batch_size]),
-                text_embeds=text_embeds,
-                output_saliency=model.config.use_sdm,
-            )
-            logits = torch.nn.functional.interpolate(
-                out.logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
-            )
-            preds.append(logits.argmax(1).numpy())
+            pixel_values = normalize_images(images[i : i + batch_size])
+            out = model(pixel_values=pixel_values, text_embeds=text_embeds, output_saliency=model.config.use_sdm)
+            preds.append(upsampled_argmax(out.logits))
             if out.itm_logits is not None:
                 presence_logits.append(out.itm_logits.float().numpy())
                 fg_counts.append(out.foreground_mask.flatten(2).sum(-1).numpy())
-    scores = subset_scores(np.concatenate(preds), labels)
+                localization.update(out.foreground_mask, labels[i : i + batch_size])
+            if analog_embeds is not None:
+                analog_preds.append(
+                    upsampled_argmax(model(pixel_values=pixel_values, text_embeds=analog_embeds).logits)
+                )
+    pred = np.concatenate(preds)
+    scores = subset_scores(pred, labels)
     row = {column: scores[key] for column, key in SCORE_KEYS.items()}
+    row["pas20b_scores"] = {"folded": W.pas20b_scores(W.to_pas20b_ids(pred), labels)}
+    row["pas20b_fold"] = row["pas20b_scores"]["folded"]["mIoU"]
+    if analog_preds:
+        row["pas20b_scores"]["prompted"] = W.pas20b_scores(np.concatenate(analog_preds), labels)
+        row["pas20b"] = row["pas20b_scores"]["prompted"]["mIoU"]
+        row["pas20b_background"] = row["pas20b_scores"]["prompted"]["background"]
     if presence_logits:
         logits = np.concatenate(presence_logits)
         fg = np.concatenate(fg_counts).astype(np.float64)
@@ -209,6 +269,7 @@ def score_split(model, images: np.ndarray, labels: np.ndarray, text: dict, batch
         total = fg.sum()
         row["foreground_tokens_on_absent_classes"] = float(fg[~present].sum() / total) if total else 0.0
         row["mean_foreground_k_present"] = float(fg[present].mean())
+        row["saliency_localization"] = localization.compute()
     return row
 
 
@@ -232,6 +293,8 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
     processor = DiSaProcessor.from_pretrained(output_dir)
     tokens = processor(text=list(W.CLASS_NAMES), return_tensors="pt")
     text = {"input_ids": tokens["input_ids"], "attention_mask": tokens.get("attention_mask")}
+    tokens = processor(text=list(W.PAS20B_NAMES), return_tensors="pt")
+    pas20b_text = {"input_ids": tokens["input_ids"], "attention_mask": tokens.get("attention_mask")}
     test = datasets.load_from_disk(info["world_dir"])["test"]
     test_images = np.stack([np.asarray(im.convert("RGB")) for im in test["image"]])
     test_labels = np.stack([np.asarray(lab) for lab in test["label"]]).astype(np.int64)
@@ -242,10 +305,13 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
         "model": model_name,
         "seed": seed,
         "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"],
+        "background_caption_rate": info["clip_settings"]["background_caption_rate"],
         "world_seed": args.world_seed,
         "overrides": MODELS[model_name][1],
-        **score_split(model, test_images, test_labels, text),
-        "dev": score_split(model, np.stack(dev["image"]), np.stack(dev["label"]).astype(np.int64), text),
+        **score_split(model, test_images, test_labels, text, pas20b_text=pas20b_text),
+        "dev": score_split(
+            model, np.stack(dev["image"]), np.stack(dev["label"]).astype(np.int64), text, pas20b_text=pas20b_text
+        ),
         "train_seconds": round(train_seconds, 1),
         "clip_zero_shot_accuracy": info["clip_pretraining"]["zero_shot_accuracy"],
     }
@@ -254,7 +320,8 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
 
 def world_baselines(args, world: str) -> dict:
     """What the world's CLIP knows before any head is trained: its zero-shot stuff / thing accuracy and the
-    dense-CLIP baseline (argmax of the cosine cost volume of its dense features) on the test split."""
+    dense-CLIP baseline (argmax of the cosine cost volume of its dense features) on the test split, with the 24
+    classes and on the PAS-20b analog (thing names + "background"; and the 24-class prediction folded)."""
     import datasets
     import torch
     from transformers import AutoTokenizer, CLIPModel
@@ -274,12 +341,30 @@ def world_baselines(args, world: str) -> dict:
     pred = _predict(
         lambda pv: W.dense_clip_logits(clip, pv, text["input_ids"], text["attention_mask"], size), images, 32, size
     )
+    analog_text = tokenizer(
+        [DEFAULT_PROMPT_TEMPLATE.format(n) for n in W.PAS20B_NAMES], padding=True, return_tensors="pt"
+    )
+    analog_pred = _predict(
+        lambda pv: W.dense_clip_logits(clip, pv, analog_text["input_ids"], analog_text["attention_mask"], size),
+        images,
+        32,
+        size,
+    )
     with torch.no_grad():
         scores = subset_scores(pred, labels)
+    prompted = W.pas20b_scores(analog_pred, labels)
+    dense = {column: scores[key] for column, key in SCORE_KEYS.items()}
+    dense.update(
+        pas20b=prompted["mIoU"],
+        pas20b_background=prompted["background"],
+        pas20b_fold=W.pas20b_scores(W.to_pas20b_ids(pred), labels)["mIoU"],
+    )
     return {
         "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"],
+        "background_caption_rate": info["clip_settings"]["background_caption_rate"],
         "clip_zero_shot_accuracy": info["clip_pretraining"]["zero_shot_accuracy"],
-        "dense_clip": {column: scores[key] for column, key in SCORE_KEYS.items()},
+        "dense_clip": dense,
+        "dense_clip_pas20b_per_class_iou": prompted["per_class_iou"],
     }
 
 
@@ -291,8 +376,12 @@ def summarise(rows: list[dict], split: str = "test") -> list[dict]:
     out = []
     for (world, model), items in groups.items():
         entry = {"world": world, "model": model, "split": split, "seeds": len(items)}
-        for column in COLUMNS:
-            values = np.array([item[column] for item in items], dtype=np.float64)
+        extras = [c for c in EXTRA_COLUMNS if all(_has(item, c) for item in items)]
+        for column in (*COLUMNS, *extras):
+            values = np.array([column_value(item, column) for item in items], dtype=np.float64)  # None -> nan
+            if np.isnan(values).all():
+                entry[column] = {"mean": float("nan"), "sd": float("nan"), "min": float("nan")}
+                continue
             entry[column] = {
                 "mean": float(np.nanmean(values)),
                 "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0,
@@ -302,21 +391,49 @@ def summarise(rows: list[dict], split: str = "test") -> list[dict]:
     return out
 
 
+def _table_columns(entries) -> list[str]:
+    """COLUMNS, then the extra columns that some entry has."""
+    return [*COLUMNS, *(c for c in EXTRA_COLUMNS if any(c in e for e in entries))]
+
+
+COLUMN_LEGEND = {
+    "pas20b": 'PAS-20b analog, mIoU over the things and "background" (prompted)',
+    "pas20b_bg": "its background IoU",
+    "pas20b_fold": "CAT-Seg's PAS-20b rule on the 24-class prediction (any stuff name counts as background)",
+    "fg_on_class": "share of SDM's foreground tokens that lie on their own class",
+    "fg_recall": "share of each present class's tokens that its foreground covers",
+    "fg_any": "share of present classes with any foreground token",
+}
+
+
+def _legend(columns) -> list[str]:
+    extras = [c for c in columns if c in COLUMN_LEGEND]
+    return ["", *(f"- {c}: {COLUMN_LEGEND[c]}" for c in extras)] if extras else []
+
+
+def _cell(entry: dict, column: str) -> str:
+    if column not in entry:
+        return "-"
+    digits = 2 if column in SHARE_COLUMNS else 1
+    return f"{entry[column]['mean']:.{digits}f} +- {entry[column]['sd']:.{digits}f}"
+
+
 def markdown_table(summary: list[dict], steps: int) -> str:
+    columns = _table_columns(summary)
     lines = [
         f"Toy world, {steps} training steps, mean +- sd over training seeds (mIoU %, test split unless noted)",
         "",
-        "| world | split | model | seeds | " + " | ".join(COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 4) + "|",
+        "| world | split | model | seeds | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 4) + "|",
     ]
     for entry in summary:
-        cells = [f"{entry[c]['mean']:.1f} +- {entry[c]['sd']:.1f}" for c in COLUMNS]
+        cells = [_cell(entry, c) for c in columns]
         lines.append(
             f"| {entry['world']} | {entry['split']} | {entry['model']} | {entry['seeds']} | "
             + " | ".join(cells)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _legend(columns)) + "\n"
 
 
 README_START = "<!-- toy_world_comparison.json: start (generated by training/toy_world_comparison.py) -->"
@@ -329,12 +446,13 @@ def headline_table(
     """The README / model-card table: test split, the shipped models, mean +- sd over seeds, and per world the
     dense-CLIP baseline (no head) and the CLIP's zero-shot stuff / thing accuracy."""
     names = {"catseg": "CAT-Seg mode", "disa": "DiSa (shipped defaults)", "disa-first-wave": "DiSa, first design"}
-    lines = [f"| world | model | seeds | {' | '.join(COLUMNS)} |", "|---" * (len(COLUMNS) + 3) + "|"]
+    columns = _table_columns([e for e in summary if e["split"] == "test" and e["model"] in models])
+    lines = [f"| world | model | seeds | {' | '.join(columns)} |", "|---" * (len(columns) + 3) + "|"]
     for world in dict.fromkeys(e["world"] for e in summary):
         for entry in summary:
             if entry["split"] != "test" or entry["world"] != world or entry["model"] not in models:
                 continue
-            cells = [f"{entry[c]['mean']:.1f} +- {entry[c]['sd']:.1f}" for c in COLUMNS]
+            cells = [_cell(entry, c) for c in columns]
             lines.append(
                 f"| {world.replace('_', '-')} | {names[entry['model']]} | {entry['seeds']} | "
                 + " | ".join(cells)
@@ -344,16 +462,19 @@ def headline_table(
             dense = baselines[world]["dense_clip"]
             lines.append(
                 f"| {world.replace('_', '-')} | dense CLIP, no head | - | "
-                + " | ".join(f"{dense[c]:.1f}" for c in COLUMNS)
+                + " | ".join(f"{column_value(dense, c):.1f}" if _has(dense, c) else "-" for c in columns)
                 + " |"
             )
+    lines += _legend(columns)
     if baselines:
         lines.append("")
         for world, base in baselines.items():
             acc = base["clip_zero_shot_accuracy"]
+            background = base.get("background_caption_rate", 0.0)
+            said = f'; "on a background" where one goes unnamed, with probability {background:g}' if background else ""
             lines.append(
                 f"- {world.replace('_', '-')} world (captions name a stuff region with probability "
-                f"{base['stuff_caption_rate']:g}): toy CLIP zero-shot accuracy {100 * acc['stuff_all']:.0f} % "
+                f"{base['stuff_caption_rate']:g}{said}): toy CLIP zero-shot accuracy {100 * acc['stuff_all']:.0f} % "
                 f"on stuff, {100 * acc['things_all']:.0f} % on things."
             )
     return f"Test mIoU %, {steps} training steps, mean +- sd over training seeds:\n\n" + "\n".join(lines) + "\n"
@@ -378,6 +499,7 @@ def bar_chart(summary: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     summary = [e for e in summary if e["split"] == "test"]
+    columns = [*COLUMNS, *(c for c in CHART_EXTRAS if any(c in e for e in summary))]
     worlds = list(dict.fromkeys(e["world"] for e in summary))
     models = list(dict.fromkeys(e["model"] for e in summary))
     fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 3.6), squeeze=False)
@@ -387,16 +509,17 @@ def bar_chart(summary: list[dict], path: str) -> None:
             entry = next((e for e in summary if e["world"] == world and e["model"] == model), None)
             if entry is None:
                 continue
-            x = np.arange(len(COLUMNS)) + (i - (len(models) - 1) / 2) * width
+            x = np.arange(len(columns)) + (i - (len(models) - 1) / 2) * width
+            missing = {"mean": np.nan, "sd": np.nan}
             ax.bar(
                 x,
-                [entry[c]["mean"] for c in COLUMNS],
+                [entry.get(c, missing)["mean"] for c in columns],
                 width,
-                yerr=[entry[c]["sd"] for c in COLUMNS],
+                yerr=[entry.get(c, missing)["sd"] for c in columns],
                 label=model,
                 capsize=2,
             )
-        ax.set_xticks(np.arange(len(COLUMNS)), COLUMNS, fontsize=8)
+        ax.set_xticks(np.arange(len(columns)), columns, fontsize=8)
         ax.set_title(world)
         ax.set_ylabel("test mIoU %")
         ax.set_ylim(0, 100)
@@ -414,6 +537,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 800)")
     parser.add_argument("--world_seed", type=int, default=0)
     parser.add_argument("--stuff_caption_rate", type=float, default=WORLDS["foreground_biased"])
+    parser.add_argument(
+        "--background_caption_rate",
+        type=float,
+        default=0.0,
+        help='foreground-biased world: share of the captions leaving a stuff region unnamed that say "on a '
+        'background" (the toy CLIP learns the word the PAS-20b analog prompts); 0 = the committed worlds',
+    )
     parser.add_argument("--num_dev", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=2, help="rows trained at once (one CPU thread each)")
     parser.add_argument("--device", default="cpu", choices=["cpu"], help="rows run on CPU (the toy world is tiny)")
@@ -433,6 +563,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="train nothing: summarise the rows already finished under --work_dir",
     )
+    parser.add_argument(
+        "--baselines_only",
+        action="store_true",
+        help="train nothing: write each world's toy-CLIP baselines (zero-shot accuracy, dense CLIP on the 24 classes "
+        "and on the PAS-20b analog) to --output",
+    )
     parser.add_argument("--row", nargs=3, metavar=("WORLD", "MODEL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -447,6 +583,8 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.baselines_only:
+        return write_baselines(args, argv)
     if args.collect_only:
         return write_results(args, argv)
     # the worlds (dataset + toy CLIP) once, before any worker needs them
@@ -483,6 +621,7 @@ def write_results(args, argv) -> int:
         "world_seed": args.world_seed,
         "baselines": baselines,
         "stuff_caption_rate": args.stuff_caption_rate,
+        "background_caption_rate": args.background_caption_rate,
         "smoke": args.smoke,
         "rows": rows,
         "summary": summary,
@@ -501,8 +640,36 @@ def write_results(args, argv) -> int:
     return 0
 
 
+def write_baselines(args, argv) -> int:
+    """What each world's toy CLIP does before any head is trained, without training a row."""
+    baselines = {world: world_baselines(args, world) for world in args.worlds}
+    _write_json(
+        args.output,
+        {
+            "machine": machine_info(),
+            "world_seed": args.world_seed,
+            "stuff_caption_rate": args.stuff_caption_rate,
+            "background_caption_rate": args.background_caption_rate,
+            "smoke": args.smoke,
+            "baselines": baselines,
+            "command": "python training/toy_world_comparison.py " + " ".join(argv or sys.argv[1:]),
+        },
+    )
+    for world, base in baselines.items():
+        dense = base["dense_clip"]
+        print(
+            f"[baselines] {world}: dense CLIP all {dense['all']:.1f}, stuff {dense['stuff']:.1f}, things "
+            f"{dense['things']:.1f}; PAS-20b analog {dense['pas20b']:.1f} (background IoU "
+            f"{dense['pas20b_background']:.1f}), folded {dense['pas20b_fold']:.1f}"
+        )
+    return 0
+
+
 def row_path(args, world: str, model: str, seed: int) -> str:
-    tag = f"ws{args.world_seed}-r{args.stuff_caption_rate}-s{args.steps}" + ("-smoke" if args.smoke else "")
+    tag = f"ws{args.world_seed}-r{args.stuff_caption_rate}-s{args.steps}"
+    if args.background_caption_rate:  # a different toy CLIP: its rows must not resume the others
+        tag += f"-bg{args.background_caption_rate}"
+    tag += "-smoke" if args.smoke else ""
     return os.path.join(args.work_dir, "rows", tag, f"{world}-{model}-{seed}.json")
 
 

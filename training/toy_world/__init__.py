@@ -12,12 +12,14 @@ evaluation) that runs on a laptop CPU without any download. One module per conce
 - `cache`: the dataset and the tiny CLIP cached by a hash of their settings, written atomically, so that
   `DiSaForOpenVocabSegmentation.from_clip_pretrained(folder)` is the same call as with `openai/clip-vit-base-patch16`;
 - `baselines`: the untrained dense-CLIP baseline;
+- `background_benchmark`: the PAS-20b analog (the thing names plus "background", which covers every stuff pixel);
 - `job`: the default training job on the world (`training/train.py` without `--config`).
 
 Everything is numpy / torch; no network. The names below are re-exported so that ``import toy_world as W`` gives the
 whole world (``W.render_scene``, ``W.ClipSettings``, ...).
 """
 
+from .background_benchmark import BACKGROUND_NAME, PAS20B_BACKGROUND_ID, PAS20B_NAMES, pas20b_scores, to_pas20b_ids
 from .baselines import dense_clip_logits
 from .cache import default_cache_root, ensure_toy_clip, ensure_world_dataset, write_atomically
 from .clip_pretraining import (
@@ -55,6 +57,9 @@ from .scenes import (
 from .tokenizer import build_tokenizer, world_words
 
 __all__ = [
+    "BACKGROUND_NAME",
+    "PAS20B_BACKGROUND_ID",
+    "PAS20B_NAMES",
     "CAPTION_TEMPLATES",
     "CLASS_NAMES",
     "COLORS",
@@ -84,10 +89,12 @@ __all__ = [
     "ensure_world_dataset",
     "generate_split",
     "normalize_images",
+    "pas20b_scores",
     "pretrain_clip",
     "pretraining_batch",
     "render_scene",
     "split_rng",
+    "to_pas20b_ids",
     "world_words",
     "write_atomically",
 ]

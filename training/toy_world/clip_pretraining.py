@@ -45,13 +45,29 @@ class ClipSettings:
     # Probability that a caption names a stuff region present in its image (things are always named): 1.0 is the
     # unbiased world, < 1 the foreground-biased one whose CLIP under-learns stuff, as web-pretrained CLIP does.
     stuff_caption_rate: float = 1.0
+    # Probability that a caption leaving a stuff region unnamed says its things are "on a background" (`caption_for`):
+    # 0 keeps the existing worlds; > 0 teaches the word the PAS-20b analog prompts. Needs stuff_caption_rate < 1.
+    background_caption_rate: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not 0.0 <= self.background_caption_rate <= 1.0:
+            raise ValueError(f"background_caption_rate must lie in [0, 1], got {self.background_caption_rate}.")
+        if self.background_caption_rate > 0 and self.stuff_caption_rate >= 1.0:
+            raise ValueError(
+                f"background_caption_rate={self.background_caption_rate} has no effect with stuff_caption_rate="
+                f"{self.stuff_caption_rate}: every stuff region is named, so no caption says 'on a background'. "
+                "Set stuff_caption_rate below 1 (a foreground-biased world) or background_caption_rate to 0."
+            )
 
     def key(self) -> str:
         words = world_words()
         values = asdict(self)
-        if values["stuff_caption_rate"] == 1.0:  # the unbiased world keeps the cache key it had before the setting
+        # settings at their defaults stay out of the key, so the worlds made before they existed keep their caches
+        if values["stuff_caption_rate"] == 1.0:
             del values["stuff_caption_rate"]
+        if values["background_caption_rate"] == 0.0:
+            del values["background_caption_rate"]
         blob = json.dumps(
             {"clip": values, "words": words, "vocab": CLASS_NAMES, "version": WORLD_VERSION}, sort_keys=True
         )
@@ -103,10 +119,16 @@ def normalize_images(images: np.ndarray, patch_size: int = 8):
 
 
 def pretraining_batch(
-    rng: np.random.Generator, batch_size: int, image_size: int, max_things: int = 2, stuff_caption_rate: float = 1.0
+    rng: np.random.Generator,
+    batch_size: int,
+    image_size: int,
+    max_things: int = 2,
+    stuff_caption_rate: float = 1.0,
+    background_caption_rate: float = 0.0,
 ):
     """Image-caption pairs of every concept (seen and unseen): a quarter single-stuff images, the rest scenes. A
-    pair whose caption would name nothing (a stuff-only image whose stuff went unnamed) is redrawn."""
+    pair whose caption would name nothing (a stuff-only image whose stuff went unnamed) is redrawn. The caption
+    rates are `caption_for`'s."""
     all_ids = list(range(len(CLASS_NAMES)))
     images, captions = [], []
     while len(images) < batch_size:
@@ -114,7 +136,7 @@ def pretraining_batch(
         img, _, present = render_scene(
             rng, all_ids, image_size, max_things=0 if kind < 0.25 else max_things, single_stuff_prob=0.5
         )
-        caption = caption_for(rng, present, stuff_caption_rate)
+        caption = caption_for(rng, present, stuff_caption_rate, background_caption_rate)
         if caption is not None:
             images.append(img)
             captions.append(caption)
@@ -142,7 +164,12 @@ def pretrain_clip(settings: ClipSettings, output_dir: str, progress: bool = True
     bar = tqdm(range(settings.steps), desc="toy CLIP pretraining", disable=not progress)
     for step in bar:
         images, captions = pretraining_batch(
-            rng, settings.batch_size, settings.image_size, settings.max_things, settings.stuff_caption_rate
+            rng,
+            settings.batch_size,
+            settings.image_size,
+            settings.max_things,
+            settings.stuff_caption_rate,
+            settings.background_caption_rate,
         )
         text = tokenizer(captions, padding=True, return_tensors="pt")
         out = model(

@@ -34,6 +34,9 @@ DEFAULTS = {
     # Share of stuff regions that the CLIP pretraining captions name (things are always named): 1.0 = unbiased
     # world; < 1 = foreground-biased, like web captions that name the objects and rarely the wall or the floor.
     "stuff_caption_rate": 1.0,
+    # Share of the captions leaving a stuff region unnamed that say the things are "on a background" (so the toy CLIP
+    # knows the word the PAS-20b analog prompts); 0 = the worlds as they were. Needs stuff_caption_rate < 1.
+    "background_caption_rate": 0.0,
     "clip": {},  # ClipSettings overrides
     "compare_catseg": True,
     "catseg_preset": "configuration/models/catseg-toy",
@@ -48,6 +51,10 @@ def settings_from_recipe(r) -> dict:
     unknown = sorted(set(values) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f"unknown toy_world setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    # the caption rates define the world: one place each, not a toy_world value silently replaced by a clip one
+    doubled = sorted({"stuff_caption_rate", "background_caption_rate"} & set(values["clip"] or {}))
+    if doubled:
+        raise SystemExit(f"set {doubled} in the toy_world mapping itself, not in toy_world.clip")
     return values
 
 
@@ -68,6 +75,7 @@ def prepare(r, repo_path=lambda p: p):
         "seed": s["seed"],
         "image_size": s["image_size"],
         "stuff_caption_rate": s["stuff_caption_rate"],
+        "background_caption_rate": s["background_caption_rate"],
         **(s["clip"] or {}),
     }
     clip = W.ClipSettings(**clip_values)

@@ -153,20 +153,40 @@ def render_scene(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label, present
 
 
-def caption_for(rng: np.random.Generator, present: list[int], stuff_caption_rate: float = 1.0) -> str | None:
+def caption_for(
+    rng: np.random.Generator,
+    present: list[int],
+    stuff_caption_rate: float = 1.0,
+    background_caption_rate: float = 0.0,
+) -> str | None:
     """Caption listing the concepts present, in random order, with a random template
     (e.g. "a photo of blue circle, red stripes and green dots").
 
     `stuff_caption_rate` < 1 makes the captions foreground-biased, as web alt-texts are: things are always named,
-    each stuff region only with that probability. Returns None when nothing would be named (the caller redraws)."""
+    each stuff region only with that probability. `background_caption_rate` > 0: a caption that leaves a stuff region
+    unnamed says, with that probability, that the named concepts are "on a background" ("a photo of blue circle on a
+    background"; "a photo of a background" when nothing else is named), as web captions do; this is how the toy CLIP
+    learns the word "background" for the PAS-20b analog (`background_benchmark`). Returns None when nothing would be
+    named (the caller redraws)."""
     if stuff_caption_rate < 1.0:  # no extra draws at 1.0, so the unbiased world stays bit-identical
-        present = [c for c in present if VOCAB["kinds"][c] == "thing" or rng.random() < stuff_caption_rate]
+        named = [c for c in present if VOCAB["kinds"][c] == "thing" or rng.random() < stuff_caption_rate]
+        # no extra draw at rate 0 or when every stuff region was named: the existing worlds stay bit-identical
+        background = (
+            background_caption_rate > 0 and len(named) < len(present) and rng.random() < background_caption_rate
+        )
+        present = named
         if not present:
-            return None
+            if not background:
+                return None
+            return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format("a background")
+    else:
+        background = False
     names = [CLASS_NAMES[c] for c in present]
     order = rng.permutation(len(names))
     names = [names[i] for i in order]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    if background:
+        listed += " on a background"
     return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
 
 
