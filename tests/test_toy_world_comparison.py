@@ -56,7 +56,7 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
             assert 0.0 <= row[column] <= 100.0 and 0.0 <= row["dev"][column] <= 100.0
         assert ("presence_auroc" in row) == (row["model"] == "disa")
         for scores in (row, row["dev"]):  # the PAS-20b analog is scored for every model, SDM's split for DiSa only
-            for column in ("pas20b", "pas20b_background", "pas20b_fold"):
+            for column in ("pas20b", "pas20b_background", "pas20b_fold", "boundary_iou", "stuff_predicted_as_thing"):
                 assert 0.0 <= scores[column] <= 100.0
             assert set(scores["pas20b_scores"]["prompted"]["per_class_iou"]) == set(W.PAS20B_NAMES)
             localization = scores.get("saliency_localization")
@@ -108,6 +108,27 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
     again = sorted(row_dir.rglob("*.json"))
     assert again == files
     assert all(f.stat().st_mtime_ns == stamps[f] for f in files[1:])
+
+
+def test_boundary_and_bias_columns_against_direct_counts():
+    """The comparison's boundary / foreground-bias columns: a perfect prediction has Boundary IoU 100 and no bias;
+    painting stuff pixels with a thing class moves exactly their share into `stuff_predicted_as_thing`."""
+    script = _load_script()
+    rng = np.random.default_rng(0)
+    labels = rng.choice(W.STUFF_IDS, size=(3, 1, 1)).repeat(64, 1).repeat(64, 2).astype(np.int64)
+    thing = next(i for i in range(len(W.CLASS_NAMES)) if i not in W.STUFF_IDS)
+    labels[:, 20:40, 20:40] = thing
+    labels[0, :2] = 255
+    perfect = script.boundary_and_bias(labels.clip(max=len(W.CLASS_NAMES) - 1), labels)
+    assert perfect == {"boundary_iou": 100.0, "stuff_predicted_as_thing": 0.0, "thing_predicted_as_stuff": 0.0}
+    pred = labels.clip(max=len(W.CLASS_NAMES) - 1).copy()
+    pred[:, 50:, :] = thing  # stuff rows painted as the thing
+    scored = labels != 255
+    stuff = scored & np.isin(labels, W.STUFF_IDS)
+    expected = 100.0 * (stuff & ~np.isin(pred, W.STUFF_IDS)).sum() / stuff.sum()
+    biased = script.boundary_and_bias(pred, labels)
+    assert biased["stuff_predicted_as_thing"] == pytest.approx(expected)
+    assert biased["thing_predicted_as_stuff"] == 0.0 and biased["boundary_iou"] < 100.0
 
 
 def test_readme_and_model_card_quote_the_committed_comparison():

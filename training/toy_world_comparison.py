@@ -58,6 +58,9 @@ EXTRA_COLUMNS = {
     "pas20b": ("pas20b",),
     "pas20b_bg": ("pas20b_background",),
     "pas20b_fold": ("pas20b_fold",),
+    "boundary_iou": ("boundary_iou",),
+    "stuff_as_thing": ("stuff_predicted_as_thing",),
+    "thing_as_stuff": ("thing_predicted_as_stuff",),
     "fg_on_class": ("saliency_localization", "foreground_precision"),
     "fg_recall": ("saliency_localization", "foreground_recall"),
     "fg_any": ("saliency_localization", "present_with_foreground"),
@@ -250,6 +253,7 @@ def score_split(
     pred = np.concatenate(preds)
     scores = subset_scores(pred, labels)
     row = {column: scores[key] for column, key in SCORE_KEYS.items()}
+    row.update(boundary_and_bias(pred, labels))
     row["pas20b_scores"] = {"folded": W.pas20b_scores(W.to_pas20b_ids(pred), labels)}
     row["pas20b_fold"] = row["pas20b_scores"]["folded"]["mIoU"]
     if analog_preds:
@@ -271,6 +275,27 @@ def score_split(
         row["mean_foreground_k_present"] = float(fg[present].mean())
         row["saliency_localization"] = localization.compute()
     return row
+
+
+def boundary_and_bias(pred: np.ndarray, labels: np.ndarray) -> dict:
+    """Boundary IoU over the 24 classes and the foreground-bias rates (things = the non-stuff classes), in %, of
+    predictions `(N, H, W)` against labels `(N, H, W)`."""
+    import toy_world as W
+    from modeling_disa.evaluation.boundary import BoundaryIoU
+    from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix, foreground_bias_rates
+
+    num_classes = len(W.CLASS_NAMES)
+    boundary = BoundaryIoU(num_classes, ignore_index=255)
+    confusion = SegmentationConfusionMatrix(num_classes, ignore_index=255)
+    for p, t in zip(pred, labels):
+        boundary.update(p, t)
+        confusion.update(p, t)
+    rates = foreground_bias_rates(confusion.confusion, ~np.isin(np.arange(num_classes), W.STUFF_IDS))
+    return {
+        "boundary_iou": 100.0 * float(boundary.compute()["mean_boundary_iou"]),
+        "stuff_predicted_as_thing": 100.0 * float(rates["stuff_predicted_as_thing"]),
+        "thing_predicted_as_stuff": 100.0 * float(rates["thing_predicted_as_stuff"]),
+    }
 
 
 def run_row(args, world: str, model_name: str, seed: int) -> dict:
@@ -400,6 +425,9 @@ COLUMN_LEGEND = {
     "pas20b": 'PAS-20b analog, mIoU over the things and "background" (prompted)',
     "pas20b_bg": "its background IoU",
     "pas20b_fold": "CAT-Seg's PAS-20b rule on the 24-class prediction (any stuff name counts as background)",
+    "boundary_iou": "Boundary IoU (Cheng et al. 2021, d = 2 % of the image diagonal), mean over classes present",
+    "stuff_as_thing": "foreground bias: % of stuff pixels predicted as a thing class",
+    "thing_as_stuff": "% of thing pixels predicted as a stuff class",
     "fg_on_class": "share of SDM's foreground tokens that lie on their own class",
     "fg_recall": "share of each present class's tokens that its foreground covers",
     "fg_any": "share of present classes with any foreground token",
