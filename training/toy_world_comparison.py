@@ -115,6 +115,7 @@ SHARED = {**COST, "branch_attention": "shared"}
 MODELS = {
     "catseg": (CATSEG_PRESET, {}),
     "disa": (DISA_PRESET, {}),  # the shipped DiSa defaults
+    "disa+localization": (DISA_PRESET, {"sdm_localization_loss_weight": 1.0}),  # split supervised by the labels
     "disa-first-wave": (DISA_PRESET, FIRST_WAVE),
     "fw+detach": (DISA_PRESET, DETACHED),
     "fw+detach+own": (DISA_PRESET, OWN),
