@@ -10,15 +10,18 @@ import torch
 from modeling_disa.evaluation.saliency import SaliencyLocalization, token_majority
 
 
-def _reference(mask: np.ndarray, labels: np.ndarray, ignore: int) -> dict:
+def _reference(mask: np.ndarray, labels: np.ndarray, ignore: int, processed: np.ndarray | None = None) -> dict:
     """Direct loops: token (i, j) covers rows floor(i H / h) .. ceil((i + 1) H / h) - 1 (same for columns); it is on
-    class t when more than half of its non-ignored pixels are t; a token without such pixels is left out."""
+    class t when more than half of its non-ignored pixels are t; a token without such pixels is left out; an
+    (image, class) pair with `processed[b, t]` False is left out."""
     b, t_count, h, w = mask.shape
     H, W = labels.shape[1:]
-    n = dict(pairs=0, with_fg=0, fg=0, on_fg=0, class_tokens=0, scored=0, absent_pairs=0, absent_fg=0)
+    n = dict(pairs=0, with_fg=0, fg=0, on_fg=0, class_tokens=0, scored=0, absent_pairs=0, absent_fg=0, scored_all=0)
     for b_i in range(b):
         lab = labels[b_i]
         for t in range(t_count):
+            if processed is not None and not processed[b_i, t]:
+                continue
             present = bool(((lab == t) & (lab != ignore)).any())
             fg = on_fg = class_tokens = scored = 0
             for i in range(h):
@@ -34,6 +37,7 @@ def _reference(mask: np.ndarray, labels: np.ndarray, ignore: int) -> dict:
                     fg += int(mask[b_i, t, i, j])
                     on_fg += int(mask[b_i, t, i, j] and on)
                     class_tokens += int(on)
+            n["scored_all"] += scored
             if present:
                 n["pairs"] += 1
                 n["with_fg"] += int(fg > 0)
@@ -51,6 +55,7 @@ def _reference(mask: np.ndarray, labels: np.ndarray, ignore: int) -> dict:
         "mean_foreground_tokens_present": n["fg"] / n["pairs"],
         "mean_foreground_tokens_absent": n["absent_fg"] / n["absent_pairs"],
         "foreground_grid_share": n["fg"] / n["scored"],
+        "foreground_grid_share_all": (n["fg"] + n["absent_fg"]) / n["scored_all"],
         "num_images": b,
         "present_pairs": n["pairs"],
         "absent_pairs": n["absent_pairs"],
@@ -86,6 +91,26 @@ def test_statistics_match_a_direct_loop(size, grid):
         assert got[key] == pytest.approx(want[key], rel=1e-12), key
 
 
+def test_class_cap_leaves_the_unprocessed_classes_out():
+    """With `class_indices` (the model's class cap), only the (image, class) pairs the model processed count."""
+    rng = np.random.default_rng(7)
+    num_classes, ignore, grid = 8, 255, (4, 3)
+    labels = _blocky_labels(rng, 4, (13, 10), 6, ignore)
+    class_indices = torch.from_numpy(np.stack([rng.permutation(num_classes)[:5] for _ in range(4)]))
+    processed = np.zeros((4, num_classes), bool)
+    np.put_along_axis(processed, class_indices.numpy(), True, axis=1)
+    # the model returns no foreground token for a class it did not process
+    mask = (rng.random((4, num_classes, *grid)) < 0.35) & processed[:, :, None, None]
+    metric = SaliencyLocalization(ignore_index=ignore)
+    metric.update(torch.from_numpy(mask), labels, class_indices=class_indices)
+    got, want = metric.compute(), _reference(mask, labels, ignore, processed)
+    assert got["present_pairs"] + got["absent_pairs"] == 4 * 5
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    with pytest.raises(ValueError, match="class_indices"):
+        metric.update(torch.from_numpy(mask), labels, class_indices=class_indices + num_classes)
+
+
 def test_token_rule_on_a_hand_made_map():
     # 4x4 map, 2x2 grid: bin (0,0) all class 1; bin (0,1) half 1, half 2 (a tie: on neither); bin (1,0) three 1s
     # and one ignored pixel (on 1); bin (1,1) all ignored (unscored)
@@ -105,6 +130,7 @@ def test_token_rule_on_a_hand_made_map():
     assert out["present_with_foreground"] == 0.5  # class 2 (present) gets no foreground token
     assert out["mean_foreground_tokens_absent"] == 1.0 and out["absent_pairs"] == 1
     assert out["foreground_grid_share"] == pytest.approx(3 / 6)
+    assert out["foreground_grid_share_all"] == pytest.approx(4 / 9)  # 3 scored tokens x 3 classes
 
 
 def test_empty_ratios_are_none_and_bad_inputs_are_refused():

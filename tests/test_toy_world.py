@@ -140,6 +140,11 @@ def test_default_job_shortened(tmp_path):
         for key in ("mIoU", "seen", "stuff", "things", "pixel_accuracy"):
             assert math.isfinite(res[key]), (key, res)
     assert "| DiSa |" in proc.stdout
+    # DiSa's SDM split at the end of its training, on the validation split, with the split guard's count
+    assert report["disa_training"]["eval_split/num_images"] == 4
+    assert "split_guard_warnings" in report["disa_training"]
+    split_section = "DiSa's SDM split on the validation split (4 images)"
+    assert split_section in (out / "toy_world_results.md").read_text() and split_section in proc.stdout
     # one cached world and one cached CLIP, under the hash of their settings
     assert len([n for n in os.listdir(tmp_path / "cache") if n.startswith(("clip-", "world-"))]) == 2
 

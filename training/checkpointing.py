@@ -42,6 +42,9 @@ class TrainingProgress:
     num_processes: int = 1
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
+    # the split guard's warnings so far (train.py, models with SDM), so that a resumed run's count goes on
+    split_guard_warnings: int = 0
+    split_guard_last_warning: dict | None = None
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

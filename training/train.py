@@ -44,6 +44,7 @@ from transformers import HfArgumentParser, SchedulerType
 import checkpointing as C
 import data as D
 from optimization import optimizer_param_groups
+from split_guard import SplitGuard
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configuration", "training", "toy_world.yaml")
@@ -180,7 +181,26 @@ class TrainingRecipe:
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder.")
     eval_steps: int = _f(5000, "Validate every N optimiser steps (0 = only at the end).")
     eval_before_training: bool = _f(False, "Also validate before the first step.")
-    logging_steps: int = _f(20, "Log the training loss every N optimiser steps.")
+    logging_steps: int = _f(
+        20,
+        "Log the training loss (and its segmentation / ITM terms, and with SDM the split statistics "
+        "train/split/...) every N optimiser steps, averaged over those steps and the processes.",
+    )
+    split_guard_min_present_with_foreground: float = _f(
+        0.5,
+        "Models with SDM: warn when the share of present classes that get any foreground token (split statistic "
+        "present_with_foreground, of a logging window or an evaluation) falls below this after the warm-up; 0 = "
+        "no check. A model without SDM has no split: the run logs that the guard does not apply.",
+    )
+    split_guard_min_foreground_precision: float = _f(
+        0.45,
+        "Models with SDM: warn when the share of foreground tokens on their own class (split statistic "
+        "foreground_precision) falls below this after the warm-up; 0 = no check. On the test split of one toy world, "
+        "the DiSa run that collapsed had 0.36, the two others 0.56 and 0.86.",
+    )
+    split_guard_warmup_fraction: float = _f(
+        0.1, "Share of the training steps before the split guard checks (the split is still forming), in [0, 1)."
+    )
     report_to: str = _f(
         "auto", "accelerate trackers: auto (tensorboard if installed), none, all, tensorboard, wandb..."
     )
@@ -343,6 +363,14 @@ def check_recipe(r: TrainingRecipe) -> None:
             problems.append(f"{name} must be > 0")
     if r.push_to_hub and not r.hub_model_id:
         problems.append("push_to_hub needs hub_model_id")
+    for name in ("split_guard_min_present_with_foreground", "split_guard_min_foreground_precision"):
+        if not 0 <= getattr(r, name) <= 1:
+            problems.append(f"{name} is a share: it must be in [0, 1] (0 turns the check off), got {getattr(r, name)}")
+    if not 0 <= r.split_guard_warmup_fraction < 1:
+        problems.append(
+            f"split_guard_warmup_fraction must be in [0, 1) (a share of the training steps), got "
+            f"{r.split_guard_warmup_fraction}; to turn the split guard off, set its thresholds to 0"
+        )
     if problems:
         raise SystemExit("invalid recipe:\n  " + "\n  ".join(problems))
 
@@ -575,31 +603,46 @@ def evaluate(model, loader, accelerator, text_inputs, num_classes: int, ignore_i
     (which drops the samples duplicated to even out the last batch), so every process holds the same confusion matrix
     and the result does not depend on the number of processes. The vocabulary is encoded once: the first batch's
     output `text_embeds` go to every later batch (through the wrapped model's forward, so DDP/FSDP see a normal
-    call)."""
+    call). With SDM, the split statistics of the whole split (`split/<name>`, `SplitStatistics`) come from the
+    gathered presence logits and foreground masks, the same way."""
     from modeling_disa.evaluation.metrics import SegmentationConfusionMatrix
+    from modeling_disa.evaluation.split_statistics import SplitStatistics
 
     model.eval()
     cm = SegmentationConfusionMatrix(num_classes, ignore_index=ignore_index, device="cpu")
+    split = SplitStatistics(ignore_index) if accelerator.unwrap_model(model).config.use_sdm else None
     text = dict(text_inputs)
     with torch.no_grad():
         for batch in loader:
-            out = model(pixel_values=batch["pixel_values"], **text)
+            out = model(pixel_values=batch["pixel_values"], output_saliency=split is not None, **text)
             text = {"text_embeds": out.text_embeds}
             probabilities = torch.nn.functional.interpolate(
                 out.logits.float().sigmoid(), size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False
             )
             preds = probabilities.argmax(1).to(torch.int32)
-            preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(torch.int32)))
+            gathered = [preds, batch["labels"].to(torch.int32)]
+            if split is not None:
+                # (bool tensors do not travel through every backend's all-gather)
+                gathered += [out.itm_logits.float(), out.foreground_mask.to(torch.uint8)]
+                gathered += [] if out.class_indices is None else [out.class_indices]
+            gathered = accelerator.gather_for_metrics(tuple(gathered))
+            preds, labels = gathered[0], gathered[1]
             cm.update(preds.cpu(), labels.cpu())
+            if split is not None:
+                class_indices = gathered[4] if len(gathered) > 4 else None
+                split.update(gathered[2], gathered[3].bool(), labels, class_indices)
     model.train()
     res = cm.compute(rule="present_in_gt")  # detectron2 main / CAT-Seg: mean over classes present in the GT
-    return {
+    metrics = {
         "mIoU": float(res["mean_iou"]) * 100,
         "pixel_accuracy": float(res["pixel_accuracy"]) * 100,
         "mean_accuracy": float(res["mean_accuracy"]) * 100,
         "num_pixels": int(res["num_pixels"]),
         "per_class_iou": [None if x != x else float(x) * 100 for x in res["per_category_iou"].tolist()],
     }
+    if split is not None:
+        metrics.update({f"split/{name}": value for name, value in split.compute().items()})
+    return metrics
 
 
 # =====================================================================================================================
@@ -825,6 +868,26 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
             main_process_only=True,
         )
 
+    # ---- SDM: the split statistics of every logging window, and the guard that warns when the split collapses
+    from modeling_disa.evaluation.split_statistics import SplitStatistics
+
+    use_sdm = bool(accelerator.unwrap_model(model).config.use_sdm)
+    split_window = guard = None
+    last_split = {}
+    if use_sdm:
+        split_window = SplitStatistics(ignore_index)
+        guard = SplitGuard.from_recipe(
+            r,
+            max_train_steps,
+            warnings=progress_state.split_guard_warnings,
+            last_warning=progress_state.split_guard_last_warning,
+        )
+    else:
+        logger.info(
+            "the model has no SDM (use_sdm=False): no foreground split, so no split statistics and no split guard",
+            main_process_only=True,
+        )
+
     log_path = os.path.join(r.output_dir, "log.jsonl")
 
     def log(values: dict, step: int):
@@ -843,7 +906,16 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
             f"step {step}: eval mIoU {metrics['mIoU']:.2f} pixel acc {metrics['pixel_accuracy']:.2f}",
             main_process_only=True,
         )
+        if guard is not None:
+            split = {k.removeprefix("split/"): v for k, v in metrics.items() if k.startswith("split/")}
+            check_split(split, step, "evaluation")
         return metrics
+
+    def check_split(statistics: dict, step: int, source: str) -> None:
+        for message in guard.check(statistics, step, source):
+            logger.warning(message, main_process_only=True)
+        progress_state.split_guard_warnings = guard.warnings  # saved with the next checkpoint
+        progress_state.split_guard_last_warning = guard.last_warning
 
     # ---- training loop
     progress = tqdm(
@@ -853,7 +925,8 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     if r.eval_before_training and completed_steps == 0:
         metrics = run_eval(0)
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
+    # the window's sums of the loss and its terms (segmentation, ITM): one row each
+    loss_sum = torch.zeros(3, device=accelerator.device)
     loss_count = 0
     step_start = time.perf_counter()
     for epoch in range(start_epoch, num_epochs):
@@ -868,7 +941,10 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
             batches_in_epoch = resume_batches
         for batch in loader:
             with accelerator.accumulate(model):
-                out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], **text_inputs)
+                # output_saliency only returns what SDM computes anyway: loss and gradients are the same without it
+                out = model(
+                    pixel_values=batch["pixel_values"], labels=batch["labels"], output_saliency=use_sdm, **text_inputs
+                )
                 loss = out.loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and r.max_grad_norm > 0:  # full-model norm (frozen: no grad)
@@ -876,8 +952,11 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             batches_in_epoch += 1
-            loss_sum += loss.detach().float()
+            itm_loss = out.itm_loss.detach().float() if out.itm_loss is not None else torch.zeros_like(loss_sum[0])
+            loss_sum += torch.stack([loss.detach().float(), out.segmentation_loss.detach().float(), itm_loss])
             loss_count += 1
+            if split_window is not None:
+                split_window.update(out.itm_logits, out.foreground_mask, batch["labels"], out.class_indices)
             skipped_total += int(batch["num_skipped"].sum())
             seen_total += int(batch["labels"].shape[0])
             if r.on_bad_sample == "skip":
@@ -889,12 +968,23 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
             run.started = True
             progress.update(1)
             if r.logging_steps and completed_steps % r.logging_steps == 0:
-                mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
+                mean_loss, segmentation, itm = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").tolist()
                 elapsed = time.perf_counter() - step_start
                 lrs = {f"train/lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                values = {"train/loss": mean_loss, "train/segmentation_loss": segmentation}
+                if use_sdm:
+                    values["train/itm_loss"] = itm
+                if split_window is not None:
+                    counts = split_window.to_tensor()
+                    if accelerator.num_processes > 1:  # summed counts: the window's statistics over every process
+                        counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
+                    last_split = SplitStatistics.from_tensor(counts, ignore_index).compute()
+                    values.update({f"train/split/{name}": value for name, value in last_split.items()})
+                    check_split(last_split, completed_steps, "training window")
+                    split_window.reset()
                 log(
                     {
-                        "train/loss": mean_loss,
+                        **values,
                         **lrs,
                         "train/skipped_samples": skipped_total,
                         "train/epoch": epoch,
@@ -950,6 +1040,9 @@ def _train(r: TrainingRecipe, train_dataset, eval_dataset, run: _RunFiles) -> di
     results = {"completed_steps": completed_steps, "skipped_samples": skipped_all, "class_names": class_names}
     if metrics:
         results.update({f"eval_{k}": v for k, v in metrics.items()})
+    if guard is not None:
+        results.update({f"train_split/{name}": value for name, value in last_split.items()})  # the last window's
+        results.update(guard.summary())
     if accelerator.is_main_process:
         with open(os.path.join(r.output_dir, "all_results.json"), "w") as fh:
             json.dump(results, fh, indent=1)

@@ -15,13 +15,18 @@ count below.
 **Counts** (summed over the images of a dataset; channel t of the mask and label id t name the same class):
 
 - a *present* class of an image has at least one scored ground-truth pixel in it, an *absent* class has none;
+- only the classes the model processed count: with a vocabulary larger than `config.class_cap`, the model keeps
+  `class_cap` classes per image (`DiSaSegmentationOutput.class_indices`) and returns no foreground token for the
+  others; pass `class_indices` to leave those (image, class) pairs out of every count below (without it, every
+  class counts, so a present class dropped by the cap counts as one without foreground);
 - `foreground_precision` = foreground tokens on their own class / all foreground tokens of present classes;
 - `foreground_recall` = foreground tokens on their own class / tokens on a present class (the share of each
   class's ground-truth tokens that its foreground covers);
 - `present_with_foreground` = share of (image, present class) pairs with at least one foreground token;
 - `mean_foreground_tokens_present` / `mean_foreground_tokens_absent`: foreground tokens per (image, class) pair
   (absent classes should get none when SDM routes by predicted presence);
-- `foreground_grid_share` = foreground tokens of present classes / (scored tokens x present pairs).
+- `foreground_grid_share` = foreground tokens of present classes / (scored tokens x present pairs);
+- `foreground_grid_share_all` = the same over every processed class, present or absent.
 
 Ratios with an empty denominator are ``None``. Standalone: depends on torch and NumPy only.
 """
@@ -42,6 +47,7 @@ _COUNTS = (
     "scored_tokens_present",
     "absent_pairs",
     "absent_foreground_tokens",
+    "scored_tokens_all",
 )
 
 
@@ -74,6 +80,28 @@ def token_majority(
     return 2 * share > scored_share, scored_share > 0
 
 
+def processed_classes(class_indices: torch.Tensor | None, batch: int, num_classes: int) -> torch.Tensor:
+    """`(B, T)` bool: the classes the model processed per image, from its `(B, K)` `class_indices` (all when
+    None), refusing indices of another batch or vocabulary."""
+    if class_indices is None:
+        return torch.ones(batch, num_classes, dtype=torch.bool)
+    if not isinstance(class_indices, torch.Tensor) or class_indices.is_floating_point() or class_indices.dim() != 2:
+        raise ValueError(
+            "class_indices must be the model's (B, K) integer `class_indices` output, got "
+            f"{type(class_indices).__name__} {tuple(getattr(class_indices, 'shape', ()))}."
+        )
+    class_indices = class_indices.detach().cpu().to(torch.int64)
+    if class_indices.shape[0] != batch or (
+        class_indices.numel() and (int(class_indices.min()) < 0 or int(class_indices.max()) >= num_classes)
+    ):
+        raise ValueError(
+            f"class_indices {tuple(class_indices.shape)} do not index {num_classes} classes of a batch of {batch}: "
+            "pass the `class_indices` of the same forward as the other outputs."
+        )
+    processed = torch.zeros(batch, num_classes, dtype=torch.bool)
+    return processed.scatter_(1, class_indices, True)
+
+
 class SaliencyLocalization:
     """Dataset-wide localization statistics of SDM's foreground tokens (see the module docstring for the rules).
 
@@ -91,13 +119,15 @@ class SaliencyLocalization:
         self.counts = torch.zeros(len(_COUNTS), dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, foreground_mask: torch.Tensor, labels) -> None:
+    def update(self, foreground_mask: torch.Tensor, labels, class_indices: torch.Tensor | None = None) -> None:
         """Add a batch.
 
         Args:
             foreground_mask (`(B, T, h, w)` bool): foreground tokens per image and class.
             labels (`(B, H, W)` int, tensor or array): ground truth; ids in `[0, T)` index the same classes as the
                 mask's channels, `ignore_index` marks unscored pixels.
+            class_indices (`(B, K)` int, *optional*): the classes the model processed per image under its class cap
+                (`DiSaSegmentationOutput.class_indices`); the other classes are left out. None: every class.
         """
         if not isinstance(foreground_mask, torch.Tensor) or foreground_mask.dtype != torch.bool:
             raise TypeError(
@@ -114,8 +144,9 @@ class SaliencyLocalization:
             )
         mask = foreground_mask.detach().cpu()
         num_classes, grid = mask.shape[1], tuple(mask.shape[-2:])
+        processed = processed_classes(class_indices, mask.shape[0], num_classes)
         added = torch.zeros_like(self.counts)
-        for fg, label in zip(mask, labels):
+        for fg, label, kept in zip(mask, labels, processed):
             valid = label != self.ignore_index
             present = torch.unique(label[valid])
             if len(present) and (int(present[0]) < 0 or int(present[-1]) >= num_classes):
@@ -124,9 +155,10 @@ class SaliencyLocalization:
                     f"Ground truth holds class ids {bad} outside the mask's {num_classes} classes and not the "
                     f"ignore value {self.ignore_index}: the labels must index the vocabulary the model was run with."
                 )
+            present = present[kept[present]]
             on, scored = token_majority(label, present, grid, self.ignore_index)
             fg_present = fg[present] & scored
-            absent = torch.ones(num_classes, dtype=torch.bool)
+            absent = kept.clone()
             absent[present] = False
             per_class = fg_present.flatten(1).sum(-1)
             added += torch.stack(
@@ -140,6 +172,7 @@ class SaliencyLocalization:
                     scored.sum() * len(present),
                     absent.sum(),
                     (fg[absent] & scored).sum(),
+                    scored.sum() * kept.sum(),
                 ]
             )
         self.counts += added
@@ -162,10 +195,13 @@ class SaliencyLocalization:
             "mean_foreground_tokens_present": ratio(c["foreground_tokens"], c["present_pairs"]),
             "mean_foreground_tokens_absent": ratio(c["absent_foreground_tokens"], c["absent_pairs"]),
             "foreground_grid_share": ratio(c["foreground_tokens"], c["scored_tokens_present"]),
+            "foreground_grid_share_all": ratio(
+                c["foreground_tokens"] + c["absent_foreground_tokens"], c["scored_tokens_all"]
+            ),
             "num_images": c["images"],
             "present_pairs": c["present_pairs"],
             "absent_pairs": c["absent_pairs"],
         }
 
 
-__all__ = ["SaliencyLocalization", "token_majority"]
+__all__ = ["SaliencyLocalization", "processed_classes", "token_majority"]

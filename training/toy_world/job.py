@@ -8,7 +8,8 @@
   4. report: on the test split (all 24 classes, seen + unseen), mIoU over seen / unseen / stuff / things classes for
      DiSa, CAT-Seg mode, the untrained dense-CLIP baseline (argmax of the cosine cost volume of the toy CLIP) and
      the majority-class baseline; the pipeline on a sample image -> overlay PNG, SDM saliency -> saliency PNG;
-     `toy_world_results.json` / `.md` and a printed table.
+     `toy_world_results.json` / `.md` and a printed table, with DiSa's SDM split statistics on the validation split
+     and its split guard warnings (from its training run).
 
 Settings live in the recipe's `toy_world` mapping (keys of `DEFAULTS`; `clip` holds `ClipSettings` fields). Single
 process: the toy job is sized for a 2-core CPU.
@@ -140,8 +141,9 @@ def run(r, train_fn, repo_path=lambda p: p) -> dict:
     timings["total"] = round(time.perf_counter() - start, 1)
     report["timings_seconds"] = timings
     report["disa_training"] = {k: v for k, v in disa_train.items() if k != "eval_per_class_iou"}
+    report["split_markdown"] = split_markdown(disa_train)
     write_report(prepared.output_dir, report)
-    print(report["table_markdown"], flush=True)
+    print(report["table_markdown"] + report["split_markdown"], flush=True)
     print(
         f"[toy world] done in {timings['total']:.0f}s; results in {prepared.output_dir}/toy_world_results.json",
         flush=True,
@@ -331,9 +333,39 @@ def results_table(results: dict, num_images: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_markdown(training_results: dict) -> str:
+    """DiSa's SDM split at the end of its training run, from the run's results (`train.py`'s all_results): the split
+    statistics of the validation split and the split guard's warnings. Empty for a run without them (no SDM, or no
+    validation split)."""
+    if "split_guard_warnings" not in training_results or "eval_split/num_images" not in training_results:
+        return ""
+
+    def value(name):
+        v = training_results[f"eval_split/{name}"]
+        return "n/a" if v is None else f"{v:.2f}"
+
+    last = training_results["split_guard_last_warning"]
+    guard = f"{training_results['split_guard_warnings']} split guard warning(s)" + (
+        f", the last at step {last['step']} ({last['source']}): {last['statistic']} = {last['value']:.2f} < "
+        f"{last['threshold']}"
+        if last
+        else ""
+    )
+    return (
+        f"\nDiSa's SDM split on the validation split ({training_results['eval_split/num_images']} images) after "
+        f"training; {guard}\n\n"
+        "| mean presence p, present / absent classes | present classes with k > 0 | foreground tokens on their "
+        "own class | grid share marked foreground, present / all classes |\n|---|---|---|---|\n"
+        f"| {value('presence_present')} / {value('presence_absent')} | {value('present_with_foreground')} | "
+        f"{value('foreground_precision')} | {value('foreground_grid_share')} / "
+        f"{value('foreground_grid_share_all')} |\n"
+    )
+
+
 def write_report(output_dir: str, report: dict) -> None:
     with open(os.path.join(output_dir, "toy_world_results.json"), "w") as fh:
         json.dump(report, fh, indent=1, default=str)
     with open(os.path.join(output_dir, "toy_world_results.md"), "w") as fh:
         fh.write(report["table_markdown"])
+        fh.write(report.get("split_markdown", ""))
         fh.write("\nTimings (s): " + json.dumps(report.get("timings_seconds", {})) + "\n")
