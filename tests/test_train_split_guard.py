@@ -206,3 +206,19 @@ def test_two_processes_count_every_image_once(parquet_dir, tmp_path):
     (evaluation,) = [line for line in lines if "eval/mIoU" in line]
     # 5 validation images, 2 per process and batch: the duplicate that evens out the last batch is not counted
     assert evaluation["eval/split/num_images"] == 5
+
+
+def test_guard_settings_on_a_model_without_sdm_are_refused(tmp_path):
+    """A threshold set for a CAT-Seg-mode model could only be ignored: it is refused, naming the setting."""
+    import train
+
+    r = train.parse_args(
+        ["--config", TINY, "--output_dir", str(tmp_path / "o"), "--model_config_overrides", "{use_sdm: false}"]
+        + ["--split_guard_min_foreground_precision", "0.3"]
+    )
+    with pytest.raises(SystemExit, match="split_guard_min_foreground_precision.*no SDM"):
+        train.build_model_and_processor(r)
+    r = train.parse_args(
+        ["--config", TINY, "--output_dir", str(tmp_path / "o"), "--model_config_overrides", "{use_sdm: false}"]
+    )
+    train.build_model_and_processor(r)  # the defaults are not a setting the user gave

@@ -190,7 +190,7 @@ class TrainingRecipe:
         0.5,
         "Models with SDM: warn when the share of present classes that get any foreground token (split statistic "
         "present_with_foreground, of a logging window or an evaluation) falls below this after the warm-up; 0 = "
-        "no check. A model without SDM has no split: the run logs that the guard does not apply.",
+        "no check. A model without SDM has no split: setting a guard value for it is an error.",
     )
     split_guard_min_foreground_precision: float = _f(
         0.45,
@@ -476,7 +476,25 @@ def build_model_and_processor(r: TrainingRecipe):
     model, source = build_model(r)
     if r.trainable_parameters == "disa":
         train_only_disa_parameters(model)
+    if not model.config.use_sdm:
+        given = {name: getattr(r, name) for name in SPLIT_GUARD_FIELDS if getattr(r, name) != _default(name)}
+        if given:
+            raise SystemExit(
+                f"{given} cannot apply: the split guard watches SDM's foreground split, and this model has no SDM "
+                "(use_sdm=False). Drop them, or set model_config_overrides {use_sdm: true}"
+            )
     return model, build_processor(r, model.config, source)
+
+
+SPLIT_GUARD_FIELDS = (
+    "split_guard_min_present_with_foreground",
+    "split_guard_min_foreground_precision",
+    "split_guard_warmup_fraction",
+)
+
+
+def _default(name: str):
+    return RECIPE_FIELDS[name].default
 
 
 def train_only_disa_parameters(model) -> None:

@@ -130,6 +130,8 @@ def run(r, train_fn, repo_path=lambda p: p) -> dict:
             model_name_or_path=None,
             output_dir=os.path.join(prepared.output_dir, "catseg-mode"),
             overwrite_output_dir=True,
+            # CAT-Seg mode has no foreground split: the DiSa run's split-guard settings do not apply to it
+            **{f.name: f.default for f in dataclasses.fields(prepared) if f.name.startswith("split_guard_")},
         )
         train_fn(catseg)
         timings["train_catseg"] = round(time.perf_counter() - t, 1)
