@@ -116,6 +116,8 @@ MODELS = {
     "catseg": (CATSEG_PRESET, {}),
     "disa": (DISA_PRESET, {}),  # the shipped DiSa defaults
     "disa+localization": (DISA_PRESET, {"sdm_localization_loss_weight": 1.0}),  # split supervised by the labels
+    "disa-sdm-only": (DISA_PRESET, {"use_hrm": False}),  # the paper's ablation axes, one module at a time
+    "disa-hrm-only": (DISA_PRESET, {"use_sdm": False}),
     "disa-first-wave": (DISA_PRESET, FIRST_WAVE),
     "fw+detach": (DISA_PRESET, DETACHED),
     "fw+detach+own": (DISA_PRESET, OWN),
