@@ -156,10 +156,11 @@ def test_catseg_checkpoint_loaded_with_sdm_copies_the_host_into_the_background_b
     assert all(torch.equal(state[key], value) for key, value in stored.items())  # the host is the checkpoint's
 
 
-@pytest.mark.parametrize("overrides", [{}, {"presence_threshold": None}])
+@pytest.mark.parametrize("overrides", [{}, {"presence_threshold": None}, {"use_hrm": True}])
 def test_catseg_checkpoint_loaded_with_sdm_starts_as_catseg(saved, tiny_model, tiny_processor, overrides):
     """The copied background branch with shared attention and `fusion="own"` (the defaults) routes tokens between
-    two identical branches, so the upgraded model computes the CAT-Seg model's logits at initialisation."""
+    two identical branches, and HRM's stages start as the identity, so the upgraded model computes the CAT-Seg
+    model's logits at initialisation."""
     torch.manual_seed(0)
     inputs = dict(
         tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=["cat", "dog", "sky", "road"])

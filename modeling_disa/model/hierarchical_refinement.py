@@ -2,7 +2,10 @@
 semantic (channel)-wise refinement with "global pooling and re-weighting" and "multi-level updates"):
 
 every stage pools the class slices X `(B, T, C, h, w)` to a descriptor, maps it to a logit a with a small conv/MLP
-and re-weights with a residual, X <- X * (1 + tanh(a)) (identity when a = 0, bounded in (0, 2)):
+and re-weights with a residual, X <- X * (1 + tanh(a)) (identity when a = 0, bounded in (0, 2)). The layer that
+outputs a starts at zero, so every stage starts as the identity and a DiSa model starts as its CAT-Seg host: HRM can
+only add what training finds useful (with a random last layer, every stage re-scaled features by a random factor in
+(0, 2) at initialisation, and DiSa's segmentation loss trained more slowly than CAT-Seg mode's).
 
 - pixel-wise: [mean_C, max_C] per class map -> 3x3 conv -> a `(B, T, 1, h, w)` (spatial context per pixel);
 - category-wise: mean over h, w -> MLP C -> C/r -> 1 -> a `(B, T, 1, 1, 1)`;
@@ -27,6 +30,7 @@ class DiSaPixelRefinement(nn.Module):
     def __init__(self, channels: int, reduction: int):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size=3, padding=1)
+        self.conv.zero_init = True  # a = 0: the stage starts as the identity (`DiSaPreTrainedModel._init_weights`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, classes, _, height, width = x.shape
@@ -40,6 +44,7 @@ class DiSaCategoryRefinement(nn.Module):
         super().__init__()
         hidden = max(channels // reduction, 1)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.mlp[-1].zero_init = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # averaged as a (B, C, T) map, the layout the reference implementation reduced in: the kernel's summation
@@ -53,6 +58,7 @@ class DiSaChannelRefinement(nn.Module):
         super().__init__()
         hidden = max(channels // reduction, 1)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+        self.mlp[-1].zero_init = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logit = self.mlp(x.mean(dim=(1, 3, 4)))  # (B, C)
