@@ -352,6 +352,13 @@ def test_switches_add_exactly_the_intended_parameters(overrides, prefix):
 )
 def test_every_new_parameter_gets_a_gradient(tiny_processor, overrides):
     model = build(**overrides).train()
+    # HRM's stages start as the identity (zero last layer), so their hidden layers get a zero gradient until that
+    # layer has moved: move it as one optimiser step would (and check the start below)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "zero_init", False):
+                assert not module.weight.any() and not module.bias.any()
+                module.weight.normal_(0, 0.01)
     inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
     labels = torch.randint(0, len(NAMES), (2, 128, 128))
     out = model(**inputs, labels=labels)
