@@ -225,10 +225,42 @@ def toy_world_rows(d):
     ]
 
 
+def hrm_identity_rows(before, after):
+    """The second toy world (the one where DiSa collapsed) before and after HRM's stages started as the identity:
+    CAT-Seg mode and DiSa with randomly initialised HRM stages in one sweep, DiSa with identity-initialised stages in
+    another (same world, steps and seeds)."""
+    def cell(d, model, name):
+        r = next(e for e in d["summary"] if e["split"] == "test" and e["model"] == model)
+        worst = min(row["all"] for row in d["rows"] if row["model"] == model)
+        return (
+            f"{name} {r['all']['mean']:.1f} +- {r['all']['sd']:.1f} (worst seed {worst:.1f}; PAS-20b fold "
+            f"{r['pas20b_fold']['mean']:.1f}, boundary IoU {r['boundary_iou']['mean']:.1f})"
+        )
+
+    world = f"world seed {after['world_seed']}, stuff caption rate {after['stuff_caption_rate']}"
+    return [
+        (
+            f"toy world ({world}) test mIoU, {after['summary'][0]['seeds']} seeds, {after['steps']} steps: HRM "
+            "stages starting as the identity",
+            f"`{before['command']}`; `{after['command']}`",
+            "; ".join(
+                [
+                    cell(before, "catseg", "CAT-Seg mode"),
+                    cell(before, "disa", "DiSa with random HRM init (before)"),
+                    cell(after, "disa", "DiSa with identity HRM init (now)"),
+                ]
+            ),
+        )
+    ]
+
+
 def table() -> str:
     rows = []
     if d := load("toy_world_comparison_restructured.json"):
         rows += toy_world_rows(d)
+    before, after = load("toy_world_ws1_rate0.4_random_hrm_init.json"), load("toy_world_ws1_rate0.4_hrm_identity.json")
+    if before and after:
+        rows += hrm_identity_rows(before, after)
     if d := load("disa_efficiency_cpu.json"):
         rows += gflops_rows(d)
     if d := load("cost_curves_cpu.json"):
