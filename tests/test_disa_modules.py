@@ -452,7 +452,7 @@ def test_cost_saliency_closed_form_gradient_equals_autograd(target):
     config = tiny(use_sdm=True, saliency_source="cost", saliency_target=target)
     head = DiSaCostSaliency(config).double()
     volume = torch.randn(2, config.hidden_dim, 5, 8, 8, dtype=torch.double)
-    attention, values, logits, hidden, _ = head(volume)
+    attention, values, logits, hidden = head(volume)
     assert attention.shape == (2, 5, 64) and logits.shape == (2, 5)
     torch.testing.assert_close(attention.sum(-1), torch.ones(2, 5, dtype=torch.double))
     leaf = attention.detach().requires_grad_(True)
@@ -471,8 +471,8 @@ def test_cost_saliency_is_class_agnostic_and_equivariant_in_the_class_order():
     model = build(use_sdm=True, saliency_source="cost").eval()
     volume = torch.randn(1, model.config.hidden_dim, 4, 8, 8)
     perm = torch.tensor([2, 0, 3, 1])
-    a, _, logits, _, _ = model.sdm.cost_saliency(volume)
-    b, _, logits_perm, _, _ = model.sdm.cost_saliency(volume[:, :, perm])
+    a, _, logits, _ = model.sdm.cost_saliency(volume)
+    b, _, logits_perm, _ = model.sdm.cost_saliency(volume[:, :, perm])
     torch.testing.assert_close(a[:, perm], b)
     torch.testing.assert_close(logits[:, perm], logits_perm)
     assert not hasattr(model.sdm, "itm")  # no CLIP-width block is built for the cost source
@@ -646,41 +646,3 @@ def test_disa_parameter_names_are_what_disa_adds_to_the_host(overrides):
     expected = {n for n, _ in disa.named_parameters()} - {n for n, _ in host.named_parameters()}
     assert expected and set(disa.disa_parameter_names()) == expected
     assert host.disa_parameter_names() == []
-
-
-def test_token_occupancy_matches_a_pixel_loop():
-    from modeling_disa.model.losses import token_occupancy
-
-    torch.manual_seed(0)
-    labels = torch.randint(0, 4, (2, 10, 14))
-    labels[0, :3, :5] = 255
-    occupancy = token_occupancy(labels, (4, 6), 4, 255)
-    expected = torch.zeros(2, 4, 4, 6)
-    for b in range(2):
-        for i in range(4):
-            for j in range(6):
-                cell = labels[b][(torch.arange(10) * 4 // 10 == i)][:, torch.arange(14) * 6 // 14 == j]
-                cell = cell[cell != 255]
-                for c in range(4):
-                    expected[b, c, i, j] = (cell == c).float().mean() if cell.numel() else 0.0
-    torch.testing.assert_close(occupancy, expected)
-
-
-def test_localization_loss_trains_the_saliency_attention(tiny_processor):
-    """With `sdm_localization_loss_weight`, the loss adds the weighted localization BCE of SDM's attention logits,
-    whose gradient reaches the key (including the bias, no longer frozen); off, nothing changes."""
-    inputs = dict(tiny_processor(images=[torch.rand(3, 128, 128) for _ in range(2)], text=NAMES))
-    labels = torch.randint(0, len(NAMES), (2, 128, 128))
-    torch.manual_seed(0)
-    model = build(use_sdm=True, sdm_localization_loss_weight=0.5).train()
-    assert "sdm.cost_saliency.key.bias" not in model.unused_parameter_names()
-    out = model(**inputs, labels=labels)
-    expected = out.segmentation_loss + model.config.itm_loss_weight * out.itm_loss + 0.5 * out.localization_loss
-    torch.testing.assert_close(out.loss, expected)
-    out.localization_loss.backward()
-    assert model.sdm.cost_saliency.key.weight.grad.abs().sum() > 0
-    assert model.sdm.cost_saliency.key.bias.grad.abs().sum() > 0
-    off = build(use_sdm=True).train()(**inputs, labels=labels)
-    assert off.localization_loss is None
-    with pytest.raises(Exception, match="needs saliency_source='cost'"):
-        tiny(use_sdm=True, saliency_source="gradcam", sdm_num_heads=4, sdm_localization_loss_weight=1.0)

@@ -115,7 +115,6 @@ SHARED = {**COST, "branch_attention": "shared"}
 MODELS = {
     "catseg": (CATSEG_PRESET, {}),
     "disa": (DISA_PRESET, {}),  # the shipped DiSa defaults
-    "disa+localization": (DISA_PRESET, {"sdm_localization_loss_weight": 1.0}),  # split supervised by the labels
     "disa-sdm-only": (DISA_PRESET, {"use_hrm": False}),  # the paper's ablation axes, one module at a time
     "disa-hrm-only": (DISA_PRESET, {"use_sdm": False}),
     "disa-first-wave": (DISA_PRESET, FIRST_WAVE),

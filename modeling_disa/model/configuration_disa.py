@@ -95,10 +95,6 @@ class DiSaConfig(PreTrainedConfig):
             default: another value is refused instead of being ignored.
         sdm_mlp_ratio (`int`, 4): MLP ratio of that block; same rule with `"cost"`.
         itm_loss_weight (`float`): weight of the auxiliary image-text-matching (class-presence) BCE added to `loss`.
-        sdm_localization_loss_weight (`float`): with `saliency_source="cost"`, weight of a token-level BCE that
-            teaches the saliency head's attention logits where each class lies (target: the share of a token's
-            labelled pixels that belong to the class), so that the foreground split follows the classes
-            (*reconstruction*; 0 = off, the split learns only through the presence loss).
         sdm_input_gradient_scale (`float` in [0, 1]): how much of the presence loss's gradient reaches the
             features SDM reads (CLIP tokens and class embeddings, or the embedded cost volume). 0 detaches them:
             the presence head trains itself only and cannot re-tune CLIP for presence at the cost of the cost
@@ -174,7 +170,6 @@ class DiSaConfig(PreTrainedConfig):
     sdm_num_heads: int = 8
     sdm_mlp_ratio: int = 4
     itm_loss_weight: float = 1.0
-    sdm_localization_loss_weight: float = 0.0
     sdm_input_gradient_scale: float = 0.0
     saliency_target: str = "predicted_logit"
     saliency_source: str = "cost"
@@ -374,13 +369,6 @@ class DiSaConfig(PreTrainedConfig):
     def validate_disa(self):
         if self.itm_loss_weight < 0:
             raise ValueError(f"`itm_loss_weight` must be >= 0, got {self.itm_loss_weight}.")
-        if self.sdm_localization_loss_weight < 0:
-            raise ValueError(f"`sdm_localization_loss_weight` must be >= 0, got {self.sdm_localization_loss_weight}.")
-        if self.sdm_localization_loss_weight > 0 and self.saliency_source != "cost":
-            raise ValueError(
-                "`sdm_localization_loss_weight` supervises the attention logits of the cost saliency head, so it "
-                f"needs saliency_source='cost' (got {self.saliency_source!r}): set it to 0 or use the cost head."
-            )
         if not 0 <= self.sdm_input_gradient_scale <= 1:
             raise ValueError(
                 "`sdm_input_gradient_scale` must be in [0, 1] (0 detaches SDM's inputs), got "

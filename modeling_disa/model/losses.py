@@ -64,48 +64,14 @@ def itm_loss(
     return F.binary_cross_entropy_with_logits(itm_logits, presence.to(itm_logits.dtype))
 
 
-def token_occupancy(labels: torch.Tensor, grid: tuple[int, int], num_classes: int, ignore_index: int) -> torch.Tensor:
-    """`(B, H, W)` label maps -> `(B, T, h, w)`: the share of each token's labelled pixels that belong to each class
-    (a token's cell holds the pixels `y * h // H == i`, `x * w // W == j`; a cell without labelled pixels is 0)."""
-    valid = check_label_values(labels, num_classes, ignore_index)
-    batch, height, width = labels.shape
-    h, w = grid
-    rows = torch.arange(height, device=labels.device) * h // height
-    cols = torch.arange(width, device=labels.device) * w // width
-    token = (rows[:, None] * w + cols[None, :]).expand(batch, height, width)
-    index = (torch.where(valid, labels, 0) * (h * w) + token).flatten(1)
-    counts = torch.zeros(batch, num_classes * h * w, device=labels.device)
-    counts.scatter_add_(1, index, valid.flatten(1).float())
-    counts = counts.view(batch, num_classes, h, w)
-    return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-
-
-def localization_loss(
-    localization_logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    num_classes: int,
-    class_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """BCE between SDM's per-token attention logits `(B, K, h, w)` and the classes' token occupancy
-    (`token_occupancy`), over every class and token; with `class_indices` `(B, K)` the logits belong to those
-    classes of a `num_classes` vocabulary."""
-    occupancy = token_occupancy(labels, localization_logits.shape[-2:], num_classes, ignore_index)
-    if class_indices is not None:
-        occupancy = torch.gather(occupancy, 1, class_indices[..., None, None].expand(-1, -1, *occupancy.shape[-2:]))
-    return F.binary_cross_entropy_with_logits(localization_logits, occupancy.to(localization_logits.dtype))
-
-
 def disa_loss(
     config,
     logits: torch.Tensor,
     labels: torch.Tensor,
     itm_logits: torch.Tensor | None = None,
     class_indices: torch.Tensor | None = None,
-    localization_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The training loss: segmentation BCE, plus `config.itm_loss_weight` times the ITM loss with SDM, plus
-    `config.sdm_localization_loss_weight` times the localization loss of SDM's attention logits (when set).
+    """The training loss: segmentation BCE, plus `config.itm_loss_weight` times the ITM loss with SDM.
 
     Args:
         logits (`(B, T, h, w)`): all classes' logits (pruned ones hold `config.pruned_class_logit`).
@@ -114,15 +80,10 @@ def disa_loss(
             under the class cap): presence targets of the processed classes only, pruned classes carry no ITM logit.
 
     Returns:
-        `(loss, segmentation_loss, itm_loss or None, localization_loss or None)`.
+        `(loss, segmentation_loss, itm_loss or None)`.
     """
     seg = segmentation_loss(logits, labels, config.ignore_index, config.loss_ignore_mode)
     if itm_logits is None:
-        return seg, seg, None, None
+        return seg, seg, None
     aux = itm_loss(itm_logits, labels, config.ignore_index, logits.shape[1], class_indices)
-    loss = seg + config.itm_loss_weight * aux
-    local = None
-    if config.sdm_localization_loss_weight > 0 and localization_logits is not None:
-        local = localization_loss(localization_logits, labels, config.ignore_index, logits.shape[1], class_indices)
-        loss = loss + config.sdm_localization_loss_weight * local
-    return loss, seg, aux, local
+    return seg + config.itm_loss_weight * aux, seg, aux

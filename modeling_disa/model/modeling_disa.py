@@ -51,8 +51,7 @@ class DiSaSegmentationOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(B, T, 4h, 4w)`): per-class logits (independent
             sigmoids; argmax over classes gives the label). 96x96 for a 384 input. Classes dropped by the class cap
             hold `config.pruned_class_logit`.
-        segmentation_loss / itm_loss / localization_loss (`torch.FloatTensor` of shape `()`, *optional*): the loss
-            terms (`localization_loss` with `sdm_localization_loss_weight > 0`).
+        segmentation_loss / itm_loss (`torch.FloatTensor` of shape `()`, *optional*): the two loss terms.
         itm_logits (`(B, T)`, *optional*): SDM class-presence logits.
         saliency (`(B, T, h, w)`, *optional*): SDM Grad-CAM saliency (with `output_saliency`).
         foreground_mask (`(B, T, h, w)` bool, *optional*): SDM foreground tokens per class.
@@ -77,7 +76,6 @@ class DiSaSegmentationOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     vision_model_output: BaseModelOutput | None = None
-    localization_loss: torch.FloatTensor | None = None
 
     def to_tuple(self) -> tuple:
         # nested outputs become tuples too (as `CLIPSegImageSegmentationOutput.to_tuple` in models/clipseg)
@@ -330,11 +328,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 for name, _ in self.aggregator.named_parameters(prefix="aggregator")
                 if name.endswith(("class_aggregation.padding_tokens", "class_aggregation.padding_guidance"))
             ]
-        if (
-            self.sdm is not None
-            and self.config.saliency_source == "cost"
-            and not self.config.sdm_localization_loss_weight
-        ):
+        if self.sdm is not None and self.config.saliency_source == "cost":
             names.append("sdm.cost_saliency.key.bias")
         return names
 
@@ -786,11 +780,10 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         )
 
         # 9. loss
-        loss = seg_loss = aux_loss = local_loss = None
+        loss = seg_loss = aux_loss = None
         if labels is not None:
             itm = saliency.itm_logits if saliency is not None else None
-            local = saliency.localization_logits if saliency is not None else None
-            loss, seg_loss, aux_loss, local_loss = disa_loss(config, logits, labels, itm, class_indices, local)
+            loss, seg_loss, aux_loss = disa_loss(config, logits, labels, itm, class_indices)
 
         itm_logits = sal_maps = fg_masks = None
         if saliency is not None:
@@ -804,7 +797,6 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             logits=logits,
             segmentation_loss=seg_loss,
             itm_loss=aux_loss,
-            localization_loss=local_loss,
             itm_logits=itm_logits,
             saliency=sal_maps,
             foreground_mask=fg_masks,

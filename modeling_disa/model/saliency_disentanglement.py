@@ -38,15 +38,12 @@ class SaliencyOutput(ModelOutput):
         saliency (`(B, T, h, w)`): saliency (detached).
         foreground_mask (`(B, T, h, w)` bool): foreground tokens.
         foreground_k (`(B, T)` long): number of foreground tokens per image and class.
-        localization_logits (`(B, T, h, w)`, cost head only): the attention logits over the tokens of each class
-            map (not detached; `sdm_localization_loss_weight` supervises them).
     """
 
     itm_logits: torch.FloatTensor | None = None
     saliency: torch.FloatTensor | None = None
     foreground_mask: torch.BoolTensor | None = None
     foreground_k: torch.LongTensor | None = None
-    localization_logits: torch.FloatTensor | None = None
 
 
 def gelu_derivative(x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +139,7 @@ class DiSaCostSaliency(nn.Module):
     z_t = sum_j A_tj V(C_tj), presence logit s_t = MLP(z_t). Grad-CAM as with the CLIP-width block:
     d s_t / d A_tj = g_t . V_tj with g_t = d s_t / d z_t in closed form.
 
-    volume `(B, D, T, h, w)` -> attention `(B, T, N)`, values `(B, T, N, D)`, logits `(B, T)`, hidden `(B, T, D)`,
-    attention logits `(B, T, N)`.
+    volume `(B, D, T, h, w)` -> attention `(B, T, N)`, values `(B, T, N, D)`, logits `(B, T)`.
     """
 
     def __init__(self, config):
@@ -157,13 +153,12 @@ class DiSaCostSaliency(nn.Module):
 
     def forward(self, volume: torch.Tensor):
         tokens = self.norm(volume.flatten(3).permute(0, 2, 3, 1))  # (B, T, N, D)
-        key_logits = self.key(tokens).squeeze(-1)  # (B, T, N)
-        attention = key_logits.softmax(dim=-1)
+        attention = self.key(tokens).squeeze(-1).softmax(dim=-1)  # (B, T, N)
         values = self.value(tokens)
         z = torch.einsum("btn,btnd->btd", attention, values)
         hidden = self.fc(z)
         logits = self.out(F.gelu(hidden)).squeeze(-1)
-        return attention, values, logits, hidden, key_logits
+        return attention, values, logits, hidden
 
     def gradient_wrt_attention(self, values: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Closed-form d s_t / d A_tj `(B, T, N)`."""
@@ -301,16 +296,14 @@ class DiSaSaliencyDisentanglement(nn.Module):
         config = self.config
         scale = config.sdm_input_gradient_scale
         if config.saliency_source == "cost":
-            attention, values, logits, hidden, key_logits = self.cost_saliency(scale_gradient(volume, scale))
+            attention, values, logits, hidden = self.cost_saliency(scale_gradient(volume, scale))
             with torch.no_grad():
                 grad = self.cost_saliency.gradient_wrt_attention(values, hidden)
                 if config.saliency_target == "predicted_probability":
                     p = torch.sigmoid(logits)
                     grad = grad * (p * (1 - p))[..., None]
                 saliency = (attention * grad.clamp_min(0)).detach()
-            output = self._split(logits, saliency)
-            output.localization_logits = key_logits.view(output.saliency.shape)
-            return output
+            return self._split(logits, saliency)
         text_queries = scale_gradient(text_queries, scale)
         dense_tokens = scale_gradient(dense_tokens, scale)
         query, attention, values = self.itm.attention(text_queries, dense_tokens)
