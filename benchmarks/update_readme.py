@@ -229,6 +229,7 @@ def hrm_identity_rows(before, after):
     """The second toy world (the one where DiSa collapsed) before and after HRM's stages started as the identity:
     CAT-Seg mode and DiSa with randomly initialised HRM stages in one sweep, DiSa with identity-initialised stages in
     another (same world, steps and seeds)."""
+
     def cell(d, model, name):
         r = next(e for e in d["summary"] if e["split"] == "test" and e["model"] == model)
         worst = min(row["all"] for row in d["rows"] if row["model"] == model)
@@ -242,7 +243,7 @@ def hrm_identity_rows(before, after):
         (
             f"toy world ({world}) test mIoU, {after['summary'][0]['seeds']} seeds, {after['steps']} steps: HRM "
             "stages starting as the identity",
-            f"`{before['command']}`; `{after['command']}`",
+            f"`{before.get('command_as_run', before['command'])}`; `{after.get('command_as_run', after['command'])}`",
             "; ".join(
                 [
                     cell(before, "catseg", "CAT-Seg mode"),
