@@ -54,6 +54,18 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return t.to(device=device, non_blocking=True)
 
 
+def _square_matrix(confusion: ArrayLike) -> np.ndarray:
+    """A ``(K, K)`` confusion matrix as float64 NumPy; refuses any other shape."""
+    cm = (
+        confusion.detach().cpu().double().numpy()
+        if isinstance(confusion, torch.Tensor)
+        else np.asarray(confusion, dtype=np.float64)
+    )
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"Confusion matrix must be square, got shape {cm.shape}.")
+    return cm
+
+
 # Checked copy: `metrics_from_confusion` in modeling_disa/evaluation/disa_mean_iou/disa_mean_iou.py is "Copied from"
 # this function (the `evaluate` module must stay self-contained). Change both;
 # tests/test_metrics.py::test_evaluate_module_arithmetic_is_the_package_copy checks that they agree.
@@ -63,13 +75,7 @@ def metrics_from_confusion_matrix(
     """Metrics from a ``(K, K)`` confusion matrix with rows = ground truth and columns = prediction."""
     if rule not in RULES:
         raise ValueError(f"Unknown mIoU averaging rule {rule!r}; choose one of {RULES}.")
-    cm = (
-        confusion.detach().cpu().double().numpy()
-        if isinstance(confusion, torch.Tensor)
-        else np.asarray(confusion, dtype=np.float64)
-    )
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"Confusion matrix must be square, got shape {cm.shape}.")
+    cm = _square_matrix(confusion)
     tp = np.diag(cm)
     gt = cm.sum(axis=1)
     pred = cm.sum(axis=0)
@@ -354,13 +360,7 @@ def foreground_bias_rates(confusion: ArrayLike, is_thing: ArrayLike) -> dict[str
         ``thing_predicted_as_stuff``: share of thing ground-truth pixels predicted as a stuff class (NaN where the
         ground truth holds no pixel of that kind); ``num_stuff_pixels`` and ``num_thing_pixels``.
     """
-    cm = (
-        confusion.detach().cpu().double().numpy()
-        if isinstance(confusion, torch.Tensor)
-        else np.asarray(confusion, dtype=np.float64)
-    )
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"Confusion matrix must be square, got shape {cm.shape}.")
+    cm = _square_matrix(confusion)
     thing = is_thing.detach().cpu().numpy() if isinstance(is_thing, torch.Tensor) else np.asarray(is_thing)
     if thing.dtype != np.bool_ or thing.shape != (cm.shape[0],):
         raise ValueError(
