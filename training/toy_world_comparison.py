@@ -133,6 +133,15 @@ MODELS = {
         {**SHARED, "adaptive_saliency_mass": 0.9, "adaptive_max_ratio": 0.9},
     ),
 }
+# The upgrade path (CAT-Seg weights -> DiSa): rows that start from this world's and seed's trained `catseg` row and
+# train `--upgrade_steps` more steps. `catseg+continue` trains the CAT-Seg-mode model on, as its own recipe does
+# (CLIP's q/v and the head); `disa-upgrade` switches SDM and HRM on (the background branch starts as a copy of the
+# host, HRM as the identity, so it starts as the CAT-Seg model) and trains only what DiSa adds
+# (`configuration/training/upgrade_catseg_to_disa.yaml`). model -> (base model, DiSaConfig overrides, trainable).
+UPGRADES = {
+    "catseg+continue": ("catseg", {}, "all"),
+    "disa-upgrade": ("catseg", {"use_sdm": True, "use_hrm": True}, "disa"),
+}
 DEFAULT_MODELS = ("catseg", "disa", "disa-first-wave")
 
 
@@ -178,18 +187,28 @@ def recipe_for(args, world: str, model: str, seed: int, output_dir: str):
     import train as T
     from toy_world import job as toy_world_job
 
-    preset, overrides = MODELS[model]
-    argv = [
-        "--model_preset",
-        preset,
+    if model in UPGRADES:
+        base, overrides, trainable = UPGRADES[model]
+        argv = [
+            "--model_name_or_path",
+            base_run_dir(args, world, base, seed),
+            "--model_preset",
+            "",
+            "--trainable_parameters",
+            trainable,
+            "--max_train_steps",
+            str(args.upgrade_steps),
+        ]
+    else:
+        preset, overrides = MODELS[model]
+        argv = ["--model_preset", preset, "--max_train_steps", str(args.steps)]
+    argv += [
         "--seed",
         str(seed),
         "--output_dir",
         output_dir,
         "--overwrite_output_dir",
         "true",
-        "--max_train_steps",
-        str(args.steps),
         "--report_to",
         "none",
         "--logging_steps",
@@ -310,7 +329,7 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
     torch.set_num_threads(1)
-    output_dir = os.path.join(args.work_dir, "runs", f"{world}-{model_name}-{seed}")
+    output_dir = base_run_dir(args, world, model_name, seed)
     start = time.perf_counter()
     recipe, info = recipe_for(args, world, model_name, seed, output_dir)
     T.train(recipe)
@@ -334,7 +353,16 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
         "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"],
         "background_caption_rate": info["clip_settings"]["background_caption_rate"],
         "world_seed": args.world_seed,
-        "overrides": MODELS[model_name][1],
+        "overrides": UPGRADES[model_name][1] if model_name in UPGRADES else MODELS[model_name][1],
+        **(
+            {
+                "upgrade_from": UPGRADES[model_name][0],
+                "upgrade_steps": args.upgrade_steps,
+                "trainable_parameters": UPGRADES[model_name][2],
+            }
+            if model_name in UPGRADES
+            else {}
+        ),
         **score_split(model, test_images, test_labels, text, pas20b_text=pas20b_text),
         "dev": score_split(
             model, np.stack(dev["image"]), np.stack(dev["label"]).astype(np.int64), text, pas20b_text=pas20b_text
@@ -561,10 +589,16 @@ def bar_chart(summary: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted({*MODELS, *UPGRADES}))
     parser.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 800)")
+    parser.add_argument(
+        "--upgrade_steps",
+        type=int,
+        default=None,
+        help=f"steps of the upgrade-path rows {sorted(UPGRADES)} on top of their base row (default: steps / 4)",
+    )
     parser.add_argument("--world_seed", type=int, default=0)
     parser.add_argument("--stuff_caption_rate", type=float, default=WORLDS["foreground_biased"])
     parser.add_argument(
@@ -603,8 +637,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 3 if args.smoke else 800
+    if args.upgrade_steps is None:
+        args.upgrade_steps = max(1, args.steps // 4)
     if args.smoke:
         args.num_dev = min(args.num_dev, 16)
+    missing = sorted({UPGRADES[m][0] for m in args.models if m in UPGRADES} - set(args.models))
+    if missing and not args.row:
+        parser.error(f"upgrade-path rows start from the trained {missing} rows: add {missing} to --models")
 
     if args.row:  # one row, in a worker process
         world, model, seed = args.row
@@ -628,6 +667,7 @@ def main(argv=None) -> int:
         for m in args.models
         if not os.path.isfile(row_path(args, w, m, s))
     ]
+    todo.sort(key=lambda item: (item[2], item[1] in UPGRADES))  # an upgrade row after its base row
     print(f"[comparison] {len(todo)} rows to train ({args.steps} steps each), {args.jobs} at a time", flush=True)
     if args.jobs <= 1:
         for w, m, s in todo:
@@ -700,7 +740,21 @@ def row_path(args, world: str, model: str, seed: int) -> str:
     if args.background_caption_rate:  # a different toy CLIP: its rows must not resume the others
         tag += f"-bg{args.background_caption_rate}"
     tag += "-smoke" if args.smoke else ""
-    return os.path.join(args.work_dir, "rows", tag, f"{world}-{model}-{seed}.json")
+    return os.path.join(args.work_dir, "rows", tag, f"{_run_name(args, world, model, seed)}.json")
+
+
+def base_run_dir(args, world: str, model: str, seed: int) -> str:
+    """The folder a row's trained model is saved in (an upgrade-path row starts from its base row's)."""
+    return os.path.join(args.work_dir, "runs", _run_name(args, world, model, seed))
+
+
+def _run_name(args, world: str, model: str, seed: int) -> str:
+    steps = f"-u{args.upgrade_steps}" if model in UPGRADES else ""  # rows of other upgrade lengths stay apart
+    return f"{world}-{model}{steps}-{seed}"
+
+
+def _base_finished(args, world: str, model: str, seed: int) -> bool:
+    return model not in UPGRADES or os.path.isfile(row_path(args, world, UPGRADES[model][0], seed))
 
 
 def run_workers(args, argv: list[str], todo: list) -> None:
@@ -709,8 +763,14 @@ def run_workers(args, argv: list[str], todo: list) -> None:
     queue = list(todo)
     failed = []
     while queue or running:
-        while queue and len(running) < args.jobs:
-            w, m, s = queue.pop(0)
+        if queue and not running and not any(_base_finished(args, *item) for item in queue):
+            raise SystemExit(f"rows {queue} wait for base rows that failed or were not scheduled")
+        while len(running) < args.jobs:
+            ready = [item for item in queue if _base_finished(args, *item)]
+            if not ready:
+                break
+            w, m, s = ready[0]
+            queue.remove(ready[0])
             log = open(os.path.join(args.work_dir, f"{w}-{m}-{s}.log"), "w")
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--row", w, m, str(s)]
             running.append(((w, m, s), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))

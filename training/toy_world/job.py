@@ -96,7 +96,8 @@ def prepare(r, repo_path=lambda p: p):
     prepared = dataclasses.replace(
         r,
         dataset_name=world_dir,
-        clip_model_name_or_path=clip_dir,
+        # a saved model (continued training, the upgrade path) brings its own CLIP
+        clip_model_name_or_path=None if r.model_name_or_path else clip_dir,
         class_names_feature="classes",
         validation_split=r.validation_split or "validation",
     )
