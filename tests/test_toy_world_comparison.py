@@ -34,6 +34,10 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
         "--models",
         "catseg",
         "disa",
+        "disa-upgrade",
+        "--worlds",
+        "unbiased",
+        "foreground_biased",
         "--work_dir",
         str(tmp_path / "work"),
         "--output",
@@ -49,18 +53,30 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["torch"]
     rows = result["rows"]
     assert {(r["world"], r["model"], r["seed"]) for r in rows} == {
-        (w, m, s) for w in ("unbiased", "foreground_biased") for m in ("catseg", "disa") for s in (0, 1)
+        (w, m, s)
+        for w in ("unbiased", "foreground_biased")
+        for m in ("catseg", "disa", "disa-upgrade")
+        for s in (0, 1)
     }
+    # the upgrade row loads its catseg row with DiSa's parts switched on, which start as the identity; the smoke
+    # recipe's single upgrade step is the first warm-up step (learning rate 0), so it scores exactly as its base
+    for row in (r for r in rows if r["model"] == "disa-upgrade"):
+        base = next(r for r in rows if (r["world"], r["model"], r["seed"]) == (row["world"], "catseg", row["seed"]))
+        assert row["upgrade_from"] == "catseg" and row["upgrade_steps"] == 1
+        assert row["trainable_parameters"] == "disa" and row["overrides"] == {"use_sdm": True, "use_hrm": True}
+        for column in ("all", "stuff", "pas20b", "pas20b_fold", "boundary_iou", "stuff_predicted_as_thing"):
+            assert row[column] == base[column] and row["dev"][column] == base["dev"][column]
+        assert "saliency_localization" in row
     for row in rows:
         for column in ("all", "seen", "unseen", "stuff", "things", "unseen_stuff"):
             assert 0.0 <= row[column] <= 100.0 and 0.0 <= row["dev"][column] <= 100.0
-        assert ("presence_auroc" in row) == (row["model"] == "disa")
+        assert ("presence_auroc" in row) == (row["model"] in ("disa", "disa-upgrade"))
         for scores in (row, row["dev"]):  # the PAS-20b analog is scored for every model, SDM's split for DiSa only
             for column in ("pas20b", "pas20b_background", "pas20b_fold", "boundary_iou", "stuff_predicted_as_thing"):
                 assert 0.0 <= scores[column] <= 100.0
             assert set(scores["pas20b_scores"]["prompted"]["per_class_iou"]) == set(W.PAS20B_NAMES)
             localization = scores.get("saliency_localization")
-            assert (localization is not None) == (row["model"] == "disa")
+            assert (localization is not None) == (row["model"] in ("disa", "disa-upgrade"))
             if localization is not None:
                 # 16 test and 16 dev images in the smoke world, 24 classes each
                 assert localization["num_images"] == 16
@@ -77,10 +93,17 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
     assert np.isclose(entry["stuff"]["mean"], np.mean(values)) and np.isclose(
         entry["stuff"]["sd"], np.std(values, ddof=1)
     )
-    assert (tmp_path / "comparison.md").read_text().count("| unbiased |") == 4
+    assert (tmp_path / "comparison.md").read_text().count("| unbiased | test |") == 3
+    # the goals: each check is the difference of the two test-summary entries it names
+    entries = {(e["world"], e["model"]): e for e in result["summary"] if e["split"] == "test"}
+    assert {c["world"] for c in result["goals"]} == {"unbiased", "foreground_biased"}
+    for c in result["goals"]:
+        ours, theirs = entries[(c["world"], c["model"])], entries[(c["world"], c["reference"])]
+        assert c["value"] == ours[c["column"]][c["statistic"]]
+        assert c["difference"] == pytest.approx(c["value"] - theirs[c["column"]][c["statistic"]])
     # the new columns: summarised where every row of a (world, model) has them, tabled beside the old ones
     for e in result["summary"]:
-        assert "pas20b" in e and "pas20b_fold" in e and ("fg_on_class" in e) == (e["model"] == "disa")
+        assert "pas20b" in e and "pas20b_fold" in e and ("fg_on_class" in e) == (e["model"] != "catseg")
     entry = next(e for e in result["summary"] if e["split"] == "dev" and e["model"] == "disa")
     values = [
         r["dev"]["saliency_localization"]["present_with_foreground"]
@@ -108,6 +131,63 @@ def test_smoke_sweep_schema_summary_and_resume(tmp_path):
     again = sorted(row_dir.rglob("*.json"))
     assert again == files
     assert all(f.stat().st_mtime_ns == stamps[f] for f in files[1:])
+
+
+def test_goal_checks_margins_worst_seed_and_lower_is_better():
+    """Each goal compares the named statistic of two models in the same world against its margin: +1 needs a gain
+    of at least 1, "no harm" allows a loss of 0.5, stability compares worst seeds, foreground bias must go down."""
+    script = _load_script()
+
+    def entry(model, **columns):
+        return {
+            "world": "w",
+            "model": model,
+            "split": "test",
+            **{c: {"mean": m, "sd": 0.0, "min": lo} for c, (m, lo) in columns.items()},
+        }
+
+    summary = [
+        entry("catseg", pas20b=(10.0, 9.0), boundary_iou=(20.0, 19.0), stuff_as_thing=(2.0, 1.5), all=(40.0, 39.0)),
+        entry("disa", pas20b=(11.0, 8.0), boundary_iou=(20.9, 20.0), stuff_as_thing=(2.0, 1.0), all=(39.6, 37.9)),
+        {**entry("disa", all=(99.0, 99.0)), "split": "dev"},  # dev entries never count
+    ]
+    checks = {c["goal"]: c for c in script.goal_checks(summary)}
+    assert checks["PAS-20b analog +1"]["met"] and checks["PAS-20b analog +1"]["difference"] == pytest.approx(1.0)
+    assert not checks["boundary IoU +1"]["met"]
+    assert not checks["less foreground bias"]["met"]  # equal is not less
+    assert checks["no harm: all-class mIoU >= -0.5"]["met"]
+    assert checks["stability: worst seed >= -1"]["statistic"] == "min"
+    assert not checks["stability: worst seed >= -1"]["met"]  # 37.9 vs 39.0
+    assert not checks["stretch: all-class mIoU +2"]["met"]
+    assert "PAS-20b folded +1" not in checks  # no pas20b_fold column: not checked
+    assert not any(c["model"] == "disa-upgrade" for c in checks.values())  # no upgrade rows: not checked
+
+
+def test_world_registry_and_overrides(tmp_path, capsys):
+    """Worlds carry their own seed and stuff caption rate; --world_seed / --stuff_caption_rate override them, and
+    overrides that make two named worlds the same are refused."""
+    script = _load_script()
+    parser_args = lambda **kw: type("A", (), {"world_seed": None, "stuff_caption_rate": None, **kw})()  # noqa: E731
+    assert script.world_spec(parser_args(), "foreground_biased_ws1") == {"seed": 1, "stuff_caption_rate": 0.4}
+    assert script.world_spec(parser_args(), "unbiased") == {"seed": 0, "stuff_caption_rate": 1.0}
+    over = parser_args(world_seed=3, stuff_caption_rate=0.1)
+    assert script.world_spec(over, "unbiased") == {"seed": 3, "stuff_caption_rate": 1.0}  # unbiased stays unbiased
+    assert script.world_spec(over, "foreground_biased") == {"seed": 3, "stuff_caption_rate": 0.1}
+    same = [
+        "--worlds",
+        "foreground_biased",
+        "foreground_biased_ws1",
+        "--world_seed",
+        "1",
+        "--stuff_caption_rate",
+        "0.4",
+    ]
+    with pytest.raises(SystemExit) as refused:
+        script.main([*same, "--collect_only", "--work_dir", str(tmp_path)])
+    assert refused.value.code == 2 and "make worlds the same" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # an upgrade row without the row it starts from
+        script.main(["--models", "disa-upgrade", "--collect_only", "--work_dir", str(tmp_path)])
+    assert refused.value.code == 2 and "add ['catseg'] to --models" in capsys.readouterr().err
 
 
 def test_boundary_and_bias_columns_against_direct_counts():

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""DiSa vs its own CAT-Seg mode in the offline toy world, on an unbiased and a foreground-biased world.
+"""DiSa vs its own CAT-Seg mode in the offline toy world, on an unbiased and two foreground-biased worlds, plus the
+upgrade path from CAT-Seg weights.
 
-    python training/toy_world_comparison.py                 # full sweep (CPU, about an hour on 2 cores)
+    python training/toy_world_comparison.py                 # full sweep (CPU, about 2.5 hours on 2 cores)
     python training/toy_world_comparison.py --smoke         # tiny world, few steps: checks the pipeline and schema
 
 For every world x model x training seed it trains the default toy-world recipe (`configuration/training/
@@ -11,10 +12,17 @@ toy_world.yaml`, the same training path as `accelerate launch training/train.py`
 - `dev` (its own random stream, never the test images): where designs are chosen;
 - `test` (the toy world's test split): what is reported.
 
-Worlds differ only in the captions the toy CLIP is pretrained on: `unbiased` names every concept of an image,
-`foreground_biased` always names the things but each stuff region only with probability `stuff_caption_rate`, as web
-alt-texts name the objects and rarely the wall or the floor (and, with `--background_caption_rate`, says the things
-are "on a background" where a stuff region goes unnamed).
+Worlds (`WORLDS`) differ in the captions the toy CLIP is pretrained on and in their seed (scenes, dataset, CLIP):
+`unbiased` names every concept of an image; `foreground_biased` (seed 0) and `foreground_biased_ws1` (seed 1) always
+name the things but each stuff region only with probability `stuff_caption_rate` (0.25, 0.4), as web alt-texts name
+the objects and rarely the wall or the floor (and, with `--background_caption_rate`, say the things are "on a
+background" where a stuff region goes unnamed).
+
+The upgrade path (`UPGRADES`): from each trained `catseg` row, `catseg+continue` trains the CAT-Seg-mode model
+`--upgrade_steps` more steps and `disa-upgrade` switches DiSa's parts on and trains only them for as many steps.
+
+`goals` in the output checks the paper's claims per world (DiSa against CAT-Seg mode: PAS-20b analog and boundary IoU
++1, less foreground bias, no harm to mIoU, a worst seed no worse; the upgrade path against continued CAT-Seg).
 
 Per row and split: mIoU over all / seen / unseen / stuff / things classes; the PAS-20b analog (`pas20b`: the 12 thing
 names plus "background", which covers every stuff pixel; `pas20b_fold`: CAT-Seg's PAS-20b rule on the 24-class
@@ -42,7 +50,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-WORLDS = {"unbiased": 1.0, "foreground_biased": 0.25}
+# world name -> the toy world's seed (scenes, dataset, CLIP) and how often a caption names a stuff region. The third
+# (other scenes, a milder bias) is where DiSa's training collapse was first seen.
+WORLDS = {
+    "unbiased": {"seed": 0, "stuff_caption_rate": 1.0},
+    "foreground_biased": {"seed": 0, "stuff_caption_rate": 0.25},
+    "foreground_biased_ws1": {"seed": 1, "stuff_caption_rate": 0.4},
+}
 COLUMNS = ("all", "seen", "unseen", "stuff", "things", "unseen_stuff")
 SCORE_KEYS = {
     "all": "mIoU",
@@ -142,7 +156,7 @@ UPGRADES = {
     "catseg+continue": ("catseg", {}, "all"),
     "disa-upgrade": ("catseg", {"use_sdm": True, "use_hrm": True}, "disa"),
 }
-DEFAULT_MODELS = ("catseg", "disa", "disa-first-wave")
+DEFAULT_MODELS = ("catseg", "disa", "catseg+continue", "disa-upgrade")
 
 
 def machine_info() -> dict:
@@ -167,13 +181,20 @@ def _write_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
+def world_spec(args, world: str) -> dict:
+    """The world's seed and stuff caption rate: its own (`WORLDS`), or `--world_seed` (every world) and
+    `--stuff_caption_rate` (the foreground-biased worlds) where given."""
+    spec = dict(WORLDS[world])
+    if args.world_seed is not None:
+        spec["seed"] = args.world_seed
+    if args.stuff_caption_rate is not None and spec["stuff_caption_rate"] < 1.0:
+        spec["stuff_caption_rate"] = args.stuff_caption_rate
+    return spec
+
+
 def toy_world_settings(args, world: str) -> dict:
-    values = {
-        "seed": args.world_seed,
-        "stuff_caption_rate": WORLDS[world] if world != "foreground_biased" else args.stuff_caption_rate,
-        "compare_catseg": False,
-    }
-    if world == "foreground_biased" and args.background_caption_rate:
+    values = {**world_spec(args, world), "compare_catseg": False}
+    if values["stuff_caption_rate"] < 1.0 and args.background_caption_rate:
         # only where stuff goes unnamed: the unbiased world's captions name every region (the toy CLIP refuses it)
         values["background_caption_rate"] = args.background_caption_rate
     if args.cache_dir:
@@ -352,7 +373,7 @@ def run_row(args, world: str, model_name: str, seed: int) -> dict:
         "seed": seed,
         "stuff_caption_rate": info["clip_settings"]["stuff_caption_rate"],
         "background_caption_rate": info["clip_settings"]["background_caption_rate"],
-        "world_seed": args.world_seed,
+        "world_seed": world_spec(args, world)["seed"],
         "overrides": UPGRADES[model_name][1] if model_name in UPGRADES else MODELS[model_name][1],
         **(
             {
@@ -476,6 +497,61 @@ def _cell(entry: dict, column: str) -> str:
     return f"{entry[column]['mean']:.{digits}f} +- {entry[column]['sd']:.{digits}f}"
 
 
+# (name, model, reference, column, margin, use): `model`'s mean must beat `reference`'s by `margin` (a negative margin
+# allows a loss); `use` "min" compares the worst seeds; `lower` columns must go down. Worlds without both models skip.
+GOALS = (
+    ("PAS-20b analog +1", "disa", "catseg", "pas20b", 1.0, "mean"),
+    ("PAS-20b folded +1", "disa", "catseg", "pas20b_fold", 1.0, "mean"),
+    ("boundary IoU +1", "disa", "catseg", "boundary_iou", 1.0, "mean"),
+    ("less foreground bias", "disa", "catseg", "stuff_as_thing", 0.0, "lower"),
+    ("no harm: all-class mIoU >= -0.5", "disa", "catseg", "all", -0.5, "mean"),
+    ("stability: worst seed >= -1", "disa", "catseg", "all", -1.0, "min"),
+    ("stretch: all-class mIoU +2", "disa", "catseg", "all", 2.0, "mean"),
+    ("upgrade: PAS-20b analog >= continued CAT-Seg", "disa-upgrade", "catseg+continue", "pas20b", 0.0, "mean"),
+    ("upgrade: PAS-20b folded >= continued CAT-Seg", "disa-upgrade", "catseg+continue", "pas20b_fold", 0.0, "mean"),
+)
+
+
+def goal_checks(summary: list[dict]) -> list[dict]:
+    """Each goal of `GOALS` per world, on the test split: the two values, their difference and whether it holds."""
+    entries = {(e["world"], e["model"]): e for e in summary if e["split"] == "test"}
+    checks = []
+    for world in dict.fromkeys(e["world"] for e in summary):
+        for name, model, reference, column, margin, use in GOALS:
+            ours, theirs = entries.get((world, model)), entries.get((world, reference))
+            if ours is None or theirs is None or column not in ours or column not in theirs:
+                continue
+            stat = "min" if use == "min" else "mean"
+            value, base = ours[column][stat], theirs[column][stat]
+            delta = value - base
+            met = delta < margin if use == "lower" else delta >= margin
+            checks.append(
+                {
+                    "world": world,
+                    "goal": name,
+                    "model": model,
+                    "reference": reference,
+                    "column": column,
+                    "statistic": stat,
+                    "value": value,
+                    "reference_value": base,
+                    "difference": delta,
+                    "met": bool(met),
+                }
+            )
+    return checks
+
+
+def goals_table(checks: list[dict]) -> str:
+    lines = ["| world | goal | model | reference | difference | met |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(
+            f"| {c['world']} | {c['goal']} | {c['model']} {c['value']:.2f} | {c['reference']} "
+            f"{c['reference_value']:.2f} | {c['difference']:+.2f} | {'yes' if c['met'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(summary: list[dict], steps: int) -> str:
     columns = _table_columns(summary)
     lines = [
@@ -498,12 +574,16 @@ README_START = "<!-- toy_world_comparison.json: start (generated by training/toy
 README_END = "<!-- toy_world_comparison.json: end -->"
 
 
-def headline_table(
-    summary: list[dict], steps: int, baselines: dict | None = None, models=("catseg", "disa", "disa-first-wave")
-) -> str:
+def headline_table(summary: list[dict], steps: int, baselines: dict | None = None, models=DEFAULT_MODELS) -> str:
     """The README / model-card table: test split, the shipped models, mean +- sd over seeds, and per world the
     dense-CLIP baseline (no head) and the CLIP's zero-shot stuff / thing accuracy."""
-    names = {"catseg": "CAT-Seg mode", "disa": "DiSa (shipped defaults)", "disa-first-wave": "DiSa, first design"}
+    names = {
+        "catseg": "CAT-Seg mode",
+        "disa": "DiSa (shipped defaults)",
+        "disa-first-wave": "DiSa, first design",
+        "catseg+continue": "CAT-Seg mode, trained on (upgrade baseline)",
+        "disa-upgrade": "DiSa upgraded from CAT-Seg mode",
+    }
     columns = _table_columns([e for e in summary if e["split"] == "test" and e["model"] in models])
     lines = [f"| world | model | seeds | {' | '.join(columns)} |", "|---" * (len(columns) + 3) + "|"]
     for world in dict.fromkeys(e["world"] for e in summary):
@@ -599,8 +679,13 @@ def main(argv=None) -> int:
         default=None,
         help=f"steps of the upgrade-path rows {sorted(UPGRADES)} on top of their base row (default: steps / 4)",
     )
-    parser.add_argument("--world_seed", type=int, default=0)
-    parser.add_argument("--stuff_caption_rate", type=float, default=WORLDS["foreground_biased"])
+    parser.add_argument("--world_seed", type=int, default=None, help="every world's seed (default: each world's own)")
+    parser.add_argument(
+        "--stuff_caption_rate",
+        type=float,
+        default=None,
+        help="the foreground-biased worlds' stuff caption rate (default: each world's own)",
+    )
     parser.add_argument(
         "--background_caption_rate",
         type=float,
@@ -641,6 +726,9 @@ def main(argv=None) -> int:
         args.upgrade_steps = max(1, args.steps // 4)
     if args.smoke:
         args.num_dev = min(args.num_dev, 16)
+    specs = {world: tuple(world_spec(args, world).values()) for world in args.worlds}
+    if len(set(specs.values())) < len(specs):
+        parser.error(f"--world_seed / --stuff_caption_rate make worlds the same: {specs}; pick one of them")
     missing = sorted({UPGRADES[m][0] for m in args.models if m in UPGRADES} - set(args.models))
     if missing and not args.row:
         parser.error(f"upgrade-path rows start from the trained {missing} rows: add {missing} to --models")
@@ -688,17 +776,21 @@ def write_results(args, argv) -> int:
     result = {
         "machine": machine_info(),
         "steps": args.steps,
-        "world_seed": args.world_seed,
+        "upgrade_steps": args.upgrade_steps,
+        "worlds": {world: world_spec(args, world) for world in baselines},
         "baselines": baselines,
-        "stuff_caption_rate": args.stuff_caption_rate,
         "background_caption_rate": args.background_caption_rate,
         "smoke": args.smoke,
         "rows": rows,
         "summary": summary,
+        "goals": goal_checks(summary),
         "command": "python training/toy_world_comparison.py " + " ".join(argv or sys.argv[1:]),
     }
     _write_json(args.output, result)
     table = markdown_table(summary, args.steps)
+    if result["goals"]:
+        table += "\nGoals (test split; the upgrade rows train " + f"{args.upgrade_steps} steps):\n\n"
+        table += goals_table(result["goals"])
     base = os.path.splitext(args.output)[0]
     with open(base + ".md", "w") as fh:
         fh.write(table)
@@ -717,8 +809,7 @@ def write_baselines(args, argv) -> int:
         args.output,
         {
             "machine": machine_info(),
-            "world_seed": args.world_seed,
-            "stuff_caption_rate": args.stuff_caption_rate,
+            "worlds": {world: world_spec(args, world) for world in args.worlds},
             "background_caption_rate": args.background_caption_rate,
             "smoke": args.smoke,
             "baselines": baselines,
@@ -736,7 +827,8 @@ def write_baselines(args, argv) -> int:
 
 
 def row_path(args, world: str, model: str, seed: int) -> str:
-    tag = f"ws{args.world_seed}-r{args.stuff_caption_rate}-s{args.steps}"
+    spec = world_spec(args, world)
+    tag = f"ws{spec['seed']}-r{spec['stuff_caption_rate']}-s{args.steps}"
     if args.background_caption_rate:  # a different toy CLIP: its rows must not resume the others
         tag += f"-bg{args.background_caption_rate}"
     tag += "-smoke" if args.smoke else ""
