@@ -1,6 +1,7 @@
 """`training/toy_world_comparison.py --smoke`: the DiSa vs CAT-Seg-mode sweep on a tiny world, a few steps. Checks
 the result file's schema, the summary arithmetic, and that a rerun resumes instead of retraining."""
 
+import argparse
 import json
 import os
 import statistics
@@ -167,12 +168,23 @@ def test_world_registry_and_overrides(tmp_path, capsys):
     """Worlds carry their own seed and stuff caption rate; --world_seed / --stuff_caption_rate override them, and
     overrides that make two named worlds the same are refused."""
     script = _load_script()
-    parser_args = lambda **kw: type("A", (), {"world_seed": None, "stuff_caption_rate": None, **kw})()  # noqa: E731
-    assert script.world_spec(parser_args(), "foreground_biased_ws1") == {"seed": 1, "stuff_caption_rate": 0.4}
-    assert script.world_spec(parser_args(), "unbiased") == {"seed": 0, "stuff_caption_rate": 1.0}
-    over = parser_args(world_seed=3, stuff_caption_rate=0.1)
-    assert script.world_spec(over, "unbiased") == {"seed": 3, "stuff_caption_rate": 1.0}  # unbiased stays unbiased
-    assert script.world_spec(over, "foreground_biased") == {"seed": 3, "stuff_caption_rate": 0.1}
+
+    def parser_args(**kw):
+        return argparse.Namespace(
+            **{"world_seed": None, "stuff_caption_rate": None, "background_caption_rate": None, **kw}
+        )
+
+    spec = script.world_spec
+    assert spec(parser_args(), "foreground_biased_ws1") == {
+        "seed": 1,
+        "stuff_caption_rate": 0.4,
+        "background_caption_rate": 0.0,
+    }
+    assert spec(parser_args(), "foreground_biased_bg")["background_caption_rate"] == 1.0
+    over = parser_args(world_seed=3, stuff_caption_rate=0.1, background_caption_rate=0.5)
+    # the unbiased world names every region: only its seed can change
+    assert spec(over, "unbiased") == {"seed": 3, "stuff_caption_rate": 1.0, "background_caption_rate": 0.0}
+    assert spec(over, "foreground_biased") == {"seed": 3, "stuff_caption_rate": 0.1, "background_caption_rate": 0.5}
     same = [
         "--worlds",
         "foreground_biased",

@@ -50,12 +50,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-# world name -> the toy world's seed (scenes, dataset, CLIP) and how often a caption names a stuff region. The third
-# (other scenes, a milder bias) is where DiSa's training collapse was first seen.
+# world name -> the toy world's seed (scenes, dataset, CLIP), how often a caption names a stuff region and how often a
+# caption that leaves one unnamed says the things are "on a background". `foreground_biased_ws1` (other scenes, a
+# milder bias) is where DiSa's training collapse was first seen; `foreground_biased_bg` is the default world whose
+# CLIP knows the word "background", so the PAS-20b analog's prompted "background" class means something to it.
 WORLDS = {
-    "unbiased": {"seed": 0, "stuff_caption_rate": 1.0},
-    "foreground_biased": {"seed": 0, "stuff_caption_rate": 0.25},
-    "foreground_biased_ws1": {"seed": 1, "stuff_caption_rate": 0.4},
+    "unbiased": {"seed": 0, "stuff_caption_rate": 1.0, "background_caption_rate": 0.0},
+    "foreground_biased": {"seed": 0, "stuff_caption_rate": 0.25, "background_caption_rate": 0.0},
+    "foreground_biased_ws1": {"seed": 1, "stuff_caption_rate": 0.4, "background_caption_rate": 0.0},
+    "foreground_biased_bg": {"seed": 0, "stuff_caption_rate": 0.25, "background_caption_rate": 1.0},
 }
 COLUMNS = ("all", "seen", "unseen", "stuff", "things", "unseen_stuff")
 SCORE_KEYS = {
@@ -182,21 +185,20 @@ def _write_json(path: str, value) -> None:
 
 
 def world_spec(args, world: str) -> dict:
-    """The world's seed and stuff caption rate: its own (`WORLDS`), or `--world_seed` (every world) and
-    `--stuff_caption_rate` (the foreground-biased worlds) where given."""
+    """The world's seed and caption rates: its own (`WORLDS`), or `--world_seed` (every world),
+    `--stuff_caption_rate` and `--background_caption_rate` (the foreground-biased worlds) where given."""
     spec = dict(WORLDS[world])
     if args.world_seed is not None:
         spec["seed"] = args.world_seed
-    if args.stuff_caption_rate is not None and spec["stuff_caption_rate"] < 1.0:
-        spec["stuff_caption_rate"] = args.stuff_caption_rate
+    if spec["stuff_caption_rate"] < 1.0:  # the unbiased world names every region: no rate of it can change
+        for name in ("stuff_caption_rate", "background_caption_rate"):
+            if getattr(args, name) is not None:
+                spec[name] = getattr(args, name)
     return spec
 
 
 def toy_world_settings(args, world: str) -> dict:
     values = {**world_spec(args, world), "compare_catseg": False}
-    if values["stuff_caption_rate"] < 1.0 and args.background_caption_rate:
-        # only where stuff goes unnamed: the unbiased world's captions name every region (the toy CLIP refuses it)
-        values["background_caption_rate"] = args.background_caption_rate
     if args.cache_dir:
         values["cache_dir"] = args.cache_dir
     if args.smoke:
@@ -689,9 +691,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--background_caption_rate",
         type=float,
-        default=0.0,
-        help='foreground-biased world: share of the captions leaving a stuff region unnamed that say "on a '
-        'background" (the toy CLIP learns the word the PAS-20b analog prompts); 0 = the committed worlds',
+        default=None,
+        help='the foreground-biased worlds: share of the captions leaving a stuff region unnamed that say "on a '
+        "background\" (the toy CLIP learns the word the PAS-20b analog prompts); default: each world's own",
     )
     parser.add_argument("--num_dev", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=2, help="rows trained at once (one CPU thread each)")
@@ -779,7 +781,6 @@ def write_results(args, argv) -> int:
         "upgrade_steps": args.upgrade_steps,
         "worlds": {world: world_spec(args, world) for world in baselines},
         "baselines": baselines,
-        "background_caption_rate": args.background_caption_rate,
         "smoke": args.smoke,
         "rows": rows,
         "summary": summary,
@@ -810,7 +811,6 @@ def write_baselines(args, argv) -> int:
         {
             "machine": machine_info(),
             "worlds": {world: world_spec(args, world) for world in args.worlds},
-            "background_caption_rate": args.background_caption_rate,
             "smoke": args.smoke,
             "baselines": baselines,
             "command": "python training/toy_world_comparison.py " + " ".join(argv or sys.argv[1:]),
@@ -829,8 +829,8 @@ def write_baselines(args, argv) -> int:
 def row_path(args, world: str, model: str, seed: int) -> str:
     spec = world_spec(args, world)
     tag = f"ws{spec['seed']}-r{spec['stuff_caption_rate']}-s{args.steps}"
-    if args.background_caption_rate:  # a different toy CLIP: its rows must not resume the others
-        tag += f"-bg{args.background_caption_rate}"
+    if spec["background_caption_rate"]:  # a different toy CLIP: its rows must not resume the others
+        tag += f"-bg{spec['background_caption_rate']}"
     tag += "-smoke" if args.smoke else ""
     return os.path.join(args.work_dir, "rows", tag, f"{_run_name(args, world, model, seed)}.json")
 
