@@ -131,6 +131,12 @@ class DiSaConfig(PreTrainedConfig):
     """
 
     model_type = "disa"
+    # Outputs `Trainer.evaluate` / `predict` leave out of the predictions they gather: they concatenate every output
+    # along the batch axis, which `text_embeds` `(T, P, C)` does not have (one per vocabulary, not per image);
+    # `image_embeds` are features, not predictions (gathering them for a whole dataset only costs memory);
+    # `class_indices` index the vocabulary; the loss terms are 0-d. What remains is `logits` (and, with SDM,
+    # `itm_logits`; `saliency`, `foreground_mask`, `vision_model_output` when asked for), all batch-first.
+    keys_to_ignore_at_inference = ["text_embeds", "image_embeds", "class_indices", "segmentation_loss", "itm_loss"]
     sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
 
     text_config: dict | CLIPTextConfig | None = None
