@@ -1,8 +1,8 @@
 """Data pipeline for DiSa training: loading with `datasets`, column and class checks, CAT-Seg augmentation.
 
-Images are decoded with PIL; the colour jitter is albumentations (OpenCV); normalisation is the model's own
-`DiSaImageProcessor`, passed in by the training script, so that training, validation, evaluation and inference share
-one preprocessing path.
+Images are decoded and resized with PIL, as detectron2 resizes them; the random crop, colour jitter and flip are one
+albumentations pipeline; normalisation is the model's own `DiSaImageProcessor`, passed in by the training script, so
+that training, validation, evaluation and inference share one preprocessing path.
 
 Order of use (as in `training/train.py`):
 1. `load_raw_splits`      - a Hub dataset id, a local parquet/arrow folder, or a `save_to_disk` folder.
@@ -34,6 +34,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from albumentations.augmentations.crops import functional as fcrops
 from PIL import Image
 
 
@@ -365,20 +366,29 @@ def reduce_label_values(label: np.ndarray, ignore_index: int) -> np.ndarray:
 
 
 def resize_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 `(H, W, 3)` -> `(height, width, 3)` with PIL's bilinear filter, as detectron2's `ResizeTransform`
+    (CAT-Seg's `ResizeShortestEdge`) resizes uint8 images.
+
+    Not albumentations' `Resize` / `SmallestMaxSize`: they resize with OpenCV, whose bilinear filter does not
+    antialias when it shrinks (PIL's widens its support with the scale), so a downscaled image differs from the
+    reference by tens of grey levels; `tests/test_training_data.py` shows the difference."""
     if img.shape[0] == height and img.shape[1] == width:
         return img
     return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
 
 
 def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest neighbour with the pixel-centre convention (the same sampling grid as the bilinear image resize);
-    any dtype, so 16-bit ignore values survive."""
+    """Integer `(H, W)` -> `(height, width)`, nearest neighbour as detectron2 resizes uint8 label maps (PIL's
+    NEAREST), which OpenCV's `INTER_NEAREST_EXACT` reproduces bit for bit, ties included (a source coordinate that
+    falls exactly on a pixel border takes the upper-left pixel). OpenCV maps the row and column index ramps and the
+    label is gathered with them, so any integer dtype keeps its values (16-bit or int64 ignore values too, on
+    OpenCV versions without 64-bit resize)."""
     h, w = label.shape
     if h == height and w == width:
         return label
-    rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
-    return label[rows[:, None], cols[None, :]]
+    rows = cv2.resize(np.arange(h, dtype=np.int32)[:, None], (1, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    cols = cv2.resize(np.arange(w, dtype=np.int32)[None, :], (width, 1), interpolation=cv2.INTER_NEAREST_EXACT)
+    return label[rows.reshape(height, 1), cols.reshape(1, width)]
 
 
 def short_side_size(h: int, w: int, short_side: int, max_long_side: int | None) -> tuple[int, int]:
@@ -457,16 +467,36 @@ def ssd_colour_distortion(
     )
 
 
-def photometric_distortion(img: np.ndarray, rng: np.random.Generator, pipeline: A.Compose | None = None) -> np.ndarray:
-    """Apply `pipeline` (default: `ssd_colour_distortion()`) to a uint8 RGB image, its randomness drawn from `rng`.
+def apply_seeded(pipeline: A.BaseCompose, rng: np.random.Generator, **targets) -> dict:
+    """Run an albumentations pipeline on `targets` (`image=`, `mask=`) with its randomness drawn from `rng`.
 
-    albumentations keeps its own generators; they are replaced, for every image, by one pair seeded from `rng` and
+    albumentations keeps its own generators; they are replaced, for every call, by one pair seeded from `rng` and
     shared by all steps (`set_random_state`). `Compose.set_random_seed` would give every step its own generator
     with the same seed, so that all the "apply with probability p" draws of one image would be the same number."""
-    pipeline = pipeline or ssd_colour_distortion()
     seed = int(rng.integers(2**32))
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    return pipeline(image=np.ascontiguousarray(img))["image"]
+    return pipeline(**{k: np.ascontiguousarray(v) for k, v in targets.items()})
+
+
+def photometric_distortion(img: np.ndarray, rng: np.random.Generator, pipeline: A.Compose | None = None) -> np.ndarray:
+    """Apply `pipeline` (default: `ssd_colour_distortion()`) to a uint8 RGB image, its randomness drawn from `rng`
+    (`apply_seeded`)."""
+    return apply_seeded(pipeline or ssd_colour_distortion(), rng, image=img)["image"]
+
+
+class RandomCropWithin(A.RandomCrop):
+    """albumentations' `RandomCrop` with detectron2's `RandomCrop("absolute")` rule: a window of at most
+    `height` x `width`, clamped to the image, so an image smaller than the crop is not padded here.
+
+    `RandomCrop(pad_if_needed=True)` pads before the steps that follow it, so the padding would be colour-jittered
+    and mirrored by the flip, and in uint8, where the mean colour (0 after normalisation) has no exact value.
+    CAT-Seg's mapper pads after the augmentation, at the bottom and right; `TrainTransform` does too."""
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        h_start, w_start = self.py_random.random(), self.py_random.random()
+        crop = (min(self.height, height), min(self.width, width))
+        return {"crop_coords": fcrops.get_crop_coords((height, width), crop, h_start, w_start), "pad_params": None}
 
 
 def to_pixel_values(image_processor, img: np.ndarray) -> torch.Tensor:
@@ -481,10 +511,12 @@ class TrainTransform:
     """CAT-Seg training augmentation. `__call__(image uint8 (H, W, 3), label int (H, W), rng)` ->
     (pixel_values float32 (3, crop, crop), labels int64 (crop, crop)).
 
-    Short-side resize (`resize_short_side`, long side capped at `max_long_side`), random crop of
-    `crop_size` x `crop_size` (padding with the mean colour / ignore when the resized image is smaller), photometric
-    distortion (`ssd_colour_distortion`), horizontal flip; labels resized by nearest neighbour; normalisation by
-    `image_processor` (a `DiSaImageProcessor`)."""
+    Short-side resize (`resize_short_side`, long side capped at `max_long_side`; `resize_image` /
+    `resize_label_nearest`), then one albumentations pipeline seeded from `rng` (`apply_seeded`): a random crop of
+    at most `crop_size` x `crop_size` (`RandomCropWithin`; CAT-Seg's category-area constraint is off, a plain
+    random crop), the photometric distortion (`ssd_colour_distortion`) and a horizontal flip with probability
+    `hflip_prob`; normalisation by `image_processor` (a `DiSaImageProcessor`), then padding of a crop smaller than
+    `crop_size` at the bottom and right with the mean colour (0 after normalisation) and `ignore_index`."""
 
     image_processor: Any
     crop_size: int = 384
@@ -495,26 +527,20 @@ class TrainTransform:
     ignore_index: int = 255
 
     def __post_init__(self):
-        self.colour = ssd_colour_distortion() if self.photometric else None
+        colour = [ssd_colour_distortion()] if self.photometric else []
+        self.augment = A.Compose(
+            [RandomCropWithin(self.crop_size, self.crop_size), *colour, A.HorizontalFlip(p=self.hflip_prob)]
+        )
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         h, w = label.shape
         nh, nw = short_side_size(h, w, self.resize_short_side, self.max_long_side)
-        image = resize_image(image, nh, nw)
-        label = resize_label_nearest(label, nh, nw)
-        # random crop (detectron2 RandomCrop "absolute": the crop never exceeds the image)
-        ch, cw = min(self.crop_size, nh), min(self.crop_size, nw)
-        top = int(rng.integers(0, nh - ch + 1))
-        left = int(rng.integers(0, nw - cw + 1))
-        image = image[top : top + ch, left : left + cw]
-        label = label[top : top + ch, left : left + cw]
-        if self.colour is not None:
-            image = photometric_distortion(image, rng, self.colour)
-        if rng.random() < self.hflip_prob:
-            image = image[:, ::-1]
-            label = label[:, ::-1]
-        pixel_values = to_pixel_values(self.image_processor, np.ascontiguousarray(image))
-        labels = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+        out = apply_seeded(
+            self.augment, rng, image=resize_image(image, nh, nw), mask=resize_label_nearest(label, nh, nw)
+        )
+        pixel_values = to_pixel_values(self.image_processor, np.ascontiguousarray(out["image"]))
+        labels = torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.int64))
+        ch, cw = labels.shape
         if ch < self.crop_size or cw < self.crop_size:  # pad: zeros = the mean colour after normalisation
             pad = (0, self.crop_size - cw, 0, self.crop_size - ch)
             pixel_values = torch.nn.functional.pad(pixel_values, pad, value=0.0)
