@@ -6,7 +6,6 @@ errors."""
 import io
 import json
 import os
-import random
 
 import albumentations as A
 import cv2
@@ -256,9 +255,50 @@ def test_albumentations_crop_and_flip_equal_the_hand_written_chain(size, crop, s
         assert torch.equal(pv, ref_pv) and torch.equal(lab, ref_lab)
 
 
+def todays_chain(tf, image, label, rng):
+    """`TrainTransform.__call__` as it was written by hand before albumentations applied the crop and flip: the
+    same draws from `rng` in the same order (crop top, crop left, the colour jitter's seed, the flip)."""
+    h, w = label.shape
+    nh, nw = D.short_side_size(h, w, tf.resize_short_side, tf.max_long_side)
+    image = D.resize_image(image, nh, nw)
+    label = D.resize_label_nearest(label, nh, nw)
+    ch, cw = min(tf.crop_size, nh), min(tf.crop_size, nw)
+    top = int(rng.integers(0, nh - ch + 1))
+    left = int(rng.integers(0, nw - cw + 1))
+    image = image[top : top + ch, left : left + cw]
+    label = label[top : top + ch, left : left + cw]
+    if tf.photometric:
+        image = D.photometric_distortion(image, rng, D.ssd_colour_distortion())
+    if rng.random() < tf.hflip_prob:
+        image = image[:, ::-1]
+        label = label[:, ::-1]
+    pixel_values = D.to_pixel_values(tf.image_processor, np.ascontiguousarray(image))
+    labels = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+    if ch < tf.crop_size or cw < tf.crop_size:
+        pad = (0, tf.crop_size - cw, 0, tf.crop_size - ch)
+        pixel_values = torch.nn.functional.pad(pixel_values, pad, value=0.0)
+        labels = torch.nn.functional.pad(labels, pad, value=tf.ignore_index)
+    return pixel_values, labels
+
+
+@pytest.mark.parametrize("photometric", [False, True])
+def test_a_seed_gives_todays_samples(photometric):
+    """The same rng gives bit for bit the sample the hand-written chain gave (crop, colour jitter, flip, padding)."""
+    for h, w, crop, short in ((150, 230, 64, 96), (37, 45, 48, 37), (61, 97, 64, 61)):
+        label = ids_label(h, w)
+        image = np.random.default_rng(h).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        tf = D.TrainTransform(
+            PROC, crop_size=crop, resize_short_side=short, photometric=photometric, hflip_prob=0.5, ignore_index=-1
+        )
+        for seed in range(8):
+            pv, lab = tf(image, label, np.random.default_rng(seed))
+            ref_pv, ref_lab = todays_chain(tf, image, label, np.random.default_rng(seed))
+            assert torch.equal(pv, ref_pv) and torch.equal(lab, ref_lab), (h, w, seed)
+
+
 def test_crop_offsets_and_flip_are_uniform_and_seeded():
     """Same distribution as detectron2's `RandomCrop` (offset uniform over every position) and `RandomFlip`; the same
-    rng gives the same draw. `RandomCropWithin` draws as albumentations' `RandomCrop` when the crop fits."""
+    rng gives the same draw."""
     tf = D.TrainTransform(PROC, crop_size=12, resize_short_side=16, photometric=False, hflip_prob=0.3)
     label = ids_label(16, 19)
     image = np.zeros((16, 19, 3), np.uint8)
@@ -273,17 +313,12 @@ def test_crop_offsets_and_flip_are_uniform_and_seeded():
     again = tf(image, label, np.random.default_rng(11))
     first = tf(image, label, np.random.default_rng(11))
     assert torch.equal(again[1], first[1])
-    for seed in range(5):
-        coords = []
-        for crop in (D.RandomCropWithin(12, 12), A.RandomCrop(12, 12)):
-            crop.set_random_state(np.random.default_rng(seed), random.Random(seed))
-            coords.append(crop.get_params_dependent_on_data({"shape": (16, 19, 3)}, {})["crop_coords"])
-        assert coords[0] == coords[1]
 
 
 def test_pad_if_needed_would_pad_before_the_flip():
-    """Why the crop does not pad (`RandomCropWithin`): `RandomCrop(pad_if_needed=True)` pads before the flip (and the
-    colour jitter), so a flipped small image has its padding on the left; CAT-Seg pads after the augmentation."""
+    """Why the crop does not pad (albumentations' `Crop`, then padding after the augmentation):
+    `RandomCrop(pad_if_needed=True)` pads before the flip (and the colour jitter), so a flipped small image has its
+    padding on the left; CAT-Seg pads after the augmentation."""
     label = blocky_label(40, 50, 8, 7, 0)
     image = paint(label, 255)
     padded_first = A.Compose(

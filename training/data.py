@@ -34,7 +34,6 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from albumentations.augmentations.crops import functional as fcrops
 from PIL import Image
 
 
@@ -484,21 +483,6 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator, pipeline: 
     return apply_seeded(pipeline or ssd_colour_distortion(), rng, image=img)["image"]
 
 
-class RandomCropWithin(A.RandomCrop):
-    """albumentations' `RandomCrop` with detectron2's `RandomCrop("absolute")` rule: a window of at most
-    `height` x `width`, clamped to the image, so an image smaller than the crop is not padded here.
-
-    `RandomCrop(pad_if_needed=True)` pads before the steps that follow it, so the padding would be colour-jittered
-    and mirrored by the flip, and in uint8, where the mean colour (0 after normalisation) has no exact value.
-    CAT-Seg's mapper pads after the augmentation, at the bottom and right; `TrainTransform` does too."""
-
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        h_start, w_start = self.py_random.random(), self.py_random.random()
-        crop = (min(self.height, height), min(self.width, width))
-        return {"crop_coords": fcrops.get_crop_coords((height, width), crop, h_start, w_start), "pad_params": None}
-
-
 def to_pixel_values(image_processor, img: np.ndarray) -> torch.Tensor:
     """uint8 `(H, W, 3)` -> float32 `(3, H, W)`, normalised by the model's image processor at its current size.
     `patch_size=1` lifts the processor's one-patch minimum: a crop of a small image is padded to the crop size
@@ -512,11 +496,12 @@ class TrainTransform:
     (pixel_values float32 (3, crop, crop), labels int64 (crop, crop)).
 
     Short-side resize (`resize_short_side`, long side capped at `max_long_side`; `resize_image` /
-    `resize_label_nearest`), then one albumentations pipeline seeded from `rng` (`apply_seeded`): a random crop of
-    at most `crop_size` x `crop_size` (`RandomCropWithin`; CAT-Seg's category-area constraint is off, a plain
-    random crop), the photometric distortion (`ssd_colour_distortion`) and a horizontal flip with probability
-    `hflip_prob`; normalisation by `image_processor` (a `DiSaImageProcessor`), then padding of a crop smaller than
-    `crop_size` at the bottom and right with the mean colour (0 after normalisation) and `ignore_index`."""
+    `resize_label_nearest`), then albumentations' `Crop` at a random offset (a window of at most `crop_size` x
+    `crop_size`; CAT-Seg's category-area constraint is off, a plain random crop), the photometric distortion
+    (`ssd_colour_distortion`, seeded from `rng` by `apply_seeded`) and `HorizontalFlip` with probability
+    `hflip_prob`, every draw from `rng`; normalisation by `image_processor` (a `DiSaImageProcessor`), then padding
+    of a crop smaller than `crop_size` at the bottom and right with the mean colour (0 after normalisation) and
+    `ignore_index`."""
 
     image_processor: Any
     crop_size: int = 384
@@ -527,17 +512,24 @@ class TrainTransform:
     ignore_index: int = 255
 
     def __post_init__(self):
-        colour = [ssd_colour_distortion()] if self.photometric else []
-        self.augment = A.Compose(
-            [RandomCropWithin(self.crop_size, self.crop_size), *colour, A.HorizontalFlip(p=self.hflip_prob)]
-        )
+        self.colour = ssd_colour_distortion() if self.photometric else None
+        self.flip = A.HorizontalFlip(p=1.0)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         h, w = label.shape
         nh, nw = short_side_size(h, w, self.resize_short_side, self.max_long_side)
-        out = apply_seeded(
-            self.augment, rng, image=resize_image(image, nh, nw), mask=resize_label_nearest(label, nh, nw)
-        )
+        image, label = resize_image(image, nh, nw), resize_label_nearest(label, nh, nw)
+        # The crop offsets and the flip are drawn from `rng` here, in the order the recipe always drew them, so a
+        # seed gives the same samples as before albumentations applied them (its `RandomCrop` / `HorizontalFlip(p)`
+        # would draw from their own generators). detectron2's `RandomCrop("absolute")`: the crop never exceeds the
+        # image; an image smaller than the crop is padded after the augmentation, below.
+        ch, cw = min(self.crop_size, nh), min(self.crop_size, nw)
+        top, left = int(rng.integers(0, nh - ch + 1)), int(rng.integers(0, nw - cw + 1))
+        out = A.Crop(x_min=left, y_min=top, x_max=left + cw, y_max=top + ch)(image=image, mask=label)
+        if self.colour is not None:
+            out["image"] = photometric_distortion(out["image"], rng, self.colour)
+        if rng.random() < self.hflip_prob:
+            out = self.flip(image=out["image"], mask=out["mask"])
         pixel_values = to_pixel_values(self.image_processor, np.ascontiguousarray(out["image"]))
         labels = torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.int64))
         ch, cw = labels.shape
