@@ -48,7 +48,7 @@ REMOVED_SETTINGS = {
     "`text_config.initializer_factor` / `vision_config.initializer_factor`",
 }
 # The adaptive foreground size (`foreground_topk_mode="adaptive"`): the smallest k whose tokens hold this share of a
-# class's saliency mass, clamped to [ADAPTIVE_MIN_RATIO, ADAPTIVE_MAX_RATIO] of the grid (4 to 288 of 576 tokens).
+# class's saliency mass, clamped to [ADAPTIVE_MIN_RATIO, ADAPTIVE_MAX_RATIO] of the grid (24 to 288 of 576 tokens).
 ADAPTIVE_SALIENCY_MASS = 0.5
 ADAPTIVE_MIN_RATIO = 1 / 24
 ADAPTIVE_MAX_RATIO = 1 / 2
@@ -573,8 +573,8 @@ def _drop_legacy_settings(config_dict: dict, overrides: dict) -> dict:
             + "; ".join(refused)
             + ". The measured results of these variants are kept in benchmarks/results/toy_world_*.json and "
             "model_card.md says why each was dropped. Load the config with the version that wrote it, or delete "
-            "these keys from config.json to load it with today's behaviour (the model then computes something else "
-            "than it was trained with)."
+            "these keys from config.json to load it with today's behaviour (which is not what its weights were "
+            "trained with)."
         )
     removed = [key for key in REMOVED_SETTINGS if key in config_dict]
     removed += [f"{key}={config_dict[key]!r}" for key in RETIRED_SETTINGS if key in config_dict]
