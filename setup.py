@@ -13,7 +13,7 @@ INSTALL_REQUIRES = [
 ]
 TRAIN = [
     "accelerate>=1.10",
-    "albumentations>=2.0.8",  # SSD colour jitter; cv2 (its dependency) is also imported directly
+    "albumentations>=2.0.8",  # random crop, SSD colour jitter, flip; cv2 (its dependency) is also imported directly
     "datasets>=4.0",
     "opencv-python-headless>=4.9",
     "pyyaml>=6",

@@ -16,6 +16,7 @@ from transformers import (
 from . import model
 from .model import (  # importing the pipeline module registers the pipeline task
     DEFAULT_PROMPT_TEMPLATE,
+    PAPER_SDM_SETTINGS,
     PIPELINE_TASK,
     DenseCLIPFeatures,
     DiSaConfig,

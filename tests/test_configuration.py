@@ -14,6 +14,8 @@ from modeling_disa import DiSaConfig
         ("catseg-vit-l-14-336", 336, 14, [7, 15], 768),
         ("disa-vit-b-16", 384, 16, [3, 7], 512),
         ("disa-vit-l-14-336", 336, 14, [7, 15], 768),
+        ("disa-paper-vit-b-16", 384, 16, [3, 7], 512),
+        ("disa-paper-vit-l-14-336", 336, 14, [7, 15], 768),
         ("disa-tiny", 128, 16, [1, 2], 32),
     ],
 )
@@ -33,6 +35,22 @@ def test_presets_load_with_catseg_geometry(name, resolution, patch, guidance, pr
         assert config.use_sdm == disa and config.use_hrm == disa
 
 
+@pytest.mark.parametrize("name", ["disa-paper-vit-b-16", "disa-paper-vit-l-14-336"])
+def test_paper_presets_hold_the_literal_reading_of_sdm(name):
+    """The paper's SDM: ITM cross-attention over CLIP tokens with Grad-CAM saliency, k = 96 foreground tokens of 576
+    for every class (reviewer R4: "k=96 is a fixed value"), a weighted aggregation of the two branches; the rest of
+    the config is the shipped preset's."""
+    config = DiSaConfig.from_pretrained(PRESETS / name)
+    assert config.use_sdm and config.use_hrm
+    assert config.saliency_source == "gradcam" and config.fusion == "weighted"
+    assert config.foreground_topk_mode == "fixed" and config.presence_threshold is None
+    assert config.grid_size**2 == 576 and config.foreground_k(576) == 96
+    shipped = DiSaConfig.from_pretrained(PRESETS / name.replace("disa-paper-", "disa-")).to_dict()
+    paper = config.to_dict()
+    differing = {key for key in shipped if shipped[key] != paper[key]}
+    assert differing == {"saliency_source", "foreground_topk_mode", "presence_threshold", "fusion"}
+
+
 def test_round_trip_keeps_every_field(tmp_path):
     config = DiSaConfig.from_pretrained(PRESETS / "disa-tiny")
     config.save_pretrained(tmp_path)
@@ -50,17 +68,15 @@ def test_round_trip_keeps_every_field(tmp_path):
         ({"guidance_layers": [1, 3]}, "guidance_layers"),
         ({"fusion": "average"}, "fusion"),
         ({"itm_loss_weight": -0.5}, "itm_loss_weight"),
-        ({"foreground_topk": 0}, "foreground_topk"),
-        ({"foreground_topk": 64}, "foreground_topk"),
+        ({"foreground_ratio": 1.0}, "foreground_ratio"),
         ({"hrm_stages": ["pixel", "spectral"]}, "hrm_stages"),
         ({"loss_ignore_mode": "drop"}, "loss_ignore_mode"),
         ({"clip_finetune": "qk"}, "clip_finetune"),
         ({"prompt_templates": ["no placeholder"]}, "prompt_templates"),
         ({"class_pooling_train": [3, 3]}, "class_pooling_train"),
-        ({"branch_mode": "parallel"}, "branch_mode"),
         ({"saliency_source": "cam"}, "saliency_source"),
         ({"foreground_topk_mode": "auto"}, "foreground_topk_mode"),
-        ({"adaptive_min_ratio": 0.6, "adaptive_max_ratio": 0.5}, "adaptive_min_ratio"),
+        ({"use_sdm": True, "fusion": "residual"}, "fusion='residual'.*retired"),
         ({"use_sdm": True, "sdm_num_heads": 5}, "sdm_num_heads"),
     ],
 )
@@ -108,6 +124,7 @@ def _tiny_values():
 INVALID_KEYWORDS = [
     ({"use_sdm": True, "fusion": "nonsense"}, "fusion"),
     ({"branch_mode": "dual"}, "branch_mode"),
+    ({"branch_mode": "routed"}, "`branch_mode` was retired"),
     ({"window_size": 5}, "window_size"),
 ]
 
@@ -166,8 +183,8 @@ def test_misspelled_settings_are_refused_on_every_path():
         DiSaConfig.from_pretrained(PRESETS / "disa-tiny", use_sdn=True, return_unused_kwargs=True)
     with pytest.raises(StrictDataclassError, match="did you mean `sdm_num_heads`"):
         DiSaConfig.from_dict(_tiny_values(), sdm_heads=4)
-    with pytest.raises(StrictDataclassError, match="did you mean `branch_mode`"):
-        AutoConfig.from_pretrained(PRESETS / "disa-tiny", branchmode="masked")
+    with pytest.raises(StrictDataclassError, match="`branchmode` is not a DiSaConfig setting"):
+        AutoConfig.from_pretrained(PRESETS / "disa-tiny", branchmode="masked")  # close to a retired setting
     with pytest.raises(StrictDataclassError, match="sdm_temperature"):
         DiSaConfig(sdm_temperature=2.0)  # in DiSa's `sdm_` namespace without being a setting
 
@@ -288,3 +305,138 @@ def test_clip_finetuning_mode_is_checked_where_it_is_applied():
     assert model.config.clip_finetune == "qv"
     model.configure_clip_finetuning("none")
     assert model.config.clip_finetune == "none" and not any(p.requires_grad for p in model.clip.parameters())
+
+
+# ---------------------------------------------------------------------- retired ablation settings
+# Every retired setting at the value whose behaviour stayed (the defaults of the last version that had them).
+RETIRED_AT_KEPT_VALUES = {
+    "sdm_input_gradient_scale": 0.0,
+    "saliency_target": "predicted_logit",
+    "foreground_topk": None,
+    "adaptive_saliency_mass": 0.5,
+    "adaptive_min_ratio": 1 / 24,
+    "adaptive_max_ratio": 0.5,
+    "branch_mode": "routed",
+    "branch_attention": "shared",
+    "sdm_background_init": "copy",
+    "hrm_after_aggregation": True,
+    "hrm_at_decoder": True,
+    "hrm_reduction": 4,
+}
+# A value of each that asked for a behaviour that was removed (the first SDM design and the ablation variants).
+RETIRED_BEHAVIOURS = [
+    ("sdm_input_gradient_scale", 1.0),
+    ("saliency_target", "predicted_probability"),
+    ("foreground_topk", 64),
+    ("adaptive_saliency_mass", 0.9),
+    ("adaptive_min_ratio", 0.1),
+    ("adaptive_max_ratio", 0.9),
+    ("branch_mode", "masked"),
+    ("branch_attention", "restricted"),
+    ("sdm_background_init", "independent"),
+    ("hrm_after_aggregation", False),
+    ("hrm_at_decoder", False),
+    ("hrm_reduction", 2),
+]
+
+
+def _loaders(folder):
+    from transformers import AutoConfig
+
+    return {
+        "from_pretrained": lambda **kw: DiSaConfig.from_pretrained(folder, **kw),
+        "auto": lambda **kw: AutoConfig.from_pretrained(folder, **kw),
+        "from_json_file": lambda **kw: DiSaConfig.from_json_file(folder / "config.json"),
+    }
+
+
+def test_old_config_with_retired_settings_at_the_kept_behaviour_loads_with_a_warning(tmp_path, caplog):
+    """A config saved before the settings were retired, holding the values whose behaviour stayed, loads as today's
+    config with the same switches, and the warning names every dropped key."""
+    import torch
+
+    from modeling_disa import DiSaForOpenVocabSegmentation
+
+    old = _old_config_file(tmp_path / "old", use_sdm=True, use_hrm=True, **RETIRED_AT_KEPT_VALUES)
+    current = DiSaConfig.from_pretrained(PRESETS / "disa-tiny", use_sdm=True, use_hrm=True)
+    for name, load in _loaders(old).items():
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            config = load()
+        for key in RETIRED_AT_KEPT_VALUES:
+            assert key in caplog.text, (name, key)
+            assert not hasattr(config, key), (name, key)
+        assert config.to_diff_dict() == current.to_diff_dict(), name
+    # and it builds the same model: same weights from the same seed, same logits
+    outputs = []
+    for config in (DiSaConfig.from_pretrained(old), current):
+        torch.manual_seed(0)
+        model = DiSaForOpenVocabSegmentation(config).eval()
+        generator = torch.Generator().manual_seed(1)
+        pixels = torch.randn(1, 3, 128, 128, generator=generator)
+        ids = torch.randint(3, 60, (3, 6), generator=generator)
+        with torch.no_grad():
+            outputs.append(model(pixel_values=pixels, input_ids=ids).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    config.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert not set(RETIRED_AT_KEPT_VALUES) & set(saved)
+
+
+@pytest.mark.parametrize("key, value", RETIRED_BEHAVIOURS)
+def test_old_config_asking_for_a_retired_behaviour_is_refused(tmp_path, key, value):
+    """A retired setting whose stored value asked for a behaviour that is gone is refused, naming the key and its
+    value, on every loading path, never replaced by today's behaviour."""
+    old = _old_config_file(
+        tmp_path / "old", use_sdm=True, use_hrm=True, foreground_topk_mode="adaptive", **{key: value}
+    )
+    for name, load in _loaders(old).items():
+        with pytest.raises(ValueError, match=rf"retired: `{key}={value!r}`"):
+            load()
+
+
+def test_old_config_asking_for_retired_fusion_is_refused(tmp_path):
+    old = _old_config_file(tmp_path / "old", use_sdm=True, fusion="residual")
+    for name, load in _loaders(old).items():
+        with pytest.raises(StrictDataclassError, match="fusion='residual'.*retired"):
+            load()
+
+
+def test_retired_settings_that_could_not_act_load_and_act_again_only_where_refused(tmp_path, caplog):
+    """A CAT-Seg-mode config saved when the first SDM design's switches were the defaults carries values that never
+    acted without SDM / HRM (or, for the adaptive-k knobs, with fixed k): it loads with a warning. Switching SDM on
+    at load would make them act, so that is refused."""
+    catseg = _old_config_file(
+        tmp_path / "catseg",
+        use_sdm=False,
+        use_hrm=False,
+        sdm_input_gradient_scale=1.0,
+        branch_attention="restricted",
+        sdm_background_init="independent",
+        hrm_reduction=2,
+    )
+    with caplog.at_level("WARNING"):
+        config = DiSaConfig.from_pretrained(catseg)
+    assert "branch_attention='restricted'" in caplog.text
+    assert config.to_diff_dict() == DiSaConfig.from_pretrained(PRESETS / "disa-tiny").to_diff_dict()
+    with pytest.raises(ValueError, match="retired: `sdm_input_gradient_scale=1.0`.*branch_attention='restricted'"):
+        DiSaConfig.from_pretrained(catseg, use_sdm=True)
+    with pytest.raises(ValueError, match="retired: `hrm_reduction=2`"):
+        DiSaConfig.from_pretrained(catseg, use_hrm=True)
+    fixed = _old_config_file(
+        tmp_path / "fixed", use_sdm=True, foreground_topk_mode="fixed", adaptive_saliency_mass=0.9
+    )
+    assert DiSaConfig.from_pretrained(fixed).foreground_topk_mode == "fixed"
+    with pytest.raises(ValueError, match="retired: `adaptive_saliency_mass=0.9`"):
+        DiSaConfig.from_pretrained(fixed, foreground_topk_mode="adaptive")
+
+
+@pytest.mark.parametrize("key", sorted(RETIRED_AT_KEPT_VALUES))
+def test_retired_settings_are_refused_when_given_anew(key):
+    """Only stored configs get the loading rule: a retired setting passed to the constructor or as a keyword is
+    refused, even at the value whose behaviour stayed (it would be a setting with no effect)."""
+    value = RETIRED_AT_KEPT_VALUES[key]
+    with pytest.raises(StrictDataclassError, match=f"`{key}` was retired"):
+        DiSaConfig(**{key: value})
+    with pytest.raises(StrictDataclassError, match=f"`{key}` was retired"):
+        DiSaConfig.from_pretrained(PRESETS / "disa-tiny", **{key: value})

@@ -303,3 +303,60 @@ def test_split_option_is_the_split_scored_and_published(tiny_model, voc_data, tm
     assert out["protocol"]["split"] == "train" and out["results"]["voc20"]["split"] == "train"
     index = yaml.safe_load((tmp_path / "mi.yaml").read_text())["model-index"][0]["results"]
     assert [entry["dataset"]["split"] for entry in index] == ["train"]
+
+
+@pytest.mark.parametrize("dataset_repo", [None, "org/disa-benchmarks"])
+def test_model_index_is_huggingface_hubs_eval_results_in_card_form(dataset_repo):
+    """The model-index holds what the hand-written dicts held (parity: the same values under the same keys), in the
+    key order `huggingface_hub` writes into a card (`dataset.name` before `dataset.type`), and reads back with
+    `model_index_to_eval_results` into one `EvalResult` per dataset with the rows' values."""
+    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    rows = [
+        {"dataset": "ade150", "display_name": "ADE20K-150", "split": "validation", "mIoU": 31.4567},
+        {"dataset": "voc20b", "display_name": "PASCAL VOC-20b", "split": "train", "mIoU": 82.0049},
+    ]
+    index = cli.model_index("disa-b", rows, dataset_repo)
+    hand_written = [
+        {
+            "name": "disa-b",
+            "results": [
+                {
+                    "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
+                    "dataset": {
+                        "type": dataset_repo or r["dataset"],
+                        "name": r["display_name"],
+                        "config": r["dataset"],
+                        "split": r["split"],
+                    },
+                    "metrics": [{"type": "mean_iou", "value": round(r["mIoU"], 2), "name": "mIoU"}],
+                }
+                for r in rows
+            ],
+        }
+    ]
+    assert index == hand_written
+    card = ModelCardData(
+        model_name="disa-b",
+        eval_results=[
+            EvalResult(
+                task_type="image-segmentation",
+                task_name="Open-vocabulary semantic segmentation",
+                dataset_type=dataset_repo or r["dataset"],
+                dataset_name=r["display_name"],
+                dataset_config=r["dataset"],
+                dataset_split=r["split"],
+                metric_type="mean_iou",
+                metric_name="mIoU",
+                metric_value=round(r["mIoU"], 2),
+            )
+            for r in rows
+        ],
+    ).to_dict()["model-index"]
+    assert json.dumps(index) == json.dumps(card)  # key order included
+    name, results = model_index_to_eval_results(index)
+    assert name == "disa-b" and [(e.dataset_config, e.dataset_split, e.metric_value) for e in results] == [
+        ("ade150", "validation", 31.46),
+        ("voc20b", "train", 82.0),
+    ]

@@ -82,7 +82,6 @@ def test_attn_implementation_reaches_the_clip_towers_and_the_window_attention(sa
     + [
         ("disa-vit-b-16", {"clip_finetune": "full"}),
         ("catseg-vit-b-16", {"clip_finetune": "full"}),
-        ("disa-vit-b-16", {"branch_mode": "masked"}),
         ("disa-vit-b-16", {"fusion": "concat"}),
     ],
 )

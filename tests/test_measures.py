@@ -179,28 +179,168 @@ def test_boundary_iou_prediction_fold_as_pas20b():
     np.testing.assert_allclose(metric.compute()["per_category_boundary_iou"], per_class, equal_nan=True)
 
 
-def test_boundary_iou_reduce_sums_into_the_accumulator():
+def reference_counts(pairs, k, ignore, dilation_ratio=0.02):
+    """Independent reference of BoundaryIoU's state: per class, summed over the (prediction, ground truth) pairs
+    given, |Gb & Pb|, |Gb| and |Pb| from the official `mask_to_boundary` (G and P restricted to scored pixels)."""
+    counts = np.zeros((3, k), np.int64)
+    for p, g in pairs:
+        valid = g != ignore
+        for c in range(k):
+            gb = official_mask_to_boundary(((g == c) & valid).astype(np.uint8), dilation_ratio).astype(bool)
+            pb = official_mask_to_boundary(((p == c) & valid).astype(np.uint8), dilation_ratio).astype(bool)
+            counts[:, c] += [np.sum(gb & pb), gb.sum(), pb.sum()]
+    return counts
+
+
+def test_boundary_iou_reduce_across_simulated_processes_sums_each_pixel_once():
+    """Two "ranks", each sees half of the maps; rank 0 reduces, updates again and reduces twice more, the other
+    rank's counts standing still: every map counts once."""
     rng = np.random.default_rng(3)
     preds, gts = structured_maps(rng, 5, 5, 255, (21, 27))
+    pairs = list(zip(preds, gts))
     parts = []
     for rank in range(2):
         m = BoundaryIoU(5, 255)
-        for p, g in list(zip(preds[:4], gts[:4]))[rank::2]:
+        for p, g in pairs[:4][rank::2]:
             m.update(p, g)
         parts.append(m)
-    whole = BoundaryIoU(5, 255)
-    for p, g in zip(preds, gts):
-        whole.update(p, g)
     other = parts[1].counts.clone()
-    parts[0].reduce(lambda t: t + other)  # a new tensor, as accelerator.reduce returns
-    parts[0].update(preds[4], gts[4])  # later updates land in the reduced state
-    assert torch.equal(parts[0].counts, whole.counts)
+
+    def sum_with_other_rank(t):  # stand-in for accelerator.reduce(t, "sum"): returns a new tensor
+        return t + other
+
+    parts[0].reduce(sum_with_other_rank)
+    np.testing.assert_array_equal(parts[0].counts.numpy(), reference_counts(pairs[:4], 5, 255))
+    whole = BoundaryIoU(5, 255)
+    for p, g in pairs[:4]:
+        whole.update(p, g)
     assert parts[0].compute()["mean_boundary_iou"] == whole.compute()["mean_boundary_iou"]
-    before = whole.counts.clone()
-    whole.reduce()  # no reduce_fn, no process group: unchanged
-    assert torch.equal(before, whole.counts)
-    with pytest.raises(ValueError, match="reduce_fn returned shape"):
-        whole.reduce(lambda t: t.sum(0))
+    parts[0].update(*pairs[4])  # an update after the reduce lands on top of the summed counts
+    np.testing.assert_array_equal(parts[0].counts.numpy(), reference_counts(pairs, 5, 255))
+    for _ in range(2):  # a repeated reduce counts the other rank once
+        parts[0].reduce(sum_with_other_rank)
+        np.testing.assert_array_equal(parts[0].counts.numpy(), reference_counts(pairs, 5, 255))
+
+
+def test_boundary_iou_update_reduce_update_counts_every_pixel_once():
+    """Single process: any interleaving of update and reduce (with or without a reduce_fn) counts each pixel once."""
+    k, ignore = 4, 255
+    rng = np.random.default_rng(4)
+    preds, gts = structured_maps(rng, 5, k, ignore, (15, 18))
+    m = BoundaryIoU(k, ignore)
+    m.update(preds[0], gts[0])
+    m.reduce()
+    m.update(preds[0], gts[0])
+    np.testing.assert_array_equal(m.counts.numpy(), reference_counts([(preds[0], gts[0])] * 2, k, ignore))
+
+    steps = ["update", "reduce", "update", "update", "reduce", "reduce", "update", "compute", "update", "reduce"]
+    for reduce_fn in (None, lambda t: t.clone()):  # no process group / accelerate's single-process reduce
+        m = BoundaryIoU(k, ignore)
+        m.reduce(reduce_fn)  # reduce before any update is allowed and counts nothing
+        seen = []
+        for step, (p, g) in zip(steps, zip(preds * 2, gts * 2)):
+            if step == "update":
+                m.update(p, g)
+                seen.append((p, g))
+            elif step == "reduce":
+                m.reduce(reduce_fn)
+            else:
+                expected = reference_counts(seen, k, ignore)
+                per_class = boundary_iou_from_counts(*expected)["per_category_boundary_iou"]
+                np.testing.assert_array_equal(m.compute()["per_category_boundary_iou"], per_class)
+            np.testing.assert_array_equal(m.counts.numpy(), reference_counts(seen, k, ignore))
+
+
+def test_boundary_iou_reduce_under_interleaved_updates_simulated_all_reduce():
+    """Two ranks in threads with a barrier-synchronised sum (the semantics of accelerate's reduce(t, "sum")):
+    after every reduce both ranks hold the counts of all maps either rank has seen, each once."""
+    import threading
+
+    k, ignore, world = 4, 255, 2
+    rng = np.random.default_rng(6)
+    data = [structured_maps(rng, 5, k, ignore, (13, 16)) for _ in range(world)]
+    # per step: how many maps each rank adds before the collective reduce (uneven on purpose, zeros included)
+    plan = [(1, 0), (2, 1), (0, 0), (1, 2), (1, 2)]
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def all_reduce_sum(rank):
+        def fn(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            t.zero_()  # the tensor handed over is scratch space; the result is what counts
+            return total
+
+        return fn
+
+    results, errors = [[None] * len(plan) for _ in range(world)], []
+
+    def run(rank):
+        try:
+            m, used = BoundaryIoU(k, ignore), 0
+            for step, counts in enumerate(plan):
+                for _ in range(counts[rank]):
+                    m.update(data[rank][0][used], data[rank][1][used])
+                    used += 1
+                m.reduce(all_reduce_sum(rank))
+                results[rank][step] = m.counts.numpy().copy()
+        except BaseException as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for step in range(len(plan)):
+        seen = []
+        for rank in range(world):
+            n = sum(c[rank] for c in plan[: step + 1])
+            seen += list(zip(data[rank][0][:n], data[rank][1][:n]))
+        expected = reference_counts(seen, k, ignore)
+        for rank in range(world):
+            np.testing.assert_array_equal(results[rank][step], expected, err_msg=f"rank {rank}, step {step}")
+
+
+def test_boundary_iou_reduce_with_torch_distributed_process_group(tmp_path):
+    """The default path (no reduce_fn, a process group initialised): update -> reduce -> update -> reduce."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rng = np.random.default_rng(9)
+        (p,), (g,) = structured_maps(rng, 1, 3, 255, (12, 14))
+        m = BoundaryIoU(3, 255)
+        m.update(p, g)
+        m.reduce()
+        m.update(p, g)
+        m.reduce()
+        m.reduce()
+        np.testing.assert_array_equal(m.counts.numpy(), reference_counts([(p, g)] * 2, 3, 255))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_boundary_iou_reduce_rejects_a_reduction_that_is_not_a_sum():
+    rng = np.random.default_rng(10)
+    (p,), (g,) = structured_maps(rng, 1, 3, 255, (12, 14))
+    m = BoundaryIoU(3, 255)
+    m.update(p, g)
+    with pytest.raises(ValueError, match="gather"):
+        m.reduce(lambda t: torch.cat([t, t]))  # accelerator.gather instead of reduce
+    with pytest.raises(ValueError, match="gather"):
+        m.reduce(lambda t: t.sum(0))
+    with pytest.raises(ValueError, match="integers"):
+        m.reduce(lambda t: t.double())
+    with pytest.raises(ValueError, match="not average"):
+        m.reduce(lambda t: t // 2)
+    np.testing.assert_array_equal(m.counts.numpy(), reference_counts([(p, g)], 3, 255))  # state untouched
+    m.counts.zero_()  # `counts` is a copy: editing it changes nothing
+    np.testing.assert_array_equal(m.counts.numpy(), reference_counts([(p, g)], 3, 255))
 
 
 def test_boundary_iou_bad_inputs():

@@ -411,9 +411,9 @@ def test_from_clip_pretrained_holds_one_clip_copy(clip_folder, monkeypatch):
 def test_from_clip_pretrained_applies_or_refuses_each_keyword(clip_folder):
     tiny = PRESETS / "disa-tiny"
     model = DiSaForOpenVocabSegmentation.from_clip_pretrained(
-        clip_folder, config=tiny, use_sdm=True, fusion="residual", attn_implementation="eager"
+        clip_folder, config=tiny, use_sdm=True, fusion="weighted", attn_implementation="eager"
     )
-    assert model.config.use_sdm and model.sdm is not None and model.config.fusion == "residual"
+    assert model.config.use_sdm and model.sdm is not None and model.config.fusion == "weighted"
     assert model.clip.vision_model.config._attn_implementation == "eager"
     with pytest.raises(Exception, match="`fusion` must be one of"):  # the config's validation error
         DiSaForOpenVocabSegmentation.from_clip_pretrained(clip_folder, config=tiny, fusion="nonsense")

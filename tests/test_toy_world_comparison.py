@@ -244,3 +244,21 @@ def test_readme_and_model_card_quote_the_committed_comparison():
             values = [r[column] for r in group]
             expected = {"mean": statistics.mean(values), "sd": statistics.stdev(values), "min": min(values)}
             assert entry[column] == pytest.approx(expected, rel=1e-9, abs=1e-9), (entry["world"], entry["model"])
+
+
+def test_models_are_valid_configurations_and_retired_rows_stay_in_the_results():
+    """Every model the sweep trains is a valid config; the rows of models whose settings were retired are gone from
+    MODELS but stay, with the overrides they ran with, in the committed results."""
+    from modeling_disa import PAPER_SDM_SETTINGS, DiSaConfig
+
+    script = _load_script()
+    assert {"catseg", "disa", "disa-sdm-only", "disa-hrm-only", "disa-paper"} <= set(script.MODELS)
+    for name, (preset, overrides) in script.MODELS.items():
+        config = DiSaConfig.from_pretrained(REPO_PATH / preset, **overrides)
+        assert {key: getattr(config, key) for key in overrides} == overrides, name
+    paper = script.MODELS["disa-paper"][1]
+    assert {key: paper[key] for key in PAPER_SDM_SETTINGS} == PAPER_SDM_SETTINGS
+    committed = json.loads((REPO_PATH / "benchmarks" / "results" / "toy_world_ablation.json").read_text())["rows"]
+    retired = {row["model"] for row in committed} - set(script.MODELS)
+    assert {"disa-first-wave", "fw+detach", "cost-saliency+own+presence+shared+copy"} <= retired
+    assert all(row["overrides"] for row in committed if row["model"] in retired)

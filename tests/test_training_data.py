@@ -7,12 +7,13 @@ import io
 import json
 import os
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.stats import ks_2samp
+from scipy.stats import binomtest, chisquare, ks_2samp
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from modeling_disa import DiSaImageProcessor
@@ -131,6 +132,202 @@ def test_small_image_is_padded_with_ignore():
 def test_short_side_arithmetic_matches_detectron2():
     assert D.short_side_size(480, 640, 384, 1333) == (384, 512)
     assert D.short_side_size(100, 2000, 384, 1333) == (67, 1333)
+
+
+# ------------------------------------------------------------- resize / crop / pad / flip: library vs hand-written
+
+
+def pil_nearest(label, height, width):
+    """detectron2's `ResizeTransform.apply_segmentation` on a uint8 label map: PIL's NEAREST."""
+    return np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
+
+
+def test_label_resize_is_pil_nearest_as_detectron2_for_every_dtype():
+    """Ties (a source coordinate exactly on a pixel border) included: the float index formula used before picked the
+    other pixel than PIL on about a third of the size pairs below."""
+    rng = np.random.default_rng(0)
+    pairs = [(56, 28, 35, 337), (124, 136, 78, 75), (106, 6, 294, 93), (1, 1, 3, 5), (7, 3, 1, 1)]
+    pairs += [tuple(int(v) for v in rng.integers(1, 160, 4)) for _ in range(60)]
+    for h, w, height, width in pairs:
+        small = rng.integers(0, 200, size=(h, w), dtype=np.uint8)
+        expected = pil_nearest(small, height, width)
+        np.testing.assert_array_equal(D.resize_label_nearest(small, height, width), expected, err_msg=str((h, w)))
+        # wider dtypes keep their values (ignore 65535, int64 ids beyond 32 bits) and sample the same pixels
+        for dtype, offset in ((np.uint16, 65000), (np.int64, 2**40)):
+            wide = small.astype(dtype) + dtype(offset)
+            out = D.resize_label_nearest(wide, height, width)
+            assert out.dtype == dtype
+            np.testing.assert_array_equal(out - dtype(offset), expected.astype(dtype))
+
+
+def test_image_resize_stays_pil_because_albumentations_resizes_with_opencv():
+    """Why `resize_image` / `short_side_size` are not albumentations' `SmallestMaxSize` / `LongestMaxSize`:
+    detectron2 resizes uint8 images with PIL's bilinear filter, which antialiases when it shrinks; OpenCV's does
+    not. And `LongestMaxSize` sets the long side to its value (enlarging too), where `ResizeShortestEdge` only caps
+    it, so the pair cannot express the short-side-with-cap rule."""
+    img = np.random.default_rng(0).integers(0, 256, size=(300, 410, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(img).resize((205, 150), Image.BILINEAR))
+    np.testing.assert_array_equal(D.resize_image(img, 150, 205), pil)
+    opencv = A.Resize(150, 205, interpolation=cv2.INTER_LINEAR)(image=img)["image"]
+    assert np.abs(opencv.astype(int) - pil).max() > 32  # a noise image shrunk by 2: antialiased or not
+
+    def detectron2_shape(h, w, short, max_size):  # ResizeShortestEdge.get_output_shape
+        scale = short / min(h, w)
+        newh, neww = (short, scale * w) if h < w else (scale * h, short)
+        if max(newh, neww) > max_size:
+            scale = max_size / max(newh, neww)
+            newh, neww = newh * scale, neww * scale
+        return int(newh + 0.5), int(neww + 0.5)
+
+    pair = A.Compose([A.SmallestMaxSize(max_size=384), A.LongestMaxSize(max_size=1333)])
+    for h, w in ((480, 640), (100, 2000), (333, 517)):
+        assert D.short_side_size(h, w, 384, 1333) == detectron2_shape(h, w, 384, 1333)
+    assert pair(image=np.zeros((480, 640, 3), np.uint8))["image"].shape[:2] == (1000, 1333)  # not (384, 512)
+
+
+def ids_label(h, w):
+    """Every pixel its own value: a (nearest-)downscaled crop of it tells its offset and whether it was flipped."""
+    return np.arange(h * w, dtype=np.int64).reshape(h, w)
+
+
+def find_crop(resized, out_label):
+    """-> (top, left, flipped) of `out_label` (unpadded) inside `resized`."""
+    ch, cw = out_label.shape
+    found = [
+        (top, left, flip)
+        for top in range(resized.shape[0] - ch + 1)
+        for left in range(resized.shape[1] - cw + 1)
+        for flip in (False, True)
+        if np.array_equal(
+            resized[top : top + ch, left : left + cw][:, ::-1] if flip else resized[top:, left:][:ch, :cw], out_label
+        )
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def hand_written_chain(tf, image, label, top, left, flip):
+    """`TrainTransform.__call__` as it was written out before albumentations drew the crop and flip (without the
+    photometric step), given the crop offset and flip decision."""
+    h, w = label.shape
+    nh, nw = D.short_side_size(h, w, tf.resize_short_side, tf.max_long_side)
+    image = D.resize_image(image, nh, nw)
+    label = D.resize_label_nearest(label, nh, nw)
+    ch, cw = min(tf.crop_size, nh), min(tf.crop_size, nw)
+    image = image[top : top + ch, left : left + cw]
+    label = label[top : top + ch, left : left + cw]
+    if flip:
+        image = image[:, ::-1]
+        label = label[:, ::-1]
+    pixel_values = D.to_pixel_values(tf.image_processor, np.ascontiguousarray(image))
+    labels = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+    if ch < tf.crop_size or cw < tf.crop_size:
+        pad = (0, tf.crop_size - cw, 0, tf.crop_size - ch)
+        pixel_values = torch.nn.functional.pad(pixel_values, pad, value=0.0)
+        labels = torch.nn.functional.pad(labels, pad, value=tf.ignore_index)
+    return pixel_values, labels
+
+
+@pytest.mark.parametrize(
+    "size,crop,short,max_long",
+    [
+        ((150, 230), 64, 96, 1333),  # downscale, crop inside
+        ((61, 97), 64, 61, 1333),  # no resize, crop taller than the image: pad rows
+        ((37, 45), 48, 37, 1333),  # pad rows and columns
+        ((203, 77), 48, 50, 100),  # long side capped, odd sizes
+    ],
+)
+def test_albumentations_crop_and_flip_equal_the_hand_written_chain(size, crop, short, max_long):
+    h, w = size
+    label = ids_label(h, w)
+    image = np.random.default_rng(h).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    tf = D.TrainTransform(
+        PROC, crop_size=crop, resize_short_side=short, max_long_side=max_long, photometric=False, ignore_index=-1
+    )
+    nh, nw = D.short_side_size(h, w, short, max_long)
+    resized = D.resize_label_nearest(label, nh, nw)
+    for seed in range(6):
+        pv, lab = tf(image, label, np.random.default_rng(seed))
+        ch, cw = min(crop, nh), min(crop, nw)
+        assert (lab[ch:, :] == -1).all() and (lab[:, cw:] == -1).all()  # padding at the bottom and right only
+        top, left, flip = find_crop(resized, lab[:ch, :cw].numpy())
+        ref_pv, ref_lab = hand_written_chain(tf, image, label, top, left, flip)
+        assert torch.equal(pv, ref_pv) and torch.equal(lab, ref_lab)
+
+
+def todays_chain(tf, image, label, rng):
+    """`TrainTransform.__call__` as it was written by hand before albumentations applied the crop and flip: the
+    same draws from `rng` in the same order (crop top, crop left, the colour jitter's seed, the flip)."""
+    h, w = label.shape
+    nh, nw = D.short_side_size(h, w, tf.resize_short_side, tf.max_long_side)
+    image = D.resize_image(image, nh, nw)
+    label = D.resize_label_nearest(label, nh, nw)
+    ch, cw = min(tf.crop_size, nh), min(tf.crop_size, nw)
+    top = int(rng.integers(0, nh - ch + 1))
+    left = int(rng.integers(0, nw - cw + 1))
+    image = image[top : top + ch, left : left + cw]
+    label = label[top : top + ch, left : left + cw]
+    if tf.photometric:
+        image = D.photometric_distortion(image, rng, D.ssd_colour_distortion())
+    if rng.random() < tf.hflip_prob:
+        image = image[:, ::-1]
+        label = label[:, ::-1]
+    pixel_values = D.to_pixel_values(tf.image_processor, np.ascontiguousarray(image))
+    labels = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+    if ch < tf.crop_size or cw < tf.crop_size:
+        pad = (0, tf.crop_size - cw, 0, tf.crop_size - ch)
+        pixel_values = torch.nn.functional.pad(pixel_values, pad, value=0.0)
+        labels = torch.nn.functional.pad(labels, pad, value=tf.ignore_index)
+    return pixel_values, labels
+
+
+@pytest.mark.parametrize("photometric", [False, True])
+def test_a_seed_gives_todays_samples(photometric):
+    """The same rng gives bit for bit the sample the hand-written chain gave (crop, colour jitter, flip, padding)."""
+    for h, w, crop, short in ((150, 230, 64, 96), (37, 45, 48, 37), (61, 97, 64, 61)):
+        label = ids_label(h, w)
+        image = np.random.default_rng(h).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        tf = D.TrainTransform(
+            PROC, crop_size=crop, resize_short_side=short, photometric=photometric, hflip_prob=0.5, ignore_index=-1
+        )
+        for seed in range(8):
+            pv, lab = tf(image, label, np.random.default_rng(seed))
+            ref_pv, ref_lab = todays_chain(tf, image, label, np.random.default_rng(seed))
+            assert torch.equal(pv, ref_pv) and torch.equal(lab, ref_lab), (h, w, seed)
+
+
+def test_crop_offsets_and_flip_are_uniform_and_seeded():
+    """Same distribution as detectron2's `RandomCrop` (offset uniform over every position) and `RandomFlip`; the same
+    rng gives the same draw."""
+    tf = D.TrainTransform(PROC, crop_size=12, resize_short_side=16, photometric=False, hflip_prob=0.3)
+    label = ids_label(16, 19)
+    image = np.zeros((16, 19, 3), np.uint8)
+    draws = []
+    for seed in range(600):
+        lab = tf(image, label, np.random.default_rng(seed))[1].numpy()
+        draws.append(find_crop(label, lab))
+    tops, lefts, flips = (np.array(v) for v in zip(*draws))
+    assert chisquare(np.bincount(tops, minlength=5)).pvalue > 1e-3 and set(tops) == set(range(5))
+    assert chisquare(np.bincount(lefts, minlength=8)).pvalue > 1e-3 and set(lefts) == set(range(8))
+    assert binomtest(int(flips.sum()), len(flips), 0.3).pvalue > 1e-3
+    again = tf(image, label, np.random.default_rng(11))
+    first = tf(image, label, np.random.default_rng(11))
+    assert torch.equal(again[1], first[1])
+
+
+def test_pad_if_needed_would_pad_before_the_flip():
+    """Why the crop does not pad (albumentations' `Crop`, then padding after the augmentation):
+    `RandomCrop(pad_if_needed=True)` pads before the flip (and the colour jitter), so a flipped small image has its
+    padding on the left; CAT-Seg pads after the augmentation."""
+    label = blocky_label(40, 50, 8, 7, 0)
+    image = paint(label, 255)
+    padded_first = A.Compose(
+        [A.RandomCrop(64, 64, pad_if_needed=True, pad_position="top_left", fill_mask=255), A.HorizontalFlip(p=1.0)]
+    )(image=image, mask=label)["mask"]
+    assert (padded_first[:, :14] == 255).all()
+    tf = D.TrainTransform(PROC, crop_size=64, resize_short_side=40, photometric=False, hflip_prob=1.0)
+    labels = tf(image, label, np.random.default_rng(0))[1]
+    assert (labels[:, 50:] == 255).all() and (labels[:40, :50] != 255).all()
 
 
 def ssd_reference(img, rng):

@@ -17,9 +17,9 @@ def tiny_config(**overrides):
 
 
 def tiny_variant(preset: str, **overrides):
-    """The `preset`'s architecture switches (SDM, HRM, branch mode, fusion, residual and fine-tuning modes, prompt
-    templates, whether the class axis is padded) on the tiny preset's CLIP towers and widths, so that every preset's
-    code paths run in a CPU test."""
+    """The `preset`'s architecture switches (SDM, HRM, saliency source, foreground split, fusion, residual and
+    fine-tuning modes, prompt templates, whether the class axis is padded) on the tiny preset's CLIP towers and
+    widths, so that every preset's code paths run in a CPU test."""
     from modeling_disa import DiSaConfig
 
     def values(config):
@@ -29,7 +29,7 @@ def tiny_variant(preset: str, **overrides):
         return out
 
     tiny, source = values(DiSaConfig.from_pretrained(TINY)), values(DiSaConfig.from_pretrained(PRESETS / preset))
-    listed = ("hrm_stages", "prompt_templates")
+    listed = ("hrm_stages", "prompt_templates", "presence_threshold", "foreground_ratio")
     switches = {k: v for k, v in source.items() if isinstance(v, (bool, str)) or k in listed}
     tiny.update(switches)
     tiny["class_cap"] = tiny["class_cap"] if source["class_cap"] > 0 else 0

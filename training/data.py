@@ -1,8 +1,8 @@
 """Data pipeline for DiSa training: loading with `datasets`, column and class checks, CAT-Seg augmentation.
 
-Images are decoded with PIL; the colour jitter is albumentations (OpenCV); normalisation is the model's own
-`DiSaImageProcessor`, passed in by the training script, so that training, validation, evaluation and inference share
-one preprocessing path.
+Images are decoded and resized with PIL, as detectron2 resizes them; the random crop, colour jitter and flip are one
+albumentations pipeline; normalisation is the model's own `DiSaImageProcessor`, passed in by the training script, so
+that training, validation, evaluation and inference share one preprocessing path.
 
 Order of use (as in `training/train.py`):
 1. `load_raw_splits`      - a Hub dataset id, a local parquet/arrow folder, or a `save_to_disk` folder.
@@ -365,20 +365,29 @@ def reduce_label_values(label: np.ndarray, ignore_index: int) -> np.ndarray:
 
 
 def resize_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 `(H, W, 3)` -> `(height, width, 3)` with PIL's bilinear filter, as detectron2's `ResizeTransform`
+    (CAT-Seg's `ResizeShortestEdge`) resizes uint8 images.
+
+    Not albumentations' `Resize` / `SmallestMaxSize`: they resize with OpenCV, whose bilinear filter does not
+    antialias when it shrinks (PIL's widens its support with the scale), so a downscaled image differs from the
+    reference by tens of grey levels; `tests/test_training_data.py` shows the difference."""
     if img.shape[0] == height and img.shape[1] == width:
         return img
     return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
 
 
 def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest neighbour with the pixel-centre convention (the same sampling grid as the bilinear image resize);
-    any dtype, so 16-bit ignore values survive."""
+    """Integer `(H, W)` -> `(height, width)`, nearest neighbour as detectron2 resizes uint8 label maps (PIL's
+    NEAREST), which OpenCV's `INTER_NEAREST_EXACT` reproduces bit for bit, ties included (a source coordinate that
+    falls exactly on a pixel border takes the upper-left pixel). OpenCV maps the row and column index ramps and the
+    label is gathered with them, so any integer dtype keeps its values (16-bit or int64 ignore values too, on
+    OpenCV versions without 64-bit resize)."""
     h, w = label.shape
     if h == height and w == width:
         return label
-    rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
-    return label[rows[:, None], cols[None, :]]
+    rows = cv2.resize(np.arange(h, dtype=np.int32)[:, None], (1, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    cols = cv2.resize(np.arange(w, dtype=np.int32)[None, :], (width, 1), interpolation=cv2.INTER_NEAREST_EXACT)
+    return label[rows.reshape(height, 1), cols.reshape(1, width)]
 
 
 def short_side_size(h: int, w: int, short_side: int, max_long_side: int | None) -> tuple[int, int]:
@@ -457,16 +466,21 @@ def ssd_colour_distortion(
     )
 
 
-def photometric_distortion(img: np.ndarray, rng: np.random.Generator, pipeline: A.Compose | None = None) -> np.ndarray:
-    """Apply `pipeline` (default: `ssd_colour_distortion()`) to a uint8 RGB image, its randomness drawn from `rng`.
+def apply_seeded(pipeline: A.BaseCompose, rng: np.random.Generator, **targets) -> dict:
+    """Run an albumentations pipeline on `targets` (`image=`, `mask=`) with its randomness drawn from `rng`.
 
-    albumentations keeps its own generators; they are replaced, for every image, by one pair seeded from `rng` and
+    albumentations keeps its own generators; they are replaced, for every call, by one pair seeded from `rng` and
     shared by all steps (`set_random_state`). `Compose.set_random_seed` would give every step its own generator
     with the same seed, so that all the "apply with probability p" draws of one image would be the same number."""
-    pipeline = pipeline or ssd_colour_distortion()
     seed = int(rng.integers(2**32))
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    return pipeline(image=np.ascontiguousarray(img))["image"]
+    return pipeline(**{k: np.ascontiguousarray(v) for k, v in targets.items()})
+
+
+def photometric_distortion(img: np.ndarray, rng: np.random.Generator, pipeline: A.Compose | None = None) -> np.ndarray:
+    """Apply `pipeline` (default: `ssd_colour_distortion()`) to a uint8 RGB image, its randomness drawn from `rng`
+    (`apply_seeded`)."""
+    return apply_seeded(pipeline or ssd_colour_distortion(), rng, image=img)["image"]
 
 
 def to_pixel_values(image_processor, img: np.ndarray) -> torch.Tensor:
@@ -481,10 +495,13 @@ class TrainTransform:
     """CAT-Seg training augmentation. `__call__(image uint8 (H, W, 3), label int (H, W), rng)` ->
     (pixel_values float32 (3, crop, crop), labels int64 (crop, crop)).
 
-    Short-side resize (`resize_short_side`, long side capped at `max_long_side`), random crop of
-    `crop_size` x `crop_size` (padding with the mean colour / ignore when the resized image is smaller), photometric
-    distortion (`ssd_colour_distortion`), horizontal flip; labels resized by nearest neighbour; normalisation by
-    `image_processor` (a `DiSaImageProcessor`)."""
+    Short-side resize (`resize_short_side`, long side capped at `max_long_side`; `resize_image` /
+    `resize_label_nearest`), then albumentations' `Crop` at a random offset (a window of at most `crop_size` x
+    `crop_size`; CAT-Seg's category-area constraint is off, a plain random crop), the photometric distortion
+    (`ssd_colour_distortion`, seeded from `rng` by `apply_seeded`) and `HorizontalFlip` with probability
+    `hflip_prob`, every draw from `rng`; normalisation by `image_processor` (a `DiSaImageProcessor`), then padding
+    of a crop smaller than `crop_size` at the bottom and right with the mean colour (0 after normalisation) and
+    `ignore_index`."""
 
     image_processor: Any
     crop_size: int = 384
@@ -496,25 +513,26 @@ class TrainTransform:
 
     def __post_init__(self):
         self.colour = ssd_colour_distortion() if self.photometric else None
+        self.flip = A.HorizontalFlip(p=1.0)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         h, w = label.shape
         nh, nw = short_side_size(h, w, self.resize_short_side, self.max_long_side)
-        image = resize_image(image, nh, nw)
-        label = resize_label_nearest(label, nh, nw)
-        # random crop (detectron2 RandomCrop "absolute": the crop never exceeds the image)
+        image, label = resize_image(image, nh, nw), resize_label_nearest(label, nh, nw)
+        # The crop offsets and the flip are drawn from `rng` here, in the order the recipe always drew them, so a
+        # seed gives the same samples as before albumentations applied them (its `RandomCrop` / `HorizontalFlip(p)`
+        # would draw from their own generators). detectron2's `RandomCrop("absolute")`: the crop never exceeds the
+        # image; an image smaller than the crop is padded after the augmentation, below.
         ch, cw = min(self.crop_size, nh), min(self.crop_size, nw)
-        top = int(rng.integers(0, nh - ch + 1))
-        left = int(rng.integers(0, nw - cw + 1))
-        image = image[top : top + ch, left : left + cw]
-        label = label[top : top + ch, left : left + cw]
+        top, left = int(rng.integers(0, nh - ch + 1)), int(rng.integers(0, nw - cw + 1))
+        out = A.Crop(x_min=left, y_min=top, x_max=left + cw, y_max=top + ch)(image=image, mask=label)
         if self.colour is not None:
-            image = photometric_distortion(image, rng, self.colour)
+            out["image"] = photometric_distortion(out["image"], rng, self.colour)
         if rng.random() < self.hflip_prob:
-            image = image[:, ::-1]
-            label = label[:, ::-1]
-        pixel_values = to_pixel_values(self.image_processor, np.ascontiguousarray(image))
-        labels = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+            out = self.flip(image=out["image"], mask=out["mask"])
+        pixel_values = to_pixel_values(self.image_processor, np.ascontiguousarray(out["image"]))
+        labels = torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.int64))
+        ch, cw = labels.shape
         if ch < self.crop_size or cw < self.crop_size:  # pad: zeros = the mean colour after normalisation
             pad = (0, self.crop_size - cw, 0, self.crop_size - ch)
             pixel_values = torch.nn.functional.pad(pixel_values, pad, value=0.0)

@@ -2,6 +2,9 @@
 
 - `disa-vit-b-16`: openai/clip-vit-base-patch16 geometry, CLIP input 384, DiSa (SDM + HRM on).
 - `disa-vit-l-14-336`: openai/clip-vit-large-patch14-336 geometry, CLIP input 336, DiSa (SDM + HRM on).
+- `disa-paper-vit-b-16`, `disa-paper-vit-l-14-336`: the same with the literal reading of the paper's SDM
+  (`PAPER_SDM_SETTINGS`: ITM cross-attention over CLIP tokens with Grad-CAM saliency, fixed k = 96 of 576, weighted
+  fusion of the two branches).
 - `catseg-vit-b-16`, `catseg-vit-l-14-336`: the same with every DiSa switch off, i.e. exactly CAT-Seg.
 - `disa-toy`, `catseg-toy`: the head of the offline toy world (the `training/toy_world` package, recipe
   `configuration/training/toy_world.yaml`); the CLIP towers come from the pretrained toy CLIP.
@@ -20,7 +23,13 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaImageProcessor, DiSaProcessor
+from modeling_disa import (
+    PAPER_SDM_SETTINGS,
+    DiSaConfig,
+    DiSaForOpenVocabSegmentation,
+    DiSaImageProcessor,
+    DiSaProcessor,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configuration" / "models"
@@ -192,6 +201,9 @@ def main() -> None:
     for name, values in (("vit-b-16", VIT_B_16), ("vit-l-14-336", VIT_L_14_336)):
         DiSaConfig(**values).save_pretrained(PRESETS / f"catseg-{name}")
         DiSaConfig(**values, use_sdm=True, use_hrm=True).save_pretrained(PRESETS / f"disa-{name}")
+        DiSaConfig(**values, use_sdm=True, use_hrm=True, **PAPER_SDM_SETTINGS).save_pretrained(
+            PRESETS / f"disa-paper-{name}"
+        )
 
     toy_config(True).save_pretrained(PRESETS / "disa-toy")
     toy_config(False).save_pretrained(PRESETS / "catseg-toy")
@@ -217,6 +229,8 @@ def main() -> None:
         "catseg-vit-l-14-336",
         "disa-vit-b-16",
         "disa-vit-l-14-336",
+        "disa-paper-vit-b-16",
+        "disa-paper-vit-l-14-336",
         "disa-tiny",
         "disa-toy",
         "catseg-toy",

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from torch import nn
 
+# The groups follow CAT-Seg's `build_optimizer` (detectron2's rule), not transformers' `Trainer` rule
+# (`get_parameter_names` / `Trainer.get_decay_parameter_names`): transformers exempts every bias from weight decay
+# and decays embeddings, while CAT-Seg decays the biases of linear and conv layers, exempts normalisation layers and
+# embeddings by module type, and gives them their own value (`weight_decay_norm`, WEIGHT_DECAY_NORM /
+# WEIGHT_DECAY_EMBED there). Using transformers' rule would change which parameters decay, so the grouping stays
+# written out; tests/test_optimization.py pins it against CAT-Seg's loop.
 NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 
 

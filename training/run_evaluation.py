@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import EvalResult
+from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from modeling_disa.evaluation.boundary import DEFAULT_DILATION_RATIO, BoundaryIoU
 from modeling_disa.evaluation.dataset_definitions import (
@@ -210,21 +212,25 @@ EXTRA_MEASURE_ROWS = (
 
 
 def model_index(model_name: str, rows: list[dict], dataset_repo: str | None) -> list[dict]:
-    results = []
-    for r in rows:
-        results.append(
-            {
-                "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
-                "dataset": {
-                    "type": dataset_repo or r["dataset"],
-                    "name": r["display_name"],
-                    "config": r["dataset"],
-                    "split": r["split"],
-                },
-                "metrics": [{"type": "mean_iou", "value": round(r["mIoU"], 2), "name": "mIoU"}],
-            }
+    """The `model-index` of a model card (the Hub's evaluation results): one result per dataset, its mIoU rounded to
+    2 decimals; `dataset.type` is the Hub dataset repo when the data came from one, else the dataset's name, and
+    `dataset.config` the dataset's name (its config in that repo). Built with `huggingface_hub`'s `EvalResult`, in
+    the form `ModelCard` writes into a card's metadata."""
+    results = [
+        EvalResult(
+            task_type="image-segmentation",
+            task_name="Open-vocabulary semantic segmentation",
+            dataset_type=dataset_repo or r["dataset"],
+            dataset_name=r["display_name"],
+            dataset_config=r["dataset"],
+            dataset_split=r["split"],
+            metric_type="mean_iou",
+            metric_name="mIoU",
+            metric_value=round(r["mIoU"], 2),
         )
-    return [{"name": model_name, "results": results}]
+        for r in rows
+    ]
+    return eval_results_to_model_index(model_name, results)
 
 
 def process_layout(device: str | None) -> tuple[int, int, torch.device]:

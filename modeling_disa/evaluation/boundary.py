@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import RULES, ArrayLike, _as_tensor
+from .metrics import RULES, ArrayLike, _as_tensor, _ProcessCounts
 
 DEFAULT_DILATION_RATIO = 0.02
 _FLOAT32_EXACT = 1 << 24  # labels go through max-pooling as float32, exact up to 2**24
@@ -116,7 +116,7 @@ class BoundaryIoU:
         device: where the counts live (defaults to the device of the first update).
 
     State: ``counts`` ``(3, K)`` int64, rows = boundary intersection, ground-truth boundary area, predicted boundary
-    area, summed over the images.
+    area, summed over the images (this process's and, after :meth:`reduce`, the other processes' as of that reduce).
     """
 
     def __init__(
@@ -152,7 +152,9 @@ class BoundaryIoU:
                 f"prediction_fold target {self.prediction_fold[1]} is not a class id in [0, {num_classes})."
             )
         self._device = torch.device(device) if device is not None else None
-        self.counts: torch.Tensor | None = None
+        # this process's own counts apart from the other processes' (see `_ProcessCounts`), so that update and
+        # reduce may interleave
+        self._counts: _ProcessCounts | None = None
         if self._device is not None:
             self.reset()
 
@@ -173,11 +175,20 @@ class BoundaryIoU:
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
-        self.counts = torch.zeros(3, self.num_classes, dtype=torch.int64, device=self._device or "cpu")
+        """Zero all counts (this process's and those gathered from other processes)."""
+        own = torch.zeros(3, self.num_classes, dtype=torch.int64, device=self._device or "cpu")
+        self._counts = _ProcessCounts(own, f"(3, {self.num_classes}) Boundary IoU counts")
+
+    @property
+    def counts(self) -> torch.Tensor | None:
+        """The ``(3, K)`` int64 counts: this process's plus, after :meth:`reduce`, the other processes' as of that
+        reduce. A new tensor (editing it leaves the counts unchanged); ``None`` before the first update, reduce or
+        reset."""
+        return self._counts.total if self._counts is not None else None
 
     @property
     def device(self) -> torch.device:
-        return self.counts.device if self.counts is not None else (self._device or torch.device("cpu"))
+        return self._counts.own.device if self._counts is not None else (self._device or torch.device("cpu"))
 
     # ---------------------------------------------------------------- update
     @torch.no_grad()
@@ -187,10 +198,11 @@ class BoundaryIoU:
         ``d`` comes from each map's own size. Raises ``ValueError`` for a shape mismatch, for ground-truth values
         that are neither a class id nor the ignore value, and for predicted ids outside the class range.
         """
-        if self.counts is None:
+        if self._counts is None:
             self._device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
             self.reset()
-        device = self.counts.device
+        own = self._counts.own
+        device = own.device
         k = self.num_classes
         p = _as_tensor(pred, device).to(torch.int64)
         t = _as_tensor(target, device).to(torch.int64)
@@ -229,37 +241,32 @@ class BoundaryIoU:
         gb = boundary_labels(t, d, k).reshape(-1)
         pb = boundary_labels(p, d, k).reshape(-1)
         # bin K collects the pixels on no boundary and is dropped
-        self.counts[0] += torch.bincount(torch.where(gb == pb, gb, k), minlength=k + 1)[:k]
-        self.counts[1] += torch.bincount(gb, minlength=k + 1)[:k]
-        self.counts[2] += torch.bincount(pb, minlength=k + 1)[:k]
+        own[0] += torch.bincount(torch.where(gb == pb, gb, k), minlength=k + 1)[:k]
+        own[1] += torch.bincount(gb, minlength=k + 1)[:k]
+        own[2] += torch.bincount(pb, minlength=k + 1)[:k]
 
     # ---------------------------------------------------------------- distributed
     def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BoundaryIoU:
-        """Sum the counts over processes, in place.
+        """Sum the counts over processes; afterwards :attr:`counts` and :meth:`compute` cover all processes.
 
-        ``reduce_fn`` receives the local counts and returns the summed ones, e.g.
-        ``lambda t: accelerator.reduce(t, reduction="sum")``. Without it, ``torch.distributed`` is used when
-        initialised; otherwise this is a no-op (single process).
+        ``reduce_fn`` receives a copy of this process's own ``(3, K)`` counts and returns (or fills in place) their
+        sum over all processes, e.g. ``lambda t: accelerator.reduce(t, reduction="sum")``. Without it,
+        ``torch.distributed.all_reduce`` is used when a process group is initialised; otherwise the run is
+        single-process and nothing changes. Every call sums each process's own counts afresh, so updates may
+        continue after a reduce and a repeated reduce counts no pixel twice (every process must call it the same
+        number of times, as for any collective). A ``reduce_fn`` that gathers, averages or takes a maximum is
+        refused.
         """
-        if self.counts is None:
+        if self._counts is None:
             self.reset()
-        if reduce_fn is not None:
-            out = reduce_fn(self.counts)
-            if out is not None:
-                if tuple(out.shape) != tuple(self.counts.shape):
-                    raise ValueError(
-                        f"reduce_fn returned shape {tuple(out.shape)}, expected {tuple(self.counts.shape)}."
-                    )
-                # copy into the accumulator (not rebinding it): it stays the one buffer later updates add to
-                self.counts.copy_(out.to(device=self.counts.device, dtype=torch.int64))
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.counts, op=torch.distributed.ReduceOp.SUM)
+        self._counts.reduce(reduce_fn)
         return self
 
     def reduce_with_accelerator(self, accelerator) -> BoundaryIoU:
         return self.reduce(lambda t: accelerator.reduce(t, reduction="sum"))
 
     def merge(self, other: BoundaryIoU) -> BoundaryIoU:
+        """Add ``other``'s counts to this process's own counts (a later :meth:`reduce` sums them with the rest)."""
         if other.num_classes != self.num_classes:
             raise ValueError("Cannot merge Boundary IoU counts of different class counts.")
         if other.dilation_ratio != self.dilation_ratio:
@@ -267,24 +274,27 @@ class BoundaryIoU:
                 f"Cannot merge Boundary IoU counts of dilation ratios {self.dilation_ratio} and "
                 f"{other.dilation_ratio}."
             )
-        if self.counts is None:
+        if self._counts is None:
             self.reset()
-        if other.counts is not None:
-            self.counts += other.counts.to(self.counts.device)
+        theirs = other.counts
+        if theirs is not None:
+            self._counts.own += theirs.to(self._counts.own.device)
         return self
 
     # ---------------------------------------------------------------- results
     def compute(self, rule: str = "present_in_gt", nan_to_num: float | None = None) -> dict[str, object]:
         """``mean_boundary_iou``, ``per_category_boundary_iou`` ``(K,)``, ``num_valid_classes``, ``rule`` and
         ``dilation_ratio``."""
-        if self.counts is None:
+        if self._counts is None:
             self.reset()
-        out = boundary_iou_from_counts(self.counts[0], self.counts[1], self.counts[2], rule, nan_to_num)
+        counts = self.counts
+        out = boundary_iou_from_counts(counts[0], counts[1], counts[2], rule, nan_to_num)
         out["dilation_ratio"] = self.dilation_ratio
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"counts": self.counts.cpu() if self.counts is not None else None}
+        counts = self.counts
+        return {"counts": counts.cpu() if counts is not None else None}
 
 
 __all__ = [

@@ -111,6 +111,64 @@ def metrics_from_confusion_matrix(
     return out
 
 
+class _ProcessCounts:
+    """Integer counts accumulated by this process, and the other processes' counts as of the last :meth:`reduce`.
+
+    The process's own counts (``own``) are never replaced, only added to in place; ``reduce`` sums them afresh over
+    the processes and keeps the difference apart (``others``). So updates may continue after a reduce and a repeated
+    reduce counts nothing twice. Shared by :class:`SegmentationConfusionMatrix` and
+    :class:`~modeling_disa.evaluation.boundary.BoundaryIoU`.
+
+    Args:
+        own: the int64 buffer this process's updates add to (may be a view of a larger buffer).
+        description: what the counts are, for error messages (e.g. ``"(21, 21) confusion matrix"``).
+    """
+
+    def __init__(self, own: torch.Tensor, description: str) -> None:
+        self.own = own
+        self.others: torch.Tensor | None = None
+        self.description = description
+
+    @property
+    def total(self) -> torch.Tensor:
+        """This process's counts plus the other processes' as of the last reduce: a new tensor."""
+        return self.own.clone() if self.others is None else self.own + self.others
+
+    def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Sum the own counts over the processes with ``reduce_fn`` (given a copy of them; returns, or fills in
+        place, their sum), else ``torch.distributed.all_reduce`` when a process group is initialised, else nothing
+        (single process). Refuses a result that is not an integer sum of the same shape (a gather, an average, a
+        maximum) and then leaves the state as it was."""
+        local = self.own.clone()
+        if reduce_fn is not None:
+            out = reduce_fn(local)
+            total = local if out is None else out
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)
+            total = local
+        else:
+            self.others = None
+            return
+        shape = tuple(self.own.shape)
+        if not isinstance(total, torch.Tensor) or tuple(total.shape) != shape:
+            got = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+            raise ValueError(
+                f"reduce_fn must return the sum over processes of the {self.description}, shape {shape}, got {got}; "
+                "use a sum all-reduce such as `lambda t: accelerator.reduce(t, reduction='sum')`, not a gather."
+            )
+        if total.is_floating_point() or total.is_complex() or total.dtype == torch.bool:
+            raise ValueError(
+                f"reduce_fn returned dtype {total.dtype}; pixel counts must stay integers (use reduction='sum')."
+            )
+        others = total.to(device=self.own.device, dtype=torch.int64) - self.own
+        if bool((others < 0).any()):
+            raise ValueError(
+                "reduce_fn returned counts below this process's own counts; it must sum over processes "
+                "(reduction='sum'), not average or take a maximum."
+            )
+        self.others = others
+
+
 class SegmentationConfusionMatrix:
     """Dataset-wide confusion matrix for semantic segmentation.
 
@@ -144,12 +202,10 @@ class SegmentationConfusionMatrix:
         self._device = torch.device(device) if device is not None else None
         self._lut: torch.Tensor | None = None
         self._ones: torch.Tensor | None = None
-        # This process's own counts live in `_flat` (never replaced, only added to). `_others` holds the counts the
-        # other processes had at the last `reduce`. Keeping them apart lets `reduce` always sum the local counts,
-        # so updates after a reduce are kept and a repeated reduce does not count any pixel twice.
+        # This process's own counts: the first K*K bins of `_flat` (the last K collect ignored pixels), kept apart
+        # from the other processes' counts by `_counts` so that update and reduce may interleave.
         self._flat: torch.Tensor | None = None
-        self._local: torch.Tensor | None = None
-        self._others: torch.Tensor | None = None
+        self._counts: _ProcessCounts | None = None
         if self._device is not None:
             self.reset()
 
@@ -170,17 +226,14 @@ class SegmentationConfusionMatrix:
         """Zero all counts (this process's and those gathered from other processes)."""
         k = self.num_classes
         self._flat = torch.zeros(k * k + k, dtype=torch.int64, device=self._device or "cpu")
-        self._local = self._flat[: k * k].view(k, k)
-        self._others = None
+        self._counts = _ProcessCounts(self._flat[: k * k].view(k, k), f"({k}, {k}) confusion matrix")
 
     @property
     def confusion(self) -> torch.Tensor | None:
         """The ``(K, K)`` int64 counts: this process's pixels plus, after :meth:`reduce`, the other processes'
         pixels as of that reduce. A new tensor (editing it leaves the counts unchanged); ``None`` before the first
         update, reduce or reset."""
-        if self._local is None:
-            return None
-        return self._local.clone() if self._others is None else self._local + self._others
+        return self._counts.total if self._counts is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -278,33 +331,7 @@ class SegmentationConfusionMatrix:
         """
         if self._flat is None:
             self.reset()
-        local = self._local.clone()
-        if reduce_fn is not None:
-            out = reduce_fn(local)
-            total = local if out is None else out
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)
-            total = local
-        else:
-            self._others = None
-            return self
-        if not isinstance(total, torch.Tensor) or tuple(total.shape) != tuple(self._local.shape):
-            got = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
-            raise ValueError(
-                f"reduce_fn must return the ({self.num_classes}, {self.num_classes}) sum over processes, got {got}; "
-                "use a sum all-reduce such as `lambda t: accelerator.reduce(t, reduction='sum')`, not a gather."
-            )
-        if total.is_floating_point() or total.is_complex() or total.dtype == torch.bool:
-            raise ValueError(
-                f"reduce_fn returned dtype {total.dtype}; pixel counts must stay integers (use reduction='sum')."
-            )
-        others = total.to(device=self._local.device, dtype=torch.int64) - self._local
-        if bool((others < 0).any()):
-            raise ValueError(
-                "reduce_fn returned counts below this process's own counts; it must sum over processes "
-                "(reduction='sum'), not average or take a maximum."
-            )
-        self._others = others
+        self._counts.reduce(reduce_fn)
         return self
 
     def reduce_with_accelerator(self, accelerator) -> SegmentationConfusionMatrix:
@@ -318,7 +345,7 @@ class SegmentationConfusionMatrix:
             self.reset()
         theirs = other.confusion
         if theirs is not None:
-            self._local += theirs.to(self._local.device)
+            self._counts.own += theirs.to(self._counts.own.device)
         return self
 
     # ---------------------------------------------------------------- results

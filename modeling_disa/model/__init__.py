@@ -3,7 +3,13 @@ so they use single-dot imports only and import nothing else of this package (eva
 visualisation live beside this folder and import from it, never the other way)."""
 
 from .clip_dense_features import DenseCLIPFeatures, dense_clip_features
-from .configuration_disa import DEFAULT_PROMPT_TEMPLATE, DiSaConfig, format_prompts, validate_class_names
+from .configuration_disa import (
+    DEFAULT_PROMPT_TEMPLATE,
+    PAPER_SDM_SETTINGS,
+    DiSaConfig,
+    format_prompts,
+    validate_class_names,
+)
 from .cost_volume import cosine_cost_volume
 from .image_processing_disa import DiSaImageProcessor
 from .modeling_disa import DiSaForOpenVocabSegmentation, DiSaPreTrainedModel, DiSaSegmentationOutput
@@ -20,6 +26,7 @@ __all__ = [
     "DiSaPreTrainedModel",
     "DiSaProcessor",
     "DiSaSegmentationOutput",
+    "PAPER_SDM_SETTINGS",
     "PIPELINE_TASK",
     "cosine_cost_volume",
     "dense_clip_features",

@@ -23,7 +23,7 @@ class DiSaAggregationLayer(GradientCheckpointingLayer):
         super().__init__()
         self.spatial = DiSaSpatialAggregation(config)
         self.class_aggregation = DiSaClassAggregation(config)
-        self.refinement = refinement_level(config, config.hidden_dim, config.hrm_after_aggregation)
+        self.refinement = refinement_level(config, config.hidden_dim)
 
     def forward(
         self,

@@ -8,17 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import TokenRoute, unmixed_layers
+from .routing import TokenRoute
 
 
-def linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, groups: torch.Tensor | None = None
-) -> torch.Tensor:
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """ "Transformers are RNNs" attention with the elu+1 feature map.
 
     Args:
         q, k, v (`(R, L, heads, head_dim)`): R rows (pixels) of L tokens (classes).
-        groups (`(R, L)` bool, optional): two token groups that attend only within themselves (SDM branches).
 
     Returns:
         `(R, L, heads, head_dim)`.
@@ -28,16 +25,9 @@ def linear_attention(
     length = v.shape[1]
     # Dividing V by the length before the products and multiplying back after keeps fp16 sums in range.
     v = v / length
-
-    def attend(keys):
-        kv = torch.einsum("nshd,nshv->nhdv", keys, v)
-        normaliser = 1 / (torch.einsum("nlhd,nhd->nlh", q, keys.sum(dim=1)) + eps)
-        return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, normaliser) * length
-
-    if groups is None:
-        return attend(k)
-    member = groups[..., None, None].to(k.dtype)
-    return torch.where(groups[..., None, None], attend(k * member), attend(k * (1 - member)))
+    kv = torch.einsum("nshd,nshv->nhdv", k, v)
+    normaliser = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
+    return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, normaliser) * length
 
 
 def _pad_classes(values: torch.Tensor, padding: torch.Tensor, length: int) -> torch.Tensor:
@@ -60,12 +50,10 @@ class DiSaClassAttention(nn.Module):
         self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.v = nn.Linear(hidden_dim, hidden_dim)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor | None = None):
-        """q, k, v `(R, T, D)` -> `(R, T, D)`; `groups` `(R, T)` bool restricts attention."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q, k, v `(R, T, D)` -> `(R, T, D)`."""
         heads = (self.num_heads, -1)
-        out = linear_attention(
-            q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), self.eps, groups
-        )
+        out = linear_attention(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), self.eps)
         return out.flatten(-2)
 
 
@@ -105,7 +93,6 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
         super().__init__(config)
         self.class_cap = config.class_cap
         self.residual = config.class_residual
-        self.restrict_to_branch = config.branch_attention == "restricted"
         if config.use_sdm:
             self.background = DiSaClassTokenLayers(config)
 
@@ -132,8 +119,6 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
         padded = self.class_cap > 0
         if route is not None:
             route = route.class_layout(pooling, self.class_cap)
-        mixed = route is not None and route.is_mixed
-        if mixed:
             # one guidance row per image and class, gathered per routed token below (no per-pixel copy)
             guidance = text_guidance.unsqueeze(1)
         if padded:
@@ -145,7 +130,7 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
             guidance = _pad_classes(guidance, source.padding_guidance, self.class_cap)
         tokens = tokens.flatten(0, 1)
         guidance = guidance.flatten(0, 1)
-        if mixed:
+        if route is not None:
             # each branch's per-token layers on its own rows; merged only for the attention across classes. Token
             # (b * pixels + p) * L + t reads guidance row b * L + t.
             fg, bg = route.split(tokens)
@@ -158,14 +143,11 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
             q_fg, k_fg, v_fg = self.project(fg, guidance_fg)
             q_bg, k_bg, v_bg = self.background.project(bg, guidance_bg)
             q, k, v = route.merge(q_fg, q_bg), route.merge(k_fg, k_bg), route.merge(v_fg, v_bg)
-            attended_fg, attended_bg = route.split(
-                self.attention.attend(q, k, v, route.mask if self.restrict_to_branch else None)
-            )
+            attended_fg, attended_bg = route.split(self.attention.attend(q, k, v))
             updated = route.merge(self.update(fg, attended_fg), self.background.update(bg, attended_bg))
         else:
-            layers = unmixed_layers(self, route)
-            q, k, v = layers.project(tokens, guidance)
-            updated = layers.update(tokens, self.attention.attend(q, k, v))
+            q, k, v = self.project(tokens, guidance)
+            updated = self.update(tokens, self.attention.attend(q, k, v))
         if self.residual == "catseg":
             # CAT-Seg returns x + up(pool(x) + update): the identity path is counted twice (kept for its weights).
             delta = updated

@@ -6,6 +6,7 @@ are the project's choices where the DiSa paper is not available (see `model_card
 """
 
 import difflib
+import math
 from dataclasses import fields
 
 from huggingface_hub.dataclasses import strict
@@ -16,18 +17,27 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPT_TEMPLATE = "A photo of a {} in the scene"
 
-FUSION_MODES = ("weighted", "sum", "concat", "own", "residual")
-SALIENCY_TARGETS = ("predicted_logit", "predicted_probability")
-SALIENCY_SOURCES = ("gradcam", "attention", "cost")
-BRANCH_MODES = ("routed", "masked")
-BRANCH_ATTENTION_MODES = ("restricted", "shared")
-BACKGROUND_INIT_MODES = ("copy", "independent")
+FUSION_MODES = ("own", "weighted", "sum", "concat")
+SALIENCY_SOURCES = ("cost", "gradcam", "attention")
 TOPK_MODES = ("fixed", "adaptive")
 HRM_STAGES = ("pixel", "category", "channel")
 LOSS_IGNORE_MODES = ("catseg", "mask")
 DENSE_RESIDUAL_MODES = ("cls", "token")
 CLASS_RESIDUAL_MODES = ("catseg", "standard")
 CLIP_FINETUNE_MODES = ("qv", "none", "full")
+
+# The literal reading of the paper's SDM, as one documented variant of the shipped one: presence and saliency from an
+# image-text-matching cross-attention of the class embeddings over CLIP's tokens with Grad-CAM (the paper's
+# d L_itm / d A), k = 96 of 576 foreground tokens for every class, and the learned weighted aggregation of the two
+# branches. `DiSaConfig(use_sdm=True, use_hrm=True, **PAPER_SDM_SETTINGS)`; the presets `disa-paper-vit-b-16` /
+# `disa-paper-vit-l-14-336` hold it.
+PAPER_SDM_SETTINGS = {
+    "saliency_source": "gradcam",
+    "foreground_topk_mode": "fixed",
+    "foreground_ratio": 96 / 576,
+    "presence_threshold": None,
+    "fusion": "weighted",
+}
 
 # Settings that older versions had and that never acted: saved configs that carry them still load (the keys are
 # dropped with a warning); passing them anew is an error.
@@ -36,6 +46,55 @@ REMOVED_SETTINGS = {
     "`text_config.initializer_range` / `vision_config.initializer_range`",
     "initializer_factor": "the head keeps PyTorch's default initialisation (as CAT-Seg's code), and CLIP's towers use "
     "`text_config.initializer_factor` / `vision_config.initializer_factor`",
+}
+# The adaptive foreground size (`foreground_topk_mode="adaptive"`): the smallest k whose tokens hold this share of a
+# class's saliency mass, clamped to [ADAPTIVE_MIN_RATIO, ADAPTIVE_MAX_RATIO] of the grid (24 to 288 of 576 tokens).
+ADAPTIVE_SALIENCY_MASS = 0.5
+ADAPTIVE_MIN_RATIO = 1 / 24
+ADAPTIVE_MAX_RATIO = 1 / 2
+# Width reduction r of HRM's category- and channel-wise MLPs (C -> C / r), as in squeeze-and-excitation.
+HRM_REDUCTION = 4
+
+
+def _sdm_on(get) -> bool:
+    return bool(get("use_sdm"))
+
+
+def _hrm_on(get) -> bool:
+    return bool(get("use_hrm"))
+
+
+def _adaptive_on(get) -> bool:
+    return _sdm_on(get) and get("foreground_topk_mode") == "adaptive"
+
+
+# Ablation and first-design switches retired when the configuration was reduced to the paper's ablation axes, the
+# paper's SDM variant (`PAPER_SDM_SETTINGS`) and the shipped design. `model_card.md` says what each one was and why it
+# went; the rows measured with them stay in `benchmarks/results/toy_world_*.json`. Per key: the value whose behaviour
+# stayed, when the setting could act (the config as a getter -> bool), and what another value asked for. A saved
+# config still loads when it holds the kept value, or a value that could not act in it (an SDM setting without SDM):
+# the key is dropped with a warning. Any other value asked for a behaviour that is gone and is refused.
+RETIRED_SETTINGS = {
+    "sdm_input_gradient_scale": (0.0, _sdm_on, "the presence loss's gradient reaching CLIP and the cost embedding"),
+    "saliency_target": (
+        "predicted_logit",
+        lambda get: _sdm_on(get) and get("saliency_source") != "attention",
+        "Grad-CAM of the presence probability instead of the presence logit",
+    ),
+    "foreground_topk": (None, _sdm_on, "an explicit foreground size k; set `foreground_ratio` = k / tokens instead"),
+    "adaptive_saliency_mass": (ADAPTIVE_SALIENCY_MASS, _adaptive_on, "another saliency-mass share for adaptive k"),
+    "adaptive_min_ratio": (ADAPTIVE_MIN_RATIO, _adaptive_on, "another lower clamp for adaptive k"),
+    "adaptive_max_ratio": (ADAPTIVE_MAX_RATIO, _adaptive_on, "another upper clamp for adaptive k"),
+    "branch_mode": ("routed", _sdm_on, "two full masked cost volumes through two aggregation passes"),
+    "branch_attention": ("shared", _sdm_on, "attention restricted to each token's own branch"),
+    "sdm_background_init": ("copy", _sdm_on, "a background branch initialised independently of the foreground one"),
+    "hrm_after_aggregation": (True, _hrm_on, "HRM without its levels after the aggregation layers"),
+    "hrm_at_decoder": (True, _hrm_on, "HRM without its levels at the decoder stages"),
+    "hrm_reduction": (HRM_REDUCTION, _hrm_on, "another width reduction of HRM's MLPs"),
+}
+# Values of kept settings that were retired with them: setting -> {value: what it was}.
+RETIRED_VALUES = {
+    "fusion": {"residual": "own output plus a zero-initialised linear map of the other branch's class mean"},
 }
 # Settings that only configure the CLIP-width cross-attention of `saliency_source` "gradcam" / "attention".
 CLIP_WIDTH_SDM_SETTINGS = ("sdm_num_heads", "sdm_mlp_ratio")
@@ -86,51 +145,51 @@ class DiSaConfig(PreTrainedConfig):
         loss_ignore_mode (`str`): `"catseg"` turns ignored pixels into all-negative targets (CAT-Seg's BCE);
             `"mask"` drops them from the mean.
 
-    DiSa (all off = exactly the CAT-Seg core):
-        use_sdm (`bool`): saliency-aware disentanglement (class-presence head with cross-attention, Grad-CAM
-            saliency, foreground/background split, dual-branch aggregation, fusion).
-        sdm_num_heads (`int`, 8): heads of the CLIP-width SDM cross-attention, the presence head of `saliency_source`
-            "gradcam" or "attention" (*reconstruction*). The default `"cost"` head does not have that block (its
-            cross-attention has one class-agnostic attention map per class), so with `"cost"` this must keep its
-            default: another value is refused instead of being ignored.
+    DiSa (all off = exactly the CAT-Seg core). The paper's ablation axes are `use_sdm`, `use_hrm` with
+    `hrm_stages`, the foreground split (`foreground_topk_mode`, `foreground_ratio`, `presence_threshold`) and `fusion`;
+    the defaults are the shipped design (chosen in the toy world), `PAPER_SDM_SETTINGS` the literal reading of the
+    paper's SDM (`saliency_source="gradcam"`, fixed k = 96 of 576, `fusion="weighted"`):
+        use_sdm (`bool`): saliency-aware disentanglement: a class-presence (ITM) head with cross-attention, Grad-CAM
+            saliency, the foreground/background split, two aggregation branches (each token through its own
+            branch's weights, attention over the whole class map; the background branch starts as a copy of the
+            foreground one) and their fusion. SDM's inputs are detached: the presence loss trains SDM's own head
+            only.
+        saliency_source (`str`): `"cost"` (shipped: cross-attention of every class over its own embedded cost
+            volume, with class-agnostic weights, so presence and saliency transfer to unseen class names),
+            `"gradcam"` (the paper's reading: cross-attention of class embeddings over CLIP tokens at CLIP width, x
+            ReLU(ITM gradient)) or `"attention"` (that cross-attention without the gradient, the comparison reviewers
+            asked for). Grad-CAM differentiates each class's own presence logit (no labels: the same rule in
+            training and inference).
+        sdm_num_heads (`int`, 8): heads of the CLIP-width cross-attention of saliency_source "gradcam" or
+            "attention" (*reconstruction*). The `"cost"` head has no such block (one class-agnostic attention map per
+            class), so with `"cost"` this must keep its default: another value is refused instead of being ignored.
         sdm_mlp_ratio (`int`, 4): MLP ratio of that block; same rule with `"cost"`.
         itm_loss_weight (`float`): weight of the auxiliary image-text-matching (class-presence) BCE added to `loss`.
-        sdm_input_gradient_scale (`float` in [0, 1]): how much of the presence loss's gradient reaches the
-            features SDM reads (CLIP tokens and class embeddings, or the embedded cost volume). 0 detaches them:
-            the presence head trains itself only and cannot re-tune CLIP for presence at the cost of the cost
-            volume every class reads (*reconstruction*, measured in the toy world).
-        saliency_source (`str`): `"cost"` (cross-attention of every class over its own embedded cost volume, with
-            class-agnostic weights, so presence and saliency transfer to unseen class names), `"gradcam"`
-            (cross-attention of class embeddings over CLIP tokens at CLIP width, x ReLU(ITM gradient)) or
-            `"attention"` (that cross-attention without the gradient, the ablation reviewers asked for).
-        saliency_target (`str`): what Grad-CAM differentiates; `"predicted_logit"` (the class's own presence
-            logit) or `"predicted_probability"` (its sigmoid). Same rule in training and inference (no labels).
-        foreground_topk_mode (`str`): `"fixed"` (k = round(foreground_ratio * tokens), k = 96 of 576) or
-            `"adaptive"` (smallest k holding `adaptive_saliency_mass` of the saliency, clamped to
-            [adaptive_min_ratio, adaptive_max_ratio] * tokens).
+        foreground_topk_mode (`str`): `"fixed"` (the paper: k = round(foreground_ratio * tokens), 96 of 576) or
+            `"adaptive"` (shipped: the smallest k holding half of the class's saliency mass, clamped to 1/24-1/2 of
+            the grid).
         foreground_ratio (`float`): 96 / 576 by default.
-        foreground_topk (`int` or None): an explicit k that overrides `foreground_ratio` (must fit the grid).
         presence_threshold (`float` or None): presence-aware routing; a class whose predicted presence
             probability is below it gets no foreground token (all its tokens go to the background branch).
-            None: every class gets k foreground tokens whether present or not.
-        branch_mode (`str`): `"routed"` (each token is aggregated by its own branch's weights with attention
-            restricted to its branch) or `"masked"` (two full masked cost volumes through two branches).
-        branch_attention (`str`): with routed branches, `"restricted"` (a token attends only to tokens of its own
-            branch) or `"shared"` (each token uses its branch's weights but attends to every token of its class
-            map, so a class's foreground and background still exchange context).
-        sdm_background_init (`str`): `"copy"` starts the background branch (every aggregation block's `background`
-            child) as a copy of the foreground weights (the block's own), so at initialisation the split changes
-            nothing and the two branches specialise only as training moves them apart; `"independent"` initialises
-            it on its own.
-        fusion (`str`): how the two branches' features merge. `"own"` (each token keeps its own branch's
-            output), `"residual"` (own output + a zero-initialised linear map of the other branch's class mean:
-            starts as "own"), `"weighted"` (learned sigmoid gate between own output and the other branch's class
-            mean), `"sum"` or `"concat"` (+ linear projection).
-        use_hrm (`bool`) and hrm_stages (`list[str]` from pixel/category/channel), hrm_after_aggregation,
-            hrm_at_decoder (`bool`), hrm_reduction (`int`): hierarchical refinement.
+            None (the paper's reading): every class gets its k foreground tokens whether present or not.
+        fusion (`str`): how the two branches' features merge. `"own"` (shipped: each token keeps its own branch's
+            output), `"weighted"` (the paper's weighted aggregation: a learned sigmoid gate between a token's own
+            output and the other branch's class mean), `"sum"` or `"concat"` (+ linear projection), the
+            alternatives reviewers asked about.
+        use_hrm (`bool`) and hrm_stages (`list[str]` from pixel/category/channel): hierarchical refinement, the
+            enabled stages after every aggregation layer and every decoder stage.
+
+    Settings of earlier versions that were retired (`RETIRED_SETTINGS`) load from saved configs when they hold the
+    behaviour that stayed (dropped with a warning) and are refused otherwise.
     """
 
     model_type = "disa"
+    # Outputs `Trainer.evaluate` / `predict` leave out of the predictions they gather: they concatenate every output
+    # along the batch axis, which `text_embeds` `(T, P, C)` does not have (one per vocabulary, not per image);
+    # `image_embeds` are features, not predictions (gathering them for a whole dataset only costs memory);
+    # `class_indices` index the vocabulary; the loss terms are 0-d. What remains is `logits` (and, with SDM,
+    # `itm_logits`; `saliency`, `foreground_mask`, `vision_model_output` when asked for), all batch-first.
+    keys_to_ignore_at_inference = ["text_embeds", "image_embeds", "class_indices", "segmentation_loss", "itm_loss"]
     sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
 
     text_config: dict | CLIPTextConfig | None = None
@@ -167,28 +226,16 @@ class DiSaConfig(PreTrainedConfig):
     loss_ignore_mode: str = "catseg"
 
     use_sdm: bool = False
+    saliency_source: str = "cost"
     sdm_num_heads: int = 8
     sdm_mlp_ratio: int = 4
     itm_loss_weight: float = 1.0
-    sdm_input_gradient_scale: float = 0.0
-    saliency_target: str = "predicted_logit"
-    saliency_source: str = "cost"
     foreground_topk_mode: str = "adaptive"
     foreground_ratio: float = 96 / 576
-    foreground_topk: int | None = None
-    adaptive_saliency_mass: float = 0.5
-    adaptive_min_ratio: float = 1 / 24
-    adaptive_max_ratio: float = 1 / 2
     presence_threshold: float | None = 0.5
-    branch_mode: str = "routed"
-    branch_attention: str = "shared"
-    sdm_background_init: str = "copy"
     fusion: str = "own"
     use_hrm: bool = False
     hrm_stages: list[str] | tuple[str, ...] = HRM_STAGES
-    hrm_after_aggregation: bool = True
-    hrm_at_decoder: bool = True
-    hrm_reduction: int = 4
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -219,9 +266,10 @@ class DiSaConfig(PreTrainedConfig):
         keywords are left to transformers (returned with `return_unused_kwargs=True`, ignored otherwise), as
         `AutoTokenizer` / `AutoProcessor` pass their own keywords through here.
 
-        Saved configs from older versions still load: settings that no longer exist (`REMOVED_SETTINGS`) and
+        Saved configs from older versions still load: settings that no longer exist (`REMOVED_SETTINGS`), retired
+        settings (`RETIRED_SETTINGS`) that hold the behaviour that stayed or could not act in the stored config, and
         CLIP-width SDM settings stored with `saliency_source="cost"`, where they never acted, are dropped with a
-        warning.
+        warning. A retired setting that asked for a removed behaviour is refused, naming it.
         """
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         config_dict = _drop_legacy_settings(dict(config_dict), kwargs)
@@ -254,8 +302,6 @@ class DiSaConfig(PreTrainedConfig):
 
     def foreground_k(self, num_tokens: int) -> int:
         """Fixed foreground size k for a grid of `num_tokens` tokens (96 at 576 by default)."""
-        if self.foreground_topk is not None:
-            return self.foreground_topk
         return max(1, round(self.foreground_ratio * num_tokens))
 
     # ------------------------------------------------------------------ validators (run at construction and save,
@@ -267,6 +313,13 @@ class DiSaConfig(PreTrainedConfig):
             if key in REMOVED_SETTINGS:
                 raise ValueError(
                     f"`{key}` is no longer a DiSa setting and never acted ({REMOVED_SETTINGS[key]}): remove it."
+                )
+            if key in RETIRED_SETTINGS:
+                kept, _, _ = RETIRED_SETTINGS[key]
+                raise ValueError(
+                    f"`{key}` was retired: DiSa now always behaves as `{key}={kept!r}` did. Remove it (saved configs "
+                    "that carry it still load with `from_pretrained` / `from_dict`, or are refused there when they "
+                    "asked for another behaviour)."
                 )
             match = _looks_like_disa_setting(key)
             if match is not None:
@@ -369,53 +422,26 @@ class DiSaConfig(PreTrainedConfig):
     def validate_disa(self):
         if self.itm_loss_weight < 0:
             raise ValueError(f"`itm_loss_weight` must be >= 0, got {self.itm_loss_weight}.")
-        if not 0 <= self.sdm_input_gradient_scale <= 1:
-            raise ValueError(
-                "`sdm_input_gradient_scale` must be in [0, 1] (0 detaches SDM's inputs), got "
-                f"{self.sdm_input_gradient_scale}."
-            )
         if self.presence_threshold is not None and not 0 < self.presence_threshold < 1:
             raise ValueError(
                 f"`presence_threshold` must be a probability in (0, 1) or None (off), got {self.presence_threshold}."
             )
         if self.saliency_source not in SALIENCY_SOURCES:
             raise ValueError(f"`saliency_source` must be one of {SALIENCY_SOURCES}, got {self.saliency_source!r}.")
-        if self.saliency_target not in SALIENCY_TARGETS:
-            raise ValueError(f"`saliency_target` must be one of {SALIENCY_TARGETS}, got {self.saliency_target!r}.")
         if self.foreground_topk_mode not in TOPK_MODES:
             raise ValueError(f"`foreground_topk_mode` must be one of {TOPK_MODES}, got {self.foreground_topk_mode!r}.")
-        if self.branch_mode not in BRANCH_MODES:
-            raise ValueError(f"`branch_mode` must be one of {BRANCH_MODES}, got {self.branch_mode!r}.")
-        if self.branch_attention not in BRANCH_ATTENTION_MODES:
+        if self.fusion in RETIRED_VALUES["fusion"]:
             raise ValueError(
-                f"`branch_attention` must be one of {BRANCH_ATTENTION_MODES}, got {self.branch_attention!r}."
-            )
-        if self.sdm_background_init not in BACKGROUND_INIT_MODES:
-            raise ValueError(
-                f"`sdm_background_init` must be one of {BACKGROUND_INIT_MODES}, got {self.sdm_background_init!r}."
+                f"`fusion={self.fusion!r}` ({RETIRED_VALUES['fusion'][self.fusion]}) was retired: it was not better "
+                f"than 'own' in the toy world. Choose one of {FUSION_MODES}."
             )
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"`fusion` must be one of {FUSION_MODES}, got {self.fusion!r}.")
-        tokens = self.grid_size**2
-        if self.foreground_topk is not None and not 0 < self.foreground_topk < tokens:
-            raise ValueError(
-                f"`foreground_topk` must be in [1, {tokens - 1}] for a {self.grid_size}x{self.grid_size} grid "
-                f"(both foreground and background need tokens), got {self.foreground_topk}."
-            )
         if not 0 < self.foreground_ratio < 1:
             raise ValueError(f"`foreground_ratio` must be in (0, 1), got {self.foreground_ratio}.")
-        if not 0 < self.adaptive_saliency_mass < 1:
-            raise ValueError(f"`adaptive_saliency_mass` must be in (0, 1), got {self.adaptive_saliency_mass}.")
-        if not 0 < self.adaptive_min_ratio <= self.adaptive_max_ratio < 1:
-            raise ValueError(
-                "`adaptive_min_ratio` and `adaptive_max_ratio` must satisfy 0 < min <= max < 1, got "
-                f"{self.adaptive_min_ratio} and {self.adaptive_max_ratio}."
-            )
         unknown = [s for s in self.hrm_stages if s not in HRM_STAGES]
         if unknown:
             raise ValueError(f"`hrm_stages` entries must be in {HRM_STAGES}, got unknown {unknown}.")
-        if self.hrm_reduction < 1:
-            raise ValueError(f"`hrm_reduction` must be >= 1, got {self.hrm_reduction}.")
         if self.sdm_num_heads < 1 or self.sdm_mlp_ratio < 1:
             raise ValueError(
                 f"`sdm_num_heads` and `sdm_mlp_ratio` must be >= 1, got {self.sdm_num_heads} and {self.sdm_mlp_ratio}."
@@ -520,19 +546,46 @@ def _looks_like_disa_setting(key: str) -> str | None:
     and the Hub's own keys, which are far from every DiSa name)."""
     if key.startswith("_") or key in _DISA_SETTINGS or key in _BASE_FIELDS:
         return None
-    if key in REMOVED_SETTINGS:
+    if key in REMOVED_SETTINGS or key in RETIRED_SETTINGS:
         return ""
-    match = difflib.get_close_matches(key, sorted(_DISA_SETTINGS), n=1, cutoff=0.8)
+    match = difflib.get_close_matches(key, sorted(_DISA_SETTINGS | set(RETIRED_SETTINGS)), n=1, cutoff=0.8)
     if match:
-        return match[0]
+        # a misspelt retired setting is refused too, without pointing at a name that is itself refused
+        return "" if match[0] in RETIRED_SETTINGS else match[0]
     return "" if key.startswith(("sdm_", "hrm_")) else None
 
 
+def _same(value, kept) -> bool:
+    if isinstance(kept, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return math.isclose(value, kept, rel_tol=1e-9)
+    return type(value) is type(kept) and value == kept
+
+
 def _drop_legacy_settings(config_dict: dict, overrides: dict) -> dict:
-    """Remove from a stored config what older versions saved but never read (see `DiSaConfig.from_dict`)."""
+    """Remove from a stored config what older versions saved but never read, and retired settings whose stored value
+    is the behaviour that stayed or could not act; refuse retired settings that asked for a removed behaviour (see
+    `DiSaConfig.from_dict`)."""
+
+    def get(key):
+        return overrides.get(key, config_dict.get(key, _FIELD_DEFAULTS[key]))
+
+    refused = []
+    for key, (kept, acts, asked) in RETIRED_SETTINGS.items():
+        if key in config_dict and acts(get) and not _same(config_dict[key], kept):
+            refused.append(f"`{key}={config_dict[key]!r}` ({asked}; the behaviour that stayed is {key}={kept!r})")
+    if refused:
+        raise ValueError(
+            "This DiSa config was saved by an older version and asks for behaviour that was retired: "
+            + "; ".join(refused)
+            + ". The measured results of these variants are kept in benchmarks/results/toy_world_*.json and "
+            "model_card.md says why each was dropped. Load the config with the version that wrote it, or delete "
+            "these keys from config.json to load it with today's behaviour (which is not what its weights were "
+            "trained with)."
+        )
     removed = [key for key in REMOVED_SETTINGS if key in config_dict]
-    for key in removed:
-        config_dict.pop(key)
+    removed += [f"{key}={config_dict[key]!r}" for key in RETIRED_SETTINGS if key in config_dict]
+    for key in [*REMOVED_SETTINGS, *RETIRED_SETTINGS]:
+        config_dict.pop(key, None)
     source = overrides.get("saliency_source", config_dict.get("saliency_source", _FIELD_DEFAULTS["saliency_source"]))
     inert = []
     if source == "cost":
@@ -543,9 +596,10 @@ def _drop_legacy_settings(config_dict: dict, overrides: dict) -> dict:
         ]
     if removed or inert:
         logger.warning(
-            f"This DiSa config was saved by an older version: dropped {removed + inert}, which never acted "
-            "(removed settings, or CLIP-width SDM settings stored with saliency_source='cost'). Save it again to "
-            "remove them from the file."
+            f"This DiSa config was saved by an older version: dropped {removed + inert}, settings that no longer "
+            "exist and whose stored values are today's behaviour or never acted in this config (retired or removed "
+            "settings, or CLIP-width SDM settings stored with saliency_source='cost'). Save it again to remove them "
+            "from the file."
         )
     return config_dict
 
@@ -555,6 +609,7 @@ DiSaConfig.register_for_auto_class()
 __all__ = [
     "DiSaConfig",
     "DEFAULT_PROMPT_TEMPLATE",
+    "PAPER_SDM_SETTINGS",
     "SYNONYM_SEPARATOR",
     "format_prompts",
     "prompt_name",

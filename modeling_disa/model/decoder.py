@@ -78,12 +78,8 @@ class DiSaDecoder(nn.Module):
         super().__init__()
         dims, proj = config.decoder_dims, config.decoder_guidance_proj_dims
         group = config.decoder_group_norm_channels
-        self.up1 = DiSaUpBlock(
-            config.hidden_dim, dims[0], proj[0], group, refinement_level(config, dims[0], config.hrm_at_decoder)
-        )
-        self.up2 = DiSaUpBlock(
-            dims[0], dims[1], proj[1], group, refinement_level(config, dims[1], config.hrm_at_decoder)
-        )
+        self.up1 = DiSaUpBlock(config.hidden_dim, dims[0], proj[0], group, refinement_level(config, dims[0]))
+        self.up2 = DiSaUpBlock(dims[0], dims[1], proj[1], group, refinement_level(config, dims[1]))
         self.head = nn.Conv2d(dims[1], 1, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor, guidance: list[torch.Tensor]) -> torch.Tensor:

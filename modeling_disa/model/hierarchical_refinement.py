@@ -11,12 +11,14 @@ only add what training finds useful (with a random last layer, every stage re-sc
 - category-wise: mean over h, w -> MLP C -> C/r -> 1 -> a `(B, T, 1, 1, 1)`;
 - channel (semantic)-wise: mean over T, h, w -> MLP C -> C/r -> C -> a `(B, 1, C, 1, 1)`.
 
-A level is an optional child (`refinement`) of each aggregation layer (C = D) and of each decoder stage
-(C = decoder_dims), each stage and each level switchable in `DiSaConfig`.
+With HRM, a level is a child (`refinement`) of each aggregation layer (C = D) and of each decoder stage
+(C = decoder_dims); each stage is switchable in `DiSaConfig` (`hrm_stages`).
 """
 
 import torch
 from torch import nn
+
+from .configuration_disa import HRM_REDUCTION
 
 
 def reweight(x: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
@@ -84,8 +86,8 @@ class DiSaRefinementLevel(nn.Module):
         return x
 
 
-def refinement_level(config, channels: int, enabled: bool) -> DiSaRefinementLevel | None:
-    """The HRM level of a stage of width `channels`, or None when HRM or this stage is switched off."""
-    if not (config.use_hrm and enabled):
+def refinement_level(config, channels: int) -> DiSaRefinementLevel | None:
+    """The HRM level of a stage of width `channels`, or None without HRM."""
+    if not config.use_hrm:
         return None
-    return DiSaRefinementLevel(channels, list(config.hrm_stages), config.hrm_reduction)
+    return DiSaRefinementLevel(channels, list(config.hrm_stages), HRM_REDUCTION)

@@ -169,7 +169,7 @@ class DiSaPreTrainedModel(PreTrainedModel):
         """Head modules get PyTorch's default initialisation, as CAT-Seg's head (which calls no custom init);
         CLIP sub-modules are initialised by `CLIPPreTrainedModel._init_weights` (see `initialize_weights`)."""
         if getattr(module, "zero_init", False):
-            # a residual branch that must start as the identity (SDM's residual fusion)
+            # the last layer of an HRM stage, which must start as the identity
             init.zeros_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
@@ -230,11 +230,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         self.post_init()
         # Skipped on the meta device, where `from_pretrained` builds the model: it copies after loading, into the
         # background tensors that the checkpoint lacks.
-        if (
-            self.sdm is not None
-            and config.sdm_background_init == "copy"
-            and not next(self.aggregator.parameters()).is_meta
-        ):
+        if self.sdm is not None and not next(self.aggregator.parameters()).is_meta:
             # The background branch starts as the foreground one: the routing, which keeps moving while the presence
             # head learns, then never sends a token to weights that have not been trained for it.
             self._copy_foreground_to_background()
@@ -276,8 +272,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 # copying on the meta device is a silent no-op (weights offloaded by a `device_map` live elsewhere)
                 raise ValueError(
                     f"cannot start the background branch as a copy of the foreground one: {background} or {host} "
-                    "is on the meta device (offloaded by device_map). Load without offloading, or pass "
-                    "sdm_background_init='independent'."
+                    "is on the meta device (offloaded by device_map). Load without offloading."
                 )
             tensors[background].copy_(tensors[host])
 
@@ -289,7 +284,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         In every mode, parameters that the forward pass never uses stay frozen (`unused_parameter_names`), so every
         trainable parameter receives a gradient in each step (DDP's `find_unused_parameters=False` then works): the
         dense last vision block's query/key projections (CAT-Seg counts that query matrix as trainable, but it
-        receives no gradient there either), CLIP's contrastive `logit_scale`, and with routed SDM the foreground
+        receives no gradient there either), CLIP's contrastive `logit_scale`, and with SDM the foreground
         branch's class-padding tokens (padding classes are background tokens, so they use the background branch's).
         """
         if mode not in CLIP_FINETUNE_MODES:
@@ -322,7 +317,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             for proj in ("q", "k")
             for kind in ("weight", "bias")
         ]
-        if self.sdm is not None and self.config.branch_mode == "routed":
+        if self.sdm is not None:
             names += [
                 name
                 for name, _ in self.aggregator.named_parameters(prefix="aggregator")
@@ -339,7 +334,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         """
         Build a DiSa model around a pretrained HF CLIP checkpoint (e.g. `"openai/clip-vit-base-patch16"`), with a
         randomly initialised head (initialised by the same rule as a model built directly, the background branch
-        a copy of the foreground one with `sdm_background_init="copy"`). The CLIP tower configs come from the
+        a copy of the foreground one). The CLIP tower configs come from the
         checkpoint; every other setting from `config` (a `DiSaConfig`, or a preset folder such as
         `configuration/models/disa-vit-b-16`). The model is returned in training mode.
 
@@ -402,7 +397,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         - A checkpoint whose tensor shapes disagree with the config raises (naming the keys) instead of silently
           re-initialising them; pass `ignore_mismatched_sizes=True` to accept the re-initialisation (e.g. a head of
           another width).
-        - With SDM and `sdm_background_init="copy"`, background-branch tensors that the checkpoint lacks (or that were
+        - With SDM, background-branch tensors that the checkpoint lacks (or that were
           re-initialised for a shape mismatch) start as copies of their foreground twins, as in a model built
           directly; background tensors present in the checkpoint are kept as loaded. Every other missing tensor
           (e.g. SDM's presence head) is initialised by the model's own rule (`_init_weights`).
@@ -414,7 +409,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         `DiSaForOpenVocabSegmentation.from_pretrained(folder, use_sdm=True)`. The CLIP, cost-embedding, aggregation
         and decoder weights are the checkpoint's, the background branch starts as a copy of the aggregation weights,
         and SDM's presence head is newly initialised (listed as missing in the load report): fine-tune before use.
-        With the default `branch_attention="shared"` and `fusion="own"`, the two branches are then identical and
+        With the default `fusion="own"`, the two branches are then identical and
         the model computes exactly the CAT-Seg model's logits, until training moves the branches apart."""
         if args:
             _warn_if_pickle_checkpoint(args[0], kwargs)
@@ -429,7 +424,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 f"{len(mismatched)} checkpoint tensors do not match the model's shapes ({details}). Check that the "
                 "config matches the checkpoint, or pass ignore_mismatched_sizes=True to re-initialise them."
             )
-        if model.sdm is not None and model.config.sdm_background_init == "copy":
+        if model.sdm is not None:
             # `__init__` cannot copy here (it runs on the meta device, before loading), so the tensors that did not
             # come from the checkpoint are copied now; loaded ones (a trained DiSa checkpoint) stay as they are.
             not_loaded = set(info.get("missing_keys") or ()) | {key for key, *_ in mismatched}
@@ -759,20 +754,11 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             saliency = self.sdm(class_embeds, features.dense_tokens, volume)
             route = TokenRoute(saliency.foreground_mask)
 
-        # 6. aggregation (HRM inside every layer): routed, or the two branches on their masked volumes (dual)
-        if self.sdm is None:
-            volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling)
-        elif config.branch_mode == "routed":
-            volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling, route)
+        # 6. aggregation (HRM inside every layer), each token through its branch's weights with SDM
+        volume = self.aggregator(volume, appearance_guidance, text_guidance, pooling, route)
+        if self.sdm is not None:
             # 7. fusion of the branches
             volume = self.sdm.fusion.routed(volume, saliency.foreground_mask)
-        else:
-            mask = saliency.foreground_mask.unsqueeze(1).to(volume.dtype)
-            foreground = self.aggregator(volume * mask, appearance_guidance, text_guidance, pooling)
-            background = self.aggregator(
-                volume * (1 - mask), appearance_guidance, text_guidance, pooling, TokenRoute.whole_background()
-            )
-            volume = self.sdm.fusion.dual(foreground, background, saliency.foreground_mask)
 
         # 8. decoder (HRM after every stage): (B, K, 4h, 4w) logits, pruned classes back as pruned_class_logit
         logits = scatter_classes(

@@ -16,34 +16,18 @@ POOLED_FOREGROUND_SHARE = 0.5
 
 class TokenRoute:
     """Which branch every token takes: a foreground mask (`True` = foreground) with its flat foreground /
-    background indices (computed once and shared by every per-token computation on the same token layout), or a
-    whole branch (`mask=None`, `branch="background"`: every token through the background weights, unrestricted).
-    """
+    background indices (computed once and shared by every per-token computation on the same token layout)."""
 
-    def __init__(self, mask: torch.Tensor | None = None, branch: str | None = None, _indices=None):
-        if (mask is None) == (branch is None):
-            raise ValueError("a TokenRoute holds either a foreground mask or a whole branch, not both or neither.")
+    def __init__(self, mask: torch.Tensor, _indices=None):
         self.mask = mask
-        self.branch = branch
         self._pooled = {}
-        if mask is not None:
-            if _indices is None:
-                flat = mask.reshape(-1)
-                _indices = (flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
-            self.foreground, self.background = _indices
-
-    @classmethod
-    def whole_background(cls) -> "TokenRoute":
-        return cls(branch="background")
-
-    @property
-    def is_mixed(self) -> bool:
-        return self.mask is not None
+        if _indices is None:
+            flat = mask.reshape(-1)
+            _indices = (flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+        self.foreground, self.background = _indices
 
     def view(self, *shape) -> "TokenRoute":
         """The same route on a reshaped token layout (same flat order, so the indices are reused)."""
-        if not self.is_mixed:
-            return self
         return TokenRoute(self.mask.view(*shape), _indices=(self.foreground, self.background))
 
     def permute_rows(self, order: torch.Tensor) -> "TokenRoute":
@@ -61,8 +45,6 @@ class TokenRoute:
         """Route `(B, T, h, w)` -> the class-aggregation layout `(B * pooled pixels, class_cap or T)`: a pooled cell
         is foreground when `POOLED_FOREGROUND_SHARE` of its tokens are; padding classes are background. Cached per
         pooling, since every aggregation layer uses the same layout."""
-        if not self.is_mixed:
-            return self
         key = (tuple(pooling), class_cap)
         if key not in self._pooled:
             batch, classes, height, width = self.mask.shape
@@ -86,9 +68,3 @@ class TokenRoute:
         out.index_copy_(0, self.foreground, fg)
         out.index_copy_(0, self.background, bg)
         return out.view(*self.mask.shape, fg.shape[-1])
-
-
-def unmixed_layers(module, route: TokenRoute | None):
-    """The per-token layers every token takes when the route does not mix branches: the module's own without a
-    route, its `background` child for a whole-background route."""
-    return module if route is None else module.background

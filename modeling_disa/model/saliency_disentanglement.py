@@ -5,20 +5,22 @@
    block at CLIP vision width; an image-text-matching (ITM) head gives one class-presence logit per class, trained
    with BCE against "class present in the crop" (`losses.itm_loss`).
 2. Grad-CAM saliency S_t = mean_heads(A_t * ReLU(d s_t / d A_t)) on the patch grid, where s_t is the class's own
-   ITM logit (`saliency_target="predicted_logit"`, or its sigmoid). The same rule holds in training and inference,
+   ITM logit. The same rule holds in training and inference,
    so no labels are needed. s_t depends on A_t only through z_t = A_t V, hence d s_t / d A_tj = g_t . V_j with
    g_t = d s_t / d z_t, which is written out here in closed form (through the output projection, the MLP with its
    LayerNorm and GELU, and the ITM head). No backward pass runs, so saliency works under `torch.inference_mode()`.
 3. Per image and class, the top-k tokens of S_t are foreground and the rest background; k = 96 of 576 by default
-   (the same ratio on other grids), or adaptive: the smallest k whose tokens hold `adaptive_saliency_mass` of the
-   saliency, clamped to [adaptive_min_ratio, adaptive_max_ratio] of the grid.
+   (the same ratio on other grids), or adaptive: the smallest k whose tokens hold `ADAPTIVE_SALIENCY_MASS` of the
+   saliency, clamped to [ADAPTIVE_MIN_RATIO, ADAPTIVE_MAX_RATIO] of the grid.
 4. Foreground and background tokens are aggregated by separate branches (every aggregation block's own weights
-   are the foreground branch, its `background` child the background one): either routed (each token through its
-   own branch, attention optionally restricted to its branch; about the cost of one branch) or as two full masked
-   cost volumes.
+   are the foreground branch, its `background` child the background one), each token routed through its own
+   branch's weights with attention over the whole class map (about the cost of one branch).
 5. A fusion block merges the two branches' "ensemble features": each token's own branch output, and the other
-   branch's class-wise mean. `fusion="weighted"` (learned sigmoid gate per pixel, class and channel), `"sum"` or
-   `"concat"` (+ linear).
+   branch's class-wise mean. `fusion="own"` (the token's own output), `"weighted"` (learned sigmoid gate per pixel,
+   class and channel), `"sum"` or `"concat"` (+ linear).
+
+SDM reads its inputs detached: the presence loss trains SDM's own head and never re-tunes CLIP or the cost embedding
+that every class reads.
 """
 
 import math
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
+
+from .configuration_disa import ADAPTIVE_MAX_RATIO, ADAPTIVE_MIN_RATIO, ADAPTIVE_SALIENCY_MASS
 
 
 @dataclass
@@ -117,17 +121,6 @@ class DiSaITMCrossAttention(nn.Module):
         return torch.einsum("bthd,bhnd->bhtn", grad_z, values)
 
 
-def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity in the forward pass; the backward pass multiplies the gradient by `scale` (0 = detach). Lets an
-    auxiliary loss train its own head without steering the shared features (CLIP, the cost embedding)."""
-    if scale == 1.0:
-        return x
-    if scale == 0.0:
-        return x.detach()
-    detached = x.detach()
-    return detached + scale * (x - detached)
-
-
 class DiSaCostSaliency(nn.Module):
     """Class-to-token cross-attention over the embedded cost volume, with a presence (ITM) head, at cost width D.
 
@@ -185,12 +178,12 @@ def foreground_split(
     fixed = min(max(config.foreground_k(tokens), 1), tokens - 1)
     k = torch.full(saliency.shape[:-1], fixed, dtype=torch.long, device=saliency.device)
     if config.foreground_topk_mode == "adaptive":
-        low = max(1, math.ceil(config.adaptive_min_ratio * tokens))
-        high = min(tokens - 1, math.floor(config.adaptive_max_ratio * tokens))
+        low = max(1, math.ceil(ADAPTIVE_MIN_RATIO * tokens))
+        high = min(tokens - 1, math.floor(ADAPTIVE_MAX_RATIO * tokens))
         sorted_values = torch.gather(saliency, -1, order).clamp_min(0)
         total = sorted_values.sum(dim=-1, keepdim=True)
         share = sorted_values.cumsum(dim=-1) / total.clamp_min(torch.finfo(saliency.dtype).tiny)
-        adaptive = (share < config.adaptive_saliency_mass).sum(dim=-1) + 1
+        adaptive = (share < ADAPTIVE_SALIENCY_MASS).sum(dim=-1) + 1
         k = torch.where(total.squeeze(-1) > 0, adaptive, k).clamp(low, high)
     if config.presence_threshold is not None and presence_logits is not None:
         present = torch.sigmoid(presence_logits.detach().to(saliency.dtype)) >= config.presence_threshold
@@ -210,11 +203,6 @@ class DiSaBranchFusion(nn.Module):
             self.gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         elif self.mode == "concat":
             self.projection = nn.Linear(2 * dim, dim)
-        elif self.mode == "residual":
-            # zero-initialised (see `DiSaPreTrainedModel._init_weights`): the fusion starts as the identity on each
-            # token's own branch and learns how much of the other branch's context to add
-            self.context = nn.Linear(dim, dim)
-            self.context.zero_init = True
 
     def forward(
         self, foreground: torch.Tensor, background: torch.Tensor, own: torch.Tensor, context: torch.Tensor
@@ -227,8 +215,6 @@ class DiSaBranchFusion(nn.Module):
         """
         if self.mode == "own":
             return own
-        if self.mode == "residual":
-            return own + self.context(context.movedim(1, -1)).movedim(-1, 1)
         if self.mode == "sum":
             return foreground + background
         fg = foreground.permute(0, 2, 3, 4, 1)
@@ -248,13 +234,6 @@ class DiSaBranchFusion(nn.Module):
             return volume
         fg, bg, context = branch_ensembles(volume, foreground)
         return self(fg, bg, volume, context)
-
-    def dual(self, foreground: torch.Tensor, background: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Fusion of two full branch outputs `(B, D, T, h, w)` with foreground mask `(B, T, h, w)`."""
-        mask = mask.unsqueeze(1).to(foreground.dtype)
-        own = foreground * mask + background * (1 - mask)
-        context = background * mask + foreground * (1 - mask)
-        return self(foreground, background, own, context)
 
 
 def branch_ensembles(
@@ -294,28 +273,21 @@ class DiSaSaliencyDisentanglement(nn.Module):
             volume (`(B, D, T, h, w)`): embedded cost volume (read with `saliency_source="cost"`).
         """
         config = self.config
-        scale = config.sdm_input_gradient_scale
+        # Detached inputs: with the presence loss reaching them, its gradient into CLIP's Q/V weights was 3.7-7x the
+        # segmentation loss's and degraded the cost volume every class reads.
         if config.saliency_source == "cost":
-            attention, values, logits, hidden = self.cost_saliency(scale_gradient(volume, scale))
+            attention, values, logits, hidden = self.cost_saliency(volume.detach())
             with torch.no_grad():
                 grad = self.cost_saliency.gradient_wrt_attention(values, hidden)
-                if config.saliency_target == "predicted_probability":
-                    p = torch.sigmoid(logits)
-                    grad = grad * (p * (1 - p))[..., None]
                 saliency = (attention * grad.clamp_min(0)).detach()
             return self._split(logits, saliency)
-        text_queries = scale_gradient(text_queries, scale)
-        dense_tokens = scale_gradient(dense_tokens, scale)
-        query, attention, values = self.itm.attention(text_queries, dense_tokens)
+        query, attention, values = self.itm.attention(text_queries.detach(), dense_tokens.detach())
         logits, intermediates = self.itm.itm_from_attention(attention, values, query)
         with torch.no_grad():
             if config.saliency_source == "attention":
                 saliency = attention.mean(dim=1)
             else:
                 grad = self.itm.itm_gradient_wrt_attention(values, intermediates)
-                if config.saliency_target == "predicted_probability":
-                    p = torch.sigmoid(logits)
-                    grad = grad * (p * (1 - p))[:, None, :, None]
                 saliency = (attention * grad.clamp_min(0)).mean(dim=1)
             saliency = saliency.detach()
         return self._split(logits, saliency)

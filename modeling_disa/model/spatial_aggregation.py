@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .routing import TokenRoute, unmixed_layers
+from .routing import TokenRoute
 
 # CAT-Seg's additive value for token pairs of different regions in a shifted window (not -inf: Swin's choice)
 SHIFTED_WINDOW_MASK_VALUE = -100.0
@@ -162,7 +162,6 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
         self.grid, self.window = grid, window
         # A window covering the whole map cannot be shifted (CAT-Seg/Swin rule).
         self.shift = shift if grid > window else 0
-        self.restrict_to_branch = config.branch_attention == "restricted"
         if config.use_sdm:
             self.background = DiSaSwinTokenLayers(config)
         self.register_buffer("attn_mask", self.build_attention_mask(), persistent=False)
@@ -185,24 +184,22 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
         return x.reshape(x.shape[0], self.grid * self.grid, -1)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor, route: TokenRoute | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """
         Args:
             x (`(B*T, N, D)`): one cost slice per row.
             guidance (`(B*T, N, G)`): normalised appearance guidance.
-            route (`TokenRoute`, optional): a whole-branch route (see `forward_routed` for a mixed one).
 
         Returns:
-            `(B*T, N, D)`.
+            `(B*T, N, D)` (see `forward_routed` for SDM's two branches).
         """
-        layers = unmixed_layers(self, route)
-        q, k, v = layers.project(x, guidance)
-        return layers.update(x, self._attend(q, k, v))
+        q, k, v = self.project(x, guidance)
+        return self.update(x, self._attend(q, k, v))
 
     def forward_routed(self, foreground, background, guidance_foreground, guidance_background, route: TokenRoute):
         """The block on tokens split by a mixed route over `(B*T, N)`: each branch's rows `(n, D)` (and guidance
-        rows `(n, G)`) through its own per-token layers; they are merged only for the window attention, where
-        with `branch_attention="restricted"` tokens attend only to tokens of their own branch.
+        rows `(n, G)`) through its own per-token layers; they are merged only for the window attention, where every
+        token attends to the tokens of both branches.
 
         Returns:
             the updated foreground and background rows.
@@ -217,8 +214,7 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
             windowed.merge(a, b).view(rows, windows, self.window**2, -1)
             for a, b in ((q_fg, q_bg), (k_fg, k_bg), (v_fg, v_bg))
         )
-        groups = windowed.mask.view(rows, windows, -1) if self.restrict_to_branch else None
-        attended_fg, attended_bg = windowed.split(self._attend_windows(q, k, v, groups))
+        attended_fg, attended_bg = windowed.split(self._attend_windows(q, k, v))
         return self.update(foreground, attended_fg), self.background.update(background, attended_bg)
 
     def _window_order(self, device) -> torch.Tensor:
@@ -226,23 +222,15 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
         tokens = self.grid * self.grid
         return self._windows(torch.arange(tokens, device=device).view(1, tokens, 1)).reshape(-1)
 
-    def _attend(self, q, k, v, restrict: TokenRoute | None = None) -> torch.Tensor:
-        """(Shifted) window attention of `(B*T, N, D)` projections; `restrict`: attend within its branches only."""
-        groups = self._windows(restrict.mask.unsqueeze(-1))[..., 0] if restrict is not None else None
-        return self._unwindow(self._attend_windows(self._windows(q), self._windows(k), self._windows(v), groups))
+    def _attend(self, q, k, v) -> torch.Tensor:
+        """(Shifted) window attention of `(B*T, N, D)` projections."""
+        return self._unwindow(self._attend_windows(self._windows(q), self._windows(k), self._windows(v)))
 
-    def _attend_windows(self, q, k, v, groups: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of window-partitioned `(B*T, windows, window*window, D)` projections with the shift mask;
-        `groups` (same layout, bool): tokens attend only to tokens of their own group."""
+    def _attend_windows(self, q, k, v) -> torch.Tensor:
+        """Attention of window-partitioned `(B*T, windows, window*window, D)` projections with the shift mask."""
         bias = None
         if self.attn_mask is not None:
             bias = self.attn_mask.to(q.dtype).unsqueeze(1)
-        if groups is not None:
-            blocked = (groups.unsqueeze(-1) != groups.unsqueeze(-2)).unsqueeze(2)
-            group_bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
-            # a quarter of the dtype's minimum: blocks the pair, and adding the shift mask cannot overflow to -inf
-            group_bias = group_bias.masked_fill(blocked, torch.finfo(q.dtype).min / 4)
-            bias = group_bias if bias is None else bias + group_bias
         return self.attn.attend(q, k, v, bias)
 
 
@@ -269,7 +257,7 @@ class DiSaSpatialAggregation(nn.Module):
         batch, dim, classes, height, width = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(batch * classes, height * width, dim)
         guidance = appearance_guidance.flatten(2).transpose(1, 2)
-        if route is not None and route.is_mixed:
+        if route is not None:
             route = route.view(batch * classes, height * width)
             foreground, background = route.split(tokens)
             # LayerNorm is per token: each branch normalises the (B*N, G) guidance once, and every routed token
@@ -286,8 +274,7 @@ class DiSaSpatialAggregation(nn.Module):
                 foreground, background = block.forward_routed(foreground, background, guidance_fg, guidance_bg, route)
             tokens = route.merge(foreground, background)
         else:
-            norm = self.guidance_norm if route is None else self.background_guidance_norm
             # normalising before repeating the guidance for every class is the same (LayerNorm is per token)
-            normalised = norm(guidance).repeat_interleave(classes, dim=0)
-            tokens = self.block_2(self.block_1(tokens, normalised, route), normalised, route)
+            normalised = self.guidance_norm(guidance).repeat_interleave(classes, dim=0)
+            tokens = self.block_2(self.block_1(tokens, normalised), normalised)
         return tokens.view(batch, classes, height, width, dim).permute(0, 4, 1, 2, 3)
