@@ -125,10 +125,12 @@ MODELS = {
 # train `--upgrade_steps` more steps. `catseg+continue` trains the CAT-Seg-mode model on, as its own recipe does
 # (CLIP's q/v and the head); `disa-upgrade` switches SDM and HRM on (the background branch starts as a copy of the
 # host, HRM as the identity, so it starts as the CAT-Seg model) and trains only what DiSa adds
-# (`configuration/training/upgrade_catseg_to_disa.yaml`). model -> (base model, DiSaConfig overrides, trainable).
+# (`configuration/training/upgrade_catseg_to_disa.yaml`); `disa-upgrade-all` switches them on and trains everything
+# `catseg+continue` trains as well. model -> (base model, DiSaConfig overrides, trainable parameters).
 UPGRADES = {
     "catseg+continue": ("catseg", {}, "all"),
     "disa-upgrade": ("catseg", {"use_sdm": True, "use_hrm": True}, "disa"),
+    "disa-upgrade-all": ("catseg", {"use_sdm": True, "use_hrm": True}, "all"),
 }
 DEFAULT_MODELS = ("catseg", "disa", "catseg+continue", "disa-upgrade")
 
@@ -560,7 +562,8 @@ def headline_table(
         "disa": "DiSa (shipped defaults)",
         "disa-first-wave": "DiSa, first design",
         "catseg+continue": "CAT-Seg mode, trained on (upgrade baseline)",
-        "disa-upgrade": "DiSa upgraded from CAT-Seg mode",
+        "disa-upgrade": "DiSa upgraded from CAT-Seg mode (DiSa's parts trained)",
+        "disa-upgrade-all": "DiSa upgraded from CAT-Seg mode (all trained)",
         "disa-paper": "DiSa, paper's SDM",
     }
     columns = _table_columns([e for e in summary if e["split"] == "test" and e["model"] in models])
