@@ -27,6 +27,8 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
+from .inference import upsampled_argmax
+
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 FLOAT_MODES = ("F",)
 UPSAMPLE_MODES = ("probabilities", "logits")
@@ -364,6 +366,11 @@ class DiSaImageProcessor(PilBackend):
         Returns:
             list of `(height, width)` long tensors of class ids, or with `return_segmentation_scores` a list of
             `SemanticSegmentationPostProcessorOutput`.
+
+        Without `return_segmentation_scores` the classes are resized and reduced a few at a time
+        (`inference.upsampled_argmax`): the same label map as the argmax of the full `(T, height, width)` scores,
+        in working memory that does not grow with the number of classes (a block of 64 MiB of resized scores, or
+        one class map if larger, plus the running maximum and the label map at the target size).
         """
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}.")
@@ -373,16 +380,16 @@ class DiSaImageProcessor(PilBackend):
         results = []
         for index in range(logits.shape[0]):
             size = None if target_sizes is None else tuple(int(s) for s in target_sizes[index])
-            scores = class_scores(logits[index], size, upsample)
-            segmentation = scores.argmax(dim=0)
-            if return_segmentation_scores:
+            if return_segmentation_scores:  # the (T, height, width) scores are the output: no chunking to gain
+                scores = class_scores(logits[index], size, upsample)
                 results.append(
                     SemanticSegmentationPostProcessorOutput(
-                        data={"segmentation": segmentation, "segmentation_scores": scores}
+                        data={"segmentation": scores.argmax(dim=0), "segmentation_scores": scores}
                     )
                 )
             else:
-                results.append(segmentation)
+                before = torch.sigmoid if upsample == "probabilities" else None
+                results.append(upsampled_argmax(logits[index], size, before=before)[0])
         return results
 
 
