@@ -155,6 +155,7 @@ class DiSaImageProcessor(PilBackend):
     `do_reduce_labels` maps 0 to `ignore_index` and shifts the others down by one (the ADE20K-150 convention).
     `resample`, `do_rescale` and `do_normalize` apply to images only.
 
+    A keyword given as None at call time takes the processor's own value (as an omitted one does).
     `data_format="channels_last"` returns `pixel_values` as `(batch, height, width, 3)`; `device` moves the
     returned tensors (with `return_tensors="pt"`). `disable_grouping` and `image_seq_length` are torchvision-backend
     and vision-language options with no meaning here: they are refused.
@@ -192,6 +193,13 @@ class DiSaImageProcessor(PilBackend):
                 f"{clashing} come from the model config; change them in the config instead of passing them here."
             )
         return cls(**values, **kwargs)
+
+    def _merge_and_standardize_kwargs(self, **kwargs) -> dict:
+        # A keyword set to None at call time means "not given" (the processor's own value), as in later transformers
+        # releases; 5.x's merge keeps the None, which would silently switch a step such as `do_resize` off.
+        return super()._merge_and_standardize_kwargs(
+            **{key: value for key, value in kwargs.items() if value is not None}
+        )
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, patch_size=None, **kwargs):
         """One image -> `(3, H, W)` uint8 array (channels-first, the backend's working format)."""
