@@ -119,6 +119,26 @@ def miou_rows(d):
     ]
 
 
+def postprocess_memory_rows(d):
+    growth = {(r["case"], r["classes"]): r["growth_mib"] for r in d["results"]}
+    few, many = sorted({r["classes"] for r in d["results"] if r["case"] == "processor"})
+    full = sorted((t, g) for (case, t), g in growth.items() if case == "full_tensor")
+    cells = [
+        f"{case} {growth[case, few]:.0f} / {growth[case, many]:.0f} MiB ({d['ratio_many_to_few'][case]:.2f}x)"
+        for case in ("processor", "pipeline")
+    ]
+    before = " / ".join(f"{g:.0f}" for _, g in full)
+    return [
+        (
+            f"post-processing peak memory, {few} vs {many} classes to 2048 x 2048",
+            f"`{d['command']}`",
+            f"{'; '.join(cells)}; goal {d['goal_ratio']}x {'met' if d['goal_met'] else 'missed'}; the full-tensor "
+            f"computation it replaced: {before} MiB at {' / '.join(str(t) for t, _ in full)} classes (peak-RSS "
+            "growth in a fresh process per case)",
+        )
+    ]
+
+
 def train_rows(files):
     parts = []
     for d in files:
@@ -275,6 +295,8 @@ def table() -> str:
         rows += cost_curve_rows(d)
     if d := load("miou_speed.json"):
         rows += miou_rows(d)
+    if d := load("postprocess_memory_cpu.json"):
+        rows += postprocess_memory_rows(d)
     train = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("train_step_*.json"))]
     if train:
         rows += train_rows(train)

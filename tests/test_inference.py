@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from modeling_disa.model.inference import (
+    UPSAMPLE_BLOCK_ELEMENTS,
     predict_segmentation,
     short_side_size,
     sliding_window_geometry,
     sliding_window_probs,
+    upsampled_argmax,
     whole_image_probs,
     window_starts,
 )
@@ -210,3 +212,63 @@ def test_sliding_window_encodes_the_vocabulary_once(tiny_model, tiny_processor):
     finally:
         handle.remove()
     torch.testing.assert_close(from_ids, from_embeds)
+
+
+class InterpolateSizes:
+    """Records the number of values of every `F.interpolate` output (the blocks resized at once)."""
+
+    def __init__(self, monkeypatch):
+        self.sizes = []
+        original = F.interpolate
+
+        def recording(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.sizes.append(out.numel())
+            return out
+
+        monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+
+
+def tied_maps(classes: int = 11) -> torch.Tensor:
+    """Class maps with ties: repeated classes (tied everywhere) and logits that the float32 sigmoid saturates to 1."""
+    maps = 6 * torch.randn(classes, 7, 9, generator=torch.Generator().manual_seed(0))
+    maps[1, :2] = 50.0  # class 1 and its copies lead in the top rows
+    maps[4] = maps[9] = maps[1]
+    maps[10] = maps[6]
+    maps[7, :, :5] = 30.0
+    maps[8, :, 3:] = 40.0  # sigmoid(30) == sigmoid(40) == 1.0 in float32
+    return maps
+
+
+@pytest.mark.parametrize("block", [1, 2 * 130 * 140, 3 * 130 * 140 + 7, 10**9])  # 1, 2, 3 and all classes a block
+@pytest.mark.parametrize("before, after", [(None, None), (torch.sigmoid, None), (None, torch.sigmoid)])
+@pytest.mark.parametrize("size", [(130, 140), (5, 4), None])
+def test_upsampled_argmax_equals_the_full_tensor_computation_ties_included(block, before, after, size):
+    maps = tied_maps()
+    full = maps if before is None else before(maps)
+    if size is not None:
+        full = F.interpolate(full[None], size=size, mode="bilinear", align_corners=False)[0]
+    full = full if after is None else after(full)
+    index, best = upsampled_argmax(maps, size, before=before, after=after, block_elements=block)
+    assert torch.equal(index, full.argmax(0))  # argmax: the first maximal class
+    assert torch.equal(best, full.max(0).values)
+    assert ((full == full.max(0, keepdim=True).values).sum(0) > 1).any()  # there are ties to settle
+    small, _ = upsampled_argmax(maps, size, before=before, after=after, index_dtype=torch.uint8, block_elements=block)
+    assert small.dtype == torch.uint8 and torch.equal(small.long(), index)
+
+
+@pytest.mark.parametrize("mode", ["whole", "sliding"])
+def test_predict_segmentation_resizes_a_bounded_block_of_classes(monkeypatch, mode):
+    """The label map of the whole-tensor resize and argmax, with no block resized at once that grows with the
+    number of classes (600 classes at 256 x 256 would be 39M values)."""
+    pixel_values = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    model = PixelStub(600)
+    options = {"input_size": 32} if mode == "whole" else {"warp_size": 48, "window_size": 32, "stride": 16}
+    if mode == "whole":
+        reference = whole_image_probs(model, pixel_values, output_size=(256, 256), **options).argmax(1)
+    else:
+        reference = sliding_window_probs(model, pixel_values, output_size=(256, 256), **options).argmax(1)
+    sizes = InterpolateSizes(monkeypatch)
+    got = predict_segmentation(model, pixel_values, mode=mode, short_side=None, output_size=(256, 256), **options)
+    assert torch.equal(got, reference)
+    assert max(sizes.sizes) <= UPSAMPLE_BLOCK_ELEMENTS

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 from transformers import pipeline
 
 from modeling_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
@@ -400,3 +400,68 @@ def test_labels_sharing_a_prompt_are_refused(segmenter):
         segmenter(make_image(0), candidate_labels=["building, edifice", "building, house"])
     with pytest.raises(ValueError, match="empty first synonym"):
         segmenter(make_image(0), candidate_labels=["sky", ", cat"])
+
+
+class InterpolateSizes:
+    """Records the number of values of every `F.interpolate` output (the blocks resized at once)."""
+
+    def __init__(self, monkeypatch):
+        self.sizes = []
+        original = F.interpolate
+
+        def recording(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.sizes.append(out.numel())
+            return out
+
+        monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+
+
+def test_segments_equal_the_full_tensor_computation_in_bounded_blocks(monkeypatch):
+    """600 classes at 200 x 300 (36M values at once before): the same masks and label order as the argmax of all
+    resized probabilities, the scores their mean, and no resized block that grows with the number of classes."""
+    from modeling_disa.model.inference import UPSAMPLE_BLOCK_ELEMENTS
+    from modeling_disa.model.pipeline_disa import segments_from_logits, segments_from_probabilities
+
+    logits = 4 * torch.randn(600, 8, 8, generator=torch.Generator().manual_seed(0))
+    logits[450] = logits[7]  # a tied pair: the first class keeps its pixels, as in argmax
+    labels = [f"class {i}" for i in range(600)]
+    size = (200, 300)
+    probabilities = F.interpolate(logits.sigmoid()[None], size=size, mode="bilinear", align_corners=False)[0]
+    segmentation = probabilities.argmax(0)
+    expected = {
+        labels[c]: (segmentation.numpy() == c, float(probabilities[c][segmentation == c].mean()))
+        for c in torch.unique(segmentation).tolist()
+    }
+    assert labels[7] in expected and labels[450] not in expected
+    sizes = InterpolateSizes(monkeypatch)
+    for result in (
+        segments_from_logits(logits, size, labels),
+        segments_from_probabilities(logits.sigmoid(), size, labels),
+    ):
+        assert [entry["label"] for entry in result] == list(expected)
+        for entry in result:
+            mask, score = expected[entry["label"]]
+            np.testing.assert_array_equal(np.asarray(entry["mask"]), mask.astype(np.uint8) * 255)
+            assert entry["score"] == pytest.approx(score, rel=1e-6)  # a float64 sum instead of float32's
+    assert max(sizes.sizes) <= UPSAMPLE_BLOCK_ELEMENTS
+
+
+def test_images_over_max_image_pixels_are_refused_before_decoding(segmenter, tmp_path, monkeypatch):
+    path = tmp_path / "image.png"
+    make_image(0).save(path)
+    monkeypatch.setattr(segmenter, "max_image_pixels", 90 * 120 - 1)
+    message = r"120 x 90 = 0\.0 megapixels.*max_image_pixels"
+    for image in (make_image(0), np.zeros((90, 120, 3), np.uint8)):
+        with pytest.raises(ValueError, match=message):
+            segmenter(image, candidate_labels=LABELS)
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile.ImageFile, "load", no_decoding)
+        with pytest.raises(ValueError, match=message):
+            segmenter(str(path), candidate_labels=LABELS)
+    monkeypatch.setattr(segmenter, "max_image_pixels", 90 * 120)
+    assert segmenter(make_image(0), candidate_labels=LABELS)

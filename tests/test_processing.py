@@ -94,6 +94,120 @@ def test_map_size_mismatch_is_an_error(image_processor):
         image_processor(np.zeros((32, 32, 3), np.uint8), segmentation_maps=np.zeros((16, 16), np.int64))
 
 
+def nearest_reference(label_map, height, width):
+    """PIL's nearest-neighbour resize of an int32 ("I") image: every id kept, whatever its value."""
+    return np.asarray(Image.fromarray(label_map.astype(np.int32)).resize((width, height), Image.NEAREST))
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        {"height": 24, "width": 40},
+        {"shortest_edge": 32},
+        {"shortest_edge": 32, "longest_edge": 40},
+        {"max_height": 30, "max_width": 50},
+        24,  # an int: square, `default_to_square`
+    ],
+)
+def test_segmentation_maps_follow_every_size_form_of_the_images(size, tiny_processor):
+    """Maps take the images' geometry for every `size` form of the backend, by nearest neighbour, ids above 255 and
+    more than 256 distinct ids included (847-class maps with a 16-bit ignore value)."""
+    processor = DiSaImageProcessor()
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 847, (45, 70))
+    label[:5] = 65535
+    out = processor(
+        rng.integers(0, 256, (45, 70, 3), dtype=np.uint8), segmentation_maps=label, size=size, return_tensors="pt"
+    )
+    height, width = out["pixel_values"].shape[-2:]
+    assert out["labels"].shape == (1, height, width) and out["labels"].dtype == torch.int64
+    np.testing.assert_array_equal(out["labels"][0].numpy(), nearest_reference(label, height, width))
+    # the processor routes the same options to the image processor
+    routed = DiSaProcessor(processor, tiny_processor.tokenizer)(
+        images=np.zeros((45, 70, 3), np.uint8), segmentation_maps=label, size=size, return_tensors="pt"
+    )
+    assert torch.equal(routed["labels"], out["labels"])
+
+
+def test_crop_and_pad_reach_the_maps_with_ignore_index():
+    """`do_center_crop` / `do_pad` move the maps with the images; pixels outside the map get `ignore_index`."""
+    processor = DiSaImageProcessor(ignore_index=300)
+    label = np.random.default_rng(4).integers(0, 290, (32, 48))
+    options = {
+        "size": {"height": 20, "width": 30},
+        "do_center_crop": True,
+        "crop_size": {"height": 24, "width": 26},  # taller than the resized map: the crop pads 2 rows each side
+        "do_pad": True,
+        "pad_size": {"height": 28, "width": 30},
+    }
+    out = processor(np.zeros((32, 48, 3), np.uint8), segmentation_maps=label, return_tensors="pt", **options)
+    expected = np.full((28, 30), 300)
+    expected[2:22, :26] = nearest_reference(label, 20, 30)[:, 2:28]
+    np.testing.assert_array_equal(out["labels"][0].numpy(), expected)
+    assert out["pixel_values"].shape == (1, 3, 28, 30)
+
+
+def test_do_convert_rgb_composites_transparency_as_transformers_does(image_processor):
+    from transformers.image_transforms import convert_to_rgb
+
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    composited = convert_to_rgb(Image.fromarray(rgba), return_numpy=True)  # transformers' own conversion
+    reference = image_processor(composited, return_tensors="pt")["pixel_values"]
+    dropped = image_processor(rgba[..., :3], return_tensors="pt")["pixel_values"]
+    for variant in (Image.fromarray(rgba), rgba, torch.from_numpy(rgba).permute(2, 0, 1)):
+        torch.testing.assert_close(
+            image_processor(variant, do_convert_rgb=True, return_tensors="pt")["pixel_values"], reference
+        )
+        torch.testing.assert_close(
+            image_processor(variant, return_tensors="pt")["pixel_values"], dropped
+        )  # default: alpha dropped
+    assert not torch.equal(reference, dropped)
+    # as a constructor setting, and for a palette image with a transparent entry
+    palette = Image.fromarray(rgb_palette := rng.integers(0, 4, (32, 32), dtype=np.uint8), mode="P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9])
+    palette.info["transparency"] = 3
+    converting = DiSaImageProcessor(size={"height": 64, "width": 64}, do_convert_rgb=True)
+    expected = image_processor(convert_to_rgb(palette, return_numpy=True), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(converting(palette, return_tensors="pt")["pixel_values"], expected)
+    assert (rgb_palette == 3).any()
+
+
+def test_input_data_format_names_the_channel_axis():
+    """An array whose both end axes could be channels: the guess takes the last; `input_data_format` decides."""
+    processor = DiSaImageProcessor(size={"height": 8, "width": 8}, patch_size=1)
+    image = np.random.default_rng(6).integers(0, 256, (3, 20, 4), dtype=np.uint8)
+    first = processor(image, input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(first, processor(np.moveaxis(image, 0, -1), return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(
+        processor(image, input_data_format="channels_last", return_tensors="pt")["pixel_values"],
+        processor(image, return_tensors="pt")["pixel_values"],
+    )
+    assert not torch.equal(first, processor(image, return_tensors="pt")["pixel_values"])
+    with pytest.raises(ValueError, match="PIL image"):
+        processor(Image.fromarray(np.moveaxis(image, 0, -1)[..., :3]), input_data_format="channels_first")
+    with pytest.raises(ValueError, match="input_data_format"):
+        processor(image, input_data_format="none")
+    with pytest.raises(ValueError, match="channels"):
+        processor(np.zeros((20, 20, 20), np.uint8), input_data_format="channels_last")
+
+
+def test_output_options_are_honoured_and_backend_only_options_refused(image_processor):
+    image = np.random.default_rng(7).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    reference = image_processor(image, return_tensors="pt")["pixel_values"]
+    last = image_processor(image, return_tensors="pt", data_format="channels_last")["pixel_values"]
+    torch.testing.assert_close(last, reference.permute(0, 2, 3, 1))
+    on_device = image_processor(
+        image, segmentation_maps=np.zeros((32, 40), np.int64), return_tensors="pt", device="cpu"
+    )
+    assert on_device["pixel_values"].device.type == "cpu" and on_device["labels"].device.type == "cpu"
+    with pytest.raises(ValueError, match="return_tensors='pt'"):
+        image_processor(image, device="cpu")
+    for name, value in (("disable_grouping", True), ("image_seq_length", 4)):
+        with pytest.raises(ValueError, match=name):
+            image_processor(image, **{name: value})
+
+
 def test_post_process_sizes_and_argmax(image_processor):
     logits = torch.randn(2, 4, 8, 8)
     results = image_processor.post_process_semantic_segmentation(
@@ -127,6 +241,33 @@ def test_post_process_orders_match_direct_computations(image_processor):
     assert differ > 0  # the two orders are distinguishable on these logits
     with pytest.raises(ValueError, match="upsample"):
         image_processor.post_process_semantic_segmentation(DiSaSegmentationOutput(logits=logits), upsample="nearest")
+
+
+def test_post_process_resizes_a_bounded_block_of_classes(image_processor, monkeypatch):
+    """600 classes to 256 x 256 (39M values at once before): the label maps of the full-tensor argmax in both
+    orders, ties included, with no resized block that grows with the number of classes."""
+    from modeling_disa.model.inference import UPSAMPLE_BLOCK_ELEMENTS
+
+    logits = 4 * torch.randn(1, 600, 8, 8, generator=torch.Generator().manual_seed(2))
+    logits[0, 10, :2] = 20.0  # class 10 leads in the top rows
+    logits[0, 300] = logits[0, 10]  # tied with class 10 everywhere: class 10 keeps the pixels
+    outputs = DiSaSegmentationOutput(logits=logits)
+    resize = lambda x: torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)  # noqa: E731
+    expected = {"probabilities": resize(logits.sigmoid())[0].argmax(0), "logits": resize(logits)[0].argmax(0)}
+    assert (expected["logits"] == 10).any()
+    sizes = []
+    original = torch.nn.functional.interpolate
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+    for upsample, reference in expected.items():
+        got = image_processor.post_process_semantic_segmentation(outputs, [(256, 256)], upsample=upsample)[0]
+        assert torch.equal(got, reference), upsample
+    assert max(sizes) <= UPSAMPLE_BLOCK_ELEMENTS
 
 
 def test_post_process_returns_segmentation_scores(image_processor, tiny_processor):

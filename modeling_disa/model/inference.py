@@ -17,7 +17,8 @@ Sliding-window protocol (CAT-Seg's evaluation: its `test` mapper and `inference_
    ``upsample="probabilities"`` applies the sigmoid first);
 5. crop probabilities are folded back onto the 640x640 canvas and divided by the overlap count; the global
    view is upsampled to 640; final = (local + global) / 2;
-6. bilinear resize to the original image size, argmax over classes.
+6. bilinear resize to the original image size, argmax over classes (`upsampled_argmax`: a few classes at a time,
+   so the memory does not grow with the number of classes).
 
 Whole-image mode resizes the image to ``window_size`` x ``window_size``, runs one view, applies the sigmoid at the
 logits' resolution and upsamples the probabilities to the image size (CAT-Seg's whole-image order;
@@ -28,6 +29,14 @@ Text embeddings: pass ``text_embeds`` (``model.get_text_embeddings(...)``, compu
 against its config), a model with ``get_text_embeddings`` encodes them once per call, not once per chunk of views.
 
 Accumulation is always in float32; ``autocast_dtype=torch.bfloat16`` runs the model under autocast.
+
+``upsampled_argmax`` is the memory-bounded form of ``F.interpolate(maps, size).argmax(0)`` used by
+``predict_segmentation``, the image processor's ``post_process_semantic_segmentation`` and the pipeline: classes are
+resized in chunks of at most ``UPSAMPLE_BLOCK_ELEMENTS`` output values and reduced with a running max / argmax, which
+gives the same label map (the first class wins a tie, as in ``argmax``) with a working set that does not depend on
+the number of classes. The output size is not tiled: ``F.interpolate`` on a band of the output computes other
+floating-point roundings than on the whole image (its CPU kernel vectorises by width), so the label map would no
+longer be the one of the whole-image computation; one class map at the output size is the smallest block.
 Standalone: torch only.
 """
 
@@ -40,6 +49,14 @@ import torch
 import torch.nn.functional as F
 
 SizeLike = int | tuple[int, int]
+
+# Working set of `upsampled_argmax`: class maps are resized this many output values at a time (64 MiB of float32),
+# however many classes there are (at least one class map per block).
+UPSAMPLE_BLOCK_ELEMENTS = 2**24
+# Output maps smaller than this are resized with all classes at once: on CPU, `F.interpolate` rounds small maps
+# differently depending on how many channels it resizes together (measured: maps of 64 x 64 pixels and less), and
+# such maps take little memory anyway (64 KiB per class).
+MIN_CHUNKED_MAP_PIXELS = 2**14
 
 # CAT-Seg's sliding-window protocol for 384-pixel views (catseg: TEST.SLIDING_WINDOW, out_res 640, overlap 0.333).
 CATSEG_WARP_SIZE = 640
@@ -101,18 +118,81 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 UPSAMPLE_MODES = ("logits", "probabilities")
 
 
+def upsampled_argmax(
+    maps: torch.Tensor,
+    size: tuple[int, int] | None = None,
+    *,
+    before: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    after: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    index_dtype: torch.dtype = torch.int64,
+    block_elements: int = UPSAMPLE_BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label map and its scores from per-class maps, a chunk of classes at a time.
+
+    Equal to ``scores = after(F.interpolate(before(maps.float())[None], size, mode="bilinear",
+    align_corners=False)[0]); scores.argmax(0), scores.max(0).values`` (``before`` / ``after`` default to the
+    identity; no resize when ``size`` is None or the maps' own size), including ties (the first maximal class wins),
+    with at most ``block_elements`` resized values (and never less than one class map) alive at a time; output maps
+    under ``MIN_CHUNKED_MAP_PIXELS`` pixels are resized in one block.
+
+    Args:
+        maps: ``(T, h, w)`` class maps (logits or probabilities).
+        size: ``(H, W)`` output size.
+        before / after: elementwise functions (e.g. ``torch.sigmoid``) applied before / after resizing.
+        index_dtype: dtype of the returned label map (a smaller one than int64 saves memory on large outputs).
+
+    Returns:
+        ``(index, best)``: ``(H, W)`` class ids and the float32 ``(H, W)`` score of the chosen class.
+    """
+    if maps.dim() != 3 or maps.shape[0] == 0:
+        raise ValueError(f"maps must be (classes, height, width) with at least one class, got {tuple(maps.shape)}.")
+    num_classes, height, width = maps.shape
+    out_hw = (height, width) if size is None else tuple(int(s) for s in size)
+    pixels = out_hw[0] * out_hw[1]
+    chunk = num_classes if pixels < MIN_CHUNKED_MAP_PIXELS else max(1, min(num_classes, block_elements // pixels))
+    index = best = None
+    for start in range(0, num_classes, chunk):
+        block = maps[start : start + chunk].float()
+        if before is not None:
+            block = before(block)
+        if out_hw != (height, width):
+            block = F.interpolate(block[None], size=out_hw, mode="bilinear", align_corners=False)[0]
+        if after is not None:
+            block = after(block)
+        if block.shape[0] == 1:  # no (H, W) int64 block of argmax indices for a single class
+            values, at = block[0], None
+        else:
+            values, at = block.max(dim=0)  # the first maximal index, as `argmax`
+        if best is None:
+            best = values  # never written in place: a view of `maps` is safe
+            index = (
+                torch.full(out_hw, start, dtype=index_dtype, device=maps.device)
+                if at is None
+                else (at + start).to(index_dtype)
+            )
+            continue
+        better = values > best  # strict: an earlier class keeps a tie
+        best = torch.where(better, values, best)
+        if at is None:
+            index.masked_fill_(better, start)
+        else:
+            index = torch.where(better, (at + start).to(index_dtype), index)
+    return index, best
+
+
 def _run_views(
     model: Callable,
     views: torch.Tensor,
     text_embeds: torch.Tensor | None,
     batch_size: int | None,
-    out_size: tuple[int, int],
+    out_size: tuple[int, int] | None,
     autocast_dtype: torch.dtype | None,
     upsample: str = "logits",
     **model_kwargs,
 ) -> torch.Tensor:
     """Model on ``views`` (N,3,h,w) in chunks -> float32 sigmoid probabilities (N,T,*out_size); ``upsample``:
-    resize the ``"logits"`` then take the sigmoid, or take the sigmoid and resize the ``"probabilities"``."""
+    resize the ``"logits"`` then take the sigmoid, or take the sigmoid and resize the ``"probabilities"``.
+    ``out_size=None``: the float32 logits as the model returns them (N,T,h',w'), for a later chunked resize."""
     if upsample not in UPSAMPLE_MODES:
         raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}.")
     if text_embeds is None and "input_ids" in model_kwargs and hasattr(model, "get_text_embeddings"):
@@ -139,9 +219,12 @@ def _run_views(
                 f"Model returned logits of shape {tuple(logits.shape)} for {chunk.shape[0]} views; "
                 "expected (views, classes, h, w)."
             )
-        outs.append(
-            _resize(logits, out_size).sigmoid() if upsample == "logits" else _resize(logits.sigmoid(), out_size)
-        )
+        if out_size is None:
+            outs.append(logits)
+        elif upsample == "logits":
+            outs.append(_resize(logits, out_size).sigmoid())
+        else:
+            outs.append(_resize(logits.sigmoid(), out_size))
     return torch.cat(outs, 0)
 
 
@@ -196,6 +279,10 @@ def sliding_window_probs(
     return _resize(final, out_hw)
 
 
+def _whole_view(pixel_values: torch.Tensor, input_size: int) -> torch.Tensor:
+    return _resize(pixel_values.float(), (input_size, input_size)).to(pixel_values.dtype)
+
+
 @torch.no_grad()
 def whole_image_probs(
     model: Callable,
@@ -214,7 +301,7 @@ def whole_image_probs(
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}.")
     _, _, h, w = pixel_values.shape
-    view = _resize(pixel_values.float(), (input_size, input_size)).to(pixel_values.dtype)
+    view = _whole_view(pixel_values, input_size)
     out_hw = tuple(output_size) if output_size is not None else (h, w)
     # one resize, from the logits' resolution straight to the output size (CAT-Seg's sem_seg_postprocess)
     return _run_views(model, view, text_embeds, batch_size, out_hw, autocast_dtype, upsample, **model_kwargs)
@@ -236,7 +323,9 @@ def predict_segmentation(
 
     ``mode="sliding"`` (the published protocol) or ``"whole"``. With ``short_side`` the image is first
     resized so its short side is ``short_side`` (detectron2 test mapper); probabilities are resized back to
-    ``output_size`` (default: the input size) before the argmax.
+    ``output_size`` (default: the input size) before the argmax, a chunk of classes at a time
+    (``upsampled_argmax``: the label map of the whole-tensor resize and argmax, in memory that does not grow with
+    the number of classes).
     """
     if mode not in ("sliding", "whole"):
         raise ValueError(f"Unknown inference mode {mode!r}; use 'sliding' or 'whole'.")
@@ -246,12 +335,20 @@ def predict_segmentation(
     if short_side:
         size = short_side_size(h, w, short_side, max_size)
         x = _resize(x.float(), size, antialias=size[0] < h).to(pixel_values.dtype)
+    before = after = None
     if mode == "sliding":
-        probs = sliding_window_probs(model, x, text_embeds, output_size=out_hw, **kwargs)
+        # probabilities on the sliding canvas; its resize to the output size happens in `upsampled_argmax`
+        warp = kwargs.get("warp_size", CATSEG_WARP_SIZE)
+        maps = sliding_window_probs(model, x, text_embeds, output_size=(warp, warp), **kwargs)
     else:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("warp_size", "window_size", "stride", "global_view")}
-        probs = whole_image_probs(model, x, text_embeds, output_size=out_hw, **kwargs)
-    return probs.argmax(dim=1)
+        view = _whole_view(x, kwargs.pop("input_size", CATSEG_WINDOW_SIZE))
+        upsample = kwargs.pop("upsample", "probabilities")
+        batch_size, autocast_dtype = kwargs.pop("batch_size", None), kwargs.pop("autocast_dtype", None)
+        # the model's logits; `whole_image_probs`'s order of sigmoid and resize is applied in `upsampled_argmax`
+        maps = _run_views(model, view, text_embeds, batch_size, None, autocast_dtype, upsample, **kwargs)
+        before, after = (torch.sigmoid, None) if upsample == "probabilities" else (None, torch.sigmoid)
+    return torch.stack([upsampled_argmax(image, out_hw, before=before, after=after)[0] for image in maps])
 
 
 __all__ = [
@@ -259,6 +356,7 @@ __all__ = [
     "short_side_size",
     "sliding_window_geometry",
     "sliding_window_probs",
+    "upsampled_argmax",
     "whole_image_probs",
     "window_starts",
 ]

@@ -17,8 +17,14 @@ step, `load_state_dict` or any in-place edit of the text weights makes the next 
 `param.data`, which bypass PyTorch's version counter, are not seen: call `pipe.clear_text_embedding_cache()` after
 them. `text_embedding_cache_size = 0` disables the cache.
 Post-processing is the image processor's `post_process_semantic_segmentation` (sigmoid at the logits' resolution,
-then bilinear resize: CAT-Seg's order). EXIF orientation is applied to every input form (path, URL, PIL image), so
+then bilinear resize: CAT-Seg's order), a few classes at a time (`inference.upsampled_argmax`), so its memory does
+not grow with the number of labels. EXIF orientation is applied to every input form (path, URL, PIL image), so
 masks have the displayed size. An empty list of images gives an empty list.
+
+Image size: the label map and the masks are made at the image's size, and one class's probabilities at that size
+are the smallest block resized at once (4 bytes per pixel), so images over `max_image_pixels` (2**28 pixels, one
+GiB per class map; a class attribute) are refused before they are decoded. Raise it on the pipeline
+(`pipe.max_image_pixels = ...`) for larger images, or downscale them.
 
 Options:
 - `inference_mode="sliding"`: CAT-Seg's evaluation protocol (crops of the processor's view size with a 2/3 stride
@@ -38,7 +44,6 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from PIL import Image, ImageOps
 from transformers import AutoModel, Pipeline
@@ -46,11 +51,12 @@ from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_disa import validate_class_names
-from .image_processing_disa import class_scores
-from .inference import sliding_window_geometry, sliding_window_probs
+from .inference import sliding_window_geometry, sliding_window_probs, upsampled_argmax
 
 PIPELINE_TASK = "open-vocabulary-segmentation"
 INFERENCE_MODES = ("whole", "sliding")
+# Pixels of the label map summed per class at a time for the class scores (float64 sums: 32 MiB per block).
+SCORE_BLOCK_PIXELS = 2**22
 
 
 def _is_offline() -> bool:
@@ -72,10 +78,11 @@ def check_candidate_labels(candidate_labels) -> list[str]:
         raise type(error)(f"candidate_labels: {error}") from None
 
 
-def load_pipeline_image(image, timeout: float | None = None) -> Image.Image:
+def load_pipeline_image(image, timeout: float | None = None, max_pixels: int | None = None) -> Image.Image:
     """PIL image from a PIL image, array, tensor, local path or URL (URLs refused in offline mode), upright: the
     EXIF orientation is applied here, once, for every PIL input (what `transformers.image_utils.load_image` does for
-    the built-in pipelines), so the masks have the displayed size whatever the input form."""
+    the built-in pipelines), so the masks have the displayed size whatever the input form. Images of more than
+    `max_pixels` pixels are refused before their pixels are decoded."""
     if isinstance(image, str):
         if image.startswith(("http://", "https://")):
             if _is_offline():
@@ -91,13 +98,18 @@ def load_pipeline_image(image, timeout: float | None = None) -> Image.Image:
             image = Image.open(image)  # not load_image: it converts to RGB, which would drop 16-bit precision
         else:
             image = load_image(image)  # base64 data, or its error for a missing file
-    if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image)
-    if isinstance(image, (np.ndarray, torch.Tensor)):
-        return image
-    raise TypeError(
-        f"unsupported image type {type(image).__name__}: pass a PIL image, an array, a local path or a URL."
-    )
+    if not isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"unsupported image type {type(image).__name__}: pass a PIL image, an array, a local path or a URL."
+        )
+    height, width = _image_size(image)  # a PIL image's size comes from its header: nothing decoded yet
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(
+            f"the image is {width} x {height} = {height * width / 1e6:.1f} megapixels, over the pipeline's limit of "
+            f"{max_pixels / 1e6:.1f} megapixels (`max_image_pixels`): its label map and masks are made at the "
+            "image size. Raise the limit with `pipe.max_image_pixels = ...`, or downscale the image."
+        )
+    return ImageOps.exif_transpose(image) if isinstance(image, Image.Image) else image
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -110,38 +122,47 @@ def _image_size(image) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _resize_bilinear(maps: torch.Tensor, target_size) -> torch.Tensor:
-    return F.interpolate(
-        maps[None].float(), size=tuple(int(s) for s in target_size), mode="bilinear", align_corners=False
-    )[0]
+def _index_dtype(num_classes: int) -> torch.dtype:
+    # the label map is as large as the image: the smallest integer type that holds every class id
+    return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 2**15 else torch.int32
 
 
 def segments_from_logits(logits: torch.Tensor, target_size, labels) -> list[dict]:
     """One image's `(T, h, w)` logits -> entries `{"score", "label", "mask"}` for every class present.
 
-    As `DiSaImageProcessor.post_process_semantic_segmentation` (`class_scores`): per-class sigmoid at the logits'
-    resolution, probabilities resized bilinearly (align_corners=False) to `target_size` `(H, W)`, label map = argmax
-    over classes; a class's score is the mean probability over its pixels.
+    As `DiSaImageProcessor.post_process_semantic_segmentation`: per-class sigmoid at the logits' resolution,
+    probabilities resized bilinearly (align_corners=False) to `target_size` `(H, W)`, label map = argmax over classes
+    (`upsampled_argmax`, a few classes at a time); a class's score is the mean probability over its pixels.
     """
-    probabilities = class_scores(logits, tuple(int(s) for s in target_size), "probabilities")
-    return _segments(probabilities.argmax(dim=0), probabilities, labels)
+    size = tuple(int(s) for s in target_size)
+    index, best = upsampled_argmax(logits, size, before=torch.sigmoid, index_dtype=_index_dtype(logits.shape[0]))
+    return _segments(index, best, labels, logits.shape[0])
 
 
 def segments_from_probabilities(probabilities: torch.Tensor, target_size, labels) -> list[dict]:
     """Like `segments_from_logits` for `(T, h, w)` probabilities (sliding-window output): CAT-Seg's sliding-window
     order, the probabilities (sigmoid of the logits resized to the view size) are resized to the image size before
     the argmax."""
-    resized = _resize_bilinear(probabilities, target_size)
-    return _segments(resized.argmax(dim=0), resized, labels)
+    size = tuple(int(s) for s in target_size)
+    index, best = upsampled_argmax(probabilities, size, index_dtype=_index_dtype(probabilities.shape[0]))
+    return _segments(index, best, labels, probabilities.shape[0])
 
 
-def _segments(segmentation: torch.Tensor, probabilities: torch.Tensor, labels) -> list[dict]:
+def _segments(index: torch.Tensor, best: torch.Tensor, labels, num_classes: int) -> list[dict]:
+    """Entries for the classes present in the label map `index`; `best` holds each pixel's probability of its class,
+    whose mean over the class's pixels is the score (summed in float64, a block of pixels at a time)."""
+    flat_index, flat_best = index.reshape(-1), best.reshape(-1)
+    sums = torch.zeros(num_classes, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for start in range(0, flat_index.numel(), SCORE_BLOCK_PIXELS):
+        ids = flat_index[start : start + SCORE_BLOCK_PIXELS].long()
+        counts += torch.bincount(ids, minlength=num_classes)
+        sums.index_add_(0, ids, flat_best[start : start + SCORE_BLOCK_PIXELS].double())
     results = []
-    for class_id in torch.unique(segmentation).tolist():
-        mask = segmentation == class_id
-        score = float(probabilities[class_id][mask].mean())
-        image = Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L")
-        results.append({"score": score, "label": labels[class_id], "mask": image})
+    for class_id in torch.nonzero(counts).flatten().tolist():
+        mask = (index == class_id).to(torch.uint8).mul_(255)
+        image = Image.fromarray(mask.numpy(), mode="L")
+        results.append({"score": float(sums[class_id] / counts[class_id]), "label": labels[class_id], "mask": image})
     return results
 
 
@@ -165,6 +186,7 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
     _load_tokenizer = None
 
     text_embedding_cache_size = 8
+    max_image_pixels = 2**28
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -303,7 +325,7 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
         return sliding_window_geometry(int(size["height"]))
 
     def preprocess(self, image, timeout=None, inference_mode="whole"):
-        image = load_pipeline_image(image, timeout=timeout)
+        image = load_pipeline_image(image, timeout=timeout, max_pixels=self.max_image_pixels)
         height, width = _image_size(image)
         resize = {}
         if inference_mode == "sliding":
