@@ -228,7 +228,9 @@ def test_readme_and_model_card_quote_the_committed_comparison():
     script = _load_script()
     result = json.loads((REPO_PATH / "benchmarks" / "results" / "toy_world_comparison.json").read_text())
     assert not result["smoke"] and len({r["seed"] for r in result["rows"]}) >= 3
-    table = script.headline_table(result["summary"], result["steps"], result["baselines"])
+    table = script.headline_table(
+        result["summary"], result["steps"], result["baselines"], goals=result["goals"], worlds=result["worlds"]
+    )
     for doc in ("README.md", "model_card.md"):
         text = (REPO_PATH / doc).read_text()
         block = text.split(script.README_START, 1)[1].split(script.README_END, 1)[0]

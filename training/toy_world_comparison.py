@@ -484,6 +484,17 @@ GOALS = (
     ("stretch: all-class mIoU +2", "disa", "catseg", "all", 2.0, "mean"),
     ("upgrade: PAS-20b analog >= continued CAT-Seg", "disa-upgrade", "catseg+continue", "pas20b", 0.0, "mean"),
     ("upgrade: PAS-20b folded >= continued CAT-Seg", "disa-upgrade", "catseg+continue", "pas20b_fold", 0.0, "mean"),
+    ("upgrade: PAS-20b analog >= continued CAT-Seg", "disa-upgrade-all", "catseg+continue", "pas20b", 0.0, "mean"),
+    (
+        "upgrade: PAS-20b folded >= continued CAT-Seg",
+        "disa-upgrade-all",
+        "catseg+continue",
+        "pas20b_fold",
+        0.0,
+        "mean",
+    ),
+    ("upgrade: all-class mIoU >= continued CAT-Seg", "disa-upgrade", "catseg+continue", "all", 0.0, "mean"),
+    ("upgrade: all-class mIoU >= continued CAT-Seg", "disa-upgrade-all", "catseg+continue", "all", 0.0, "mean"),
 )
 
 
@@ -554,9 +565,12 @@ def headline_table(
     steps: int,
     baselines: dict | None = None,
     models=(*DEFAULT_MODELS, "disa-paper", "disa-first-wave"),
+    goals: list[dict] | None = None,
+    worlds: dict | None = None,
 ) -> str:
     """The README / model-card table: test split, the shipped models, mean +- sd over seeds, and per world the
-    dense-CLIP baseline (no head) and the CLIP's zero-shot stuff / thing accuracy."""
+    dense-CLIP baseline (no head) and the CLIP's zero-shot stuff / thing accuracy (with `worlds`, the world seeds);
+    with `goals` (`goal_checks`), the goals table under it."""
     names = {
         "catseg": "CAT-Seg mode",
         "disa": "DiSa (shipped defaults)",
@@ -592,11 +606,15 @@ def headline_table(
             acc = base["clip_zero_shot_accuracy"]
             background = base.get("background_caption_rate", 0.0)
             said = f'; "on a background" where one goes unnamed, with probability {background:g}' if background else ""
+            seed = f"world seed {worlds[world]['seed']}, " if worlds and world in worlds else ""
             lines.append(
-                f"- {world.replace('_', '-')} world (captions name a stuff region with probability "
+                f"- {world.replace('_', '-')} world ({seed}captions name a stuff region with probability "
                 f"{base['stuff_caption_rate']:g}{said}): toy CLIP zero-shot accuracy {100 * acc['stuff_all']:.0f} % "
                 f"on stuff, {100 * acc['things_all']:.0f} % on things."
             )
+    if goals:
+        lines += ["", "Goals (test split, mean over seeds unless the goal names the worst seed):", ""]
+        lines.append(goals_table(goals).rstrip("\n"))
     return f"Test mIoU %, {steps} training steps, mean +- sd over training seeds:\n\n" + "\n".join(lines) + "\n"
 
 
@@ -779,7 +797,10 @@ def write_results(args, argv) -> int:
     print(table)
     if args.update_docs:
         for doc in ("README.md", "model_card.md"):
-            update_document(os.path.join(REPO_ROOT, doc), headline_table(summary, args.steps, baselines))
+            update_document(
+                os.path.join(REPO_ROOT, doc),
+                headline_table(summary, args.steps, baselines, goals=result["goals"], worlds=result["worlds"]),
+            )
     return 0
 
 
