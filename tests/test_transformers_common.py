@@ -521,3 +521,27 @@ class DiSaWithSdmHrmModelTest(DiSaModelTesterMixin, unittest.TestCase):
 
     def setUp(self):
         self.model_tester = DiSaModelTester(self, preset="disa-vit-b-16")
+
+
+def test_transformers_requirement_excludes_the_releases_that_do_not_work():
+    """setup.py's transformers range: the running release is in it, and the releases on which the package was run and
+    failed are out (5.20.2: `sub_configs_defaults` with plain config classes raises "has no attribute
+    create_subconfig"; 5.21.0 / 5.22.2: processors read `ProcessingKwargs._defaults`, which DiSaProcessorKwargs does
+    not define). No upper bound, as no release is known to break the package."""
+    import ast
+
+    import transformers
+    from packaging.requirements import Requirement
+    from tiny_configs import REPO
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    install = next(
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "INSTALL_REQUIRES"
+    )
+    (requirement,) = [r for r in map(Requirement, ast.literal_eval(install)) if r.name == "transformers"]
+    assert requirement.specifier.contains(transformers.__version__)
+    for broken in ("5.20.2", "5.21.0", "5.22.2"):
+        assert not requirement.specifier.contains(broken), broken
+    assert all(spec.operator in (">=", ">") for spec in requirement.specifier)
