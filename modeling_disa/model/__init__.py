@@ -6,6 +6,7 @@ from .clip_dense_features import DenseCLIPFeatures, dense_clip_features
 from .configuration_disa import DEFAULT_PROMPT_TEMPLATE, DiSaConfig, format_prompts, validate_class_names
 from .cost_volume import cosine_cost_volume
 from .image_processing_disa import DiSaImageProcessor
+from .inference_options import check_inference_dtype, compile_for_inference, compile_settings, cpu_supports_dtype
 from .modeling_disa import DiSaForOpenVocabSegmentation, DiSaPreTrainedModel, DiSaSegmentationOutput
 from .pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
 from .processing_disa import DiSaProcessor
@@ -21,7 +22,11 @@ __all__ = [
     "DiSaProcessor",
     "DiSaSegmentationOutput",
     "PIPELINE_TASK",
+    "check_inference_dtype",
+    "compile_for_inference",
+    "compile_settings",
     "cosine_cost_volume",
+    "cpu_supports_dtype",
     "dense_clip_features",
     "format_prompts",
     "validate_class_names",
