@@ -309,8 +309,8 @@ def table() -> str:
         rows += demo_rows(d)
     if d := load("text_reuse_cpu.json"):
         rows += text_rows(d)
-    if d := load("cpu_fast_path_cpu.json"):
-        rows += cpu_fast_path_rows(d)
+    for path in sorted(RESULTS.glob("cpu_fast_path*_cpu.json")):  # the quick run and any other option set
+        rows += cpu_fast_path_rows(json.loads(path.read_text()))
     gpu = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_suite_*.json"))]
     if gpu:
         rows += gpu_rows(gpu)
