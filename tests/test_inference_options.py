@@ -74,6 +74,14 @@ def test_bfloat16_weights_on_a_cpu_without_them_are_refused(cpu_flags, tiny_mode
         pipeline(PIPELINE_TASK, model=model, processor=tiny_processor)  # refused when built, before a first call
 
 
+def test_pipeline_dtype_for_a_loaded_model_of_another_dtype_is_refused(tiny_model, tiny_processor):
+    # transformers converts only a model it loads itself; a model object would silently stay in its dtype
+    with pytest.raises(ValueError, match="does not convert a loaded model"):
+        pipeline(PIPELINE_TASK, model=tiny_model, processor=tiny_processor, dtype=torch.bfloat16)
+    same = pipeline(PIPELINE_TASK, model=tiny_model, processor=tiny_processor, dtype=torch.float32)
+    assert same.model.dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype,flag", [(torch.bfloat16, "amx_bf16"), (torch.float16, "avx512_fp16")])
 def test_reduced_dtype_logits_within_tolerance_of_float32(cpu_flags, tiny_model, tiny_processor, dtype, flag):
     cpu_flags(flag)

@@ -53,7 +53,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_disa import validate_class_names
 from .image_processing_disa import class_scores
 from .inference import sliding_window_geometry, sliding_window_probs
-from .inference_options import check_inference_dtype, compile_for_inference
+from .inference_options import check_inference_dtype, compile_for_inference, resolve_dtype
 
 PIPELINE_TASK = "open-vocabulary-segmentation"
 INFERENCE_MODES = ("whole", "sliding")
@@ -179,7 +179,14 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
                 "the open-vocabulary-segmentation pipeline needs the DiSa processor (image processor + tokenizer); "
                 "the repository must hold processor_config.json and the tokenizer files."
             )
-        check_inference_dtype(self.model.dtype, self.device)  # `dtype=` loaded the weights in it: refused early
+        # transformers applies `dtype=` only when it loads the model; for a model object it would drop it silently
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if dtype not in (None, "auto") and resolve_dtype(dtype) != self.model.dtype:
+            raise ValueError(
+                f"dtype={dtype} but the model given is in {self.model.dtype}: the pipeline does not convert a loaded "
+                f"model; load it with from_pretrained(..., dtype={dtype}) or pass model.to({dtype})."
+            )
+        check_inference_dtype(self.model.dtype, self.device)  # bf16 / fp16 weights: refused here, before a call
         # the image forward only: the text tower runs once per vocabulary (cached), not worth a compilation
         self._model_call = compile_for_inference(self.model, torch_compile, torch_compile_backend, torch_compile_mode)
         # prompts built with other templates than the model's would be read as other classes (masks named wrongly)
