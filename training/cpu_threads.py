@@ -1,4 +1,4 @@
-"""CPU threads per training process: a single-process run uses every CPU it may run on, N processes split them.
+"""CPU threads per training process: a single-process run uses every core it may run on, N processes split them.
 
 `accelerate launch` without `--cpu` (its default on a machine without a GPU, e.g. README's main command) exports
 `OMP_NUM_THREADS=1` to the script, so torch would compute on one core of a multi-core machine. The child process
@@ -66,11 +66,11 @@ def user_chose_threads(launcher: Launcher) -> bool:
 
 
 def plan_cpu_threads(env: dict[str, str], available_cpus: int, launcher: Launcher | None) -> ThreadPlan:
-    """Threads for this process: `available_cpus` (the CPUs it may run on) split over the processes of this machine,
+    """Threads for this process: `available_cpus` (the cores it may run on) split over the processes of this machine,
     unless OMP_NUM_THREADS is the user's choice (see the module docstring)."""
     local = local_process_count(env)
     share = max(available_cpus // local, 1)
-    split = f"{available_cpus} CPUs / {local} process(es) on this machine"
+    split = f"{available_cpus} cores / {local} process(es) on this machine"
     if "OMP_NUM_THREADS" not in env:
         return ThreadPlan(share, f"OMP_NUM_THREADS unset: {split}")
     given = env["OMP_NUM_THREADS"]
@@ -101,14 +101,25 @@ def find_accelerate_launcher(max_depth: int = 4) -> Launcher | None:
     return None
 
 
+def available_cores() -> int:
+    """Physical cores among the CPUs this process may run on: hyper-threads share a core's arithmetic units, so
+    compute-bound torch threads gain nothing from them (torch's and accelerate's defaults count physical cores too)."""
+    import psutil
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    logical, physical = psutil.cpu_count(logical=True), psutil.cpu_count(logical=False)
+    if not logical or not physical:
+        return allowed
+    return max(allowed * physical // logical, 1)
+
+
 def apply_cpu_threads() -> dict:
     """Set torch's intra-op threads from `plan_cpu_threads`; returns what was decided, for the run's report."""
     import torch
 
     env = dict(os.environ)
     launcher = find_accelerate_launcher() if ACCELERATE_LAUNCH_MARKER in env and "OMP_NUM_THREADS" in env else None
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    plan = plan_cpu_threads(env, available, launcher)
+    plan = plan_cpu_threads(env, available_cores(), launcher)
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
     return plan.as_dict(torch.get_num_threads())
