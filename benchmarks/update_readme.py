@@ -278,6 +278,33 @@ def hrm_identity_rows(before, after):
     ]
 
 
+def cpu_fast_path_rows(d):
+    machine = d["machine"]
+    cells = []
+    for row in d["options"]:
+        if not row["supported"]:
+            cells.append(f"{row['option']} refused (no bfloat16 instructions)")
+            continue
+        cells.append(
+            f"{row['option']} {row['seconds_median']:.1f} s, x{row['speedup_vs_fp32_eager_median']:.2f}, "
+            f"{row['achieved_gflop_per_s_median']:.0f} GFLOP/s = {row['fraction_of_matmul_peak_median']:.0%} of "
+            f"the {row['dtype'].removeprefix('torch.')} matmul rate, logits within "
+            f"{row['max_abs_logit_difference']:.1e}"
+        )
+    goal = d["goal"]
+    verdict = "met" if goal["met"] else "not met"
+    return [
+        (
+            f"fast CPU path, {d['preset']} {d['view_side']} view, {d['classes']} classes: speed-up over fp32 eager "
+            f"(median of {d['rounds']} interleaved rounds)",
+            f"`{d['command']}`",
+            "; ".join(cells)
+            + f"; goal x{goal['speedup']:.0f}: {verdict} (best {goal['best_option']}, x{goal['best_speedup']:.2f}); "
+            f"{machine['torch_threads']} threads, 1-min load {machine['load_average_before'][0]} at the start",
+        )
+    ]
+
+
 def table() -> str:
     rows = []
     if d := load("toy_world_comparison_restructured.json"):
@@ -304,6 +331,8 @@ def table() -> str:
         rows += demo_rows(d)
     if d := load("text_reuse_cpu.json"):
         rows += text_rows(d)
+    for path in sorted(RESULTS.glob("cpu_fast_path*_cpu.json")):  # the quick run and any other option set
+        rows += cpu_fast_path_rows(json.loads(path.read_text()))
     gpu = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_suite_*.json"))]
     if gpu:
         rows += gpu_rows(gpu)

@@ -37,6 +37,7 @@ from .clip_dense_features import dense_clip_features, enable_dense_last_block
 from .configuration_disa import CLIP_FINETUNE_MODES, DiSaConfig, format_prompts
 from .cost_volume import DiSaCostEmbedding, cap_classes, cosine_cost_volume, scatter_classes
 from .decoder import DiSaDecoder, DiSaGuidanceUpsampler
+from .inference_options import check_inference_dtype
 from .losses import disa_loss
 from .routing import TokenRoute
 from .saliency_disentanglement import DiSaSaliencyDisentanglement
@@ -623,6 +624,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             )
         if not is_torchdynamo_compiling() and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or inf values.")
+        if not is_torchdynamo_compiling() and pixel_values.device.type == "cpu":
+            check_inference_dtype(self.dtype, pixel_values.device)  # bf16 / fp16 weights: only on a CPU that has them
 
     def _check_text_embeds(self, text_embeds: torch.Tensor) -> torch.Tensor:
         """`(T, P, C)` or `(T, C)` -> `(T, P, C)`, refusing other shapes, widths and non-finite values."""
