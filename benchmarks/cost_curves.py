@@ -35,8 +35,9 @@ cap by more than `ABOVE_CAP_GROWTH`; a point whose seconds per GFLOP is off its 
 Results: one JSON (points keyed by curve and point; points already there are kept, so a run resumes; `--force`
 re-measures the points given), a Markdown table and a PNG plot next to it.
 
-    python benchmarks/cost_curves.py --threads 2                # CPU, the ViT-B pair, the whole grid
-    python benchmarks/cost_curves.py --quick                    # the tiny pair, a small grid (seconds per run)
+    python benchmarks/cost_curves.py --threads 2    # CPU, the ViT-B pair, the whole grid: 9 points x 3 rounds x 2
+                                                    # runs; about 50 min on an idle 2-core CPU (1.5 h at --threads 1)
+    python benchmarks/cost_curves.py --quick        # the tiny pair, a small grid (a few minutes: 36 short runs)
     python benchmarks/cost_curves.py --device cuda              # any CUDA machine -> cost_curves_cuda.json
     python benchmarks/cost_curves.py --classes 847 --sides --force   # re-measure one point
 """
@@ -258,7 +259,7 @@ def measure(spec: dict) -> dict:
         "time_s": round(seconds, 4),
         "cpu_time_s": round(cpu_seconds, 4),
         "peak_memory_mib": round(peak, 1),
-        "gflops": None if flops is None else round(flops / 1e9, 4),
+        "gflops": None if flops is None else flops / 1e9,
         "height": geo["height"],
         "width": geo["width"],
         "views": geo["views"],
@@ -503,6 +504,22 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def code_version() -> dict:
+    """The measured checkout: its commit and whether it had uncommitted changes (None outside a git checkout)."""
+    import modeling_disa
+
+    def git(*args):
+        proc = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "modeling_disa": str(Path(modeling_disa.__file__).parent),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if status is None else bool(status),
+    }
+
+
 def check_pair(pair: dict) -> None:
     """The DiSa model must have SDM or HRM on, the CAT-Seg one neither, and both the same class cap and view size."""
     configs = {model: build_config(pair[model]["preset"], pair[model]["settings"]) for model in MODELS}
@@ -604,6 +621,7 @@ def main(argv=None) -> int:
             "flops_method": "torch.utils.flop_counter.FlopCounterMode over one pass (matmuls, convolutions, "
             "attention; elementwise operators are not counted)",
             "threads": threads,
+            "code": code_version(),
             "machine": machine_info(device),
             "points": ordered,
         }

@@ -153,10 +153,12 @@ def single_run_cost_curve_rows(d):
     return [
         (
             "per-view latency / peak memory vs classes and image side, ViT-B, DiSa vs CAT-Seg mode",
-            "`python benchmarks/cost_curves.py --threads 1`",
+            "the single-run `benchmarks/cost_curves.py --threads 1` before the paired rework (re-measure: move the "
+            "JSON away, then `python benchmarks/cost_curves.py --threads 2`)",
             "; ".join(parts)
             + f" ({threads} thread, 1 timed run, cores shared with other jobs: single unpaired runs, so their "
-            "DiSa / CAT-Seg ratios are not reliable; memory: "
+            "DiSa / CAT-Seg ratios are not reliable, and DiSa's memory predates its routed aggregation releasing "
+            "intermediates early; memory: "
             "peak-RSS growth over the built model; table and plot: `benchmarks/results/cost_curves_cpu.md/.png`)",
         )
     ]
