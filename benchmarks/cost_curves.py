@@ -50,6 +50,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the tiny pair and a small grid (a smoke run, seconds)")
+    p.add_argument(
+        "--quick", action="store_true", help="the tiny pair and a small grid (a smoke run of a few minutes)"
+    )
     p.add_argument("--disa", default=None, help=f"DiSa preset (default {PAIR['disa']})")
     p.add_argument("--catseg", default=None, help=f"CAT-Seg-mode preset (default {PAIR['catseg']})")
     p.add_argument("--disa_set", nargs="*", default=None, help="config settings key=value applied to --disa")
@@ -119,7 +122,11 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (CPU); default: torch's")
     p.add_argument("--repeats", type=int, default=MIN_REPEATS, help="rounds per point (one run of each model)")
-    p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/cost_curves_<device>.json)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="JSON path (default benchmarks/results/cost_curves_<device>.json; with --quick in the temporary folder)",
+    )
     p.add_argument("--force", action="store_true", help="re-measure points already in the JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when a sanity check flags a point")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, JSON spec
@@ -549,7 +556,12 @@ def main(argv=None) -> int:
     }
     check_pair(pair)
     threads = a.threads or torch.get_num_threads()
-    output = Path(a.output) if a.output else RESULTS / f"cost_curves_{device.type}.json"
+    if a.output:
+        output = Path(a.output)
+    elif a.quick:  # a smoke run is no result: kept out of benchmarks/results
+        output = Path(tempfile.gettempdir()) / f"cost_curves_quick_{device.type}.json"
+    else:
+        output = RESULTS / f"cost_curves_{device.type}.json"
     data = json.loads(output.read_text()) if output.exists() else {}
     if data and (data.get("schema") != SCHEMA or data["pair"] != pair or data["threads"] != threads):
         what = (
