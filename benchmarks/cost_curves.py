@@ -574,6 +574,7 @@ def main(argv=None) -> int:
             "--output, or move the file away to replace it."
         )
     points = {p["key"]: p for p in data.get("points", [])}
+    code = code_version()  # at the start: what every run of this invocation imports
     command = "python benchmarks/cost_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
     grid = [{"curve": "classes", "classes": t, "height": None, "width": None} for t in a.classes]
     grid += [{"curve": "sides", "classes": a.side_classes, "height": h, "width": w} for h, w in a.sides]
@@ -633,7 +634,7 @@ def main(argv=None) -> int:
             "flops_method": "torch.utils.flop_counter.FlopCounterMode over one pass (matmuls, convolutions, "
             "attention; elementwise operators are not counted)",
             "threads": threads,
-            "code": code_version(),
+            "code": code,
             "machine": machine_info(device),
             "points": ordered,
         }
