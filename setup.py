@@ -4,7 +4,11 @@ from setuptools import setup
 # resolves a multi-GB CUDA build.
 INSTALL_REQUIRES = [
     "torch>=2.6",
-    "transformers>=5.20,<6",
+    # 5.23 is the first release that works: up to 5.20 configs reject plain classes in `sub_configs_defaults`
+    # ("CLIPTextConfig has no attribute create_subconfig"), and up to 5.22 processors read
+    # `ProcessingKwargs._defaults`, which DiSaProcessorKwargs does not define (defaults are processor class attributes
+    # since 5.23). Tested with 5.23.0, 5.24.0 and 5.25.0. No upper bound: no release is known to break the package.
+    "transformers>=5.23",
     "huggingface_hub>=1.31",
     "safetensors>=0.8",
     "tokenizers>=0.23",

@@ -7,12 +7,17 @@ import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# `python benchmarks/x.py` puts benchmarks/, not the checkout, on sys.path: without this an installed modeling_disa
+# (e.g. another checkout's editable install) would be the code measured, not the one beside the script
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 PRESETS = REPO / "configuration" / "models"
 RESULTS = REPO / "benchmarks" / "results"
 

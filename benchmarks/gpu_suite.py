@@ -7,9 +7,11 @@
 Sections (each one try/except'd: a failure is recorded with its error and the other sections still run):
 
 - `view_latency`: per-view latency (1 view per call) and views/s (`--view_batch` views per call) of ViT-B/16@384
-  and ViT-L/14@336 DiSa (random weights, precomputed text embeddings) at 150 and 847 classes, fp32 and bf16
-  autocast, eager and `torch.compile` (compile time, graph breaks and guard failures recorded; a compile error is
-  recorded for that row, not raised).
+  and ViT-L/14@336 DiSa (random weights, precomputed text embeddings) at 150 and 847 classes, fp32, bf16 autocast
+  and bf16 weights (`from_pretrained(dtype=torch.bfloat16)` / `pipeline(dtype=...)`; refused with the reason on a
+  CPU without bfloat16 instructions, `modeling_disa.check_inference_dtype`), eager and `torch.compile` (compile
+  time, graph breaks and guard failures recorded; a compile error is recorded for that row, not raised); each row's
+  `speedup_vs_fp32_eager` is the fp32 eager row's per-view latency at the same preset and class count over its own.
 - `sliding_window`: images/s of `modeling_disa.model.inference.predict_segmentation` (CAT-Seg's sliding window +
   global view, all views of an image in one call) on a 640x854 image, 150 classes.
 - `train_step`: DiSa ViT-B/16 training step at 384, 171 classes, batch 4, bf16 autocast, activation checkpointing
@@ -29,6 +31,7 @@ takes minutes on CPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -39,6 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from bench_common import RESULTS, load_config, load_model, machine_info, random_text_embeds, write_json  # noqa: E402
+
+from modeling_disa import check_inference_dtype  # noqa: E402
 
 FULL = {
     "presets": ["disa-vit-b-16", "disa-vit-l-14-336"],
@@ -79,7 +84,8 @@ SMOKE = {
 SECTIONS = ["view_latency", "sliding_window", "train_step", "miou"]
 TRAIN_MEMORY_TARGET_GIB = 24
 MIOU_CLASSES, MIOU_SIDE, MIOU_IGNORE = 847, 512, 65535
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtypes
+VIEW_PRECISIONS = [*DTYPES, "bf16_weights"]  # view_latency also runs the model with bfloat16 weights
 
 
 def parse(argv=None):
@@ -116,7 +122,8 @@ class Timer:
 
 
 def _autocast(device, dtype):
-    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None)
+    autocast_dtype = DTYPES.get(dtype)  # None for fp32 and for bf16 weights
+    return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
 
 def _compile(model, backend):
@@ -151,9 +158,21 @@ def view_latency(cfg, device, timer, args) -> list[dict]:
         side = model.config.clip_resolution
         one = torch.randn(1, 3, side, side, device=device)
         batch = torch.randn(cfg["view_batch"], 3, side, side, device=device)
+        try:
+            check_inference_dtype(torch.bfloat16, device)
+            bf16_model, refusal = copy.deepcopy(model).to(torch.bfloat16), None
+        except ValueError as error:
+            bf16_model, refusal = None, str(error)
         for classes in cfg["classes"]:
             embeds = random_text_embeds(model.config, classes, device)
-            for dtype in DTYPES:
+            point = []
+            for dtype in VIEW_PRECISIONS:
+                if dtype == "bf16_weights" and refusal:
+                    row = {"preset": preset, "view_side": side, "classes": classes, "dtype": dtype, "compile": False}
+                    point.append({**row, "refused": refusal})
+                    continue
+                weights = bf16_model if dtype == "bf16_weights" else model
+                cast = torch.bfloat16 if dtype == "bf16_weights" else torch.float32
                 first = classes == cfg["classes"][0] and dtype == "fp32"
                 compile_here = not args.no_compile and (cfg["compile_rows"] == "all" or first)
                 for compiled in [False, True] if compile_here else [False]:
@@ -166,11 +185,11 @@ def view_latency(cfg, device, timer, args) -> list[dict]:
                         "compile_backend": backend if compiled else None,
                     }
                     try:
-                        fn = _compile(model, backend) if compiled else model
+                        fn = _compile(weights, backend) if compiled else weights
 
                         def call(x):
                             with torch.inference_mode(), _autocast(device, dtype):
-                                return fn(pixel_values=x, text_embeds=embeds).logits
+                                return fn(pixel_values=x.to(cast), text_embeds=embeds).logits
 
                         if compiled:
                             timer.sync()
@@ -191,9 +210,19 @@ def view_latency(cfg, device, timer, args) -> list[dict]:
                             row.update(_compile_notes())
                     except Exception as exc:  # noqa: BLE001 - one row's failure (a compile error) is recorded
                         row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-                    rows.append(row)
-        del model
+                    point.append(row)
+            rows += with_speedups(point)
+        del model, bf16_model
     return rows
+
+
+def with_speedups(point: list[dict]) -> list[dict]:
+    """The rows of one (preset, classes) point, each with its speed-up over the point's fp32 eager row."""
+    base = next((r for r in point if r["dtype"] == "fp32" and not r.get("compile")), None)
+    for row in point:
+        if base is not None and "latency_per_view_s" in base and "latency_per_view_s" in row:
+            row["speedup_vs_fp32_eager"] = base["latency_per_view_s"] / row["latency_per_view_s"]
+    return point
 
 
 def sliding_window(cfg, device, timer, args) -> list[dict]:

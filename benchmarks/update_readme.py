@@ -67,6 +67,59 @@ def gflops_rows(d):
 
 
 def cost_curve_rows(d):
+    """cost_curves_cpu.json: interleaved DiSa / CAT-Seg pairs (`schema` 2), or the older single-run layout."""
+    if d.get("schema") != 2:
+        return single_run_cost_curve_rows(d)
+    points = d["points"]
+    summary, sanity = d["summary"], d["sanity"]
+
+    def series(curve, key, spec=".2f"):
+        pts = [p for p in points if p["curve"] == curve]
+        return " / ".join("n/a" if p[key] is None else format(p[key], spec) for p in pts)
+
+    def labels(curve):
+        pts = [p for p in points if p["curve"] == curve]
+        if curve == "classes":
+            return " / ".join(str(p["classes"]) for p in pts)
+        return " / ".join(
+            str(p["height"]) if p["height"] == p["width"] else f"{p['height']}x{p['width']}" for p in pts
+        )
+
+    parts = []
+    for curve, what in (("classes", "one view, T = "), ("sides", "sliding window, image ")):
+        pts = [p for p in points if p["curve"] == curve]
+        if not pts:
+            continue
+        extra = ""
+        if curve == "sides":
+            extra = f" ({pts[0]['classes']} classes, {' / '.join(str(p['views']) for p in pts)} views)"
+        parts.append(
+            f"{what}{labels(curve)}{extra}: latency {series(curve, 'ratio')}, peak memory "
+            f"{series(curve, 'memory_ratio')}, FLOPs {series(curve, 'flop_ratio', '.3f')}; CAT-Seg mode "
+            + " / ".join(f"{p['catseg']['median_s']:.1f}" for p in pts)
+            + " s per pass"
+        )
+    goal, met = summary["goal"], summary["goal_met"]
+    rounds = sorted({p["rounds"] for p in points})
+    loads = [x for p in points for m in ("disa", "catseg") for x in p[m]["load_1min"]]
+    verdict = "passed" if sanity["passed"] else f"{len(sanity['flags'])} flag(s), see the .md"
+    return [
+        (
+            f"DiSa / CAT-Seg per point (latency, peak memory, FLOPs), {d['pair']['disa']['preset']} vs "
+            f"{d['pair']['catseg']['preset']}",
+            " + ".join(f"`{c}`" for c in d["commands"]),
+            "; ".join(parts)
+            + f". Goal {goal}: latency {'met' if met['latency'] else 'not met'} (max {summary['max_ratio']:.2f}), "
+            f"memory {'met' if met['memory'] else 'not met'} (max {summary['max_memory_ratio']:.2f}). Latency ratio: "
+            f"median of {'/'.join(map(str, rounds))} interleaved rounds, fresh process per run; "
+            f"{d['threads']} thread(s), 1-min load {min(loads):.1f}-{max(loads):.1f}; sanity checks {verdict} "
+            "(table and plot: `benchmarks/results/cost_curves_cpu.md/.png`)",
+        )
+    ]
+
+
+def single_run_cost_curve_rows(d):
+    """The first layout of cost_curves_cpu.json (no `schema`): one unpaired run per model and point."""
     rows = d["rows"]
 
     def pick(mode, curve, key):
@@ -100,8 +153,12 @@ def cost_curve_rows(d):
     return [
         (
             "per-view latency / peak memory vs classes and image side, ViT-B, DiSa vs CAT-Seg mode",
-            "`python benchmarks/cost_curves.py --threads 1`",
-            "; ".join(parts) + f" ({threads} thread, 1 timed run, cores shared with other jobs; memory: "
+            "the single-run `benchmarks/cost_curves.py --threads 1` before the paired rework (re-measure: move the "
+            "JSON away, then `python benchmarks/cost_curves.py --threads 2`)",
+            "; ".join(parts)
+            + f" ({threads} thread, 1 timed run, cores shared with other jobs: single unpaired runs, so their "
+            "DiSa / CAT-Seg ratios are not reliable, and DiSa's memory predates its routed aggregation releasing "
+            "intermediates early; memory: "
             "peak-RSS growth over the built model; table and plot: `benchmarks/results/cost_curves_cpu.md/.png`)",
         )
     ]
@@ -278,6 +335,33 @@ def hrm_identity_rows(before, after):
     ]
 
 
+def cpu_fast_path_rows(d):
+    machine = d["machine"]
+    cells = []
+    for row in d["options"]:
+        if not row["supported"]:
+            cells.append(f"{row['option']} refused (no bfloat16 instructions)")
+            continue
+        cells.append(
+            f"{row['option']} {row['seconds_median']:.1f} s, x{row['speedup_vs_fp32_eager_median']:.2f}, "
+            f"{row['achieved_gflop_per_s_median']:.0f} GFLOP/s = {row['fraction_of_matmul_peak_median']:.0%} of "
+            f"the {row['dtype'].removeprefix('torch.')} matmul rate, logits within "
+            f"{row['max_abs_logit_difference']:.1e}"
+        )
+    goal = d["goal"]
+    verdict = "met" if goal["met"] else "not met"
+    return [
+        (
+            f"fast CPU path, {d['preset']} {d['view_side']} view, {d['classes']} classes: speed-up over fp32 eager "
+            f"(median of {d['rounds']} interleaved rounds)",
+            f"`{d['command']}`",
+            "; ".join(cells)
+            + f"; goal x{goal['speedup']:.0f}: {verdict} (best {goal['best_option']}, x{goal['best_speedup']:.2f}); "
+            f"{machine['torch_threads']} threads, 1-min load {machine['load_average_before'][0]} at the start",
+        )
+    ]
+
+
 def table() -> str:
     rows = []
     if d := load("toy_world_comparison_restructured.json"):
@@ -304,6 +388,8 @@ def table() -> str:
         rows += demo_rows(d)
     if d := load("text_reuse_cpu.json"):
         rows += text_rows(d)
+    for path in sorted(RESULTS.glob("cpu_fast_path*_cpu.json")):  # the quick run and any other option set
+        rows += cpu_fast_path_rows(json.loads(path.read_text()))
     gpu = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_suite_*.json"))]
     if gpu:
         rows += gpu_rows(gpu)

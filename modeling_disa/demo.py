@@ -4,9 +4,14 @@ Builds the `disa-tiny` preset with random weights (no download), segments a gene
 vocabulary, saves model + processor (safetensors and remote code), reloads the folder through the Auto classes and
 checks that the reloaded model gives the same segmentation. It shows the API end to end, not segmentation quality:
 the weights are random.
+
+`--dtype bfloat16` (on a CPU only where it has bfloat16 instructions) and `--torch_compile` segment with a bfloat16
+copy of the model and / or through `torch.compile`; the summary then gives the largest logit difference to the
+float32 eager model, which is the one saved and reloaded.
 """
 
 import argparse
+import copy
 import json
 from importlib.resources import as_file, files
 from pathlib import Path
@@ -16,7 +21,14 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from . import DiSaConfig, DiSaForOpenVocabSegmentation, DiSaProcessor
+from . import (
+    DiSaConfig,
+    DiSaForOpenVocabSegmentation,
+    DiSaProcessor,
+    check_inference_dtype,
+    compile_for_inference,
+    compile_settings,
+)
 
 # The `disa-tiny` preset (configuration/models/disa-tiny in the repository) ships as package data, so the demo runs
 # from an installed wheel too.
@@ -45,7 +57,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--labels", nargs="+", default=["sky", "grass", "red ball"], help="the open vocabulary")
     parser.add_argument("--output_dir", default="outputs/demo", help="where the model, processor and PNG go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--torch_compile", action="store_true", help="segment through torch.compile")
+    parser.add_argument("--torch_compile_backend", default=None, help="torch.compile backend (default inductor)")
+    parser.add_argument("--torch_compile_mode", default=None, help="torch.compile mode")
     args = parser.parse_args(argv)
+    try:
+        dtype = check_inference_dtype(args.dtype, "cpu")
+    except ValueError as error:
+        parser.error(f"--dtype {args.dtype}: {error}")
 
     torch.manual_seed(args.seed)
     with as_file(PRESET if args.preset is None else Path(args.preset)) as preset:
@@ -54,9 +74,13 @@ def main(argv=None) -> dict:
     image = demo_image(args.seed)
 
     inputs = processor(images=image, text=args.labels, return_tensors="pt")
+    fast = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    fast = compile_for_inference(fast, args.torch_compile, args.torch_compile_backend, args.torch_compile_mode)
     with torch.no_grad():
         outputs = model(**inputs)
-    segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+        pixel_values = inputs["pixel_values"].to(dtype)
+        fast_outputs = outputs if fast is model else fast(**{**inputs, "pixel_values": pixel_values})
+    segmentation = processor.post_process_semantic_segmentation(fast_outputs, target_sizes=[image.size[::-1]])[0]
 
     output_dir = Path(args.output_dir)
     model.save_pretrained(output_dir)
@@ -81,6 +105,9 @@ def main(argv=None) -> dict:
         "logits_shape": list(outputs.logits.shape),
         "pixels_per_label": dict(zip(args.labels, counts)),
         "reloaded_identical": same,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_compile": compile_settings(args.torch_compile, args.torch_compile_backend, args.torch_compile_mode),
+        "max_abs_logit_difference_to_float32_eager": float((fast_outputs.logits.float() - outputs.logits).abs().max()),
         "output_dir": str(output_dir),
     }
     print(json.dumps(summary, indent=2))

@@ -33,7 +33,7 @@ from huggingface_hub import constants as hub_constants
 from PIL import Image, ImageOps
 from transformers import AutoModel, AutoProcessor, pipeline
 
-from modeling_disa import PIPELINE_TASK
+from modeling_disa import PIPELINE_TASK, check_inference_dtype
 from modeling_disa.visualize import palette, render_saliency
 
 APP_DIR = Path(__file__).resolve().parent
@@ -105,19 +105,21 @@ def resolve_model_source(model: str | None = None, readme: Path = APP_DIR / "REA
     raise ModelNotFoundError(missing_model_message(folders))
 
 
-def load_segmenter(source: str):
-    """The `open-vocabulary-segmentation` pipeline over a saved folder or Hub repo (package classes only)."""
+def load_segmenter(source: str, dtype=None, torch_compile: bool = False):
+    """The `open-vocabulary-segmentation` pipeline over a saved folder or Hub repo (package classes only); `dtype`
+    (e.g. "bfloat16", refused on a CPU without it) and `torch_compile` are the pipeline's speed options."""
     if not Path(source).exists() and source.count("/") != 1:
         raise ModelNotFoundError(f"{source!r} is neither a folder nor a Hub repo id ('org/name').")
+    device = 0 if torch.cuda.is_available() else -1
+    dtype = None if dtype is None else check_inference_dtype(dtype, "cuda" if device == 0 else "cpu")
     try:
-        model = AutoModel.from_pretrained(source).eval()
+        model = AutoModel.from_pretrained(source, **({} if dtype is None else {"dtype": dtype})).eval()
         processor = AutoProcessor.from_pretrained(source)
     except OSError as error:
         raise ModelNotFoundError(f"could not load the model {source!r}: {error}") from error
     if getattr(model.config, "model_type", None) != "disa":
         raise ModelNotFoundError(f"{source!r} is a {model.config.model_type!r} model, not DiSa.")
-    device = 0 if torch.cuda.is_available() else -1
-    return pipeline(PIPELINE_TASK, model=model, processor=processor, device=device)
+    return pipeline(PIPELINE_TASK, model=model, processor=processor, device=device, torch_compile=torch_compile)
 
 
 def default_vocabulary(config) -> list[str]:
@@ -333,10 +335,22 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1, $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, $GRADIO_SERVER_PORT)")
     parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="weights dtype (bfloat16: CPUs with AMX / AVX512_BF16)",
+    )
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the model (first request slow)")
     args = parser.parse_args(argv)
+    if args.dtype is not None:
+        try:
+            check_inference_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        except ValueError as error:
+            parser.error(f"--dtype {args.dtype}: {error}")
     try:
         source, origin = resolve_model_source(args.model)
-        segmenter = load_segmenter(source)
+        segmenter = load_segmenter(source, args.dtype, args.torch_compile)
     except ModelNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

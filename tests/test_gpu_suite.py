@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_disa import cpu_supports_dtype
+
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = {"view_latency", "sliding_window", "train_step", "miou"}
 
@@ -50,11 +52,18 @@ def test_header_names_the_device_and_versions(report):
 def test_view_latency_rows(report):
     rows = report["sections"]["view_latency"]["results"]
     settings = report["settings"]
-    expected = {(t, d) for t in settings["classes"] for d in ("fp32", "bf16")}
+    expected = {(t, d) for t in settings["classes"] for d in ("fp32", "bf16", "bf16_weights")}
     assert {(r["classes"], r["dtype"]) for r in rows} == expected
+    bf16_here = cpu_supports_dtype(torch.bfloat16)
     for row in rows:
         assert "error" not in row, row
+        if row["dtype"] == "bf16_weights" and not bf16_here:  # refused with the reason, not run slowly
+            assert "refused" in row and "bfloat16" in row["refused"] and "latency_per_view_s" not in row
+            continue
         assert positive(row["latency_per_view_s"]) and positive(row["views_per_s"])
+        base = next(r for r in rows if (r["classes"], r["dtype"], r["compile"]) == (row["classes"], "fp32", False))
+        ratio = base["latency_per_view_s"] / row["latency_per_view_s"]
+        assert row["speedup_vs_fp32_eager"] == pytest.approx(ratio)
     compiled = [r for r in rows if r["compile"]]
     assert len(compiled) == 1 and positive(compiled[0]["compile_s"])
     assert compiled[0]["compile_backend"] == settings["compile_backend"]

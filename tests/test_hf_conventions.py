@@ -208,11 +208,30 @@ def test_hidden_states_and_attentions_are_clips_own(saved_tiny, pixel_values):
     # by default nothing extra; as a tuple the nested output becomes a tuple too
     assert model(pixel_values=pixel_values).vision_model_output is None
     as_tuple = model(pixel_values=pixel_values, output_hidden_states=True, return_dict=False)
-    assert isinstance(as_tuple[-1], tuple) and len(as_tuple[-1][1]) == layers + 1
-    # attention weights need eager attention
-    model.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="eager"):
-        model(pixel_values=pixel_values, output_attentions=True)
+    # (last_hidden_state, pooler_output, hidden_states), as CLIP's BaseModelOutputWithPooling
+    assert isinstance(as_tuple[-1], tuple) and len(as_tuple[-1][2]) == layers + 1
+    # hidden states selected by index, as transformers' output recording allows: the others are None
+    with torch.no_grad():
+        picked = model(pixel_values=pixel_values, output_hidden_states=[0, -1]).vision_model_output.hidden_states
+    assert [state is not None for state in picked] == [True] + [False] * (layers - 1) + [True]
+    torch.testing.assert_close(picked[0], states[0])
+    torch.testing.assert_close(picked[-1], states[-1])
+    with pytest.raises(ValueError, match="out of range"):
+        model(pixel_values=pixel_values, output_hidden_states=[layers + 1])
+
+
+def test_output_attentions_under_sdpa_behaves_as_clip(saved_tiny, pixel_values):
+    """The default SDPA attention computes no weights: as CLIP's tower, the model runs (no error), returns no
+    attention maps, and its outputs are those of eager attention."""
+    sdpa = DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny)
+    eager = DiSaForOpenVocabSegmentation.from_pretrained(saved_tiny, attn_implementation="eager")
+    assert sdpa.clip.vision_model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        out = sdpa(pixel_values=pixel_values, output_attentions=True)
+        clip_own = sdpa.clip.vision_model(pixel_values=pixel_values, output_attentions=True)
+        reference = eager(pixel_values=pixel_values)
+    assert out.vision_model_output.attentions == clip_own.attentions == ()
+    torch.testing.assert_close(out.logits, reference.logits, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- 15. bad input

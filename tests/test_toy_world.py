@@ -140,6 +140,11 @@ def test_default_job_shortened(tmp_path):
         for key in ("mIoU", "seen", "stuff", "things", "pixel_accuracy"):
             assert math.isfinite(res[key]), (key, res)
     assert "| DiSa |" in proc.stdout
+    # the wall time of every stage, and the threads it ran with (OMP_NUM_THREADS=1 above: the user's, kept)
+    stages = report["timings_seconds"]
+    assert {"world", "clip", "train_disa", "train_catseg", "report", "total"} <= set(stages)
+    assert stages["total"] >= stages["train_disa"] + stages["train_catseg"]
+    assert report["cpu_threads"]["torch_threads"] == 1 and not report["cpu_threads"]["set_by_train_py"]
     # DiSa's SDM split at the end of its training, on the validation split, with the split guard's count
     assert report["disa_training"]["eval_split/num_images"] == 4
     assert "split_guard_warnings" in report["disa_training"]

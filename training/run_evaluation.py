@@ -8,8 +8,10 @@ model-index.
 
 Data source: ``--data_dir`` (a folder written by training/prepare_datasets.py) or ``--hub_dataset REPO`` (the same
 layout on the Hub, one config per evaluation dataset). Inference: ``--mode sliding`` (published protocol: warp 640,
-384 windows, stride 256, global view) or ``whole``; ``--dtype bf16`` runs the model under autocast. mIoU uses one
-confusion matrix over the whole split, averaged over classes present in the ground truth
+384 windows, stride 256, global view) or ``whole``; ``--dtype bf16`` runs the model under autocast
+(on a CPU only where it has bfloat16 instructions: AVX512_BF16 / AMX; otherwise refused); ``--torch_compile`` (with
+``--torch_compile_backend`` / ``--torch_compile_mode``, which turn it on too) runs it through ``torch.compile``.
+mIoU uses one confusion matrix over the whole split, averaged over classes present in the ground truth
 (``--miou_rule present_in_gt_or_pred`` for the other rule). Under ``accelerate launch`` each process takes every
 n-th image and the matrices are summed.
 
@@ -34,6 +36,7 @@ import torch
 from huggingface_hub import EvalResult
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
+from modeling_disa import check_inference_dtype, compile_for_inference, compile_settings
 from modeling_disa.evaluation.boundary import DEFAULT_DILATION_RATIO, BoundaryIoU
 from modeling_disa.evaluation.dataset_definitions import (
     EVALUATION_DATASETS,
@@ -272,7 +275,10 @@ def main(argv=None) -> dict:
     p.add_argument("--window_size", type=int, default=384)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--views_per_batch", type=int, default=None, help="model batch size in views (default: all 5)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the model")
+    p.add_argument("--torch_compile", action="store_true", help="run the model through torch.compile")
+    p.add_argument("--torch_compile_backend", default=None, help="torch.compile backend (default inductor)")
+    p.add_argument("--torch_compile_mode", default=None, help="torch.compile mode")
     p.add_argument("--device", default=None)
     p.add_argument("--miou_rule", choices=list(RULES), default="present_in_gt")
     p.add_argument("--max_images", type=int, default=None)
@@ -304,6 +310,10 @@ def main(argv=None) -> dict:
     from modeling_disa import DiSaForOpenVocabSegmentation, DiSaProcessor
 
     rank, world, device = process_layout(args.device)
+    try:
+        check_inference_dtype(args.dtype, device)
+    except ValueError as error:
+        p.error(f"--dtype {args.dtype}: {error}")
     reduce_fn = None
     if world > 1:
         from accelerate.utils import reduce as acc_reduce
@@ -311,6 +321,7 @@ def main(argv=None) -> dict:
         reduce_fn = lambda t: acc_reduce(t, reduction="sum")  # noqa: E731
 
     model = DiSaForOpenVocabSegmentation.from_pretrained(args.model).to(device).eval()
+    model = compile_for_inference(model, args.torch_compile, args.torch_compile_backend, args.torch_compile_mode)
     processor = DiSaProcessor.from_pretrained(args.model)
     rows = []
     for bench in benches:
@@ -341,6 +352,7 @@ def main(argv=None) -> dict:
             "window_size": args.window_size,
             "stride": args.stride,
             "dtype": args.dtype,
+            "torch_compile": compile_settings(args.torch_compile, args.torch_compile_backend, args.torch_compile_mode),
             "miou_rule": args.miou_rule,
             "boundary_dilation_ratio": (args.boundary_dilation_ratio or DEFAULT_DILATION_RATIO)
             if args.boundary_iou

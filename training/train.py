@@ -43,6 +43,7 @@ from transformers import HfArgumentParser, SchedulerType
 
 import checkpointing as C
 import data as D
+from cpu_threads import apply_cpu_threads
 from optimization import optimizer_param_groups
 from split_guard import SplitGuard
 
@@ -684,6 +685,8 @@ TOY_WORLD = "toy-world"
 
 def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
     r = parse_args(argv)
+    threads = apply_cpu_threads()  # before any torch work: the toy world's CLIP pretraining computes too
+    print(f"[train] torch CPU threads: {threads['torch_threads']} ({threads['reason']})", flush=True)
     if r.toy_world is not None and r.dataset_name != TOY_WORLD:
         raise SystemExit(
             f"toy_world settings apply only with dataset_name {TOY_WORLD}, got {r.dataset_name!r} (without --config "
@@ -692,7 +695,7 @@ def main(argv=None, train_dataset=None, eval_dataset=None) -> dict:
     if r.dataset_name == TOY_WORLD and train_dataset is None:
         from toy_world import job as toy_world_job
 
-        return toy_world_job.run(r, train)
+        return toy_world_job.run(r, train, cpu_threads=threads)
     return train(r, train_dataset, eval_dataset)
 
 

@@ -12,6 +12,7 @@ from .configuration_disa import (
 )
 from .cost_volume import cosine_cost_volume
 from .image_processing_disa import DiSaImageProcessor
+from .inference_options import check_inference_dtype, compile_for_inference, compile_settings, cpu_supports_dtype
 from .modeling_disa import DiSaForOpenVocabSegmentation, DiSaPreTrainedModel, DiSaSegmentationOutput
 from .pipeline_disa import PIPELINE_TASK, DiSaOpenVocabSegmentationPipeline
 from .processing_disa import DiSaProcessor
@@ -28,7 +29,11 @@ __all__ = [
     "DiSaSegmentationOutput",
     "PAPER_SDM_SETTINGS",
     "PIPELINE_TASK",
+    "check_inference_dtype",
+    "compile_for_inference",
+    "compile_settings",
     "cosine_cost_volume",
+    "cpu_supports_dtype",
     "dense_clip_features",
     "format_prompts",
     "validate_class_names",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -27,15 +27,17 @@ from transformers.utils import (
     WEIGHTS_NAME,
     ModelOutput,
     cached_file,
+    can_return_tuple,
     is_torchdynamo_compiling,
 )
 
 from .aggregation import DiSaCostAggregator
 from .class_aggregation import DiSaClassTokenLayers
-from .clip_dense_features import dense_clip_features
+from .clip_dense_features import dense_clip_features, enable_dense_last_block
 from .configuration_disa import CLIP_FINETUNE_MODES, DiSaConfig, format_prompts
 from .cost_volume import DiSaCostEmbedding, cap_classes, cosine_cost_volume, scatter_classes
 from .decoder import DiSaDecoder, DiSaGuidanceUpsampler
+from .inference_options import check_inference_dtype
 from .losses import disa_loss
 from .routing import TokenRoute
 from .saliency_disentanglement import DiSaSaliencyDisentanglement
@@ -59,10 +61,11 @@ class DiSaSegmentationOutput(ModelOutput):
             larger than `config.class_cap`.
         text_embeds (`(T, P, C)`): L2-normalised prompt embeddings used.
         image_embeds (`(B, C, h, w)`): dense CLIP image embeddings.
-        vision_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` / `output_attentions`): the
-            CLIP vision tower's `last_hidden_state` (output of the dense last block), `hidden_states`
-            (`num_hidden_layers + 1` tensors `(B, 1 + N, width)`, CLIP's convention) and `attentions`
-            (one `(B, heads, 1 + N, 1 + N)` per token-mixing block: all but the dense last one).
+        vision_model_output (`BaseModelOutputWithPooling`, *optional*, with `output_hidden_states` /
+            `output_attentions`): what the CLIP vision tower records (CLIP's `capture_outputs`): `last_hidden_state`
+            (output of the dense last block), `pooler_output`, `hidden_states` (`num_hidden_layers + 1` tensors
+            `(B, 1 + N, width)`, CLIP's convention) and `attentions` (one `(B, heads, 1 + N, 1 + N)` per
+            token-mixing block: all but the dense last one; empty under SDPA, which computes no weights).
     """
 
     loss: torch.FloatTensor | None = None
@@ -75,7 +78,7 @@ class DiSaSegmentationOutput(ModelOutput):
     class_indices: torch.LongTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
-    vision_model_output: BaseModelOutput | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
 
     def to_tuple(self) -> tuple:
         # nested outputs become tuples too (as `CLIPSegImageSegmentationOutput.to_tuple` in models/clipseg)
@@ -218,6 +221,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             },
         )
         self.clip = CLIPModel(clip_config)
+        # CAT-Seg's dense last block runs inside CLIP's vision tower, which then records its own outputs
+        enable_dense_last_block(self.clip.vision_model)
         self.cost_embedding = DiSaCostEmbedding(config.num_prompts, config.hidden_dim, config.cost_embed_kernel_size)
         self.appearance_guidance = nn.Sequential(
             nn.Conv2d(config.projection_dim, config.appearance_guidance_dim, kernel_size=3, padding=1), nn.ReLU()
@@ -566,7 +571,10 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             raise ValueError(
                 f"input_ids has {input_ids.shape[0]} rows, not a multiple of the {prompts} prompt templates."
             )
-        pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        # only the pooled output is read: nothing to record (whatever the text config says)
+        pooled = self.clip.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_attentions=False, output_hidden_states=False
+        ).pooler_output
         embeds = F.normalize(self.clip.text_projection(pooled), dim=-1)
         return embeds.view(-1, prompts, embeds.shape[-1])
 
@@ -616,6 +624,8 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             )
         if not is_torchdynamo_compiling() and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or inf values.")
+        if not is_torchdynamo_compiling() and pixel_values.device.type == "cpu":
+            check_inference_dtype(self.dtype, pixel_values.device)  # bf16 / fp16 weights: only on a CPU that has them
 
     def _check_text_embeds(self, text_embeds: torch.Tensor) -> torch.Tensor:
         """`(T, P, C)` or `(T, C)` -> `(T, P, C)`, refusing other shapes, widths and non-finite values."""
@@ -662,6 +672,9 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             )
 
     # ------------------------------------------------------------------ forward
+    # `return_dict` is handled by `can_return_tuple` (as in CLIPModel); attention weights and hidden states are
+    # recorded by CLIP's vision tower itself (its `capture_outputs`), never re-captured here.
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -671,8 +684,7 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
         labels: torch.LongTensor | None = None,
         output_saliency: bool = False,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         prompt_templates: list[str] | None = None,
     ) -> DiSaSegmentationOutput | tuple:
         r"""
@@ -686,25 +698,20 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
                 `input_ids`; the way to reuse one vocabulary's encoding across calls.
             labels (`(B, H', W')` long): class ids in `[0, T)`, `config.ignore_index` for unlabelled pixels.
             output_saliency (`bool`): with SDM, also return the saliency maps and foreground masks.
-            output_attentions / output_hidden_states (`bool`, *optional*, default from the config): return the CLIP
-                vision tower's attention weights / hidden states in `vision_model_output` (attentions need eager
-                attention in the vision tower).
+            output_attentions / output_hidden_states (*optional*, default from the config): return what the CLIP
+                vision tower records, in `vision_model_output`. As in every transformers model, attention weights
+                are only computed by eager attention: under SDPA (the default) `attentions` is empty and
+                transformers logs a warning; load with `attn_implementation="eager"` to get them.
+                `output_hidden_states` may also be an index or a list of indices (the other entries are None).
+            return_dict (`bool`, *optional*, default `config.return_dict`): `False` returns `to_tuple()`.
 
         Unknown keyword arguments are refused (`TypeError`), so that a misspelt `labels=` cannot pass silently.
         """
         config = self.config
-        return_dict = return_dict if return_dict is not None else config.return_dict
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         )
-        if output_attentions and self.clip.vision_model.config._attn_implementation != "eager":
-            raise ValueError(
-                "output_attentions=True needs eager attention in the CLIP vision tower (SDPA does not return "
-                "attention "
-                f"weights; it uses {self.clip.vision_model.config._attn_implementation!r}): load the model with "
-                "`attn_implementation='eager'` or call `model.set_attn_implementation('eager')`."
-            )
         self._check_pixel_values(pixel_values)
         self.check_prompt_templates(prompt_templates)
         batch = pixel_values.shape[0]
@@ -790,16 +797,17 @@ class DiSaForOpenVocabSegmentation(DiSaPreTrainedModel):
             text_embeds=text_embeds,
             image_embeds=image_embeds,
             vision_model_output=(
-                BaseModelOutput(
+                BaseModelOutputWithPooling(
                     last_hidden_state=features.last_hidden_state,
+                    pooler_output=features.pooler_output,
                     hidden_states=features.hidden_states,
                     attentions=features.attentions,
                 )
-                if output_hidden_states or output_attentions
+                if features.hidden_states is not None or features.attentions is not None
                 else None
             ),
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 def _warn_if_pickle_checkpoint(pretrained_model_name_or_path, kwargs: dict) -> None:

@@ -32,6 +32,11 @@ Options:
   default `"whole"` (one view of the processor's size). All views of a batch go through the model in one forward
   pass, with the call's text embeddings; the views' logits are resized to the view size before the sigmoid and the
   probabilities resized to the image size (CAT-Seg's sliding-window order).
+- Speed (set when the pipeline is built): `dtype=torch.bfloat16` (transformers' option: the weights are loaded in
+  bfloat16; on a CPU only where it has bfloat16 instructions, AVX512_BF16 / AMX, else a `ValueError`), and
+  `torch_compile=True` (with `torch_compile_backend` / `torch_compile_mode`, `TrainingArguments`' names) to run the
+  image forward through `torch.compile`. The first call then compiles (minutes on a CPU); inductor's numbers differ
+  from eager ones in the last bits.
 - `output_saliency=True` (models with SDM, `config.use_sdm`): each entry also holds `"saliency"` (float32
   `(grid, grid)`, the class's SDM Grad-CAM saliency) and `"foreground_mask"` (bool `(grid, grid)`, the tokens SDM
   routes to the class's foreground branch), from the whole-image view (the global view in sliding mode).
@@ -52,6 +57,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_disa import validate_class_names
 from .inference import sliding_window_geometry, sliding_window_probs, upsampled_argmax
+from .inference_options import check_inference_dtype, compile_for_inference, resolve_dtype
 
 PIPELINE_TASK = "open-vocabulary-segmentation"
 INFERENCE_MODES = ("whole", "sliding")
@@ -188,13 +194,23 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
     text_embedding_cache_size = 8
     max_image_pixels = 2**28
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, torch_compile=False, torch_compile_backend=None, torch_compile_mode=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.processor is None or not hasattr(self.processor, "tokenize_class_names"):
             raise ValueError(
                 "the open-vocabulary-segmentation pipeline needs the DiSa processor (image processor + tokenizer); "
                 "the repository must hold processor_config.json and the tokenizer files."
             )
+        # transformers applies `dtype=` only when it loads the model; for a model object it would drop it silently
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if dtype not in (None, "auto") and resolve_dtype(dtype) != self.model.dtype:
+            raise ValueError(
+                f"dtype={dtype} but the model given is in {self.model.dtype}: the pipeline does not convert a loaded "
+                f"model; load it with from_pretrained(..., dtype={dtype}) or pass model.to({dtype})."
+            )
+        check_inference_dtype(self.model.dtype, self.device)  # bf16 / fp16 weights: refused here, before a call
+        # the image forward only: the text tower runs once per vocabulary (cached), not worth a compilation
+        self._model_call = compile_for_inference(self.model, torch_compile, torch_compile_backend, torch_compile_mode)
         # prompts built with other templates than the model's would be read as other classes (masks named wrongly)
         self.model.check_prompt_templates(self.processor.prompt_templates)
         self._text_embedding_cache = OrderedDict()
@@ -344,7 +360,7 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             calls = []
 
             def model_call(**inputs):
-                calls.append(self.model(**inputs))
+                calls.append(self._model_call(**inputs))
                 return calls[-1]
 
             # batch_size=None: every view of the batch in one forward pass, all with this call's text embeddings;
@@ -356,7 +372,7 @@ class DiSaOpenVocabSegmentationPipeline(Pipeline):
             views = outputs.logits.shape[0] // batch
             image_view = slice(views - 1, None, views)  # views are image-major; the global view comes last
         else:
-            outputs = self.model(pixel_values=pixel_values, text_embeds=text_embeds, **model_kwargs)
+            outputs = self._model_call(pixel_values=pixel_values, text_embeds=text_embeds, **model_kwargs)
             result["logits"] = outputs.logits
             image_view = slice(None)
         if output_saliency:

@@ -62,6 +62,22 @@ class TokenRoute:
         flat = x.reshape(-1, x.shape[-1])
         return flat.index_select(0, self.foreground), flat.index_select(0, self.background)
 
+    def project(self, layers, foreground, guidance_foreground, background, guidance_background):
+        """q, k, v `(..., D)` of the route's tokens: the foreground rows `(n_fg, D)` through `layers`, the
+        background rows through `layers.background` (their `projection_inputs` and `projections`), merged one
+        projection at a time, so that only one projection's per-branch halves are alive besides the merged ones (the
+        same values as projecting each branch in full, then merging)."""
+        inputs = (
+            layers.projection_inputs(foreground, guidance_foreground),
+            layers.background.projection_inputs(background, guidance_background),
+        )
+        branches = (layers.projections(), layers.background.projections())
+        # q and k read [LN(x); guidance] (input 1), v reads LN(x) (input 0)
+        return tuple(
+            self.merge(branches[0][i](inputs[0][source]), branches[1][i](inputs[1][source]))
+            for i, source in enumerate((1, 1, 0))
+        )
+
     def merge(self, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
         """Inverse of `split`: foreground rows `(n_fg, C)` and background rows `(n_bg, C)` -> `(..., C)`."""
         out = fg.new_empty(fg.shape[0] + bg.shape[0], fg.shape[-1])

@@ -140,10 +140,18 @@ class DiSaSwinTokenLayers(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_dim)
         self.mlp = DiSaSwinMLP(config.hidden_dim, config.mlp_ratio)
 
+    def projection_inputs(self, x: torch.Tensor, guidance: torch.Tensor):
+        """`(LN(x), [LN(x); guidance])`: the inputs of v and of q / k."""
+        normed = self.norm1(x)
+        return normed, torch.cat([normed, guidance], dim=-1)
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The q, k, v layers (q and k read `[LN(x); guidance]`, v reads `LN(x)`)."""
+        return self.attn.q, self.attn.k, self.attn.v
+
     def project(self, x: torch.Tensor, guidance: torch.Tensor):
         """Before attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
-        normed = self.norm1(x)
-        both = torch.cat([normed, guidance], dim=-1)
+        normed, both = self.projection_inputs(x, guidance)
         return self.attn.q(both), self.attn.k(both), self.attn.v(normed)
 
     def update(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -208,14 +216,16 @@ class DiSaSwinBlock(DiSaSwinTokenLayers):
         # it: the same values as merging into the token layout and partitioning, with two copies fewer
         windowed = route.permute_rows(self._window_order(foreground.device))
         rows, windows = route.mask.shape[0], (self.grid // self.window) ** 2
-        q_fg, k_fg, v_fg = self.project(foreground, guidance_foreground)
-        q_bg, k_bg, v_bg = self.background.project(background, guidance_background)
         q, k, v = (
-            windowed.merge(a, b).view(rows, windows, self.window**2, -1)
-            for a, b in ((q_fg, q_bg), (k_fg, k_bg), (v_fg, v_bg))
+            t.view(rows, windows, self.window**2, -1)
+            for t in windowed.project(self, foreground, guidance_foreground, background, guidance_background)
         )
         attended_fg, attended_bg = windowed.split(self._attend_windows(q, k, v))
-        return self.update(foreground, attended_fg), self.background.update(background, attended_bg)
+        # released before the branches' MLPs, whose hidden layer is the block's largest tensor
+        del q, k, v
+        foreground = self.update(foreground, attended_fg)
+        del attended_fg
+        return foreground, self.background.update(background, attended_bg)
 
     def _window_order(self, device) -> torch.Tensor:
         """`(N,)`: the token at every position of the shifted, window-partitioned layout."""

@@ -112,7 +112,7 @@ def prepare(r, repo_path=lambda p: p):
     return prepared, s, info
 
 
-def run(r, train_fn, repo_path=lambda p: p) -> dict:
+def run(r, train_fn, repo_path=lambda p: p, cpu_threads: dict | None = None) -> dict:
     start = time.perf_counter()
     prepared, s, info = prepare(r, repo_path)
     timings = dict(info["prepare_seconds"])
@@ -143,6 +143,8 @@ def run(r, train_fn, repo_path=lambda p: p) -> dict:
     timings["report"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     report["timings_seconds"] = timings
+    if cpu_threads is not None:
+        report["cpu_threads"] = cpu_threads  # the timings depend on it
     report["disa_training"] = {k: v for k, v in disa_train.items() if k != "eval_per_class_iou"}
     report["split_markdown"] = split_markdown(disa_train)
     write_report(prepared.output_dir, report)
@@ -372,3 +374,5 @@ def write_report(output_dir: str, report: dict) -> None:
         fh.write(report["table_markdown"])
         fh.write(report.get("split_markdown", ""))
         fh.write("\nTimings (s): " + json.dumps(report.get("timings_seconds", {})) + "\n")
+        if "cpu_threads" in report:
+            fh.write("CPU threads: " + json.dumps(report["cpu_threads"]) + "\n")
