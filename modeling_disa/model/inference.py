@@ -118,6 +118,22 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 UPSAMPLE_MODES = ("logits", "probabilities")
 
 
+def _class_blocks(num_classes: int, chunk: int) -> list[tuple[int, int]]:
+    """`(start, stop)` class ranges of at most `chunk` classes, none of exactly 3 unless the vocabulary is 3 classes.
+
+    PyTorch's CPU bilinear kernel takes another path for a tensor of exactly 3 channels on one thread (an RGB image's
+    shape), whose results differ from the per-channel ones in the last bit; every other channel count gives the
+    per-channel results. A 3-class vocabulary is resized as one block, as the whole-tensor computation does."""
+    if num_classes == 3:
+        return [(0, 3)]
+    chunk = 2 if chunk == 3 else chunk
+    blocks = [(start, min(start + chunk, num_classes)) for start in range(0, num_classes, chunk)]
+    start, stop = blocks[-1]
+    if stop - start == 3:
+        blocks[-1:] = [(start, start + 2), (start + 2, stop)]
+    return blocks
+
+
 def upsampled_argmax(
     maps: torch.Tensor,
     size: tuple[int, int] | None = None,
@@ -151,8 +167,8 @@ def upsampled_argmax(
     pixels = out_hw[0] * out_hw[1]
     chunk = num_classes if pixels < MIN_CHUNKED_MAP_PIXELS else max(1, min(num_classes, block_elements // pixels))
     index = best = None
-    for start in range(0, num_classes, chunk):
-        block = maps[start : start + chunk].float()
+    for start, stop in _class_blocks(num_classes, chunk):
+        block = maps[start:stop].float()
         if before is not None:
             block = before(block)
         if out_hw != (height, width):
