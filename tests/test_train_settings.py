@@ -318,13 +318,19 @@ def test_upgrade_settings_that_cannot_apply_are_refused(catseg_model, tmp_path):
 
 def test_upgrade_recipe_file_is_the_upgrade_path(catseg_model, tmp_path):
     import train
+    from modeling_disa import DiSaForOpenVocabSegmentation
 
     r = train.parse_args(
         ["--config", UPGRADE_RECIPE, "--model_name_or_path", catseg_model, "--output_dir", str(tmp_path / "o")]
     )
     train.check_recipe(r)
-    assert r.trainable_parameters == "disa" and r.model_config_overrides == {"use_sdm": True}
+    assert r.trainable_parameters == "all" and r.model_config_overrides == {"use_sdm": True, "use_hrm": True}
     model, _ = train.build_model_and_processor(r)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and trainable <= set(model.disa_parameter_names())
-    assert model.config.use_sdm
+    assert model.config.use_sdm and model.config.use_hrm
+    # DiSa's parts train, and what CAT-Seg mode trains (its head, CLIP's q/v): the toy world's dev split chose it
+    host = DiSaForOpenVocabSegmentation.from_pretrained(catseg_model)
+    host_trainable = {n for n, p in host.named_parameters() if p.requires_grad}
+    unused = set(model.unused_parameter_names())  # frozen in every mode: no output depends on them
+    assert set(model.disa_parameter_names()) - unused <= trainable and host_trainable - unused <= trainable
+    assert any(".q_proj." in n for n in trainable) and not any(".k_proj." in n for n in trainable)
