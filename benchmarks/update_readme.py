@@ -362,6 +362,23 @@ def cpu_fast_path_rows(d):
     ]
 
 
+def default_job_rows(d):
+    t, threads, load = d["timings_seconds"], d["cpu_threads"], d["machine"]["load_average_1_5_15_min"]
+    stages = ", ".join(
+        f"{name} {t[name]:.0f} s" for name in ("clip", "train_disa", "train_catseg", "report") if name in t
+    )
+    miou = "; ".join(f"{name} {value:.1f}" for name, value in d["test_miou"].items() if value is not None)
+    return [
+        (
+            "README's main command (toy world: CLIP pretraining, DiSa, CAT-Seg mode, report), fresh cache",
+            "`python benchmarks/default_job.py`",
+            f"{d['wall_seconds'] / 60:.1f} min wall ({stages}; goal {d['goal_minutes']:g} min "
+            f"{'met' if d['goal_met'] else 'missed'}), {threads['torch_threads']} torch threads, peak RSS "
+            f"{d['peak_rss_mib_largest_process']} MiB, 1-min load {load[0]:.1f} before; test mIoU {miou}",
+        )
+    ]
+
+
 def table() -> str:
     rows = []
     if d := load("toy_world_comparison_restructured.json"):
@@ -373,6 +390,8 @@ def table() -> str:
     before, after = load("toy_world_ws1_rate0.4_random_hrm_init.json"), load("toy_world_ws1_rate0.4_hrm_identity.json")
     if before and after:
         rows += hrm_identity_rows(before, after)
+    if d := load("default_job_cpu.json"):
+        rows += default_job_rows(d)
     if d := load("disa_efficiency_cpu.json"):
         rows += gflops_rows(d)
     if d := load("cost_curves_cpu.json"):
