@@ -41,3 +41,18 @@ def tiny_processor():
 def pixel_values():
     torch.manual_seed(1)
     return torch.randn(2, 3, 128, 128)
+
+
+@pytest.fixture
+def interpolate_sizes(monkeypatch):
+    """The number of values of every `F.interpolate` output during the test (the blocks resized at once)."""
+    sizes = []
+    original = torch.nn.functional.interpolate
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+    return sizes

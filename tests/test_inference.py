@@ -214,21 +214,6 @@ def test_sliding_window_encodes_the_vocabulary_once(tiny_model, tiny_processor):
     torch.testing.assert_close(from_ids, from_embeds)
 
 
-class InterpolateSizes:
-    """Records the number of values of every `F.interpolate` output (the blocks resized at once)."""
-
-    def __init__(self, monkeypatch):
-        self.sizes = []
-        original = F.interpolate
-
-        def recording(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.sizes.append(out.numel())
-            return out
-
-        monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
-
-
 def tied_maps(classes: int = 11) -> torch.Tensor:
     """Class maps with ties: repeated classes (tied everywhere) and logits that the float32 sigmoid saturates to 1."""
     maps = 6 * torch.randn(classes, 7, 9, generator=torch.Generator().manual_seed(0))
@@ -270,7 +255,7 @@ def test_upsampled_argmax_equals_the_full_tensor_computation_ties_included(
 
 
 @pytest.mark.parametrize("mode", ["whole", "sliding"])
-def test_predict_segmentation_resizes_a_bounded_block_of_classes(monkeypatch, mode):
+def test_predict_segmentation_resizes_a_bounded_block_of_classes(request, mode):
     """The label map of the whole-tensor resize and argmax, with no block resized at once that grows with the
     number of classes (600 classes at 256 x 256 would be 39M values)."""
     pixel_values = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
@@ -280,7 +265,7 @@ def test_predict_segmentation_resizes_a_bounded_block_of_classes(monkeypatch, mo
         reference = whole_image_probs(model, pixel_values, output_size=(256, 256), **options).argmax(1)
     else:
         reference = sliding_window_probs(model, pixel_values, output_size=(256, 256), **options).argmax(1)
-    sizes = InterpolateSizes(monkeypatch)
+    sizes = request.getfixturevalue("interpolate_sizes")  # recording from here on, after the references
     got = predict_segmentation(model, pixel_values, mode=mode, short_side=None, output_size=(256, 256), **options)
     assert torch.equal(got, reference)
-    assert max(sizes.sizes) <= UPSAMPLE_BLOCK_ELEMENTS
+    assert max(sizes) <= UPSAMPLE_BLOCK_ELEMENTS

@@ -402,22 +402,7 @@ def test_labels_sharing_a_prompt_are_refused(segmenter):
         segmenter(make_image(0), candidate_labels=["sky", ", cat"])
 
 
-class InterpolateSizes:
-    """Records the number of values of every `F.interpolate` output (the blocks resized at once)."""
-
-    def __init__(self, monkeypatch):
-        self.sizes = []
-        original = F.interpolate
-
-        def recording(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.sizes.append(out.numel())
-            return out
-
-        monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
-
-
-def test_segments_equal_the_full_tensor_computation_in_bounded_blocks(monkeypatch):
+def test_segments_equal_the_full_tensor_computation_in_bounded_blocks(request):
     """600 classes at 200 x 300 (36M values at once before): the same masks and label order as the argmax of all
     resized probabilities, the scores their mean, and no resized block that grows with the number of classes."""
     from modeling_disa.model.inference import UPSAMPLE_BLOCK_ELEMENTS
@@ -434,7 +419,7 @@ def test_segments_equal_the_full_tensor_computation_in_bounded_blocks(monkeypatc
         for c in torch.unique(segmentation).tolist()
     }
     assert labels[7] in expected and labels[450] not in expected
-    sizes = InterpolateSizes(monkeypatch)
+    sizes = request.getfixturevalue("interpolate_sizes")  # recording from here on, after the references
     for result in (
         segments_from_logits(logits, size, labels),
         segments_from_probabilities(logits.sigmoid(), size, labels),
@@ -444,7 +429,7 @@ def test_segments_equal_the_full_tensor_computation_in_bounded_blocks(monkeypatc
             mask, score = expected[entry["label"]]
             np.testing.assert_array_equal(np.asarray(entry["mask"]), mask.astype(np.uint8) * 255)
             assert entry["score"] == pytest.approx(score, rel=1e-6)  # a float64 sum instead of float32's
-    assert max(sizes.sizes) <= UPSAMPLE_BLOCK_ELEMENTS
+    assert max(sizes) <= UPSAMPLE_BLOCK_ELEMENTS
 
 
 def test_images_over_max_image_pixels_are_refused_before_decoding(segmenter, tmp_path, monkeypatch):

@@ -243,7 +243,7 @@ def test_post_process_orders_match_direct_computations(image_processor):
         image_processor.post_process_semantic_segmentation(DiSaSegmentationOutput(logits=logits), upsample="nearest")
 
 
-def test_post_process_resizes_a_bounded_block_of_classes(image_processor, monkeypatch):
+def test_post_process_resizes_a_bounded_block_of_classes(image_processor, request):
     """600 classes to 256 x 256 (39M values at once before): the label maps of the full-tensor argmax in both
     orders, ties included, with no resized block that grows with the number of classes."""
     from modeling_disa.model.inference import UPSAMPLE_BLOCK_ELEMENTS
@@ -255,15 +255,7 @@ def test_post_process_resizes_a_bounded_block_of_classes(image_processor, monkey
     resize = lambda x: torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)  # noqa: E731
     expected = {"probabilities": resize(logits.sigmoid())[0].argmax(0), "logits": resize(logits)[0].argmax(0)}
     assert (expected["logits"] == 10).any()
-    sizes = []
-    original = torch.nn.functional.interpolate
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        sizes.append(out.numel())
-        return out
-
-    monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+    sizes = request.getfixturevalue("interpolate_sizes")  # recording from here on, after the references
     for upsample, reference in expected.items():
         got = image_processor.post_process_semantic_segmentation(outputs, [(256, 256)], upsample=upsample)[0]
         assert torch.equal(got, reference), upsample
