@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from simulated_ranks import run_ranks, seen_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -254,53 +255,14 @@ def test_boundary_iou_update_reduce_update_counts_every_pixel_once():
 def test_boundary_iou_reduce_under_interleaved_updates_simulated_all_reduce():
     """Two ranks in threads with a barrier-synchronised sum (the semantics of accelerate's reduce(t, "sum")):
     after every reduce both ranks hold the counts of all maps either rank has seen, each once."""
-    import threading
-
     k, ignore, world = 4, 255, 2
     rng = np.random.default_rng(6)
     data = [structured_maps(rng, 5, k, ignore, (13, 16)) for _ in range(world)]
     # per step: how many maps each rank adds before the collective reduce (uneven on purpose, zeros included)
     plan = [(1, 0), (2, 1), (0, 0), (1, 2), (1, 2)]
-    slots, barrier = [None] * world, threading.Barrier(world)
-
-    def all_reduce_sum(rank):
-        def fn(t):
-            slots[rank] = t.clone()
-            barrier.wait()
-            total = sum(slots)
-            barrier.wait()
-            t.zero_()  # the tensor handed over is scratch space; the result is what counts
-            return total
-
-        return fn
-
-    results, errors = [[None] * len(plan) for _ in range(world)], []
-
-    def run(rank):
-        try:
-            m, used = BoundaryIoU(k, ignore), 0
-            for step, counts in enumerate(plan):
-                for _ in range(counts[rank]):
-                    m.update(data[rank][0][used], data[rank][1][used])
-                    used += 1
-                m.reduce(all_reduce_sum(rank))
-                results[rank][step] = m.counts.numpy().copy()
-        except BaseException as e:  # pragma: no cover - surfaced below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    results = run_ranks(lambda: BoundaryIoU(k, ignore), lambda m: m.counts.numpy().copy(), data, plan)
     for step in range(len(plan)):
-        seen = []
-        for rank in range(world):
-            n = sum(c[rank] for c in plan[: step + 1])
-            seen += list(zip(data[rank][0][:n], data[rank][1][:n]))
-        expected = reference_counts(seen, k, ignore)
+        expected = reference_counts(seen_until(data, plan, step), k, ignore)
         for rank in range(world):
             np.testing.assert_array_equal(results[rank][step], expected, err_msg=f"rank {rank}, step {step}")
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from simulated_ranks import run_ranks, seen_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -176,53 +177,16 @@ def test_update_reduce_update_counts_every_pixel_once():
 def test_reduce_under_interleaved_updates_simulated_all_reduce():
     """Two ranks in threads with a barrier-synchronised sum (the semantics of accelerate's reduce(t, "sum")):
     after every reduce both ranks hold the counts of all pixels either rank has seen, each once."""
-    import threading
-
     k, ignore, world = 5, 255, 2
     rng = np.random.default_rng(3)
     data = [random_maps(rng, 6, k, ignore, shape=(7, 9)) for _ in range(world)]
     # per step: how many maps each rank adds before the collective reduce (uneven on purpose, zeros included)
     plan = [(1, 0), (2, 1), (0, 0), (1, 3), (2, 2)]
-    slots, barrier = [None] * world, threading.Barrier(world)
-
-    def all_reduce_sum(rank):
-        def fn(t):
-            slots[rank] = t.clone()
-            barrier.wait()
-            total = sum(slots)
-            barrier.wait()
-            t.zero_()  # the tensor handed over is scratch space; the result is what counts
-            return total
-
-        return fn
-
-    results, errors = [[None] * len(plan) for _ in range(world)], []
-
-    def run(rank):
-        try:
-            cm, used = SegmentationConfusionMatrix(k, ignore), 0
-            for step, counts in enumerate(plan):
-                for _ in range(counts[rank]):
-                    cm.update(data[rank][0][used], data[rank][1][used])
-                    used += 1
-                cm.reduce(all_reduce_sum(rank))
-                results[rank][step] = cm.confusion.numpy().copy()
-        except BaseException as e:  # pragma: no cover - surfaced below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    results = run_ranks(
+        lambda: SegmentationConfusionMatrix(k, ignore), lambda m: m.confusion.numpy().copy(), data, plan
+    )
     for step in range(len(plan)):
-        seen = []
-        for rank in range(world):
-            n = sum(c[rank] for c in plan[: step + 1])
-            seen += list(zip(data[rank][0][:n], data[rank][1][:n]))
-        expected = bincount_confusion(seen, k, ignore)
+        expected = bincount_confusion(seen_until(data, plan, step), k, ignore)
         for rank in range(world):
             np.testing.assert_array_equal(results[rank][step], expected, err_msg=f"rank {rank}, step {step}")
 
