@@ -131,7 +131,8 @@ def load_model(preset: str | Path, device: torch.device | str = "cpu", train: bo
 
 
 def random_text_embeds(config, num_classes: int, device, seed: int = 0) -> torch.Tensor:
-    """(T, P, C) L2-normalised stand-ins for `model.get_text_embeddings` (cost does not depend on the values)."""
+    """(T, P, C) L2-normalised stand-ins for `model.get_text_embeddings` (the cost depends on the values only
+    through the number of tokens SDM marks foreground)."""
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(num_classes, config.num_prompts, config.projection_dim, generator=g)
     return torch.nn.functional.normalize(embeds, dim=-1).to(device)

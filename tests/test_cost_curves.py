@@ -30,17 +30,21 @@ def curves(monkeypatch):
 
 
 def tiny_flops(disa: bool, classes: int) -> float:
-    """FLOPs of one 128-pixel view of the tiny preset (DiSa: SDM and HRM on), counted here."""
+    """FLOPs of one 128-pixel view of the tiny preset (DiSa: SDM and HRM on), counted here, on the script's inputs
+    (DiSa's FLOPs depend on them through SDM's count of foreground tokens)."""
     from modeling_disa import DiSaConfig, DiSaForOpenVocabSegmentation
 
     config = DiSaConfig.from_pretrained(REPO / "configuration" / "models" / "disa-tiny")
     config.use_sdm = config.use_hrm = disa
     torch.manual_seed(0)
     model = DiSaForOpenVocabSegmentation(config).eval()
-    embeds = torch.nn.functional.normalize(torch.randn(classes, config.num_prompts, config.projection_dim), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(classes, config.num_prompts, config.projection_dim, generator=g)
+    embeds = torch.nn.functional.normalize(embeds, dim=-1)
+    pixels = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        model(pixel_values=torch.randn(1, 3, 128, 128), text_embeds=embeds)
+        model(pixel_values=pixels, text_embeds=embeds)
     return counter.get_total_flops()
 
 

@@ -151,8 +151,9 @@ def test_routed_swin_block_equals_per_token_selection_of_both_branches():
     torch.testing.assert_close(fast, reference)
 
 
+@pytest.mark.parametrize("batch", [2, 1])  # one image: the class layout without padding is a non-contiguous view
 @pytest.mark.parametrize("class_cap", [16, 0])
-def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_cap):
+def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_cap, batch):
     from modeling_disa.model.class_aggregation import DiSaClassAggregation
     from modeling_disa.model.spatial_aggregation import DiSaSpatialAggregation
 
@@ -164,17 +165,17 @@ def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_ca
             if "background" in name:
                 torch.nn.init.normal_(parameter, std=0.2)
     g = config.grid_size
-    x = torch.randn(2, config.hidden_dim, 5, g, g)
-    appearance = torch.randn(2, config.appearance_guidance_dim, g, g)
-    text = torch.randn(2, 5, config.text_guidance_dim)
-    mask = torch.rand(2, 5, g, g) > 0.6
+    x = torch.randn(batch, config.hidden_dim, 5, g, g)
+    appearance = torch.randn(batch, config.appearance_guidance_dim, g, g)
+    text = torch.randn(batch, 5, config.text_guidance_dim)
+    mask = torch.rand(batch, 5, g, g) > 0.6
     with torch.no_grad():
         fast_spatial = spatial(x, appearance, TokenRoute(mask))
         # reference: per token, both blocks' branches evaluated on every token and selected by the mask, with the
         # guidance normalised by the token's branch
-        flat = mask.reshape(10, g * g)
+        flat = mask.reshape(batch * 5, g * g)
         pick = lambda a, b: torch.where(flat[..., None], a, b)  # noqa: E731
-        tokens = x.permute(0, 2, 3, 4, 1).reshape(10, g * g, -1)
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(batch * 5, g * g, -1)
         guidance = appearance.flatten(2).transpose(1, 2)
         normalised = pick(
             spatial.guidance_norm(guidance).repeat_interleave(5, dim=0),
@@ -187,7 +188,7 @@ def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_ca
             )
             attended = block._attend(q, k, v)
             tokens = pick(block.update(tokens, attended), block.background.update(tokens, attended))
-        reference = tokens.view(2, 5, g, g, -1).permute(0, 4, 1, 2, 3)
+        reference = tokens.view(batch, 5, g, g, -1).permute(0, 4, 1, 2, 3)
         torch.testing.assert_close(fast_spatial, reference)
 
         pooling = (1, 1)
@@ -208,7 +209,7 @@ def test_routed_spatial_and_class_aggregation_equal_per_token_selection(class_ca
         )
         attended = classes.attention.attend(q, k, v)
         updated = pick(classes.update(tokens, attended), classes.background.update(tokens, attended))
-        delta = updated.view(2, g, g, class_cap or 5, -1)[..., :5, :].permute(0, 4, 3, 1, 2)
+        delta = updated.view(batch, g, g, class_cap or 5, -1)[..., :5, :].permute(0, 4, 3, 1, 2)
         torch.testing.assert_close(fast_class, x + delta)
 
 

@@ -2,9 +2,14 @@
 
 A `TokenRoute` is the one thing SDM threads through the aggregation layers, as transformers threads an attention
 mask: it says which branch's weights every token goes through. Each block that has a background branch owns its
-weights as a `background` child; a block splits its tokens into the foreground rows and background rows
-(`TokenRoute.split`), runs each branch's per-token layers on its own rows only (so two branches cost about as much
-as one), and merges them back (`TokenRoute.merge`) only where tokens mix (attention).
+weights as a `background` child. Two ways to run a block's per-token layers, both giving every token its branch's
+layers (so two branches cost about as much as one):
+
+- spatial aggregation: split the tokens into the foreground rows and the background rows (`TokenRoute.split`), run
+  each branch on its own rows, and merge them back (`TokenRoute.merge`) only where tokens mix (attention);
+- class aggregation, whose layout is mostly background (the padding classes up to `class_cap` always are): run the
+  background branch on every token and overwrite the few foreground rows with the foreground branch's
+  (`TokenRoute.foreground_rows`, `TokenRoute.overwrite`), which copies the foreground rows only.
 """
 
 import torch
@@ -61,6 +66,21 @@ class TokenRoute:
         token order."""
         flat = x.reshape(-1, x.shape[-1])
         return flat.index_select(0, self.foreground), flat.index_select(0, self.background)
+
+    def foreground_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`(..., C)` on the route's token layout -> its foreground rows `(n_fg, C)`, in token order."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.foreground)
+
+    def overwrite(self, full: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+        """`full` `(..., C)`, every token's values from the background branch, with its foreground rows replaced in
+        place by `foreground` `(n_fg, C)` -> `(..., C)` on the route's layout. `full` must be a fresh result that its
+        producer does not keep for backward (a linear layer's or a sum's output)."""
+        channels = full.shape[-1]
+        # an elementwise result keeps its inputs' layout: tokens permuted into the class layout (no class padding)
+        # give a non-contiguous sum, which has no flat row view to write into
+        full = full.contiguous()
+        full.view(-1, channels).index_copy_(0, self.foreground, foreground)
+        return full.view(*self.mask.shape, channels)
 
     def project(self, layers, foreground, guidance_foreground, background, guidance_background):
         """q, k, v `(..., D)` of the route's tokens: the foreground rows `(n_fg, D)` through `layers`, the
