@@ -367,6 +367,8 @@ def default_job_rows(d):
     stages = ", ".join(
         f"{name} {t[name]:.0f} s" for name in ("clip", "train_disa", "train_catseg", "report") if name in t
     )
+    if t.get("trainings_side_by_side"):
+        stages += f"; the two trainings side by side, {t['trainings']:.0f} s wall"
     miou = "; ".join(f"{name} {value:.1f}" for name, value in d["test_miou"].items() if value is not None)
     return [
         (

@@ -95,8 +95,70 @@ def test_clip_pretraining_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").is_file()
 
 
+def test_clip_pretraining_with_a_data_worker_trains_the_same_model(tmp_path):
+    """The batches drawn in a DataLoader worker process are the loop's own: the same weights, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    settings = W.ClipSettings(steps=3, batch_size=8, warmup_steps=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both runs compute on one thread (a worker leaves the others to it)
+    try:
+        summaries = {
+            worker: W.pretrain_clip(settings, str(tmp_path / str(worker)), progress=False, data_worker=worker)
+            for worker in (False, True)
+        }
+    finally:
+        torch.set_num_threads(threads)
+    assert summaries[True]["data_worker"] and not summaries[False]["data_worker"]
+    a, b = (load_file(str(tmp_path / str(worker) / "model.safetensors")) for worker in (False, True))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert summaries[True]["first_loss"] == summaries[False]["first_loss"]
+
+
+def _failing_training(recipe):
+    print("starting the failing training", flush=True)
+    raise ValueError(f"bad recipe {recipe!r}")
+
+
+def test_a_training_beside_another_fails_loudly_with_the_end_of_its_log(tmp_path):
+    from toy_world.job import TrainingProcess
+
+    helper = TrainingProcess(_failing_training, "R", 1, str(tmp_path / "catseg-mode" / "training.log"))
+    with pytest.raises(RuntimeError, match=r"(?s)exit code 1.*starting the failing training.*bad recipe 'R'"):
+        helper.wait()
+
+
+def test_trainings_side_by_side_only_in_one_cpu_process_with_threads_to_share(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    import train
+    from toy_world.job import side_by_side_possible
+
+    recipe = train.parse_args([])
+    assert recipe.overwrite_output_dir  # the default job's
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert side_by_side_possible(2, recipe) and not side_by_side_possible(1, recipe)
+    # a DiSa run that refuses an output_dir holding files would refuse the CAT-Seg run's catseg-mode/
+    fresh_only = dataclasses.replace(recipe, overwrite_output_dir=False)
+    assert not side_by_side_possible(2, fresh_only)
+    assert side_by_side_possible(2, dataclasses.replace(fresh_only, resume_from_checkpoint="latest"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not side_by_side_possible(4, recipe)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not side_by_side_possible(4, recipe)
+
+
 def test_default_job_shortened(tmp_path):
-    """The default job, shortened: artifacts exist and the metrics are finite."""
+    """The default job, shortened: artifacts exist and the metrics are finite. Run again on two threads, CAT-Seg mode
+    trains beside DiSa, one thread each, and both models are the one-thread run's, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
     env = dict(
         os.environ,
@@ -152,6 +214,24 @@ def test_default_job_shortened(tmp_path):
     assert split_section in (out / "toy_world_results.md").read_text() and split_section in proc.stdout
     # one cached world and one cached CLIP, under the hash of their settings
     assert len([n for n in os.listdir(tmp_path / "cache") if n.startswith(("clip-", "world-"))]) == 2
+    assert not stages["trainings_side_by_side"]
+
+    # two threads (the user's OMP_NUM_THREADS, kept), the cached world and CLIP: the trainings run side by side
+    out2 = tmp_path / "run2"
+    cmd[cmd.index(str(out))] = str(out2)
+    proc = subprocess.run(
+        cmd, env={**env, "OMP_NUM_THREADS": "2"}, cwd=str(tmp_path), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report2 = json.loads((out2 / "toy_world_results.json").read_text())
+    stages2 = report2["timings_seconds"]
+    assert stages2["trainings_side_by_side"] and report2["cpu_threads"]["torch_threads"] == 2
+    assert stages2["trainings"] < stages2["train_disa"] + stages2["train_catseg"]
+    assert "beside it CAT-Seg mode" in proc.stdout and "train" in (out2 / "catseg-mode" / "training.log").read_text()
+    for name in ("model.safetensors", "catseg-mode/model.safetensors"):
+        a, b = load_file(str(out / name)), load_file(str(out2 / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert report2["results"] == report["results"]
 
 
 def test_foreground_biased_captions_always_name_things_and_sometimes_stuff():

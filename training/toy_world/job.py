@@ -4,15 +4,16 @@
   1. prepare: generate the procedural world as a `save_to_disk` DatasetDict and pretrain (or load) the tiny CLIP,
      both cached by a hash of their settings (`toy_world`);
   2. train DiSa on the seen classes with the ordinary training loop (`train_fn`, i.e. `train.train`);
-  3. train the same head in CAT-Seg mode (use_sdm / use_hrm off, preset `toy_world.catseg_preset`);
+  3. train the same head in CAT-Seg mode (use_sdm / use_hrm off, preset `toy_world.catseg_preset`): on a CPU with
+     threads to share, in a spawned process beside step 2, half the threads each (`side_by_side_possible`);
   4. report: on the test split (all 24 classes, seen + unseen), mIoU over seen / unseen / stuff / things classes for
      DiSa, CAT-Seg mode, the untrained dense-CLIP baseline (argmax of the cosine cost volume of the toy CLIP) and
      the majority-class baseline; the pipeline on a sample image -> overlay PNG, SDM saliency -> saliency PNG;
      `toy_world_results.json` / `.md` and a printed table, with DiSa's SDM split statistics on the validation split
      and its split guard warnings (from its training run).
 
-Settings live in the recipe's `toy_world` mapping (keys of `DEFAULTS`; `clip` holds `ClipSettings` fields). Single
-process: the toy job is sized for a 2-core CPU.
+Settings live in the recipe's `toy_world` mapping (keys of `DEFAULTS`; `clip` holds `ClipSettings` fields). One
+training process (plus CAT-Seg mode's beside it): the toy job is sized for a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -117,14 +118,9 @@ def run(r, train_fn, repo_path=lambda p: p, cpu_threads: dict | None = None) -> 
     prepared, s, info = prepare(r, repo_path)
     timings = dict(info["prepare_seconds"])
 
-    t = time.perf_counter()
-    print("[toy world] training DiSa (SDM + HRM) on the seen classes", flush=True)
-    disa_train = train_fn(prepared)
-    timings["train_disa"] = round(time.perf_counter() - t, 1)
     runs = {"DiSa": prepared.output_dir}
+    catseg = None
     if s["compare_catseg"]:
-        t = time.perf_counter()
-        print("[toy world] training CAT-Seg mode (SDM / HRM off) on the seen classes", flush=True)
         catseg = dataclasses.replace(
             prepared,
             model_preset=s["catseg_preset"],
@@ -134,9 +130,39 @@ def run(r, train_fn, repo_path=lambda p: p, cpu_threads: dict | None = None) -> 
             # CAT-Seg mode has no foreground split: the DiSa run's split-guard settings do not apply to it
             **{f.name: f.default for f in dataclasses.fields(prepared) if f.name.startswith("split_guard_")},
         )
-        train_fn(catseg)
-        timings["train_catseg"] = round(time.perf_counter() - t, 1)
         runs["CAT-Seg mode"] = catseg.output_dir
+    threads = torch.get_num_threads()
+    side_by_side = catseg is not None and side_by_side_possible(threads, prepared)
+    t = time.perf_counter()
+    if side_by_side:
+        # A second thread speeds the toy model's small matrices up by ~10 % only, so the two trainings share the
+        # cores instead, one process each: the same runs as one after the other, each on fewer threads.
+        helper = TrainingProcess(train_fn, catseg, threads // 2, os.path.join(catseg.output_dir, "training.log"))
+        print(
+            f"[toy world] training DiSa (SDM + HRM, {threads - threads // 2} thread(s)) and beside it CAT-Seg mode "
+            f"(SDM / HRM off, {threads // 2} thread(s), log {helper.log_path}) on the seen classes",
+            flush=True,
+        )
+        torch.set_num_threads(threads - threads // 2)
+        try:
+            disa_train = train_fn(prepared)
+        except BaseException:
+            helper.stop()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        timings["train_disa"] = round(time.perf_counter() - t, 1)
+        timings["train_catseg"] = helper.wait()
+    else:
+        print("[toy world] training DiSa (SDM + HRM) on the seen classes", flush=True)
+        disa_train = train_fn(prepared)
+        timings["train_disa"] = round(time.perf_counter() - t, 1)
+        if catseg is not None:
+            print("[toy world] training CAT-Seg mode (SDM / HRM off) on the seen classes", flush=True)
+            train_fn(catseg)
+            timings["train_catseg"] = round(time.perf_counter() - t - timings["train_disa"], 1)
+    timings["trainings"] = round(time.perf_counter() - t, 1)  # wall time of both, side by side or not
+    timings["trainings_side_by_side"] = side_by_side
 
     t = time.perf_counter()
     report = make_report(prepared, s, info, runs)
@@ -154,6 +180,62 @@ def run(r, train_fn, repo_path=lambda p: p, cpu_threads: dict | None = None) -> 
         flush=True,
     )
     return report
+
+
+def side_by_side_possible(threads: int, disa_recipe) -> bool:
+    """Whether CAT-Seg mode can train beside DiSa: one training process, on the CPU, with at least two torch threads
+    to share (on a GPU, or across several processes, the trainings run one after the other). And DiSa's run must
+    accept an output_dir that holds files (overwriting or resuming): CAT-Seg mode writes into its `catseg-mode/`
+    while DiSa's run starts, which a run without either refuses as another run's."""
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    accepts_files = bool(disa_recipe.overwrite_output_dir or disa_recipe.resume_from_checkpoint)
+    return threads >= 2 and single and not torch.cuda.is_available() and accepts_files
+
+
+class TrainingProcess:
+    """`train_fn(recipe)` in a spawned process on `threads` torch threads, its output written to `log_path`."""
+
+    def __init__(self, train_fn, recipe, threads: int, log_path: str):
+        import multiprocessing
+
+        self.log_path = log_path
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        context = multiprocessing.get_context("spawn")  # not fork: this process already runs torch's thread pool
+        self.receiver, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=_train_in_process, args=(train_fn, recipe, threads, log_path, sender))
+        self.process.start()
+        sender.close()
+
+    def wait(self) -> float:
+        """-> the training's own wall time (s); a failed training raises with the end of its log."""
+        self.process.join()
+        try:
+            seconds = self.receiver.recv()
+        except EOFError:  # the process ended without sending its time
+            seconds = None
+        if self.process.exitcode != 0 or seconds is None:
+            with open(self.log_path, errors="replace") as fh:
+                tail = fh.read()[-3000:]
+            raise RuntimeError(
+                f"the CAT-Seg-mode training beside DiSa's failed (exit code {self.process.exitcode}); the end of its "
+                f"log {self.log_path}:\n{tail}"
+            )
+        return round(seconds, 1)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join()
+
+
+def _train_in_process(train_fn, recipe, threads: int, log_path: str, sender) -> None:
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    train_fn(recipe)
+    sender.send(time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
