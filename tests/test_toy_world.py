@@ -115,6 +115,21 @@ def test_clip_pretraining_with_a_data_worker_trains_the_same_model(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert summaries[True]["first_loss"] == summaries[False]["first_loss"]
 
+    # and the batches are the pretraining stream's, drawn here step by step
+    from toy_world.clip_pretraining import pretraining_batches
+
+    rng, tokenizer = W.split_rng(settings.seed, "clip"), W.build_tokenizer()
+    steps = 0
+    for pixel_values, input_ids, attention_mask in pretraining_batches(settings):
+        images, captions = W.pretraining_batch(
+            rng, settings.batch_size, settings.image_size, settings.max_things, settings.stuff_caption_rate
+        )
+        text = tokenizer(captions, padding=True, return_tensors="pt")
+        assert torch.equal(pixel_values, W.normalize_images(images, settings.patch_size))
+        assert torch.equal(input_ids, text["input_ids"]) and torch.equal(attention_mask, text["attention_mask"])
+        steps += 1
+    assert steps == settings.steps
+
 
 def _failing_training(recipe):
     print("starting the failing training", flush=True)
