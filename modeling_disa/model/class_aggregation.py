@@ -73,18 +73,10 @@ class DiSaClassTokenLayers(nn.Module):
             self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim))
             self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim))
 
-    def projection_inputs(self, tokens: torch.Tensor, guidance: torch.Tensor):
-        """`(LN(x), [LN(x); guidance])`: the inputs of v and of q / k."""
-        normed = self.norm1(tokens)
-        return normed, torch.cat([normed, guidance], dim=-1)
-
-    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        """The q, k, v layers (q and k read `[LN(x); guidance]`, v reads `LN(x)`)."""
-        return self.attention.q, self.attention.k, self.attention.v
-
     def project(self, tokens: torch.Tensor, guidance: torch.Tensor):
         """Before class attention: LN, then q/k from [LN(x); guidance] and v from LN(x)."""
-        normed, both = self.projection_inputs(tokens, guidance)
+        normed = self.norm1(tokens)
+        both = torch.cat([normed, guidance], dim=-1)
         return self.attention.q(both), self.attention.k(both), self.attention.v(normed)
 
     def update(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -143,18 +135,13 @@ class DiSaClassAggregation(DiSaClassTokenLayers):
             # ViT-B view at 10 classes that made DiSa ~10 % slower than CAT-Seg mode), to spare the background
             # layers only the few foreground rows.
             fg = route.foreground_rows(tokens)
-            inputs = (
-                self.projection_inputs(fg, route.foreground_rows(guidance)),
-                self.background.projection_inputs(tokens, guidance),
+            q, k, v = (
+                route.overwrite(full, rows)
+                for full, rows in zip(
+                    self.background.project(tokens, guidance), self.project(fg, route.foreground_rows(guidance))
+                )
             )
             del guidance
-            branches = (self.projections(), self.background.projections())
-            # q and k read [LN(x); guidance] (input 1), v reads LN(x) (input 0)
-            q, k, v = (
-                route.overwrite(branches[1][i](inputs[1][source]), branches[0][i](inputs[0][source]))
-                for i, source in enumerate((1, 1, 0))
-            )
-            del inputs
             attended = self.attention.attend(q, k, v)
             del q, k, v
             updated_fg = self.update(fg, route.foreground_rows(attended))
