@@ -135,8 +135,8 @@ def run(r, train_fn, repo_path=lambda p: p, cpu_threads: dict | None = None) -> 
     side_by_side = catseg is not None and side_by_side_possible(threads, prepared)
     t = time.perf_counter()
     if side_by_side:
-        # A second thread speeds the toy model's small matrices up by ~10 % only, so the two trainings share the
-        # cores instead, one process each: the same runs as one after the other, each on fewer threads.
+        # The toy model's small matrices do not scale across threads, so the two trainings share the cores instead,
+        # one process each: the same runs as one after the other, each on fewer threads.
         helper = TrainingProcess(train_fn, catseg, threads // 2, os.path.join(catseg.output_dir, "training.log"))
         print(
             f"[toy world] training DiSa (SDM + HRM, {threads - threads // 2} thread(s)) and beside it CAT-Seg mode "
